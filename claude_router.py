@@ -1,0 +1,1586 @@
+#!/usr/bin/env python3
+"""claude-router: a one-file proxy that lets Claude Code use local models in LM Studio.
+
+Claude Code sends every turn to ANTHROPIC_BASE_URL. The router listens there and
+forwards each turn to an Anthropic-compatible local server (LM Studio, llama.cpp's
+llama-server, Ollama, vLLM), choosing the model per turn: a turn that brings an
+image the router has not seen goes to the vision model, whose answer is cached as
+that image's description; every other turn goes to the coder model, with images
+replaced by their cached descriptions. On the way it repairs what strict local
+chat templates reject.
+
+Run:   python3 claude_router.py            (then: claude-local, or point
+       ANTHROPIC_BASE_URL at http://127.0.0.1:3000)
+Test:  python3 -m unittest
+
+Environment (each is the default of the flag of the same name; see --help):
+  CLAUDE_ROUTER_HOST, CLAUDE_ROUTER_PORT       where to listen (127.0.0.1:3000)
+  CLAUDE_ROUTER_UPSTREAM                       the model server (http://127.0.0.1:1234)
+  CLAUDE_ROUTER_VISION_UPSTREAM                the vision model's server (default: upstream)
+  CLAUDE_ROUTER_CODER_MODEL, _VISION_MODEL     model ids as the server lists them
+  CLAUDE_ROUTER_VISION_MODE                    answer (the seed's) or describe
+  CLAUDE_ROUTER_CACHE_DIR                      where image descriptions are kept
+  CLAUDE_ROUTER_TOKEN                          required of clients when set
+  CLAUDE_ROUTER_PRELOAD, CLAUDE_ROUTER_VERBOSE 1 to load missing models / log requests
+
+Design and settings: README.md beside this file.
+"""
+
+import argparse
+import binascii
+import concurrent.futures
+import fcntl
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import os
+import re
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+
+VERSION = "1.0.0"
+
+################ Configuration
+
+# Where to listen and where the models are.
+HOST = "127.0.0.1"                          # loopback only unless a token is set
+PORT = 3000                                 # what ANTHROPIC_BASE_URL points at
+UPSTREAM_URL = "http://127.0.0.1:1234"      # LM Studio's default server
+VISION_UPSTREAM_URL = ""                    # empty: the vision model lives on UPSTREAM_URL
+
+# Models, as the server lists them (`lms ps`).
+CODER_MODEL = "qwen/qwen3-coder-next"
+VISION_MODEL = "mistralai/devstral-small-2-2512"
+
+# How the vision model is used. "answer": it answers the turn and its reply becomes the
+# image's description (the seed). "describe": it is asked only to describe each new image,
+# then the coder answers the turn with those descriptions in place.
+VISION_MODE = "answer"
+VISION_MODES = ("answer", "describe")
+DESCRIBE_PROMPT = (
+    "You describe images for a coding assistant that cannot see them. Describe the image "
+    "faithfully and in detail: copy all visible text verbatim (code, error messages, "
+    "labels, terminal output), then the layout, UI state, colours that carry meaning, "
+    "and anything that looks wrong. Do not answer questions or give advice; only "
+    "describe what is shown.")
+DESCRIBE_MAX_TOKENS = 1024                  # tokens per image description
+DESCRIBE_CONTEXT_CHARS = 500                # chars of the user's text sent as context
+DESCRIBE_CONCURRENCY = 2                    # images of one turn described at once
+
+# The description cache.
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "claude-router")
+CACHE_FILE = "descriptions.jsonl"           # one JSON object per line, append-only
+CACHE_LOCK_FILE = "descriptions.lock"       # flock()ed by every router sharing the dir
+CACHE_MAX_ENTRIES = 10_000                  # oldest are evicted past this
+CACHE_REWRITE_FACTOR = 2                    # rewrite the file when it holds this many x max
+
+# Limits and timeouts.
+MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs with screenshots
+MAX_ERROR_BODY_BYTES = 1024 * 1024          # upstream error bodies we read to inspect
+CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
+READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
+IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
+MODELS_TTL = 30.0                           # s between looks at the upstream's model list
+RELAY_BUFFER = 65536                        # bytes per upstream read
+
+# Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
+BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
+IMAGE_TOKENS = 1600                         # Anthropic's cost of a full-size image
+MIN_OUTPUT_TOKENS = 1024                    # never clamp max_tokens below this
+SMALL_VISION_CONTEXT = 8192                 # warn when the vision model has less
+
+# Marker strings the coder sees in place of images (the seed's).
+DESCRIPTION_MARKER = "<<IMAGE DESCRIPTION: %s>>"
+UNKNOWN_IMAGE_MARKER = "<<IMAGE: binary image file>>"
+SAME_DESCRIPTION_MARKER = "<<IMAGE DESCRIPTION: described together with an earlier image above>>"
+LIFTED_IMAGE_TEXT = "(image shown in the next user message)"
+SYNTHETIC_ASSISTANT_TEXT = "Please show me the image(s) from the tool result."
+SYNTHETIC_USER_TEXT = "Here are the image(s) from the tool result above."
+
+# Request fields a local server understands; everything else Claude Code sends
+# (thinking, context_management, output_config, metadata, safeguards, ...) is dropped.
+REQUEST_FIELDS = frozenset({
+    "model", "messages", "system", "max_tokens", "stop_sequences", "stream",
+    "temperature", "top_p", "top_k", "tools", "tool_choice"})
+COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice"})
+TOOL_FIELDS = ("name", "description", "input_schema")
+BILLING_PREFIX = "x-anthropic-billing-header"
+ROLES = frozenset({"user", "assistant", "system"})
+
+# Headers: RFC 9110 7.6.1 hop-by-hop, plus what http.client or we set ourselves,
+# what local servers must not see (credentials, betas), and what would make gzip.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+DROP_REQUEST_HEADERS = HOP_BY_HOP | {
+    "host", "content-length", "accept-encoding", "x-api-key", "authorization",
+    "anthropic-beta", "origin", "cookie"}
+DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
+
+# Anthropic's error type for each status we send.
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 411: "invalid_request_error",
+    413: "request_too_large", 500: "api_error", 502: "api_error",
+    504: "timeout_error", 529: "overloaded_error"}
+
+# Upstream texts that mean "the prompt does not fit the loaded context", with the group
+# order of (prompt tokens, context tokens) when the text carries them. Claude Code
+# compacts on "prompt is too long" and gives up on every other wording.
+OVERFLOW_PATTERNS = (
+    # llama.cpp llama-server (b10434, seen here)
+    (r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", "nm"),
+    (r"exceeds the available context size", ""),
+    # LM Studio (lmstudio-bug-tracker #546, #237, #2205)
+    (r"keep the first (\d+) tokens when context the overflows.*?length of only (\d+) tokens", "nm"),
+    (r"tokens to keep from the initial prompt is greater than the context length", ""),
+    (r"n_keep \((\d+)\) >= n_ctx \((\d+)\)", "nm"),
+    # vLLM (vllm #12165, #36197)
+    (r"maximum context length is (\d+) tokens\. However, you requested (\d+) tokens", "mn"),
+    (r"total length (\d+)\) is too long to fit into the model \(context length (\d+)\)", "nm"),
+    (r"maximum context length is (\d+) tokens and your request has (\d+) input tokens", "mn"),
+    # Ollama
+    (r"exceeds the context length|exceeded max context length", ""),
+    # already in Anthropic's words
+    (r"prompt is too long: (\d+) tokens > (\d+)", "nm"),
+    (r"prompt is too long", ""),
+)
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
+
+
+class ProxyError(Exception):
+    """An error to answer with Anthropic's envelope; its message is safe to show."""
+
+    def __init__(self, status, message, error_type=None):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type or ERROR_TYPES.get(status, "api_error")
+
+
+################ Transforms
+
+def anthropic_error(status, message, error_type=None):
+    """Return Anthropic's error envelope for status."""
+    return {"type": "error",
+            "error": {"type": error_type or ERROR_TYPES.get(status, "api_error"),
+                      "message": message}}
+
+
+def escape_log(text):
+    """Return text with control characters escaped, safe for one log line."""
+    return str(text).translate(CONTROL_ESCAPES)
+
+
+def is_image(block):
+    """True for an image content block."""
+    return isinstance(block, dict) and block.get("type") == "image"
+
+
+def image_data(block):
+    """The string that identifies an image: its base64 text, or its URL."""
+    source = block["source"]
+    return source["url"] if source.get("type") == "url" else source["data"]
+
+
+def image_keys(messages):
+    """Return {image data string: sha256 hex} for every image in messages, each hashed once."""
+    keys = {}
+    for message in messages:
+        for block in iter_blocks(message):
+            if is_image(block):
+                data = image_data(block)
+                if data not in keys:
+                    keys[data] = hashlib.sha256(data.encode()).hexdigest()
+    return keys
+
+
+def iter_blocks(message):
+    """Yield the content blocks of message, including those inside tool_result blocks."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return
+    for block in content:
+        yield block
+        if isinstance(block, dict) and block.get("type") == "tool_result" \
+                and isinstance(block.get("content"), list):
+            yield from block["content"]
+
+
+def current_turn_start(messages):
+    """Index of the first message after the last assistant message (the user's turn)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return i + 1
+    return 0
+
+
+def new_image_keys(messages, keys, descriptions):
+    """Keys of the images in the current user turn that have no description, in order."""
+    found = []
+    for message in messages[current_turn_start(messages):]:
+        if message.get("role") != "user":
+            continue
+        for block in iter_blocks(message):
+            if is_image(block):
+                key = keys[image_data(block)]
+                if key not in descriptions and key not in found:
+                    found.append(key)
+    return found
+
+
+def text_block(text):
+    """A text content block."""
+    return {"type": "text", "text": text}
+
+
+def content_blocks(content):
+    """Content as a list of blocks (a string becomes one text block)."""
+    if isinstance(content, str):
+        return [text_block(content)] if content else []
+    return list(content or [])
+
+
+def content_text(content):
+    """The text of content (string or blocks), text blocks joined by blank lines."""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(b["text"] for b in content or [] if b.get("type") == "text")
+
+
+# Validation: everything the transforms index into is checked here, so a malformed
+# request becomes one 400 with a path to the bad field instead of a traceback.
+
+def validate_block(block, where, nested=False):
+    """Raise ProxyError unless block is a content block the transforms can handle."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise ProxyError(400, "%s: must be an object with a string type" % where)
+    kind = block["type"]
+    if kind == "text" and not isinstance(block.get("text"), str):
+        raise ProxyError(400, "%s: text block needs a string text" % where)
+    if kind == "image":
+        source = block.get("source")
+        field = {"base64": "data", "url": "url"}.get(
+            source.get("type") if isinstance(source, dict) else None)
+        if field is None or not isinstance(source.get(field), str) or not source[field]:
+            raise ProxyError(400, "%s: image needs a base64 or url source" % where)
+    if kind == "tool_use" and not (isinstance(block.get("id"), str)
+                                   and isinstance(block.get("name"), str)
+                                   and isinstance(block.get("input"), dict)):
+        raise ProxyError(400, "%s: tool_use needs string id and name and an object input" % where)
+    if kind == "tool_result":
+        if nested or not isinstance(block.get("tool_use_id"), str):
+            raise ProxyError(400, "%s: misplaced tool_result or missing tool_use_id" % where)
+        inner = block.get("content", "")
+        if isinstance(inner, list):
+            for j, item in enumerate(inner):
+                validate_block(item, "%s.content.%d" % (where, j), nested=True)
+        elif not isinstance(inner, str):
+            raise ProxyError(400, "%s: tool_result content must be a string or a list" % where)
+
+
+def validate_request(body, needs_max_tokens=False):
+    """Raise ProxyError unless body has the shape of a messages request."""
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ProxyError(400, "messages: must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ProxyError(400, "messages.%d: needs a role of user, assistant or system" % i)
+        content = message.get("content", "")
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                validate_block(block, "messages.%d.content.%d" % (i, j))
+        elif not isinstance(content, str):
+            raise ProxyError(400, "messages.%d.content: must be a string or a list" % i)
+    system = body.get("system", "")
+    if not isinstance(system, str) and not (
+            isinstance(system, list) and all(
+                isinstance(b, dict) and isinstance(b.get("text"), str) for b in system)):
+        raise ProxyError(400, "system: must be a string or a list of text blocks")
+    tools = body.get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ProxyError(400, "tools: must be a list of objects")
+    max_tokens = body.get("max_tokens")
+    if (max_tokens is not None or needs_max_tokens) and not (
+            type(max_tokens) is int and max_tokens > 0):
+        raise ProxyError(400, "max_tokens: must be a positive integer")
+    if not isinstance(body.get("stream", False), bool):
+        raise ProxyError(400, "stream: must be true or false")
+    if not isinstance(body.get("model", ""), str):
+        raise ProxyError(400, "model: must be a string")
+
+
+def validate_base64(data, where="image"):
+    """Raise ProxyError unless data is strict base64."""
+    try:
+        binascii.a2b_base64(data.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ProxyError(400, "%s: data is not valid base64" % where) from None
+
+
+# Hygiene: what every request loses before a local server sees it.
+
+def fold_system_messages(body):
+    """Return body with role "system" messages moved, in order, into the top-level system.
+
+    LM Studio before 0.4.15, llmster, Ollama and older vLLM reject them in messages."""
+    messages = body["messages"]
+    if not any(m["role"] == "system" for m in messages):
+        return body
+    system = content_blocks(body.get("system"))
+    for message in messages:
+        if message["role"] == "system":
+            system += [text_block(b["text"]) for b in content_blocks(message.get("content"))
+                       if b.get("type") == "text" and b["text"]]
+    return {**body, "system": system, "messages": [m for m in messages if m["role"] != "system"]}
+
+
+def strip_billing_header(system):
+    """Return system without Claude Code's billing block.
+
+    Its cc_version suffix changes every conversation and compaction, so leaving it in
+    makes the server re-read the whole prompt instead of reusing its prefix cache."""
+    if isinstance(system, str):
+        return "" if system.startswith(BILLING_PREFIX) else system
+    return [b for b in system if not b.get("text", "").startswith(BILLING_PREFIX)]
+
+
+def clean_block(block):
+    """Return block as a local server accepts it, or None to drop it."""
+    kind = block["type"]
+    if kind in ("thinking", "redacted_thinking"):
+        return None
+    if kind == "tool_reference":
+        return text_block("Tool loaded: %s" % block.get("tool_name", "?"))
+    block = {k: v for k, v in block.items() if k != "cache_control"}
+    if kind == "tool_result" and isinstance(block.get("content"), list):
+        block["content"] = [b for b in map(clean_block, block["content"]) if b is not None]
+    return block
+
+
+def clean_message(message):
+    """Return message with only role and cleaned content, or None when nothing is left."""
+    content = message.get("content", "")
+    if isinstance(content, list):
+        content = [b for b in map(clean_block, content) if b is not None]
+    if not content:
+        return None
+    return {"role": message["role"], "content": content}
+
+
+def clean_tools(tools):
+    """Client tools with only the fields a local server knows; server tools dropped."""
+    return [{k: t[k] for k in TOOL_FIELDS if k in t} for t in tools
+            if "input_schema" in t and t.get("type", "custom") == "custom"]
+
+
+def clean_request(body, fields=REQUEST_FIELDS):
+    """Return body with system messages folded and everything a local server rejects removed."""
+    body = fold_system_messages(body)
+    clean = {k: v for k, v in body.items() if k in fields}
+    if "system" in clean:
+        system = strip_billing_header(clean["system"])
+        if isinstance(system, list):
+            system = [{"type": "text", "text": b["text"]} for b in system]
+        if system:
+            clean["system"] = system
+        else:
+            del clean["system"]
+    clean["messages"] = [m for m in map(clean_message, body["messages"]) if m is not None]
+    if "tools" in clean:
+        clean["tools"] = clean_tools(clean["tools"])
+        if not clean["tools"]:
+            del clean["tools"]
+    if "tools" not in clean:
+        clean.pop("tool_choice", None)
+    return clean
+
+
+# Images: descriptions for the coder, lifting for the vision model.
+
+def substitute_images_with_descriptions(messages, keys, descriptions, keep=()):
+    """Return (messages, substituted): images replaced by description markers.
+
+    Images whose key is in keep stay. An image without a description becomes the
+    unknown-image marker. A description already used for an earlier image (several
+    images described by one reply) is not repeated. Only earlier messages decide how
+    a message reads, so the coder's prompt prefix stays byte-identical turn to turn."""
+    seen = set()
+    substituted = 0
+
+    def replace(block):
+        nonlocal substituted
+        if not is_image(block):
+            return block
+        key = keys[image_data(block)]
+        if key in keep:
+            return block
+        text = descriptions.get(key)
+        if text is None:
+            return text_block(UNKNOWN_IMAGE_MARKER)
+        substituted += 1
+        if text in seen:
+            return text_block(SAME_DESCRIPTION_MARKER)
+        seen.add(text)
+        return text_block(DESCRIPTION_MARKER % text)
+
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list) and any(is_image(b) for b in iter_blocks(message)):
+            content = [replace(b) if b.get("type") != "tool_result"
+                       or not isinstance(b.get("content"), list)
+                       else {**b, "content": [replace(x) for x in b["content"]]}
+                       for b in content]
+            message = {**message, "content": content}
+        out.append(message)
+    return out, substituted
+
+
+def lift_tool_result_images(block):
+    """Return (tool_result without images, its images)."""
+    inner = block.get("content")
+    if not isinstance(inner, list) or not any(is_image(b) for b in inner):
+        return block, []
+    images = [b for b in inner if is_image(b)]
+    rest = [b for b in inner if not is_image(b)] + [text_block(LIFTED_IMAGE_TEXT)]
+    return {**block, "content": rest}, images
+
+
+def rewrite_for_vision(messages):
+    """Return messages with images moved out of tool_result blocks.
+
+    LM Studio accepts only text inside tool_result. The tool_result keeps a text
+    stand-in, then a synthetic assistant turn asks for the images and a user turn
+    shows them, with the rest of that user message after them, so roles alternate
+    and every tool_use still meets its tool_result in the next message."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if message["role"] != "user" or not isinstance(content, list):
+            out.append(message)
+            continue
+        results, images, others = [], [], []
+        for block in content:
+            if block.get("type") == "tool_result":
+                block, lifted = lift_tool_result_images(block)
+                results.append(block)
+                images += lifted
+            else:
+                others.append(block)
+        if not images:
+            out.append(message)
+            continue
+        out.append({"role": "user", "content": results})
+        out.append({"role": "assistant", "content": [text_block(SYNTHETIC_ASSISTANT_TEXT)]})
+        out.append({"role": "user",
+                    "content": images + (others or [text_block(SYNTHETIC_USER_TEXT)])})
+    return out
+
+
+def normalize_assistant_messages(messages):
+    """Return messages with each assistant turn's text folded before its tool_use blocks.
+
+    Devstral's template rejects [text, tool_use, text, tool_use]; it takes one text
+    then the tool calls."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if message["role"] != "assistant" or not isinstance(content, list) or not any(
+                b.get("type") == "tool_use" for b in content):
+            out.append(message)
+            continue
+        texts = [b["text"] for b in content if b.get("type") == "text" and b["text"]]
+        rest = [b for b in content if b.get("type") != "text"]
+        folded = [text_block("\n\n".join(texts))] if texts else []
+        out.append({**message, "content": folded + rest})
+    return out
+
+
+def fix_message_alternation(messages):
+    """Return messages with consecutive same-role messages merged into one.
+
+    In a merged user message tool_result blocks go first, as Anthropic's API wants."""
+    out = []
+    for message in messages:
+        if out and out[-1]["role"] == message["role"]:
+            blocks = content_blocks(out[-1]["content"]) + content_blocks(message["content"])
+            if message["role"] == "user":
+                blocks = ([b for b in blocks if b.get("type") == "tool_result"]
+                          + [b for b in blocks if b.get("type") != "tool_result"])
+            out[-1] = {**out[-1], "content": blocks}
+        else:
+            out.append(message)
+    return out
+
+
+def estimate_tokens(body_bytes, image_bytes=0, images=0):
+    """A token count for a request of body_bytes that errs high, images costed apart."""
+    return -(-(body_bytes - image_bytes) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
+
+
+def clamp_max_tokens(body, estimated_input, context_length):
+    """Return body with max_tokens cut so input plus output fits context_length."""
+    if not context_length or "max_tokens" not in body:
+        return body
+    room = max(context_length - estimated_input, MIN_OUTPUT_TOKENS)
+    if body["max_tokens"] <= room:
+        return body
+    return {**body, "max_tokens": room}
+
+
+def overflow_error(text, estimated_input, context_length):
+    """Anthropic's "prompt is too long" envelope if text reports a context overflow, else None."""
+    for pattern, order in OVERFLOW_PATTERNS:
+        match = re.search(pattern, text, re.IGNORECASE | re.DOTALL)
+        if match:
+            numbers = dict(zip(order, map(int, match.groups())))
+            limit = numbers.get("m") or context_length or estimated_input
+            tokens = max(numbers.get("n") or estimated_input, limit + 1)
+            return anthropic_error(
+                400, "prompt is too long: %d tokens > %d maximum" % (tokens, limit))
+    return None
+
+
+def route_request(body, keys, descriptions, vision_model, coder_model, new_keys):
+    """Return (route, model, messages) for a cleaned request.
+
+    route is "vision" when new_keys (images with no description in the user's turn)
+    is not empty: those travel as pixels, every other image as its description."""
+    messages = body["messages"]
+    if new_keys:
+        messages, substituted = substitute_images_with_descriptions(
+            messages, keys, descriptions, keep=frozenset(new_keys))
+        messages = rewrite_for_vision(messages)
+        route, model = "vision", vision_model
+    else:
+        messages, substituted = substitute_images_with_descriptions(messages, keys, descriptions)
+        route, model = "coder", coder_model
+    messages = fix_message_alternation(normalize_assistant_messages(messages))
+    return route, model, messages, substituted
+
+
+def describe_request(block, context, model):
+    """The request that asks the vision model to describe one image."""
+    content = ([text_block(context)] if context else []) + [
+        {k: v for k, v in block.items() if k != "cache_control"}]
+    return {"model": model, "max_tokens": DESCRIBE_MAX_TOKENS, "temperature": 0,
+            "stream": False, "system": DESCRIBE_PROMPT,
+            "messages": [{"role": "user", "content": content}]}
+
+
+def image_contexts(messages, keys, wanted):
+    """Return {key: (image block, context text)} for the wanted images of the user's turn.
+
+    The context is the user's text of that turn, or the tool the image came from."""
+    found = {}
+    tools = {b["id"]: b["name"] for m in messages if m["role"] == "assistant"
+             for b in content_blocks(m["content"]) if b.get("type") == "tool_use"}
+    turn = [m for m in messages[current_turn_start(messages):] if m["role"] == "user"]
+    said = " ".join(content_text(m["content"]) for m in turn).strip()[:DESCRIBE_CONTEXT_CHARS]
+    for message in turn:
+        for block in content_blocks(message["content"]):
+            inner = [block]
+            context = "The user wrote: %s" % said if said else ""
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                inner = block["content"]
+                context = "This image is the result of the tool %s." % tools.get(
+                    block["tool_use_id"], "call")
+            for item in inner:
+                if is_image(item) and keys[image_data(item)] in wanted:
+                    found.setdefault(keys[image_data(item)], (item, context))
+    return found
+
+
+def reply_text(message):
+    """The text of an Anthropic message object, text blocks joined."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return ""
+    return "".join(b.get("text", "") for b in content
+                   if isinstance(b, dict) and b.get("type") == "text"
+                   and isinstance(b.get("text"), str))
+
+
+def parse_sse_event(raw):
+    """Return (event name, parsed data or None) for one SSE event's bytes."""
+    name, data = "", []
+    for line in raw.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+        elif line.startswith(b"data:"):
+            data.append(line[5:].strip())
+    try:
+        return name, json.loads(b"\n".join(data)) if data else None
+    except ValueError:
+        return name, None
+
+
+class ReplyCapture:
+    """Text of a streamed reply, assembled from its SSE events on the side of the relay."""
+
+    def __init__(self):
+        self.pending = b""
+        self.parts = []
+        self.complete = False   # message_stop seen
+        self.failed = False     # an error event seen
+
+    def feed(self, data):
+        """Take the next bytes of the stream."""
+        self.pending += data
+        if b"\r" in self.pending:
+            self.pending = self.pending.replace(b"\r\n", b"\n")
+        *events, self.pending = self.pending.split(b"\n\n")
+        for raw in events:
+            name, event = parse_sse_event(raw)
+            kind = event.get("type", name) if isinstance(event, dict) else name
+            if kind == "content_block_delta":
+                delta = event.get("delta") or {}
+                if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                    self.parts.append(delta["text"])
+            elif kind == "message_stop":
+                self.complete = True
+            elif kind == "error":
+                self.failed = True
+
+    def text(self):
+        """The reply's text if the stream completed without error, else ""."""
+        return "".join(self.parts) if self.complete and not self.failed else ""
+
+
+def encode_chunk(data):
+    """One HTTP/1.1 chunk holding data (RFC 9112 7.1)."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+def sse_error_event(message, error_type="api_error"):
+    """An SSE error event as Anthropic sends one mid-stream."""
+    return b"event: error\ndata: %s\n\n" % json.dumps(
+        anthropic_error(500, message, error_type)).encode()
+
+
+def filter_headers(headers, drop):
+    """Return [(name, value)] without the drop set and without headers named in Connection."""
+    named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
+
+
+def is_loopback_host(host):
+    """True when host (a Host header value or address) names this machine's loopback."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def models_from_listing(listing):
+    """Return {model id: {"loaded", "context_length", "vision"}} from a server's model list.
+
+    Reads LM Studio's /api/v1/models, and the OpenAI or Anthropic /v1/models shape
+    (llama-server adds meta.n_ctx); what a listing does not say is None."""
+    found = {}
+    if not isinstance(listing, dict):
+        return found
+    for entry in listing.get("models") or []:
+        if not isinstance(entry, dict) or "key" not in entry:
+            continue
+        loaded = [i for i in entry.get("loaded_instances") or [] if isinstance(i, dict)]
+        context = ((loaded[0].get("config") or {}).get("context_length") if loaded else None)
+        capabilities = entry.get("capabilities") or {}
+        found[entry["key"]] = {"loaded": bool(loaded), "context_length": context,
+                               "vision": capabilities.get("vision")
+                               if isinstance(capabilities, dict) else None}
+        for instance in loaded:
+            if instance.get("id") and instance["id"] != entry["key"]:
+                found[instance["id"]] = found[entry["key"]]
+    for entry in listing.get("data") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+            found.setdefault(entry["id"], {"loaded": True, "context_length": meta.get("n_ctx"),
+                                           "vision": None})
+    return found
+
+
+def model_problems(models, coder_model, vision_model):
+    """Return one line per problem with the configured models, each with its fix."""
+    problems = []
+    for role, model in (("coder", coder_model), ("vision", vision_model)):
+        info = models.get(model)
+        if info is None:
+            problems.append("%s model %s is not on the server: lms get %s, or fix --%s-model"
+                            % (role, model, model, role))
+        elif not info["loaded"]:
+            problems.append("%s model %s is not loaded: lms load %s --gpu max"
+                            % (role, model, model))
+    vision = models.get(vision_model) or {}
+    if vision.get("vision") is False:
+        problems.append("vision model %s cannot see images: pick a model with vision "
+                        "(--vision-model)" % vision_model)
+    if vision.get("context_length") and vision["context_length"] < SMALL_VISION_CONTEXT:
+        problems.append("vision model %s is loaded with %d context: lms unload %s && "
+                        "lms load %s --context-length 32768 --gpu max"
+                        % (vision_model, vision["context_length"], vision_model, vision_model))
+    return problems
+
+
+################ Cache
+
+class DescriptionCache:
+    """Image descriptions by image hash: a bounded dict, kept in a JSON-lines file.
+
+    The file is append-only; a torn or corrupt line is skipped. When it holds
+    CACHE_REWRITE_FACTOR times the bound, it is rewritten through a temporary file.
+    Every write happens under flock() of a lock file, so routers sharing the
+    directory neither interleave lines nor drop each other's entries."""
+
+    def __init__(self, directory, max_entries=CACHE_MAX_ENTRIES):
+        self.directory = directory
+        self.path = os.path.join(directory, CACHE_FILE) if directory else None
+        self.max_entries = max_entries
+        self.entries = {}              # image hash -> description, oldest first
+        self.lock = threading.Lock()   # guards entries, lines, hits, misses, warned
+        self.lines = 0                 # lines in the file, to know when to rewrite
+        self.hits = self.misses = 0
+        self.warned = set()
+
+    def warn(self, what, error):
+        """Log a cache problem once per kind."""
+        with self.lock:
+            if what in self.warned:
+                return
+            self.warned.add(what)
+        log("! description cache: %s (%s); descriptions stay in memory" % (what, error))
+
+    def read_file(self):
+        """Return ({hash: description} from the file, its line count, bad lines)."""
+        entries, lines, bad = {}, 0, 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                lines += 1
+                try:
+                    record = json.loads(raw)
+                    key, text = record["hash"], record["description"]
+                    if not (isinstance(key, str) and isinstance(text, str)):
+                        raise ValueError(key)
+                except (ValueError, KeyError, TypeError):
+                    bad += 1
+                    continue
+                entries.pop(key, None)
+                entries[key] = text
+        return entries, lines, bad
+
+    def load(self):
+        """Read the file into memory; return how many descriptions it holds."""
+        if not self.path:
+            return 0
+        try:
+            entries, lines, bad = self.read_file()
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            self.warn("cannot read %s" % self.path, e)
+            return 0
+        if bad:
+            log("! description cache: skipped %d unreadable line(s) in %s" % (bad, self.path))
+        with self.lock:
+            for key, text in entries.items():
+                self.entries[key] = text
+            self.evict()
+            self.lines = lines
+            return len(self.entries)
+
+    def evict(self):
+        """Drop the oldest entries past the bound. Caller holds the lock."""
+        while len(self.entries) > self.max_entries:
+            del self.entries[next(iter(self.entries))]
+
+    def lookup(self, keys):
+        """Return {key: description} for the keys that have one, counting hits and misses."""
+        with self.lock:
+            found = {k: self.entries[k] for k in keys if k in self.entries}
+            self.hits += len(found)
+            self.misses += len(set(keys)) - len(found)
+        return found
+
+    def __len__(self):
+        with self.lock:
+            return len(self.entries)
+
+    def store(self, descriptions, model):
+        """Remember {key: description} and append them to the file before returning."""
+        if not descriptions:
+            return
+        with self.lock:
+            for key, text in descriptions.items():
+                self.entries.pop(key, None)
+                self.entries[key] = text
+            self.evict()
+        if not self.path:
+            return
+        now = round(time.time(), 3)
+        data = b"".join(json.dumps({"hash": k, "description": v, "model": model, "time": now},
+                                   ensure_ascii=False).encode() + b"\n"
+                        for k, v in descriptions.items())
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with self.file_lock():
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    self.start_on_new_line(fd)
+                    written = os.write(fd, data)
+                    if written != len(data):
+                        raise OSError("short write (%d of %d bytes)" % (written, len(data)))
+                finally:
+                    os.close(fd)
+                with self.lock:
+                    self.lines += len(descriptions)
+                    due = self.lines >= self.max_entries * CACHE_REWRITE_FACTOR
+                if due:
+                    self.rewrite()
+        except OSError as e:
+            self.warn("cannot write %s" % self.path, e)
+
+    def start_on_new_line(self, fd):
+        """After a torn write (disk full, crash) begin on a fresh line, not glued to it."""
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+
+    def file_lock(self):
+        """An exclusive flock() on the lock file, as a context manager."""
+        return FileLock(os.path.join(self.directory, CACHE_LOCK_FILE))
+
+    def rewrite(self):
+        """Rewrite the file with its newest max_entries entries. Caller holds the file lock."""
+        entries, _, _ = self.read_file()
+        keep = list(entries.items())[-self.max_entries:]
+        temporary = self.path + ".tmp"
+        with open(temporary, "wb") as f:
+            for key, text in keep:
+                f.write(json.dumps({"hash": key, "description": text},
+                                   ensure_ascii=False).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path)
+        with self.lock:
+            self.lines = len(keep)
+
+
+class FileLock:
+    """flock() held for a with block; released when the file closes."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+################ Upstream
+
+def upstream_failure(error, url):
+    """The ProxyError that tells the client why the upstream at url failed."""
+    if isinstance(error, TimeoutError):
+        return ProxyError(504, "upstream %s did not answer in time" % url)
+    if isinstance(error, http.client.HTTPException):
+        return ProxyError(502, "upstream %s sent a broken response (%s)"
+                          % (url, type(error).__name__))
+    # 529, not 502: Claude Code gives up on 529 after 3 quick tries and names the
+    # gateway, where a 5xx costs three silent minutes of retries (contract, 6).
+    return ProxyError(529, "upstream %s is not reachable (%s); is the model server running?"
+                      % (url, error.strerror or type(error).__name__))
+
+
+def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
+                  connect_timeout=CONNECT_TIMEOUT):
+    """Send one request to the server at url; return (conn, resp) once its headers are in.
+
+    The only place that opens upstream connections and knows their timeouts. One
+    connection per request (house rule P14): nothing pooled can go stale. The
+    connect timeout is short; the read timeout bounds each wait for bytes (P8)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
+    try:
+        conn.connect()
+        conn.sock.settimeout(read_timeout)
+        conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
+        return conn, conn.getresponse()
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        raise upstream_failure(e, url) from None
+
+
+def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT):
+    """Return (status, parsed JSON or None) of one small upstream request."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json"} if data is not None else {}
+    conn, resp = open_upstream(url, method, path, data, headers, read_timeout)
+    try:
+        raw = resp.read(MAX_ERROR_BODY_BYTES)
+    except (OSError, http.client.HTTPException) as e:
+        raise upstream_failure(e, url) from None
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except ValueError:
+        return resp.status, None
+
+
+def list_models(url, timeout=CONNECT_TIMEOUT):
+    """Return {model id: info} from the server at url (LM Studio's API first), or None if down."""
+    found = None
+    for path in ("/api/v1/models", "/v1/models"):
+        try:
+            status, listing = fetch_json(url, "GET", path, read_timeout=timeout)
+        except ProxyError:
+            return None
+        if status == 200:
+            found = {**models_from_listing(listing), **(found or {})}
+            if found and path == "/api/v1/models":
+                break
+    return found if found is not None else {}
+
+
+def describe_image(url, block, context, model):
+    """Return (description or "", prompt bytes) from the vision model for one image."""
+    request = describe_request(block, context, model)
+    try:
+        status, reply = fetch_json(url, "POST", "/v1/messages", request)
+    except ProxyError as e:
+        log("! describe failed: %s" % e)
+        return "", 0
+    text = reply_text(reply).strip() if status == 200 else ""
+    if status != 200:
+        log("! describe failed: upstream status %d" % status)
+    return text, len(json.dumps(request))
+
+
+################ Server
+
+def log(line):
+    """Write one line to stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def reject_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
+    raise ValueError(name)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One client connection: Claude Code's requests, relayed to the model server."""
+
+    protocol_version = "HTTP/1.1"       # keep-alive (P1); every response is framed
+    disable_nagle_algorithm = True      # each write goes out at once (P3)
+    timeout = IDLE_TIMEOUT              # idle keep-alive connections end (P1)
+    server_version = "claude-router/" + VERSION
+
+    def do_GET(self):
+        self.handle_request("GET")
+
+    def do_POST(self):
+        self.handle_request("POST")
+
+    def do_HEAD(self):
+        self.handle_request("HEAD")
+
+    def do_PUT(self):
+        self.handle_request("PUT")
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+
+    def handle_request(self, method):
+        """Check access, dispatch, and answer a ProxyError with Anthropic's envelope."""
+        path = urllib.parse.urlsplit(self.path).path
+        self.body_read = method != "POST"
+        try:
+            self.check_access()
+            route = self.routes.get((method, path))
+            if route:
+                return route(self)
+            if method not in ("GET", "POST", "HEAD"):
+                raise ProxyError(405, "method %s is not supported" % method)
+            if path.startswith(("/v1/", "/api/")):
+                return self.forward(method)
+            raise ProxyError(404, "no such endpoint: %s %s" % (method, escape_log(path[:200])))
+        except ProxyError as e:
+            if e.status >= 500:
+                log("! %s" % e)
+                self.server.note_error(str(e))
+            if not self.body_read:
+                self.close_connection = True    # its unread body must not pass for a request (P1)
+            self.send_json(e.status, anthropic_error(e.status, str(e), e.error_type))
+
+    def check_access(self):
+        """Raise ProxyError for clients that may not use the router.
+
+        A Host that is neither loopback nor our own name means a DNS-rebinding page,
+        an Origin that is not loopback a browser tab of some web site: both 403."""
+        host = self.headers.get("host", "")
+        if host and not is_loopback_host(host) and host.rsplit(":", 1)[0] != self.server.host:
+            raise ProxyError(403, "host %s is not allowed" % escape_log(host[:100]))
+        origin = self.headers.get("origin")
+        if origin and not is_loopback_host(urllib.parse.urlsplit(origin).netloc or "-"):
+            raise ProxyError(403, "cross-origin requests are not allowed")
+        token = self.server.token
+        if token:
+            given = self.headers.get("x-api-key") or ""
+            bearer = self.headers.get("authorization") or ""
+            if not given and bearer[:7].lower() == "bearer ":
+                given = bearer[7:].strip()
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
+                raise ProxyError(401, "missing or wrong token (x-api-key or Authorization: Bearer)")
+
+    def read_body(self):
+        """Return the request body; raise ProxyError, and close, when it cannot be read (P7)."""
+        length = self.headers.get("content-length")
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            problem = 411, "chunked request bodies are not supported; send Content-Length"
+        elif length is None:
+            problem = 411, "Content-Length is required"
+        elif not length.strip().isdigit():
+            problem = 400, "Content-Length is not a number"
+        elif int(length) > self.server.max_body_bytes:
+            problem = 413, "request body of %s bytes is over the %d byte limit" % (
+                length.strip(), self.server.max_body_bytes)
+        else:
+            body = self.rfile.read(int(length))
+            if len(body) == int(length):
+                self.body_read = True
+                return body
+            problem = 400, "request body ended after %d of %s bytes" % (len(body), length.strip())
+        self.close_connection = True    # what is left of the body must not pass for a request
+        raise ProxyError(*problem)
+
+    def read_json(self):
+        """Return (the parsed request body, its size in bytes)."""
+        raw = self.read_body()
+        try:
+            return json.loads(raw, parse_constant=reject_constant), len(raw)
+        except (ValueError, RecursionError):
+            raise ProxyError(400, "request body is not valid JSON") from None
+
+    def send_json(self, status, obj):
+        """Send obj as a JSON response with Content-Length."""
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.write_client(data)
+
+    def write_client(self, data):
+        """Write to the client; return False, marking the connection closed, if it is gone."""
+        try:
+            self.wfile.write(data)
+            return True
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+            return False
+
+    def send_upstream_headers(self, resp, framing=None):
+        """Send the upstream's status and headers, with our own framing header (P2, P4)."""
+        self.send_response(resp.status)
+        for name, value in filter_headers(resp.headers, DROP_RESPONSE_HEADERS):
+            self.send_header(name, value)
+        if framing:
+            self.send_header(*framing)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    # Endpoints the router answers itself.
+
+    def probe(self):
+        """HEAD / and GET /: Claude Code's warm-up probe."""
+        self.send_json(200, {"ok": True, "service": "claude-router", "version": VERSION})
+
+    def status(self):
+        """GET /status: what the router knows, without asking the upstream."""
+        self.send_json(200, self.server.status())
+
+    def models(self):
+        """GET /v1/models: the upstream's models, else the configured two, Anthropic's shape."""
+        ids = list(self.server.known_models(refresh=True) or ()) or [
+            self.server.coder_model, self.server.vision_model]
+        data = [{"type": "model", "id": i, "display_name": i,
+                 "created_at": "1970-01-01T00:00:00Z"} for i in ids]
+        self.send_json(200, {"data": data, "has_more": False,
+                             "first_id": ids[0], "last_id": ids[-1]})
+
+    def count_tokens(self):
+        """POST /v1/messages/count_tokens: the upstream's count, else a local estimate."""
+        server = self.server
+        body, _ = self.read_json()
+        validate_request(body)
+        clean = clean_request(body, COUNT_TOKENS_FIELDS)
+        keys = image_keys(clean["messages"])
+        _, _, clean["messages"], _ = route_request(
+            clean, keys, server.cache.lookup(keys.values()), "", "", [])
+        clean["model"] = server.coder_model
+        if server.upstream_counts_tokens is not False:
+            try:
+                status, reply = fetch_json(server.upstream_url, "POST",
+                                           "/v1/messages/count_tokens", clean)
+            except ProxyError:
+                status, reply = 0, None
+            if status == 200 and isinstance(reply, dict) and type(reply.get("input_tokens")) is int:
+                server.upstream_counts_tokens = True
+                return self.send_json(200, {"input_tokens": reply["input_tokens"]})
+            if status in (200, 404, 405, 501):
+                # LM Studio answers 200 with an error text, Ollama 404 (backends.md).
+                server.upstream_counts_tokens = False
+        self.send_json(200, {"input_tokens": estimate_tokens(len(json.dumps(clean)))})
+
+    # Relaying.
+
+    def forward(self, method):
+        """Pass any other /v1/ or /api/ request through to the upstream as it is."""
+        body = self.read_body() if method == "POST" else None
+        headers = filter_headers(self.headers, DROP_REQUEST_HEADERS)
+        conn, resp = open_upstream(self.server.upstream_url, method, self.path, body, headers,
+                                   self.server.read_timeout)
+        try:
+            self.relay(resp, self.server.upstream_url)
+        finally:
+            conn.close()
+
+    def messages(self):
+        """POST /v1/messages: clean, route, forward, relay, and learn image descriptions."""
+        server = self.server
+        body, size = self.read_json()
+        validate_request(body)
+        clean = clean_request(body)
+        del body
+        keys = image_keys(clean["messages"])
+        descriptions = server.cache.lookup(keys.values())
+        new_keys = new_image_keys(clean["messages"], keys, descriptions)
+        for data, key in keys.items():
+            if key in new_keys and not data.startswith(("http://", "https://")):
+                validate_base64(data)
+        if new_keys and server.vision_mode == "describe":
+            descriptions.update(server.describe_images(clean["messages"], keys, new_keys,
+                                                       "describe"))
+            new_keys = [k for k in new_keys if k not in descriptions]
+        route, model, messages, substituted = route_request(
+            clean, keys, descriptions, server.vision_model, server.coder_model, new_keys)
+        log("→ %s [%s]" % (route, model))
+        if substituted:
+            log("cached description for %d image(s)" % substituted)
+        pixels = sum(len(d) for d, k in keys.items() if k in new_keys)
+        estimate = estimate_tokens(size, pixels, len(new_keys))
+        upstream = server.vision_upstream_url if route == "vision" else server.upstream_url
+        context_length = (server.known_models() or {}).get(model, {}).get("context_length")
+        outgoing = clamp_max_tokens({**clean, "model": model, "messages": messages},
+                                    estimate, context_length)
+        data = json.dumps(outgoing).encode()
+        del outgoing, messages
+        server.count(route, model, upstream, len(data))
+        headers = [(k, v) for k, v in filter_headers(self.headers, DROP_REQUEST_HEADERS)
+                   if k.lower() != "content-type"] + [("Content-Type", "application/json")]
+        conn, resp = open_upstream(upstream, "POST", "/v1/messages", data, headers,
+                                   server.read_timeout)
+        del data
+        learn = None
+        if route == "vision":
+            def learn(text):
+                server.remember(text, model, clean["messages"], keys, new_keys)
+        try:
+            if resp.status >= 400:
+                return self.relay_error(resp, estimate, context_length)
+            self.relay(resp, upstream, learn)
+        finally:
+            conn.close()
+
+    def relay_error(self, resp, estimate, context_length):
+        """Relay an upstream error as it is, unless it is a context overflow.
+
+        An overflow becomes Anthropic's "prompt is too long", on which Claude Code
+        compacts the conversation instead of giving up."""
+        try:
+            raw = resp.read(MAX_ERROR_BODY_BYTES)
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
+        if error:
+            log("! context overflow upstream; answered %r" % error["error"]["message"])
+            return self.send_json(400, error)
+        self.server.note_error("upstream answered %d" % resp.status)
+        self.close_connection = self.close_connection or not resp.isclosed()
+        self.send_upstream_headers(resp, ("Content-Length", str(len(raw))))
+        self.write_client(raw)
+
+    def relay(self, resp, url, learn=None):
+        """Relay the upstream's response: an event stream as it arrives, anything else whole.
+
+        learn, if given, gets the text of a complete successful reply before the
+        response ends, so the next turn finds what it says in the cache."""
+        if "text/event-stream" not in (resp.getheader("content-type") or ""):
+            try:
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise upstream_failure(e, url) from None
+            if learn and resp.status == 200:
+                try:
+                    learn(reply_text(json.loads(data)))
+                except ValueError:
+                    pass
+            self.send_upstream_headers(resp, ("Content-Length", str(len(data))))
+            if self.command != "HEAD":
+                self.write_client(data)
+            return
+        self.relay_stream(resp, learn)
+
+    def relay_stream(self, resp, learn):
+        """Relay an SSE stream: one chunk per upstream read, never buffered (P2, P3, P5, P8)."""
+        chunked = self.request_version == "HTTP/1.1"
+        if not chunked:
+            self.close_connection = True    # HTTP/1.0: the end of the body is the close
+        self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
+        frame = encode_chunk if chunked else bytes
+        capture = ReplyCapture() if learn else None
+        while True:
+            try:
+                data = resp.read1(RELAY_BUFFER)
+            except (OSError, http.client.HTTPException) as e:
+                # Headers are out: say it in band, then end the body cleanly (P12).
+                what = "stalled" if isinstance(e, TimeoutError) else "broke off"
+                log("! upstream stream %s (%s)" % (what, type(e).__name__))
+                self.server.note_error("upstream stream %s" % what)
+                self.write_client(frame(b"\n\n" + sse_error_event(
+                    "the model server's stream %s" % what, "overloaded_error")))
+                self.close_connection = True
+                break
+            if not data:
+                if capture and capture.complete and not capture.failed:
+                    learn(capture.text())
+                break
+            if capture:
+                capture.feed(data)
+            if not self.write_client(frame(data)):
+                log("client went away mid-stream; closed the upstream request")
+                return
+        if chunked:
+            self.write_client(b"0\r\n\r\n")
+
+    routes = {
+        ("GET", "/"): probe, ("HEAD", "/"): probe, ("HEAD", "/api/hello"): probe,
+        ("GET", "/status"): status, ("GET", "/v1/models"): models,
+        ("POST", "/v1/messages"): messages, ("POST", "/v1/messages/count_tokens"): count_tokens,
+    }
+
+    def log_message(self, format, *args):
+        """Access and protocol lines, only when verbose; client strings escaped (P10)."""
+        if self.server.verbose:
+            log(escape_log("%s %s" % (self.address_string(), format % args)))
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """The router: settings, the description cache and counters live here."""
+
+    request_queue_size = 128    # P15: bursts of parallel connections are normal
+    daemon_threads = True       # P6
+
+    def __init__(self, address, upstream_url=UPSTREAM_URL, vision_upstream_url="",
+                 coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
+                 cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
+                 max_body_bytes=MAX_BODY_BYTES):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler)
+        self.host = address[0]
+        self.upstream_url = upstream_url
+        self.vision_upstream_url = vision_upstream_url or upstream_url
+        self.coder_model = coder_model
+        self.vision_model = vision_model
+        self.vision_mode = vision_mode
+        self.token = token
+        self.verbose = verbose
+        self.read_timeout = read_timeout
+        self.max_body_bytes = max_body_bytes
+        self.cache = DescriptionCache(cache_dir)
+        self.upstream_counts_tokens = None      # unknown until the first count_tokens
+        self.errors = []                        # unexpected exceptions, for tests
+        self.stats_lock = threading.Lock()      # guards stats, models, models_time
+        self.stats = {"requests": {}, "vision_calls": {}, "images_described": 0,
+                      "vision_prompt_bytes": {}, "model_switches": 0,
+                      "last_upstream_error": None}
+        self.last_model = None                  # the main upstream's last model
+        self.models = None                      # {model id: info}, None: never seen
+        self.models_time = float("-inf")
+
+    def server_bind(self):
+        """Bind without the reverse DNS lookup HTTPServer.server_bind does (P9)."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address):
+        """Stay quiet when a client goes away (P5); record and print anything else."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return
+        self.errors.append(error)
+        super().handle_error(request, client_address)
+
+    # Counters.
+
+    def count(self, route, model, upstream, prompt_bytes):
+        """Count one routed request."""
+        with self.stats_lock:
+            requests = self.stats["requests"]
+            requests[model] = requests.get(model, 0) + 1
+            if route == "vision":
+                self.add_vision_call("answer", prompt_bytes)
+            if upstream == self.upstream_url:
+                if self.last_model not in (None, model):
+                    self.stats["model_switches"] += 1
+                self.last_model = model
+
+    def add_vision_call(self, mode, prompt_bytes):
+        """Count one request to the vision model. Caller holds stats_lock."""
+        calls, sent = self.stats["vision_calls"], self.stats["vision_prompt_bytes"]
+        calls[mode] = calls.get(mode, 0) + 1
+        sent[mode] = sent.get(mode, 0) + prompt_bytes
+
+    def note_error(self, message):
+        """Remember the last upstream problem for /status."""
+        with self.stats_lock:
+            self.stats["last_upstream_error"] = {"message": message, "time": round(time.time())}
+
+    def status(self):
+        """The /status document."""
+        models = self.known_models() or {}
+        with self.stats_lock:
+            stats = json.loads(json.dumps(self.stats))
+        with self.cache.lock:
+            cache = {"entries": len(self.cache.entries), "hits": self.cache.hits,
+                     "misses": self.cache.misses, "file": self.cache.path}
+        return {"version": VERSION, "upstream": self.upstream_url,
+                "vision_upstream": self.vision_upstream_url, "vision_mode": self.vision_mode,
+                "coder": {"model": self.coder_model, **models.get(self.coder_model, {})},
+                "vision": {"model": self.vision_model, **models.get(self.vision_model, {})},
+                "cache": cache, **stats}
+
+    # The upstream's models.
+
+    def known_models(self, refresh=False):
+        """{model id: info} as last seen, looked up again when older than MODELS_TTL.
+
+        Only the thread that finds the list stale asks; the others use what is there."""
+        with self.stats_lock:
+            stale = refresh or time.monotonic() - self.models_time > MODELS_TTL
+            if stale:
+                self.models_time = time.monotonic()
+        if stale:
+            found = list_models(self.upstream_url)
+            if self.vision_upstream_url != self.upstream_url:
+                vision = list_models(self.vision_upstream_url)
+                found = None if found is None and vision is None else {**(vision or {}),
+                                                                       **(found or {})}
+            with self.stats_lock:
+                self.models = found if found is not None else self.models
+        return self.models
+
+    def preload(self):
+        """Ask LM Studio to load each configured model that is not loaded; return messages."""
+        said = []
+        for model, url in ((self.coder_model, self.upstream_url),
+                           (self.vision_model, self.vision_upstream_url)):
+            info = (self.models or {}).get(model)
+            if info is None or info["loaded"]:
+                continue
+            try:
+                status, _ = fetch_json(url, "POST", "/api/v1/models/load", {"model": model})
+            except ProxyError as e:
+                status = str(e)
+            said.append("preload %s: %s" % (model, "loaded" if status == 200 else status))
+        if said:
+            self.known_models(refresh=True)
+        return said
+
+    # Descriptions.
+
+    def describe_images(self, messages, keys, wanted, mode):
+        """Ask the vision model to describe each wanted image; store and return {key: text}.
+
+        One request per image keeps each description tied to its image; a few run at
+        once, since local servers serve several requests in parallel."""
+        found = image_contexts(messages, keys, wanted)
+        with concurrent.futures.ThreadPoolExecutor(min(DESCRIBE_CONCURRENCY, len(found) or 1)) \
+                as pool:
+            jobs = {key: pool.submit(describe_image, self.vision_upstream_url, block, context,
+                                     self.vision_model)
+                    for key, (block, context) in found.items()}
+        described = {}
+        for key, job in jobs.items():
+            text, sent = job.result()
+            with self.stats_lock:
+                self.add_vision_call(mode, sent)
+            if text:
+                described[key] = text
+        with self.stats_lock:
+            self.stats["images_described"] += len(described)
+        self.cache.store(described, self.vision_model)
+        if described:
+            log("described %d image(s) with %s [%s]" % (len(described), mode, self.vision_model))
+        return described
+
+    def remember(self, text, model, messages, keys, new_keys):
+        """Store a vision reply's text as the new images' description.
+
+        A reply with no text (a bare tool call) describes nothing; then each image
+        is described on its own, so the coder never loses sight of it."""
+        text = text.strip()
+        if not text:
+            self.describe_images(messages, keys, new_keys, "fallback")
+            return
+        self.cache.store({key: text for key in new_keys}, model)
+        with self.stats_lock:
+            self.stats["images_described"] += len(new_keys)
+
+
+################ Main
+
+def port_number(text):
+    """argparse type: a TCP port."""
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    return int(text)
+
+
+def http_url(text):
+    """argparse type: an http:// URL with a host."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme != "http" or not parts.hostname:
+        raise argparse.ArgumentTypeError("%r is not an http:// URL" % text)
+    try:
+        parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r has a bad port" % text) from None
+    return text.rstrip("/")
+
+
+def env_flag(text):
+    """argparse type: a yes/no setting (bool("0") is True, so this parses it)."""
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("%r is not 1 or 0" % text)
+
+
+def build_parser(environ):
+    """The command line; each default comes from environ, else the constant."""
+    def env(name, default):
+        return environ.get("CLAUDE_ROUTER_" + name, default)
+
+    parser = argparse.ArgumentParser(
+        prog="claude_router.py", description="Route Claude Code to local models.",
+        epilog="Each option's default can be set with the CLAUDE_ROUTER_* variable named "
+               "after it (--coder-model: CLAUDE_ROUTER_CODER_MODEL).")
+    parser.error = lambda message: sys.exit("claude-router: " + message)
+    add = parser.add_argument
+    add("--host", default=env("HOST", HOST), help="address to listen on (default: %(default)s)")
+    add("--port", type=port_number, default=env("PORT", str(PORT)),
+        help="port to listen on (default: %(default)s)")
+    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
+        help="the model server (default: %(default)s)")
+    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
+        help="the vision model's server (default: the upstream)")
+    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
+        help="model for text turns (default: %(default)s)")
+    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
+        help="model for turns with new images (default: %(default)s)")
+    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
+        help="answer: the vision model answers the turn; describe: it only describes "
+             "each new image and the coder answers (default: %(default)s)")
+    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
+        help="where image descriptions are kept (default: %(default)s)")
+    add("--token", default=env("TOKEN", ""),
+        help="require this x-api-key or Bearer token (needed to listen beyond loopback)")
+    add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
+        help="load missing models through LM Studio's API at startup")
+    add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
+        help="log every request line")
+    return parser
+
+
+def parse_settings(argv, environ):
+    """Parse and check the settings; exit with one line when they are wrong."""
+    try:
+        parser = build_parser(environ)
+    except argparse.ArgumentTypeError as e:
+        sys.exit("claude-router: %s" % e)
+    args = parser.parse_args(argv)
+    if args.vision_mode not in VISION_MODES:
+        parser.error("vision mode %r is not one of %s" % (args.vision_mode, ", ".join(VISION_MODES)))
+    if not is_loopback_host(args.host) and not args.token:
+        parser.error("listening on %s needs a token (--token or CLAUDE_ROUTER_TOKEN)" % args.host)
+    return args
+
+
+def main(argv=None, environ=None):
+    """Run the router until Ctrl-C."""
+    args = parse_settings(argv, os.environ if environ is None else environ)
+    try:
+        server = Server((args.host, args.port), args.upstream, args.vision_upstream or "",
+                        args.coder_model, args.vision_model, args.vision_mode, args.cache_dir,
+                        args.token, args.verbose)
+    except OSError as e:
+        sys.exit("claude-router: cannot listen on %s:%d: %s" % (args.host, args.port,
+                                                               e.strerror or e))
+    loaded = server.cache.load()
+    log("🔀 claude-router on :%d" % server.server_port)
+    log("coder → %s" % server.coder_model)
+    log("vision → %s%s" % (server.vision_model, "" if server.vision_mode == "answer"
+                           else " (describe mode)"))
+    log("cache: %d description(s) in %s" % (loaded, server.cache.path))
+    models = server.known_models()
+    if models is None:
+        log("! upstream %s is not reachable yet; requests get 529 until it is"
+            % server.upstream_url)
+    else:
+        for line in server.preload() if args.preload else ():
+            log(line)
+        for problem in model_problems(server.models or {}, server.coder_model,
+                                      server.vision_model):
+            log("! " + problem)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            log("bye")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,958 @@
+"""Tests for claude_router: pure transforms first, then the real router on loopback.
+
+Run with: python3 -m unittest
+Wire tests start the real router and a real fake upstream (a small http.server),
+both on port 0 of 127.0.0.1. Streaming tests are gated with threading.Event, so a
+router that buffers fails by timing out instead of passing by luck.
+"""
+
+import base64
+import contextlib
+import copy
+import hashlib
+import http.client
+import http.server
+import io
+import json
+import os
+import socket
+import tempfile
+import threading
+import unittest
+
+import claude_router as cr
+
+TIMEOUT = 5     # seconds for every socket and wait in these tests
+PNG_A = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"A" * 64).decode()
+PNG_B = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"B" * 64).decode()
+PNG_C = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"C" * 64).decode()
+
+
+def image(data=PNG_A):
+    return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+
+
+def key(data):
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def user(*blocks):
+    return {"role": "user", "content": list(blocks)}
+
+
+def assistant(*blocks):
+    return {"role": "assistant", "content": list(blocks)}
+
+
+def tool_use(id_, name="Read"):
+    return {"type": "tool_use", "id": id_, "name": name, "input": {"file_path": "/x.png"}}
+
+
+def tool_result(id_, *content):
+    return {"type": "tool_result", "tool_use_id": id_, "content": list(content)}
+
+
+def request(*messages, **fields):
+    return {"model": "claude-opus-5-5", "max_tokens": 32000, "messages": list(messages), **fields}
+
+
+def sse(*events):
+    """SSE bytes for (name, data) events."""
+    return b"".join(b"event: %s\ndata: %s\n\n" % (n.encode(), json.dumps(d).encode())
+                    for n, d in events)
+
+
+def text_events(reply):
+    """The Anthropic event sequence of a plain text reply, split into two deltas."""
+    half = len(reply) // 2
+    return [("message_start", {"type": "message_start", "message": {
+                "id": "m1", "type": "message", "role": "assistant", "content": [],
+                "model": "m", "usage": {"input_tokens": 5, "output_tokens": 0}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": reply[:half]}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": reply[half:]}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 3}}),
+            ("message_stop", {"type": "message_stop"})]
+
+
+def tool_call_events():
+    """The event sequence of a reply that is only a tool call."""
+    return [("message_start", {"type": "message_start", "message": {
+                "id": "m2", "type": "message", "role": "assistant", "content": [],
+                "model": "m", "usage": {"input_tokens": 5, "output_tokens": 0}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": "t9", "name": "Read", "input": {}}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": "{\"file_path\": \"/a\"}"}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}}),
+            ("message_stop", {"type": "message_stop"})]
+
+
+def message_json(reply):
+    return {"id": "m1", "type": "message", "role": "assistant", "model": "m",
+            "content": [text(reply)] if reply else [], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 3}}
+
+
+################ Layer 1: transforms
+
+class CleanRequestTest(unittest.TestCase):
+
+    def test_system_messages_fold_into_system_in_order(self):
+        rows = [
+            ("string", request(user(text("hi")), {"role": "system", "content": "env"}),
+             [text("env")]),
+            ("list, after top-level", request(user(text("hi")), {"role": "system", "content": [
+                {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]},
+                system="top"), [text("top"), text("a")]),
+            ("empty", request(user(text("hi")), {"role": "system", "content": []}), None),
+            ("two, one last", request({"role": "system", "content": "one"}, user(text("hi")),
+                                      {"role": "system", "content": "two"}),
+             [text("one"), text("two")]),
+        ]
+        for name, body, system in rows:
+            with self.subTest(name):
+                clean = cr.clean_request(body)
+                self.assertEqual(clean.get("system"), system)
+                self.assertEqual([m["role"] for m in clean["messages"]], ["user"])
+
+    def test_billing_block_is_removed(self):
+        body = request(user(text("hi")), system=[
+            text("x-anthropic-billing-header: cc_version=2.1.332.abc; cc_entrypoint=sdk-cli;"),
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}])
+        self.assertEqual(cr.clean_request(body)["system"], [text("You are Claude Code.")])
+
+    def test_fields_local_servers_reject_are_dropped(self):
+        body = request(user({"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}),
+                       thinking={"type": "adaptive"}, context_management={"edits": []},
+                       output_config={"effort": "high"}, metadata={"user_id": "u"},
+                       safeguards=[{}], stream=True, temperature=0.5,
+                       tools=[{"name": "Read", "description": "d", "input_schema": {},
+                               "cache_control": {"type": "ephemeral"}},
+                              {"name": "Later", "input_schema": {}, "defer_loading": True},
+                              {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+                       tool_choice={"type": "auto"})
+        self.assertEqual(cr.clean_request(body), {
+            "model": "claude-opus-5-5", "max_tokens": 32000, "stream": True, "temperature": 0.5,
+            "messages": [user(text("hi"))], "tool_choice": {"type": "auto"},
+            "tools": [{"name": "Read", "description": "d", "input_schema": {}},
+                      {"name": "Later", "input_schema": {}}]})
+
+    def test_tool_choice_goes_with_the_last_tool(self):
+        body = request(user(text("q")), tool_choice={"type": "auto"},
+                       tools=[{"type": "web_search_20250305", "name": "web_search"}])
+        self.assertNotIn("tool_choice", cr.clean_request(body))
+        self.assertNotIn("tools", cr.clean_request(body))
+
+    def test_blocks_are_cleaned(self):
+        rows = [
+            ("thinking dropped", assistant({"type": "thinking", "thinking": "hm", "signature": ""},
+                                           text("a")), assistant(text("a"))),
+            ("redacted dropped", assistant({"type": "redacted_thinking", "data": "x"}, text("a")),
+             assistant(text("a"))),
+            ("tool_reference to text", user(tool_result("t1", {"type": "tool_reference",
+                                                               "tool_name": "WebFetch"})),
+             user(tool_result("t1", text("Tool loaded: WebFetch")))),
+            ("message-level output_config dropped",
+             {"role": "user", "content": "hi", "output_config": {"effort": "high"}},
+             {"role": "user", "content": "hi"}),
+        ]
+        for name, message, expected in rows:
+            with self.subTest(name):
+                got = cr.clean_request(request(user(text("first")), message))["messages"]
+                self.assertEqual(got[-1], expected)
+
+    def test_message_left_empty_is_dropped(self):
+        body = request(user(text("q")), assistant({"type": "thinking", "thinking": "x"}),
+                       user(text("r")))
+        self.assertEqual(cr.clean_request(body)["messages"], [user(text("q")), user(text("r"))])
+
+    def test_count_tokens_keeps_only_its_fields(self):
+        body = request(user(text("q")), system="s", stream=True)
+        self.assertEqual(set(cr.clean_request(body, cr.COUNT_TOKENS_FIELDS)),
+                         {"model", "messages", "system"})
+
+
+class ImageTransformTest(unittest.TestCase):
+
+    def keys(self, *messages):
+        return cr.image_keys(list(messages))
+
+    def test_image_identity_is_sha256_of_data_or_url(self):
+        url_image = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
+        keys = cr.image_keys([user(image(PNG_A), tool_result("t", url_image))])
+        self.assertEqual(keys, {PNG_A: key(PNG_A), "https://x/y.png": key("https://x/y.png")})
+
+    def test_new_images_are_those_of_the_users_turn_without_description(self):
+        rows = [
+            ("pasted", [user(text("look"), image(PNG_A))], {}, [key(PNG_A)]),
+            ("in tool_result", [user(text("q")), assistant(tool_use("t1")),
+                                user(tool_result("t1", image(PNG_B)))], {}, [key(PNG_B)]),
+            ("described already", [user(image(PNG_A))], {key(PNG_A): "a"}, []),
+            ("earlier turn only", [user(image(PNG_A)), assistant(text("ok")), user(text("and?"))],
+             {}, []),
+            ("image then trailing text message", [user(image(PNG_C)), user(text("what is it"))],
+             {}, [key(PNG_C)]),
+            ("duplicates once", [user(image(PNG_A), image(PNG_A), image(PNG_B))], {},
+             [key(PNG_A), key(PNG_B)]),
+        ]
+        for name, messages, known, expected in rows:
+            with self.subTest(name):
+                keys = cr.image_keys(messages)
+                self.assertEqual(cr.new_image_keys(messages, keys, known), expected)
+
+    def test_substitution_uses_descriptions_markers_and_does_not_repeat(self):
+        messages = [user(text("see"), image(PNG_A), image(PNG_B)), assistant(text("ok")),
+                    user(tool_result("t1", image(PNG_C), text("done")))]
+        known = {key(PNG_A): "a red square", key(PNG_B): "a red square"}
+        got, n = cr.substitute_images_with_descriptions(messages, cr.image_keys(messages), known)
+        self.assertEqual(n, 2)
+        self.assertEqual(got, [
+            user(text("see"), text("<<IMAGE DESCRIPTION: a red square>>"),
+                 text(cr.SAME_DESCRIPTION_MARKER)),
+            assistant(text("ok")),
+            user(tool_result("t1", text("<<IMAGE: binary image file>>"), text("done")))])
+
+    def test_substitution_keeps_the_images_asked_for(self):
+        messages = [user(image(PNG_A)), assistant(text("ok")), user(image(PNG_B))]
+        got, n = cr.substitute_images_with_descriptions(
+            messages, cr.image_keys(messages), {key(PNG_A): "old"}, keep={key(PNG_B)})
+        self.assertEqual((got[0]["content"], got[2]["content"], n),
+                         ([text("<<IMAGE DESCRIPTION: old>>")], [image(PNG_B)], 1))
+
+    def test_rewrite_for_vision_lifts_tool_result_images(self):
+        rows = [
+            ("only a tool_result",
+             [assistant(tool_use("t1")), user(tool_result("t1", image(PNG_A)))],
+             [assistant(tool_use("t1")), user(tool_result("t1", text(cr.LIFTED_IMAGE_TEXT))),
+              assistant(text(cr.SYNTHETIC_ASSISTANT_TEXT)),
+              user(image(PNG_A), text(cr.SYNTHETIC_USER_TEXT))]),
+            ("with text beside and after",
+             [assistant(tool_use("t1"), tool_use("t2")),
+              user(tool_result("t1", text("file"), image(PNG_A)), tool_result("t2", text("ok")),
+                   text("what is wrong?"))],
+             [assistant(tool_use("t1"), tool_use("t2")),
+              user(tool_result("t1", text("file"), text(cr.LIFTED_IMAGE_TEXT)),
+                   tool_result("t2", text("ok"))),
+              assistant(text(cr.SYNTHETIC_ASSISTANT_TEXT)),
+              user(image(PNG_A), text("what is wrong?"))]),
+            ("pasted images stay", [user(text("see"), image(PNG_A))],
+             [user(text("see"), image(PNG_A))]),
+        ]
+        for name, messages, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.rewrite_for_vision(messages), expected)
+
+    def test_normalize_folds_interleaved_assistant_text(self):
+        rows = [
+            ("interleaved", assistant(text("a"), tool_use("1"), text("b"), tool_use("2")),
+             assistant(text("a\n\nb"), tool_use("1"), tool_use("2"))),
+            ("tool_use only", assistant(tool_use("1")), assistant(tool_use("1"))),
+            ("no tools untouched", assistant(text("a"), text("b")), assistant(text("a"), text("b"))),
+            ("string untouched", {"role": "assistant", "content": "a"},
+             {"role": "assistant", "content": "a"}),
+        ]
+        for name, message, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.normalize_assistant_messages([message]), [expected])
+
+    def test_alternation_merges_same_role_runs(self):
+        rows = [
+            ("string and list", [{"role": "user", "content": "reminder"}, user(image(PNG_A))],
+             [user(text("reminder"), image(PNG_A))]),
+            ("tool results first", [user(text("note")), user(tool_result("t", text("r")))],
+             [user(tool_result("t", text("r")), text("note"))]),
+            ("assistants", [assistant(text("a")), assistant(text("b"))],
+             [assistant(text("a"), text("b"))]),
+            ("alternating untouched", [user(text("a")), assistant(text("b"))],
+             [user(text("a")), assistant(text("b"))]),
+        ]
+        for name, messages, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.fix_message_alternation(messages), expected)
+
+    def test_no_transform_mutates_its_input(self):
+        body = request({"role": "system", "content": "env"},
+                       user(text("q"), image(PNG_A)), assistant(text("a"), tool_use("t1"),
+                                                                text("b"), tool_use("t2")),
+                       user(tool_result("t1", image(PNG_B)), tool_result("t2", text("x"))),
+                       user(text("more")), system=[text("x-anthropic-billing-header: 1"), text("s")],
+                       thinking={"type": "adaptive"})
+        before = copy.deepcopy(body)
+        clean = cr.clean_request(body)
+        keys = cr.image_keys(clean["messages"])
+        for new in ([], [key(PNG_B)]):
+            cr.route_request(clean, keys, {key(PNG_A): "d"}, "v", "c", new)
+        cr.clamp_max_tokens(clean, 10, 100)
+        self.assertEqual(body, before)
+
+    def test_route_request(self):
+        body = cr.clean_request(request(user(text("q"), image(PNG_A))))
+        keys = cr.image_keys(body["messages"])
+        self.assertEqual(cr.route_request(body, keys, {}, "V", "C", [key(PNG_A)])[:2], ("vision", "V"))
+        route = cr.route_request(body, keys, {key(PNG_A): "d"}, "V", "C", [])
+        self.assertEqual(route[:2] + (route[3],), ("coder", "C", 1))
+
+
+class SmallTransformTest(unittest.TestCase):
+
+    def test_overflow_texts_of_each_backend(self):
+        rows = [
+            ("llama-server", '{"error":{"code":400,"message":"request (80030 tokens) exceeds the '
+             'available context size (32768 tokens), try increasing it","type":'
+             '"exceed_context_size_error","n_prompt_tokens":80030,"n_ctx":32768}}',
+             "prompt is too long: 80030 tokens > 32768 maximum"),
+            ("lm studio keep", "Trying to keep the first 111490 tokens when context the overflows. "
+             "However, the model is loaded with context length of only 32768 tokens, which is "
+             "not enough.", "prompt is too long: 111490 tokens > 32768 maximum"),
+            ("lm studio n_keep", "Cannot truncate prompt with n_keep (15028) >= n_ctx (7424)",
+             "prompt is too long: 15028 tokens > 7424 maximum"),
+            ("lm studio no numbers", "The number of tokens to keep from the initial prompt is "
+             "greater than the context length. Try to load the model with a larger context",
+             "prompt is too long: 5001 tokens > 5000 maximum"),
+            ("vllm", "This model's maximum context length is 4096 tokens. However, you requested "
+             "5000 tokens (4000 in the messages, 1000 in the completion).",
+             "prompt is too long: 5000 tokens > 4096 maximum"),
+            ("vllm prompt", "The prompt (total length 25938) is too long to fit into the model "
+             "(context length 4096).", "prompt is too long: 25938 tokens > 4096 maximum"),
+            ("ollama", "input length exceeds the context length",
+             "prompt is too long: 5001 tokens > 5000 maximum"),
+        ]
+        for name, upstream_text, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.overflow_error(upstream_text, 4000, 5000),
+                                 {"type": "error", "error": {"type": "invalid_request_error",
+                                                             "message": expected}})
+        self.assertIsNone(cr.overflow_error('{"error": "model not found"}', 4000, 5000))
+
+    def test_clamp_max_tokens(self):
+        rows = [(32000, 20000, 32768, 12768), (1000, 20000, 32768, 1000),
+                (32000, 40000, 32768, cr.MIN_OUTPUT_TOKENS), (32000, 100, None, 32000)]
+        for asked, estimate, context, expected in rows:
+            with self.subTest(asked=asked, estimate=estimate, context=context):
+                got = cr.clamp_max_tokens({"max_tokens": asked}, estimate, context)
+                self.assertEqual(got["max_tokens"], expected)
+
+    def test_estimate_errs_high_and_costs_images(self):
+        self.assertEqual(cr.estimate_tokens(3001), 1001)
+        self.assertEqual(cr.estimate_tokens(10_000 + 300, 10_000, 1), 100 + cr.IMAGE_TOKENS)
+
+    def test_reply_capture_across_chunk_boundaries(self):
+        raw = sse(*text_events("Hello world"))
+        for step in (1, 7, len(raw)):
+            with self.subTest(step=step):
+                capture = cr.ReplyCapture()
+                for i in range(0, len(raw), step):
+                    capture.feed(raw[i:i + step].replace(b"\n", b"\r\n"))
+                self.assertEqual(capture.text(), "Hello world")
+
+    def test_reply_capture_stores_nothing_for_cut_or_failed_streams(self):
+        events = text_events("Hello")
+        cut, failed = cr.ReplyCapture(), cr.ReplyCapture()
+        cut.feed(sse(*events[:4]))
+        failed.feed(sse(*events[:3], ("error", {"type": "error", "error": {}}), events[-1]))
+        self.assertEqual((cut.text(), failed.text()), ("", ""))
+
+    def test_loopback_hosts(self):
+        rows = [("127.0.0.1:3000", True), ("localhost", True), ("[::1]:3000", True),
+                ("127.8.9.1", True), ("LOCALHOST:1", True), ("evil.example:3000", False),
+                ("192.168.1.5", False), ("[fe80::1]:80", False), ("", False)]
+        for host, expected in rows:
+            with self.subTest(host):
+                self.assertEqual(cr.is_loopback_host(host), expected)
+
+    def test_models_from_listings(self):
+        lmstudio = {"models": [
+            {"key": "qwen/coder", "type": "llm", "capabilities": {"vision": False},
+             "loaded_instances": [{"id": "qwen/coder", "config": {"context_length": 65536}}]},
+            {"key": "dev/vision", "capabilities": {"vision": True}, "loaded_instances": []}]}
+        llama = {"object": "list", "data": [{"id": "q05", "meta": {"n_ctx": 32768}}]}
+        self.assertEqual(cr.models_from_listing(lmstudio), {
+            "qwen/coder": {"loaded": True, "context_length": 65536, "vision": False},
+            "dev/vision": {"loaded": False, "context_length": None, "vision": True}})
+        self.assertEqual(cr.models_from_listing(llama),
+                         {"q05": {"loaded": True, "context_length": 32768, "vision": None}})
+        self.assertEqual(cr.models_from_listing(["junk"]), {})
+
+    def test_model_problems_each_come_with_a_fix(self):
+        models = {"c": {"loaded": False, "context_length": None, "vision": None},
+                  "v": {"loaded": True, "context_length": 4096, "vision": False}}
+        problems = cr.model_problems(models, "c", "v")
+        self.assertEqual(len(problems), 3)
+        self.assertIn("lms load c", problems[0])
+        self.assertIn("cannot see images", problems[1])
+        self.assertIn("--context-length 32768", problems[2])
+        self.assertIn("not on the server", cr.model_problems({}, "c", "v")[0])
+
+    def test_describe_request_is_short_and_deterministic(self):
+        got = cr.describe_request(image(PNG_A), "The user wrote: hi", "V")
+        self.assertEqual(got, cr.describe_request(image(PNG_A), "The user wrote: hi", "V"))
+        self.assertEqual(got["messages"], [user(text("The user wrote: hi"), image(PNG_A))])
+        self.assertNotIn("tools", got)
+
+
+class SettingsTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        return cr.parse_settings(argv, environ or {})
+
+    def test_precedence_flag_over_environment_over_constant(self):
+        self.assertEqual(self.parse([]).port, cr.PORT)
+        self.assertEqual(self.parse([], {"CLAUDE_ROUTER_PORT": "4000"}).port, 4000)
+        self.assertEqual(self.parse(["--port", "5000"], {"CLAUDE_ROUTER_PORT": "4000"}).port, 5000)
+        env = {"CLAUDE_ROUTER_CODER_MODEL": "c", "CLAUDE_ROUTER_VISION_MODEL": "v",
+               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9/", "CLAUDE_ROUTER_CACHE_DIR": "/d",
+               "CLAUDE_ROUTER_VISION_MODE": "describe", "CLAUDE_ROUTER_VERBOSE": "1"}
+        args = self.parse([], env)
+        self.assertEqual((args.coder_model, args.vision_model, args.upstream, args.cache_dir,
+                          args.vision_mode, args.verbose),
+                         ("c", "v", "http://127.0.0.1:9", "/d", "describe", True))
+
+    def test_bad_values_exit_with_one_line(self):
+        rows = [(["--port", "x"], {}), ([], {"CLAUDE_ROUTER_PORT": "http"}),
+                (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
+                ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
+                (["--host", "0.0.0.0"], {})]
+        for argv, environ in rows:
+            with self.subTest(argv=argv, environ=environ):
+                err = io.StringIO()
+                with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(err):
+                    self.parse(argv, environ)
+                message = str(ctx.exception.code) + err.getvalue()
+                self.assertTrue(message.startswith("claude-router: "), message)
+                self.assertEqual(message.strip().count("\n"), 0, message)
+
+    def test_other_hosts_need_a_token(self):
+        self.assertEqual(self.parse(["--host", "0.0.0.0", "--token", "t"]).token, "t")
+
+
+################ Cache
+
+class CacheTest(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.log = io.StringIO()
+        redirect = contextlib.redirect_stderr(self.log)
+        redirect.__enter__()
+        self.addCleanup(redirect.__exit__, None, None, None)
+
+    def lines(self):
+        with open(os.path.join(self.dir, cr.CACHE_FILE), "rb") as f:
+            return [json.loads(line) for line in f]
+
+    def test_entries_survive_a_new_cache_on_the_same_dir(self):
+        cache = cr.DescriptionCache(self.dir)
+        cache.store({"k1": "one", "k2": "two"}, "V")
+        again = cr.DescriptionCache(self.dir)
+        self.assertEqual(again.load(), 2)
+        self.assertEqual(again.lookup(["k1", "k2", "k3"]), {"k1": "one", "k2": "two"})
+        self.assertEqual((again.hits, again.misses), (2, 1))
+        self.assertEqual({line["model"] for line in self.lines()}, {"V"})
+
+    def test_torn_and_corrupt_lines_are_skipped(self):
+        cr.DescriptionCache(self.dir).store({"k1": "one"}, "V")
+        with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
+            f.write(b'\xff\xfegarbage\n{"hash": 5, "description": "x"}\n[]\n{"hash": "k2", "desc')
+        cache = cr.DescriptionCache(self.dir)
+        self.assertEqual(cache.load(), 1)
+        self.assertIn("skipped 4 unreadable line(s)", self.log.getvalue())
+        cache.store({"k3": "three"}, "V")      # starts on a fresh line after the torn one
+        self.assertEqual(cr.DescriptionCache(self.dir).load(), 2)
+
+    def test_bounded_with_oldest_evicted_and_file_rewritten(self):
+        cache = cr.DescriptionCache(self.dir, max_entries=3)
+        for i in range(7):
+            cache.store({"k%d" % i: "d%d" % i}, "V")
+        self.assertEqual(list(cache.entries), ["k4", "k5", "k6"])
+        self.assertLessEqual(len(self.lines()), 3 * cr.CACHE_REWRITE_FACTOR)
+        again = cr.DescriptionCache(self.dir, max_entries=3)
+        again.load()
+        self.assertEqual(list(again.entries), ["k4", "k5", "k6"])
+
+    def test_two_caches_and_twenty_threads_lose_nothing(self):
+        first, second = cr.DescriptionCache(self.dir), cr.DescriptionCache(self.dir)
+        start = threading.Barrier(20)
+
+        def store(i):
+            start.wait(TIMEOUT)
+            for j in range(25):
+                (first if i % 2 else second).store({"k%d-%d" % (i, j): "x" * (i * 100 + j)}, "V")
+
+        threads = [threading.Thread(target=store, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual(len(self.lines()), 500)
+        self.assertEqual(cr.DescriptionCache(self.dir).load(), 500)
+
+    def test_two_caches_rewriting_keep_each_others_entries(self):
+        first = cr.DescriptionCache(self.dir, max_entries=100)
+        second = cr.DescriptionCache(self.dir, max_entries=100)
+        for i in range(150):
+            (first if i % 2 else second).store({"k%d" % i: "d"}, "V")
+        reader = cr.DescriptionCache(self.dir, max_entries=100)
+        reader.load()
+        self.assertEqual(list(reader.entries), ["k%d" % i for i in range(50, 150)])
+
+    def test_unwritable_dir_keeps_serving_from_memory_and_warns_once(self):
+        blocker = os.path.join(self.dir, "file")
+        open(blocker, "w").close()
+        cache = cr.DescriptionCache(os.path.join(blocker, "sub"))
+        cache.store({"k1": "one"}, "V")
+        cache.store({"k2": "two"}, "V")
+        self.assertEqual(cache.lookup(["k1", "k2"]), {"k1": "one", "k2": "two"})
+        self.assertEqual(self.log.getvalue().count("cannot write"), 1)
+
+    def test_disk_full_loses_nothing_already_stored(self):
+        cache = cr.DescriptionCache(self.dir)
+        cache.store({"k1": "one"}, "V")
+        path = os.path.join(self.dir, cr.CACHE_FILE)
+        before = open(path, "rb").read()
+        # /dev/full fails every write with ENOSPC: a real full disk for this file.
+        os.replace(path, path + ".kept")
+        os.symlink("/dev/full", path)
+        cache.store({"k2": "two"}, "V")
+        self.assertIn("cannot write", self.log.getvalue())
+        self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
+        os.remove(path)
+        os.replace(path + ".kept", path)
+        self.assertEqual(open(path, "rb").read(), before)
+
+
+################ Layer 2: the real router and a fake upstream on loopback
+
+class NoLog:
+    def log_message(self, *args):
+        pass
+
+
+class FakeUpstream:
+    """A real HTTP server playing the model server: scripted replies, recorded requests.
+
+    A reply is a function taking the handler. Replies for POST /v1/messages are used in
+    order, then the default text reply. Every request is recorded as (method, path,
+    headers, body)."""
+
+    def __init__(self, test, replies=(), listing=None, count_tokens=None, strict=False):
+        self.requests = []
+        self.replies = list(replies)
+        self.listing = listing
+        self.count_tokens = count_tokens
+        self.strict = strict
+        self.closed = threading.Event()     # set when a client stopped reading a stream
+        fake = self
+
+        class Handler(NoLog, http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                fake.record(self, None)
+                if self.path == "/api/v1/models" and fake.listing and "models" in fake.listing:
+                    return send_json(self, 200, fake.listing)
+                if self.path == "/v1/models" and fake.listing and "data" in fake.listing:
+                    return send_json(self, 200, fake.listing)
+                send_json(self, 404, {"error": "not found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                fake.record(self, body)
+                if self.path.startswith("/v1/messages/count_tokens"):
+                    status, reply = fake.count_tokens or (404, {"error": "Unexpected endpoint"})
+                    return send_json(self, status, reply)
+                if fake.strict:
+                    problem = strict_problem(body)
+                    if problem:
+                        return send_json(self, 400, {"error": problem})
+                reply = fake.replies.pop(0) if fake.replies else json_reply(message_json("ok"))
+                reply(self)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        test.addCleanup(thread.join, TIMEOUT)
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def record(self, handler, body):
+        self.requests.append((handler.command, handler.path, dict(handler.headers), body))
+
+    def posts(self, path="/v1/messages"):
+        return [r[3] for r in self.requests if r[0] == "POST" and r[1] == path]
+
+
+def strict_problem(body):
+    """What a strict server (llmster, Ollama, old vLLM) would reject in body, or None."""
+    extra = set(body) - {"model", "messages", "system", "max_tokens", "stream", "tools",
+                         "tool_choice", "temperature", "stop_sequences"}
+    if extra:
+        return "unknown fields %s" % sorted(extra)
+    for m in body["messages"]:
+        if m["role"] not in ("user", "assistant"):
+            return "unknown variant '%s'" % m["role"]
+        for b in m["content"] if isinstance(m["content"], list) else []:
+            if "cache_control" in b or b["type"] in ("thinking", "tool_reference"):
+                return "unsupported block"
+            if b["type"] == "tool_result" and isinstance(b["content"], list) and any(
+                    x["type"] != "text" for x in b["content"]):
+                return "tool_result content must be text"
+    roles = [m["role"] for m in body["messages"]]
+    if any(a == b for a, b in zip(roles, roles[1:])):
+        return "roles must alternate"
+    return None
+
+
+def send_json(handler, status, obj, headers=()):
+    data = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def json_reply(obj, status=200):
+    return lambda handler: send_json(handler, status, obj)
+
+
+def write_chunk(handler, data):
+    handler.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+
+
+def stream_reply(events, gate=None, gate_after=1, stall=None, cut_after=None, until_closed=None):
+    """An SSE reply: events one chunk each; waits on gate after gate_after events.
+
+    stall: an Event waited on after gate_after events instead of going on (a hung
+    model). cut_after: close the socket after that many events. until_closed: a
+    FakeUpstream whose closed event is set once writing fails (client gone)."""
+    def reply(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for i, event in enumerate(events):
+                if i == gate_after and gate is not None:
+                    gate.wait(TIMEOUT)
+                if i == gate_after and stall is not None:
+                    stall.wait(TIMEOUT)
+                if i == cut_after:
+                    handler.close_connection = True
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                write_chunk(handler, sse(event))
+            if until_closed:
+                for i in range(100_000):
+                    write_chunk(handler, sse(("ping", {"type": "ping"})))
+            handler.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, OSError):
+            handler.close_connection = True
+            if until_closed:
+                until_closed.closed.set()
+    return reply
+
+
+class RouterTestCase(unittest.TestCase):
+    """Starts the router on loopback against a FakeUpstream; checks no handler crashed."""
+
+    router_settings = {}
+
+    def setUp(self):
+        self.cache_dir = tempfile.mkdtemp()
+        self.log = io.StringIO()
+        redirect = contextlib.redirect_stderr(self.log)
+        redirect.__enter__()
+        self.addCleanup(redirect.__exit__, None, None, None)
+
+    def start(self, upstream=None, **settings):
+        """Start a router (a new one each call, on the same cache dir) and return it."""
+        url = upstream.url if upstream else "http://127.0.0.1:9"
+        router = cr.Server(("127.0.0.1", 0), url, coder_model="CODER", vision_model="VISION",
+                           cache_dir=self.cache_dir, **{**self.router_settings, **settings})
+        router.cache.load()
+        thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        self.addCleanup(lambda: self.assertEqual(router.errors, []))
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(router.server_close)
+        self.addCleanup(router.shutdown)
+        self.router = router
+        return router
+
+    def connect(self, router=None):
+        conn = http.client.HTTPConnection("127.0.0.1", (router or self.router).server_port,
+                                          timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        return conn
+
+    def call(self, method, path, body=None, headers=None, conn=None):
+        """Send one request; return (status, headers, parsed or raw body)."""
+        conn = conn or self.connect()
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, resp.headers, json.loads(raw)
+        except ValueError:
+            return resp.status, resp.headers, raw
+
+    def post(self, body, **kwargs):
+        return self.call("POST", "/v1/messages?beta=true", body, **kwargs)
+
+    def assertEnvelope(self, status, reply, expected_status, error_type=None):
+        self.assertEqual(status, expected_status, reply)
+        self.assertEqual(reply["type"], "error")
+        self.assertIsInstance(reply["error"]["message"], str)
+        if error_type:
+            self.assertEqual(reply["error"]["type"], error_type)
+
+
+class RoutingTest(RouterTestCase):
+
+    def test_text_goes_to_the_coder_cleaned(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        status, _, reply = self.post(
+            request(user(text("hi")), {"role": "system", "content": "env"}, thinking={"type": "adaptive"}),
+            headers={"anthropic-beta": "claude-code-20250219", "x-api-key": "secret-key",
+                     "anthropic-version": "2023-06-01"})
+        self.assertEqual((status, reply["content"]), (200, [text("ok")]))
+        _, path, headers, body = upstream.requests[-1]
+        self.assertEqual(path, "/v1/messages")
+        self.assertEqual(body, {"model": "CODER", "max_tokens": 32000, "system": [text("env")],
+                                "messages": [user(text("hi"))]})
+        lower = {k.lower(): v for k, v in headers.items()}
+        self.assertNotIn("anthropic-beta", lower)
+        self.assertNotIn("x-api-key", lower)
+        self.assertEqual(lower["anthropic-version"], "2023-06-01")
+        self.assertIn("→ coder [CODER]", self.log.getvalue())
+
+    def test_pasted_image_goes_to_vision_and_json_reply_becomes_its_description(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("A red square."))])
+        self.start(upstream)
+        first = request(user(text("what is this"), image(PNG_A)))
+        self.assertEqual(self.post(first)[0], 200)
+        self.assertEqual(upstream.posts()[-1]["model"], "VISION")
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("what is this"), image(PNG_A))])
+        second = request(*first["messages"], assistant(text("A red square.")), user(text("bigger?")))
+        self.post(second)
+        coder = upstream.posts()[-1]
+        self.assertEqual(coder["model"], "CODER")
+        self.assertEqual(coder["messages"][0], user(text("what is this"),
+                                                     text("<<IMAGE DESCRIPTION: A red square.>>")))
+        self.assertIn("→ vision [VISION]", self.log.getvalue())
+        self.assertIn("cached description for 1 image(s)", self.log.getvalue())
+
+    def test_tool_result_image_goes_to_vision_lifted_and_sse_reply_is_captured(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("A login form with an error."))])
+        self.start(upstream)
+        history = [user(text("check shot.png")), assistant(text("Reading."), tool_use("t1")),
+                   user(tool_result("t1", image(PNG_B)))]
+        status, _, raw = self.post(request(*history, stream=True))
+        self.assertEqual(raw, sse(*text_events("A login form with an error.")))
+        vision = upstream.posts()[-1]
+        self.assertEqual((vision["model"], vision["messages"][2:]), ("VISION", [
+            user(tool_result("t1", text(cr.LIFTED_IMAGE_TEXT))),
+            assistant(text(cr.SYNTHETIC_ASSISTANT_TEXT)),
+            user(image(PNG_B), text(cr.SYNTHETIC_USER_TEXT))]))
+        self.post(request(*history, assistant(text("A login form with an error.")),
+                          user(text("fix it")), stream=True))
+        coder = upstream.posts()[-1]
+        self.assertEqual(coder["model"], "CODER")
+        self.assertEqual(coder["messages"][2], user(tool_result("t1", text(
+            "<<IMAGE DESCRIPTION: A login form with an error.>>"))))
+
+    def test_same_image_after_a_restart_goes_to_the_coder(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("A cat."))])
+        first = self.start(upstream)
+        self.post(request(user(image(PNG_C))))
+        first.shutdown()
+        self.start(upstream)
+        self.post(request(user(text("again"), image(PNG_C))))
+        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
+                         text("<<IMAGE DESCRIPTION: A cat.>>"))
+
+    def test_unknown_images_of_earlier_turns_become_markers(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        self.post(request(user(image(PNG_A)), assistant(text("?")), user(text("go on"))))
+        self.assertEqual(upstream.posts()[-1]["messages"][0],
+                         user(text(cr.UNKNOWN_IMAGE_MARKER)))
+
+    def test_vision_request_carries_descriptions_of_older_images(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("old one")),
+                                       json_reply(message_json("new one"))])
+        self.start(upstream)
+        self.post(request(user(image(PNG_A))))
+        self.post(request(user(image(PNG_A)), assistant(text("old one")), user(image(PNG_B))))
+        vision = upstream.posts()[-1]
+        self.assertEqual(vision["model"], "VISION")
+        self.assertEqual(vision["messages"][0], user(text("<<IMAGE DESCRIPTION: old one>>")))
+        self.assertEqual(vision["messages"][2], user(image(PNG_B)))
+
+    def test_error_or_empty_vision_replies_store_nothing_in_answer_mode_errors(self):
+        upstream = FakeUpstream(self, [json_reply({"error": "boom"}, 500),
+                                       stream_reply(text_events("cut"), cut_after=3)])
+        self.start(upstream)
+        status, _, body = self.post(request(user(image(PNG_A))))
+        self.assertEqual((status, body), (500, {"error": "boom"}))
+        self.post(request(user(image(PNG_A)), stream=True))
+        self.assertEqual(len(self.router.cache), 0)
+
+    def test_count_tokens_and_models_and_status(self):
+        upstream = FakeUpstream(self, listing={"object": "list", "data": [
+            {"id": "CODER", "meta": {"n_ctx": 8192}}, {"id": "VISION"}]})
+        self.start(upstream)
+        status, _, reply = self.call("GET", "/v1/models?limit=1000")
+        self.assertEqual([m["id"] for m in reply["data"]], ["CODER", "VISION"])
+        self.post(request(user(text("hi"))))
+        status, _, reply = self.call("GET", "/status")
+        self.assertEqual((reply["coder"]["context_length"], reply["requests"]), (8192, {"CODER": 1}))
+        self.assertEqual(upstream.posts()[-1]["max_tokens"], 8192 - cr.estimate_tokens(
+            len(json.dumps(request(user(text("hi")))))))
+
+
+class EndpointTest(RouterTestCase):
+
+    def test_probes_answer_200(self):
+        self.start()
+        for method, path in (("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello")):
+            with self.subTest(method=method, path=path):
+                self.assertEqual(self.call(method, path)[0], 200)
+
+    def test_models_fall_back_to_the_configured_two(self):
+        self.start()
+        status, _, reply = self.call("GET", "/v1/models")
+        self.assertEqual((status, [m["id"] for m in reply["data"]]), (200, ["CODER", "VISION"]))
+
+    def test_count_tokens_is_forwarded_when_the_upstream_counts(self):
+        upstream = FakeUpstream(self, count_tokens=(200, {"input_tokens": 42}))
+        self.start(upstream)
+        body = request(user(text("q"), image(PNG_A)), {"role": "system", "content": "s"},
+                       thinking={"type": "adaptive"})
+        status, _, reply = self.call("POST", "/v1/messages/count_tokens?beta=true", body)
+        self.assertEqual((status, reply), (200, {"input_tokens": 42}))
+        sent = upstream.posts("/v1/messages/count_tokens")[0]
+        self.assertEqual(sent, {"model": "CODER", "system": [text("s")], "messages": [
+            user(text("q"), text(cr.UNKNOWN_IMAGE_MARKER))]})
+
+    def test_count_tokens_is_estimated_when_the_upstream_cannot(self):
+        for count_tokens in ((200, {"error": "Unexpected endpoint or method."}), None):
+            with self.subTest(count_tokens=count_tokens):
+                upstream = FakeUpstream(self, count_tokens=count_tokens)
+                self.start(upstream)
+                body = request(user(text("q" * 3000)))
+                for _ in range(2):
+                    status, _, reply = self.call("POST", "/v1/messages/count_tokens", body)
+                    self.assertEqual(status, 200)
+                    self.assertGreater(reply["input_tokens"], 1000)
+                self.assertEqual(len(upstream.posts("/v1/messages/count_tokens")), 1)
+
+    def test_context_overflow_becomes_prompt_is_too_long(self):
+        llama = {"error": {"code": 400, "message": "request (80030 tokens) exceeds the available "
+                           "context size (32768 tokens), try increasing it",
+                           "type": "exceed_context_size_error"}}
+        upstream = FakeUpstream(self, [json_reply(llama, 400), json_reply({"error": "nope"}, 400)])
+        self.start(upstream)
+        status, _, reply = self.post(request(user(text("long")), stream=True))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(reply["error"]["message"], "prompt is too long: 80030 tokens > 32768 maximum")
+        status, _, reply = self.post(request(user(text("x"))))
+        self.assertEqual((status, reply), (400, {"error": "nope"}))
+
+    def test_strict_backend_gets_only_what_it_accepts(self):
+        upstream = FakeUpstream(self, strict=True)
+        self.start(upstream)
+        body = request(
+            user(text("<system-reminder>r</system-reminder>"), text("read a.png")),
+            {"role": "system", "content": [{"type": "text", "text": "env",
+                                            "cache_control": {"type": "ephemeral"}}]},
+            assistant({"type": "thinking", "thinking": "t", "signature": ""}, text("ok"),
+                      tool_use("t1"), text("and"), tool_use("t2", "ToolSearch")),
+            user(tool_result("t1", image(PNG_A)),
+                 tool_result("t2", {"type": "tool_reference", "tool_name": "WebFetch"})),
+            {"role": "user", "content": "continue", "output_config": {"effort": "high"}},
+            system=[text("x-anthropic-billing-header: cc_version=1"), text("sys")],
+            thinking={"type": "adaptive"}, context_management={}, output_config={},
+            metadata={}, stream=False)
+        self.router.cache.store({key(PNG_A): "a chart"}, "VISION")
+        status, _, reply = self.post(body)
+        self.assertEqual(status, 200, reply)
+
+
+class StreamingTest(RouterTestCase):
+
+    def test_events_are_relayed_before_the_upstream_finishes(self):
+        gate = threading.Event()
+        events = text_events("streamed text")
+        upstream = FakeUpstream(self, [stream_reply(events, gate=gate, gate_after=1)])
+        self.start(upstream)
+        conn = self.connect()
+        conn.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.getheader("transfer-encoding"), "chunked")
+        first = sse(events[0])
+        got = b""
+        while len(got) < len(first):    # arrives while the upstream waits on the gate
+            got += resp.read1(65536)
+        self.assertEqual(got, first)
+        gate.set()
+        self.assertEqual(got + resp.read(), sse(*events))
+
+    def test_keep_alive_two_requests_one_connection(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("one"))])
+        self.start(upstream)
+        conn = self.connect()
+        self.post(request(user(text("a")), stream=True), conn=conn)
+        sock = conn.sock
+        status, _, reply = self.post(request(user(text("b"))), conn=conn)
+        self.assertEqual((status, conn.sock), (200, sock))
+
+    def test_http10_client_gets_raw_stream_and_close(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("old client"))])
+        self.start(upstream)
+        body = json.dumps(request(user(text("a")), stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as s:
+            s.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(payload, sse(*text_events("old client")))
+
+    def test_chunk_framing_is_exact(self):
+        events = text_events("framing")
+        upstream = FakeUpstream(self, [stream_reply(events)])
+        self.start(upstream)
+        body = json.dumps(request(user(text("a")), stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as s:
+            s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                      b"Connection: close\r\n\r\n%s" % (len(body), body))
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        payload = raw.partition(b"\r\n\r\n")[2]
+        self.assertEqual(payload, b"".join(cr.encode_chunk(sse(e)) for e in events) + b"0\r\n\r\n")
+
+
+if __name__ == "__main__":
+    unittest.main()
