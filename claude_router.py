@@ -161,19 +161,22 @@ CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
 class ProxyError(Exception):
     """An error to answer with Anthropic's envelope; its message is safe to show."""
 
-    def __init__(self, status, message, error_type=None):
+    def __init__(self, status, message, kind=None):
         super().__init__(message)
         self.status = status
-        self.error_type = error_type or ERROR_TYPES.get(status, "api_error")
+        self.error_type = kind or error_type(status)
 
 
 ################ Transforms
 
-def anthropic_error(status, message, error_type=None):
+def error_type(status):
+    """Anthropic's error type for an HTTP status."""
+    return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_error(status, message, kind=None):
     """Return Anthropic's error envelope for status."""
-    return {"type": "error",
-            "error": {"type": error_type or ERROR_TYPES.get(status, "api_error"),
-                      "message": message}}
+    return {"type": "error", "error": {"type": kind or error_type(status), "message": message}}
 
 
 def escape_log(text):
@@ -313,7 +316,7 @@ def validate_request(body, needs_max_tokens=False):
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ProxyError(400, "tools: must be a list of objects")
     max_tokens = body.get("max_tokens")
-    if (max_tokens is not None or needs_max_tokens) and not (
+    if ("max_tokens" in body or needs_max_tokens) and not (
             type(max_tokens) is int and max_tokens > 0):
         raise ProxyError(400, "max_tokens: must be a positive integer")
     if not isinstance(body.get("stream", False), bool):
@@ -666,10 +669,9 @@ def encode_chunk(data):
     return b"%X\r\n%s\r\n" % (len(data), data)
 
 
-def sse_error_event(message, error_type="api_error"):
+def sse_error_event(message, kind="api_error"):
     """An SSE error event as Anthropic sends one mid-stream."""
-    return b"event: error\ndata: %s\n\n" % json.dumps(
-        anthropic_error(500, message, error_type)).encode()
+    return b"event: error\ndata: %s\n\n" % json.dumps(anthropic_error(500, message, kind)).encode()
 
 
 def filter_headers(headers, drop):
@@ -1086,6 +1088,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return json.loads(raw, parse_constant=reject_constant), len(raw)
         except (ValueError, RecursionError):
             raise ProxyError(400, "request body is not valid JSON") from None
+
+    def send_error(self, code, message=None, explain=None):
+        """Malformed HTTP that http.server rejects itself: Anthropic's envelope, not HTML (P11)."""
+        if code == 501:     # an unknown method: say 405 like for the known ones
+            code, message = 405, "method %s is not supported" % escape_log(self.command or "")[:50]
+        if self.request_version == "HTTP/0.9":  # the request line did not parse: still
+            self.request_version = "HTTP/1.0"   # answer with a status line and headers
+        self.close_connection = True
+        self.send_json(code, anthropic_error(code, message or "malformed request"))
 
     def send_json(self, status, obj):
         """Send obj as a JSON response with Content-Length."""

@@ -545,8 +545,10 @@ class FakeUpstream:
     order, then the default text reply. Every request is recorded as (method, path,
     headers, body)."""
 
-    def __init__(self, test, replies=(), listing=None, count_tokens=None, strict=False):
+    def __init__(self, test, replies=(), listing=None, count_tokens=None, strict=False,
+                 default=None):
         self.requests = []
+        self.default = default or (lambda handler, body: json_reply(message_json("ok"))(handler))
         self.replies = list(replies)
         self.listing = listing
         self.count_tokens = count_tokens
@@ -575,8 +577,9 @@ class FakeUpstream:
                     problem = strict_problem(body)
                     if problem:
                         return send_json(self, 400, {"error": problem})
-                reply = fake.replies.pop(0) if fake.replies else json_reply(message_json("ok"))
-                reply(self)
+                if fake.replies:
+                    return fake.replies.pop(0)(self)
+                fake.default(self, body)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -952,6 +955,349 @@ class StreamingTest(RouterTestCase):
                 raw += chunk
         payload = raw.partition(b"\r\n\r\n")[2]
         self.assertEqual(payload, b"".join(cr.encode_chunk(sse(e)) for e in events) + b"0\r\n\r\n")
+
+
+def malformed_requests():
+    """Return [(name, raw HTTP request bytes)]: over a hundred requests the router must refuse."""
+    rows = []
+
+    def raw(name, head, body=b""):
+        rows.append((name, head + b"\r\n" + body))
+
+    def post(name, body, path=b"/v1/messages?beta=true", extra=b""):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        raw(name, b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n%s" % (path, len(data), extra), data)
+
+    def message(content, role="user"):
+        return {"model": "m", "max_tokens": 10, "messages": [{"role": role, "content": content}]}
+
+    for i, data in enumerate([
+            b"", b"{", b"}", b"{'a': 1}", b'{"a":}', b"nul", b"tru", b'{"messages": [}',
+            b"\xff\xfe\x00", b"\x00" * 10, b'"unterminated', b'{"a":1,}', b"[1,2", b"NaN",
+            b'{"max_tokens": NaN, "messages": [{"role": "user", "content": "x"}]}',
+            b'{"x": Infinity}', b"-", b"1e", b'{"a" 1}', b"\xc3\x28", b"<html>",
+            b'{"max_tokens": 1' + b"0" * 5000 + b"}",
+            b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b'{"a": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001]):
+        post("not json %d" % i, data)
+    for body in ([], 1, "s", None, True, 1.5, [{}]):
+        post("not an object %r" % (body,), body)
+    for messages in (None, "x", 5, {}, [], [1], ["x"], [None], [[]]):
+        post("messages %r" % (messages,), {"max_tokens": 5, "messages": messages})
+    for role in ("tool", "bot", None, 5, "USER", ""):
+        post("role %r" % (role,), message("hi", role))
+    post("role missing", {"messages": [{"content": "hi"}]})
+    for content in (5, None, {"a": 1}, True, 1.5):
+        post("content %r" % (content,), message(content))
+    bad_blocks = [
+        5, "str", None, [], {}, {"type": 5}, {"type": "text"}, {"type": "text", "text": 5},
+        {"type": "image"}, {"type": "image", "source": "x"}, {"type": "image", "source": {}},
+        {"type": "image", "source": {"type": "base64"}},
+        {"type": "image", "source": {"type": "base64", "data": 5}},
+        {"type": "image", "source": {"type": "base64", "data": ""}},
+        {"type": "image", "source": {"type": "url"}},
+        {"type": "image", "source": {"type": "file", "file_id": "f"}},
+        {"type": "tool_use", "name": "Read", "input": {}},
+        {"type": "tool_use", "id": "t", "input": {}},
+        {"type": "tool_use", "id": "t", "name": "Read", "input": []},
+        {"type": "tool_result", "content": "x"},
+        {"type": "tool_result", "tool_use_id": 5, "content": "x"},
+        {"type": "tool_result", "tool_use_id": "t", "content": 5},
+        {"type": "tool_result", "tool_use_id": "t", "content": [5]},
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]},
+        {"type": "tool_result", "tool_use_id": "t", "content": [
+            {"type": "tool_result", "tool_use_id": "u", "content": "x"}]},
+    ]
+    for i, block in enumerate(bad_blocks):
+        post("block %d" % i, message([block]))
+    for data in ("not base64!!", "abc", "a===", "====", "YWJj\n", "ab=c", "\u00e9\u00e9\u00e9\u00e9",
+                 "YW Jj"):
+        post("base64 %r" % data, message([text("look"), image(data)]))
+    post("base64 in tool_result", message([tool_result("t", image("%%%%"))]))
+    for system in (5, [5], [{"type": "text"}], {"a": 1}, [{"text": 5}]):
+        post("system %r" % (system,), {**message("hi"), "system": system})
+    for tools in (5, "x", [5], ["x"], {"a": 1}):
+        post("tools %r" % (tools,), {**message("hi"), "tools": tools})
+    for max_tokens in (0, -1, "100", 1.5, True, None):
+        post("max_tokens %r" % (max_tokens,), {**message("hi"), "max_tokens": max_tokens})
+    for stream in ("yes", 1, None):
+        post("stream %r" % (stream,), {**message("hi"), "stream": stream})
+    for model in (5, [], {}):
+        post("model %r" % (model,), {**message("hi"), "model": model})
+    post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
+    post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
+    post("unknown path", {"a": 1}, path=b"/v2/messages")
+    post("root post", {"a": 1}, path=b"/")
+    ok = json.dumps(message("hi")).encode()
+    raw("no content-length", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    for length in (b"abc", b"-5", b"1e3", b" ", b"0x10"):
+        raw("content-length %r" % length, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: %s\r\n" % length, ok)
+    raw("chunked body", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
+        b"chunked\r\n", b"%X\r\n%s\r\n0\r\n\r\n" % (len(ok), ok))
+    raw("over the size limit", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Length: %d\r\n" % (cr.MAX_BODY_BYTES + 1))
+    for method in (b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO", b"BREW"):
+        raw("method %s" % method.decode(), b"%s /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 0\r\n" % method)
+    for path in (b"/nope", b"/v2/x", b"/status/x", b"/%00"):
+        raw("get %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path)
+    raw("garbage request line", b"GARBAGE\r\n")
+    raw("too many words", b"GET / HTTP/1.1 extra\r\n")
+    raw("bad version", b"GET / HTTP/x.y\r\n")
+    raw("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n")
+    raw("header too long", b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n")
+    raw("too many headers", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)))
+    return rows
+
+
+def read_response(sock):
+    """Read one HTTP response from sock; return (status, headers, body)."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp.status, resp.headers, resp.read()
+
+
+class MalformedInputTest(RouterTestCase):
+
+    def test_every_malformed_request_gets_a_4xx_envelope_and_the_router_lives_on(self):
+        self.start(FakeUpstream(self))
+        rows = malformed_requests()
+        self.assertGreaterEqual(len(rows), 100)
+        valid = json.dumps(request(user(text("still there?")))).encode()
+        for name, data in rows:
+            with self.subTest(name), socket.create_connection(
+                    ("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+                sock.sendall(data)
+                status, headers, body = read_response(sock)
+                self.assertTrue(400 <= status < 500, (status, body[:200]))
+                reply = json.loads(body)
+                self.assertEqual(reply["type"], "error")
+                self.assertEqual(reply["error"]["type"], cr.error_type(status))
+                if headers.get("connection", "").lower() != "close":
+                    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(valid), valid))
+                    self.assertEqual(read_response(sock)[0], 200)
+            self.assertEqual(self.call("GET", "/")[0], 200)
+        self.assertEqual(self.router.errors, [])
+
+    def test_body_shorter_than_its_content_length(self):
+        self.start(FakeUpstream(self))
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"a\"")
+            sock.shutdown(socket.SHUT_WR)
+            status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 400, "invalid_request_error")
+
+    def test_oversized_body_is_refused_before_it_is_read(self):
+        self.start(FakeUpstream(self), max_body_bytes=1000)
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 100)
+            status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 413, "request_too_large")
+        self.assertEqual(headers["connection"], "close")
+
+    def test_gigantic_strings_pass(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        status, _, _ = self.post(request(user(text("x" * 5_000_000))))
+        self.assertEqual(status, 200)
+        self.assertEqual(len(upstream.posts()[-1]["messages"][0]["content"][0]["text"]), 5_000_000)
+
+
+class FaultTest(RouterTestCase):
+
+    def test_upstream_down_is_529_naming_it(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        router = cr.Server(("127.0.0.1", 0), "http://127.0.0.1:%d" % port, cache_dir=self.cache_dir)
+        thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(router.server_close)
+        self.addCleanup(router.shutdown)
+        status, _, reply = self.post(request(user(text("hi"))), conn=self.connect(router))
+        self.assertEnvelope(status, reply, 529, "overloaded_error")
+        self.assertIn("127.0.0.1:%d" % port, reply["error"]["message"])
+        self.assertEqual(router.status()["last_upstream_error"]["message"], reply["error"]["message"])
+
+    def test_upstream_silent_before_headers_is_504(self):
+        hang = threading.Event()
+        self.addCleanup(hang.set)
+        upstream = FakeUpstream(self, [lambda handler: hang.wait(TIMEOUT)])
+        self.start(upstream, read_timeout=0.2)
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEnvelope(status, reply, 504, "timeout_error")
+
+    def test_upstream_stall_mid_stream_ends_with_an_error_event(self):
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+        events = text_events("never finished")
+        upstream = FakeUpstream(self, [stream_reply(events, stall=stall, gate_after=3)])
+        self.start(upstream, read_timeout=0.2)
+        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+        self.assertTrue(raw.startswith(sse(*events[:3])))
+        name, data = cr.parse_sse_event(raw[len(sse(*events[:3])):].strip())
+        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
+        self.assertEqual(len(self.router.cache), 0)
+
+    def test_upstream_cut_mid_stream_ends_cleanly_and_caches_nothing(self):
+        events = text_events("half a description")
+        upstream = FakeUpstream(self, [stream_reply(events, cut_after=4)])
+        self.start(upstream)
+        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+        self.assertTrue(raw.startswith(sse(*events[:4])))
+        self.assertIn(b"event: error", raw[len(sse(*events[:4])):])
+        self.assertEqual(len(self.router.cache), 0)
+        self.assertEqual(self.call("GET", "/")[0], 200)
+
+    def test_client_disconnect_closes_the_upstream(self):
+        gate = threading.Event()
+        upstream = FakeUpstream(self)
+        upstream.replies.append(stream_reply(text_events("long answer"), gate=gate, gate_after=1,
+                                             until_closed=upstream))
+        self.start(upstream)
+        body = json.dumps(request(user(text("go")), stream=True)).encode()
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"message_start" not in got:
+            got += sock.recv(65536)
+        sock.close()
+        gate.set()
+        self.assertTrue(upstream.closed.wait(TIMEOUT))
+        self.assertIn("client went away", self.log.getvalue())
+        self.assertNotIn("Traceback", self.log.getvalue())
+
+    def test_sixty_four_concurrent_streams_arrive_intact(self):
+        def echo(handler, body):
+            word = body["messages"][-1]["content"][0]["text"]
+            stream_reply(text_events(word * 40) * 3)(handler)
+
+        upstream = FakeUpstream(self, default=echo)
+        self.start(upstream)
+        results = {}
+        start = threading.Barrier(64)
+
+        def client(i):
+            conn = http.client.HTTPConnection("127.0.0.1", self.router.server_port, timeout=TIMEOUT)
+            start.wait(TIMEOUT)
+            conn.request("POST", "/v1/messages", json.dumps(request(user(text("w%d." % i)),
+                                                                     stream=True)))
+            results[i] = conn.getresponse().read()
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        self.assertEqual(len(results), 64)
+        for i, raw in results.items():
+            self.assertEqual(raw, sse(*text_events("w%d." % i * 40) * 3))
+
+
+class AccessTest(RouterTestCase):
+
+    def test_token_is_required_and_never_forwarded_or_logged(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream, token="s3cret-token")
+        body = request(user(text("hi")))
+        rows = [({}, 401), ({"x-api-key": "wrong"}, 401), ({"Authorization": "Bearer nope"}, 401),
+                ({"x-api-key": "s3cret-token"}, 200),
+                ({"Authorization": "Bearer s3cret-token"}, 200)]
+        for headers, expected in rows:
+            with self.subTest(headers=headers):
+                status, _, reply = self.post(body, headers=headers)
+                self.assertEqual(status, expected)
+                if expected == 401:
+                    self.assertEnvelope(status, reply, 401, "authentication_error")
+        self.assertEqual(len(upstream.posts()), 2)
+        for _, _, headers, _ in upstream.requests:
+            self.assertNotIn("s3cret-token", json.dumps(headers))
+        self.assertNotIn("s3cret-token", self.log.getvalue())
+
+    def test_foreign_host_and_origin_are_refused(self):
+        self.start(FakeUpstream(self))
+        rows = [({"Host": "evil.example:3000"}, 403), ({"Host": "localhost:3000"}, 200),
+                ({"Host": "[::1]:3000"}, 200), ({"Origin": "http://evil.example"}, 403),
+                ({"Origin": "http://127.0.0.1:3000"}, 200), ({"Origin": "null"}, 403)]
+        for headers, expected in rows:
+            with self.subTest(headers=headers):
+                status, _, reply = self.post(request(user(text("hi"))), headers=headers)
+                self.assertEqual(status, expected, reply)
+
+    def test_logs_hold_no_bodies_images_or_keys_and_escape_client_strings(self):
+        self.start(FakeUpstream(self, [json_reply(message_json("A chart."))]), verbose=True)
+        self.post(request(user(text("my secret prompt"), image(PNG_B))),
+                  headers={"x-api-key": "sk-ant-key-123"})
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"GET /\x1b[31mred HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            read_response(sock)
+        log = self.log.getvalue()
+        for secret in ("my secret prompt", PNG_B[:20], "sk-ant-key-123", "A chart.", "\x1b"):
+            self.assertNotIn(secret, log)
+        self.assertIn("\\x1b[31mred", log)
+
+
+class VisionModeTest(RouterTestCase):
+
+    def describer(self, vision):
+        """A vision server that describes each image by the first letters of its data."""
+        def describe(handler, body):
+            images = [b for b in body["messages"][-1]["content"] if b["type"] == "image"]
+            reply = "Shows %s." % base64.b64decode(images[0]["source"]["data"])[8:11].decode()
+            json_reply(message_json(reply))(handler)
+        return FakeUpstream(self, default=describe)
+
+    def test_describe_mode_asks_per_image_then_the_coder_answers(self):
+        vision = self.describer(self)
+        coder = FakeUpstream(self, [stream_reply(text_events("Fixed."))])
+        self.start(coder, vision_mode="describe", vision_upstream_url=vision.url)
+        history = [user(text("compare"), image(PNG_A), text("and"), image(PNG_B))]
+        status, _, raw = self.post(request(*history, stream=True, tools=[
+            {"name": "Read", "input_schema": {}}], system="You are Claude Code. " * 200))
+        self.assertEqual(raw, sse(*text_events("Fixed.")))
+        asked = vision.posts()
+        self.assertEqual(len(asked), 2)
+        for body in asked:
+            self.assertEqual((body["model"], body["system"], "tools" in body),
+                             ("VISION", cr.DESCRIBE_PROMPT, False))
+            self.assertEqual(sum(b["type"] == "image" for b in body["messages"][0]["content"]), 1)
+            self.assertLess(len(json.dumps(body)), 2000)
+        sent = coder.posts()[-1]
+        self.assertEqual(sent["model"], "CODER")
+        self.assertEqual(sent["messages"], [user(
+            text("compare"), text("<<IMAGE DESCRIPTION: Shows AAA.>>"), text("and"),
+            text("<<IMAGE DESCRIPTION: Shows BBB.>>"))])
+        status = self.router.status()
+        self.assertEqual((status["vision_calls"], status["images_described"]), ({"describe": 2}, 2))
+        self.assertEqual(status["model_switches"], 0)
+
+    def test_answer_mode_tool_call_only_reply_falls_back_to_describing(self):
+        vision = self.describer(self)
+        vision.replies.append(stream_reply(tool_call_events()))
+        coder = FakeUpstream(self)
+        self.start(coder, vision_upstream_url=vision.url)
+        history = [user(text("what is on screen"), image(PNG_C))]
+        status, _, raw = self.post(request(*history, stream=True))
+        self.assertEqual(raw, sse(*tool_call_events()))
+        self.assertEqual(self.router.cache.lookup([key(PNG_C)]), {key(PNG_C): "Shows CCC."})
+        self.post(request(*history, assistant(tool_use("t9")), user(tool_result("t9", text("a")))))
+        self.assertEqual(coder.posts()[-1]["messages"][0]["content"][1],
+                         text("<<IMAGE DESCRIPTION: Shows CCC.>>"))
+        self.assertEqual(self.router.status()["vision_calls"], {"answer": 1, "fallback": 1})
+
+    def test_vision_upstream_is_separate_from_the_coder_upstream(self):
+        vision = FakeUpstream(self, [json_reply(message_json("A diagram."))])
+        coder = FakeUpstream(self)
+        self.start(coder, vision_upstream_url=vision.url)
+        self.post(request(user(image(PNG_A))))
+        self.post(request(user(image(PNG_A)), assistant(text("A diagram.")), user(text("ok"))))
+        self.assertEqual([b["model"] for b in vision.posts()], ["VISION"])
+        self.assertEqual([b["model"] for b in coder.posts()], ["CODER"])
 
 
 if __name__ == "__main__":
