@@ -363,6 +363,30 @@ class SmallTransformTest(unittest.TestCase):
         failed.feed(sse(*events[:3], ("error", {"type": "error", "error": {}}), events[-1]))
         self.assertEqual((cut.text(), failed.text()), ("", ""))
 
+    def test_base64_check(self):
+        rows = [(PNG_A, True), ("YWJj", True), ("YWI=", True), ("YQ==", True), ("", True),
+                ("abc", False), ("a===", False), ("YW=j", False), ("YWJj\n", False),
+                ("YW Jj", False), ("\u00e9\u00e9\u00e9\u00e9", False), ("YQ=\u00e9", False)]
+        for data, expected in rows:
+            with self.subTest(data=data[:10]):
+                self.assertEqual(cr.is_base64(data), expected)
+
+    def test_encoded_request_is_the_json_of_the_body(self):
+        rows = [
+            ("no images", request(user(text("hi")), system="s")),
+            ("images everywhere", request(user(image(PNG_A), text("\"quoted\" \u00e9")),
+                                          assistant(tool_use("t1")),
+                                          user(tool_result("t1", image(PNG_B), text("x")),
+                                               image(PNG_A)))),
+            ("url image", request(user({"type": "image", "source": {
+                "type": "url", "url": "https://x/\"y\".png"}}))),
+        ]
+        for name, body in rows:
+            with self.subTest(name):
+                length, pieces = cr.encode_request(body)
+                data = b"".join(pieces)
+                self.assertEqual((json.loads(data), len(data)), (body, length))
+
     def test_loopback_hosts(self):
         rows = [("127.0.0.1:3000", True), ("localhost", True), ("[::1]:3000", True),
                 ("127.8.9.1", True), ("LOCALHOST:1", True), ("evil.example:3000", False),
