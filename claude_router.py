@@ -1418,16 +1418,22 @@ class Server(http.server.ThreadingHTTPServer):
             requests[model] = requests.get(model, 0) + 1
             if route == "vision":
                 self.add_vision_call("answer", prompt_bytes)
-            if upstream == self.upstream_url:
-                if self.last_model not in (None, model):
-                    self.stats["model_switches"] += 1
-                self.last_model = model
+            self.note_model(upstream, model)
 
     def add_vision_call(self, mode, prompt_bytes):
         """Count one request to the vision model. Caller holds stats_lock."""
         calls, sent = self.stats["vision_calls"], self.stats["vision_prompt_bytes"]
         calls[mode] = calls.get(mode, 0) + 1
         sent[mode] = sent.get(mode, 0) + prompt_bytes
+        self.note_model(self.vision_upstream_url, self.vision_model)
+
+    def note_model(self, upstream, model):
+        """Count a change of model on the main upstream (a swap, on one machine). Caller holds
+        stats_lock."""
+        if upstream == self.upstream_url:
+            if self.last_model not in (None, model):
+                self.stats["model_switches"] += 1
+            self.last_model = model
 
     def note_error(self, message):
         """Remember the last upstream problem for /status."""
