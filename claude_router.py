@@ -1448,7 +1448,7 @@ class Server(http.server.ThreadingHTTPServer):
         with self.cache.lock:
             cache = {"entries": len(self.cache.entries), "hits": self.cache.hits,
                      "misses": self.cache.misses, "file": self.cache.path}
-        return {"version": VERSION, "upstream": self.upstream_url,
+        return {"version": VERSION, "pid": os.getpid(), "upstream": self.upstream_url,
                 "vision_upstream": self.vision_upstream_url, "vision_mode": self.vision_mode,
                 "coder": {"model": self.coder_model, **models.get(self.coder_model, {})},
                 "vision": {"model": self.vision_model, **models.get(self.vision_model, {})},
@@ -1632,11 +1632,10 @@ def main(argv=None, environ=None):
     if models is None:
         log("! upstream %s is not reachable yet; requests get 529 until it is"
             % server.upstream_url)
-    else:
+    elif models:    # a server without a model list (a bare fake) gets no advice
         for line in server.preload() if args.preload else ():
             log(line)
-        for problem in model_problems(server.models or {}, server.coder_model,
-                                      server.vision_model):
+        for problem in model_problems(server.models, server.coder_model, server.vision_model):
             log("! " + problem)
     with server:
         try:

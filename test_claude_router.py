@@ -15,10 +15,14 @@ import http.server
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import unittest
+import urllib.request
 
 import claude_router as cr
 
@@ -1322,6 +1326,64 @@ class VisionModeTest(RouterTestCase):
         self.post(request(user(image(PNG_A)), assistant(text("A diagram.")), user(text("ok"))))
         self.assertEqual([b["model"] for b in vision.posts()], ["VISION"])
         self.assertEqual([b["model"] for b in coder.posts()], ["CODER"])
+
+
+class LauncherTest(RouterTestCase):
+    """claude-local, run for real with a stand-in `claude` that prints what it was given."""
+
+    def run_launcher(self, port, path_dirs, extra_env=None):
+        bin_dir = tempfile.mkdtemp()
+        with open(os.path.join(bin_dir, "claude"), "w") as f:
+            f.write("#!/bin/sh\nenv | grep -E '^(ANTHROPIC|CLAUDE_CODE)' | sort\necho \"args: $*\"\n")
+        os.chmod(os.path.join(bin_dir, "claude"), 0o755)
+        env = {"PATH": ":".join(([bin_dir] if "claude" in path_dirs else []) + ["/usr/bin", "/bin",
+                                os.path.dirname(os.path.realpath(sys.executable))]),
+               "HOME": self.cache_dir, "CLAUDE_ROUTER_PORT": str(port),
+               "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir, "ANTHROPIC_API_KEY": "sk-real-key",
+               **(extra_env or {})}
+        launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
+        return subprocess.run(["bash", launcher, "-p", "say hi"], env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT * 3)
+
+    def test_reuses_a_running_router_and_sets_the_environment(self):
+        upstream = FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 16384}}]})
+        router = self.start(upstream)
+        router.known_models()
+        done = self.run_launcher(router.server_port, ["claude"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), [
+            "ANTHROPIC_AUTH_TOKEN=lmstudio",
+            "ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % router.server_port,
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            "CLAUDE_CODE_MAX_CONTEXT_TOKENS=16384",
+            "args: -p say hi"])
+
+    def test_users_context_setting_wins(self):
+        router = self.start(FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 8}}]}))
+        done = self.run_launcher(router.server_port, ["claude"],
+                                 {"CLAUDE_CODE_MAX_CONTEXT_TOKENS": "99"})
+        self.assertIn("CLAUDE_CODE_MAX_CONTEXT_TOKENS=99", done.stdout)
+
+    def test_starts_a_router_when_none_answers(self):
+        upstream = FakeUpstream(self)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = self.run_launcher(port, ["claude"], {"CLAUDE_ROUTER_UPSTREAM": upstream.url})
+        status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            "http://127.0.0.1:%d/status" % port, timeout=TIMEOUT).read())
+        os.kill(status["pid"], signal.SIGTERM)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % port, done.stdout)
+        self.assertEqual(status["upstream"], upstream.url)
+        with open(os.path.join(self.cache_dir, "router.log")) as f:
+            self.assertIn("claude-router on :%d" % port, f.read())
+
+    def test_says_so_when_claude_is_missing(self):
+        done = self.run_launcher(9, [])
+        self.assertEqual(done.returncode, 127)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1)
+        self.assertIn("'claude' is not on PATH", done.stderr)
 
 
 if __name__ == "__main__":
