@@ -416,6 +416,24 @@ def clean_request(body, fields=REQUEST_FIELDS):
 
 # Images: descriptions for the coder, lifting for the vision model.
 
+def map_image_blocks(messages, replace):
+    """Return messages with replace(block) in place of each image block, tool_results included."""
+    def visit(block):
+        if is_image(block):
+            return replace(block)
+        if block.get("type") == "tool_result" and isinstance(block.get("content"), list) \
+                and any(is_image(b) for b in block["content"]):
+            return {**block, "content": [visit(b) for b in block["content"]]}
+        return block
+
+    out = []
+    for message in messages:
+        if isinstance(message["content"], list) and any(is_image(b) for b in iter_blocks(message)):
+            message = {**message, "content": [visit(b) for b in message["content"]]}
+        out.append(message)
+    return out
+
+
 def substitute_images_with_descriptions(messages, keys, descriptions, keep=()):
     """Return (messages, substituted): images replaced by description markers.
 
@@ -428,8 +446,6 @@ def substitute_images_with_descriptions(messages, keys, descriptions, keep=()):
 
     def replace(block):
         nonlocal substituted
-        if not is_image(block):
-            return block
         key = keys[image_data(block)]
         if key in keep:
             return block
@@ -442,17 +458,8 @@ def substitute_images_with_descriptions(messages, keys, descriptions, keep=()):
         seen.add(text)
         return text_block(DESCRIPTION_MARKER % text)
 
-    out = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list) and any(is_image(b) for b in iter_blocks(message)):
-            content = [replace(b) if b.get("type") != "tool_result"
-                       or not isinstance(b.get("content"), list)
-                       else {**b, "content": [replace(x) for x in b["content"]]}
-                       for b in content]
-            message = {**message, "content": content}
-        out.append(message)
-    return out, substituted
+    messages = map_image_blocks(messages, replace)
+    return messages, substituted
 
 
 def lift_tool_result_images(block):
@@ -537,20 +544,12 @@ def swap_image_data(messages, marker):
     found = []
 
     def swap(block):
-        if not is_image(block) or block["source"].get("type") != "base64":
+        if block["source"].get("type") != "base64":
             return block
         found.append(block["source"]["data"])
         return {**block, "source": {**block["source"], "data": "%s%d" % (marker, len(found) - 1)}}
 
-    out = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [swap(b) if b.get("type") != "tool_result"
-                       or not isinstance(b.get("content"), list)
-                       else {**b, "content": [swap(x) for x in b["content"]]} for b in content]
-        out.append({**message, "content": content})
-    return out, found
+    return map_image_blocks(messages, swap), found
 
 
 def encode_request(body):
@@ -563,7 +562,7 @@ def encode_request(body):
     messages, images = swap_image_data(body["messages"], marker)
     skeleton = json.dumps({**body, "messages": messages}).encode()
     if not images:
-        return len(skeleton), [skeleton]
+        return len(skeleton), skeleton      # bytes: http.client sends it with the headers
     parts = re.split(b'"%s(\\d+)"' % marker.encode(), skeleton)
     length = len(skeleton) - sum(len(p) for p in parts[1::2]) - len(images) * (len(marker) + 2) \
         + sum(len(d) + 2 for d in images)
@@ -1127,12 +1126,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise ProxyError(*problem)
 
     def read_json(self):
-        """Return (the parsed request body, its size in bytes)."""
+        """Return (the parsed request body, its size in bytes).
+
+        json.loads(bytes) would decode a copy while the bytes live on; decoding first
+        and dropping the bytes keeps two copies of an 8 MB body in memory, not three."""
         raw = self.read_body()
+        size = len(raw)
         try:
-            return json.loads(raw, parse_constant=reject_constant), len(raw)
+            text = raw.decode("utf-8")
+            del raw
+            return json.loads(text, parse_constant=reject_constant), size
         except (ValueError, RecursionError):
-            raise ProxyError(400, "request body is not valid JSON") from None
+            raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
 
     def send_error(self, code, message=None, explain=None):
         """Malformed HTTP that http.server rejects itself: Anthropic's envelope, not HTML (P11)."""
