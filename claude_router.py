@@ -291,7 +291,7 @@ def validate_block(block, where, nested=False):
             raise ProxyError(400, "%s: tool_result content must be a string or a list" % where)
 
 
-def validate_request(body, needs_max_tokens=False):
+def validate_request(body):
     """Raise ProxyError unless body has the shape of a messages request."""
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object")
@@ -316,7 +316,7 @@ def validate_request(body, needs_max_tokens=False):
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ProxyError(400, "tools: must be a list of objects")
     max_tokens = body.get("max_tokens")
-    if ("max_tokens" in body or needs_max_tokens) and not (
+    if "max_tokens" in body and not (
             type(max_tokens) is int and max_tokens > 0):
         raise ProxyError(400, "max_tokens: must be a positive integer")
     if not isinstance(body.get("stream", False), bool):
