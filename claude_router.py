@@ -564,8 +564,7 @@ def encode_request(body):
     if not images:
         return len(skeleton), skeleton      # bytes: http.client sends it with the headers
     parts = re.split(b'"%s(\\d+)"' % marker.encode(), skeleton)
-    length = len(skeleton) - sum(len(p) for p in parts[1::2]) - len(images) * (len(marker) + 2) \
-        + sum(len(d) + 2 for d in images)
+    length = sum(map(len, parts[0::2])) + sum(len(images[int(i)]) + 2 for i in parts[1::2])
 
     def pieces():
         for i, part in enumerate(parts):
@@ -1422,8 +1421,9 @@ class Server(http.server.ThreadingHTTPServer):
             requests = self.stats["requests"]
             requests[model] = requests.get(model, 0) + 1
             if route == "vision":
-                self.add_vision_call("answer", prompt_bytes)
-            self.note_model(upstream, model)
+                self.add_vision_call("answer", prompt_bytes)    # notes the model too
+            else:
+                self.note_model(upstream, model)
 
     def add_vision_call(self, mode, prompt_bytes):
         """Count one request to the vision model. Caller holds stats_lock."""

@@ -466,14 +466,20 @@ class SettingsTest(unittest.TestCase):
 
 ################ Cache
 
+def capture_log(test):
+    """Send the router's log (stderr) to a StringIO until the test ends; return it."""
+    log = io.StringIO()
+    redirect = contextlib.redirect_stderr(log)
+    redirect.__enter__()
+    test.addCleanup(redirect.__exit__, None, None, None)
+    return log
+
+
 class CacheTest(unittest.TestCase):
 
     def setUp(self):
         self.dir = tempfile.mkdtemp()
-        self.log = io.StringIO()
-        redirect = contextlib.redirect_stderr(self.log)
-        redirect.__enter__()
-        self.addCleanup(redirect.__exit__, None, None, None)
+        self.log = capture_log(self)
 
     def lines(self):
         with open(os.path.join(self.dir, cr.CACHE_FILE), "rb") as f:
@@ -705,14 +711,13 @@ class RouterTestCase(unittest.TestCase):
 
     def setUp(self):
         self.cache_dir = tempfile.mkdtemp()
-        self.log = io.StringIO()
-        redirect = contextlib.redirect_stderr(self.log)
-        redirect.__enter__()
-        self.addCleanup(redirect.__exit__, None, None, None)
+        self.log = capture_log(self)
 
     def start(self, upstream=None, **settings):
-        """Start a router (a new one each call, on the same cache dir) and return it."""
-        url = upstream.url if upstream else "http://127.0.0.1:9"
+        """Start a router (a new one each call, on the same cache dir) and return it.
+
+        upstream is a FakeUpstream or a URL."""
+        url = getattr(upstream, "url", upstream) or "http://127.0.0.1:9"
         router = cr.Server(("127.0.0.1", 0), url, coder_model="CODER", vision_model="VISION",
                            cache_dir=self.cache_dir, **{**self.router_settings, **settings})
         router.cache.load()
@@ -1140,13 +1145,8 @@ class FaultTest(RouterTestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        router = cr.Server(("127.0.0.1", 0), "http://127.0.0.1:%d" % port, cache_dir=self.cache_dir)
-        thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, TIMEOUT)
-        self.addCleanup(router.server_close)
-        self.addCleanup(router.shutdown)
-        status, _, reply = self.post(request(user(text("hi"))), conn=self.connect(router))
+        router = self.start("http://127.0.0.1:%d" % port)
+        status, _, reply = self.post(request(user(text("hi"))))
         self.assertEnvelope(status, reply, 529, "overloaded_error")
         self.assertIn("127.0.0.1:%d" % port, reply["error"]["message"])
         self.assertEqual(router.status()["last_upstream_error"]["message"], reply["error"]["message"])
