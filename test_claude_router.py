@@ -901,6 +901,16 @@ class EndpointTest(RouterTestCase):
                     self.assertGreater(reply["input_tokens"], 1000)
                 self.assertEqual(len(upstream.posts("/v1/messages/count_tokens")), 1)
 
+    def test_preload_loads_only_the_missing_model(self):
+        upstream = FakeUpstream(self, listing={"models": [
+            {"key": "CODER", "loaded_instances": []},
+            {"key": "VISION", "capabilities": {"vision": True},
+             "loaded_instances": [{"id": "VISION", "config": {"context_length": 32768}}]}]})
+        router = self.start(upstream)
+        router.known_models()
+        self.assertEqual(router.preload(), ["preload CODER: loaded"])
+        self.assertEqual(upstream.posts("/api/v1/models/load"), [{"model": "CODER"}])
+
     def test_context_overflow_becomes_prompt_is_too_long(self):
         llama = {"error": {"code": 400, "message": "request (80030 tokens) exceeds the available "
                            "context size (32768 tokens), try increasing it",
