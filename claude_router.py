@@ -600,6 +600,26 @@ def overflow_error(text, estimated_input, context_length):
     return None
 
 
+def stream_overflow(head, estimated_input, context_length):
+    """The "prompt is too long" envelope if a stream opens with an overflow error event, else None.
+
+    LM Studio answers a streamed request it cannot serve with 200 and the reason as
+    the first SSE frame, an error event (thane-ai-agent#1395, lmstudio-bug-tracker#2322)."""
+    name, event = parse_sse_event(head.replace(b"\r\n", b"\n").split(b"\n\n")[0])
+    if name != "error" and not (isinstance(event, dict) and event.get("type") == "error"):
+        return None
+    return overflow_error(json.dumps(event) if event else head.decode("utf-8", "replace"),
+                          estimated_input, context_length)
+
+
+def upstream_chunks(resp, head=b""):
+    """Yield head, then each read of resp's body as it arrives (read1: never waits to fill, P3)."""
+    if head:
+        yield head
+    while data := resp.read1(RELAY_BUFFER):
+        yield data
+
+
 def route_request(body, keys, descriptions, vision_model, coder_model, new_keys):
     """Return (route, model, messages) for a cleaned request.
 
@@ -1279,9 +1299,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             if resp.status >= 400:
                 return self.relay_error(resp, estimate, context_length)
-            self.relay(resp, upstream, learn)
+            head = self.read_stream_head(resp, upstream)
+            error = stream_overflow(head, estimate, context_length) if head else None
+            if error:
+                return self.send_overflow(error)
+            self.relay(resp, upstream, learn, head)
         finally:
             conn.close()
+
+    def read_stream_head(self, resp, url):
+        """The first bytes of an upstream event stream (b"" for other bodies), read before our
+        status goes out, so what they say can still decide it (P12)."""
+        if "text/event-stream" not in (resp.getheader("content-type") or ""):
+            return b""
+        try:
+            return resp.read1(RELAY_BUFFER)
+        except (OSError, http.client.HTTPException) as e:
+            raise upstream_failure(e, url) from None
+
+    def send_overflow(self, error):
+        """Answer a context overflow with Anthropic's "prompt is too long" (Claude Code compacts)."""
+        log("! context overflow upstream; answered %r" % error["error"]["message"])
+        self.send_json(400, error)
 
     def relay_error(self, resp, estimate, context_length):
         """Relay an upstream error as it is, unless it is a context overflow.
@@ -1294,18 +1333,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raw = b""
         error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
         if error:
-            log("! context overflow upstream; answered %r" % error["error"]["message"])
-            return self.send_json(400, error)
+            return self.send_overflow(error)
         self.server.note_error("upstream answered %d" % resp.status)
         self.close_connection = self.close_connection or not resp.isclosed()
         self.send_upstream_headers(resp, ("Content-Length", str(len(raw))))
         self.write_client(raw)
 
-    def relay(self, resp, url, learn=None):
+    def relay(self, resp, url, learn=None, head=b""):
         """Relay the upstream's response: an event stream as it arrives, anything else whole.
 
         learn, if given, gets the text of a complete successful reply before the
-        response ends, so the next turn finds what it says in the cache."""
+        response ends, so the next turn finds what it says in the cache. head is what
+        was already read of a stream."""
         if "text/event-stream" not in (resp.getheader("content-type") or ""):
             try:
                 data = resp.read()
@@ -1320,9 +1359,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.write_client(data)
             return
-        self.relay_stream(resp, learn)
+        self.relay_stream(resp, learn, head)
 
-    def relay_stream(self, resp, learn):
+    def relay_stream(self, resp, learn, head=b""):
         """Relay an SSE stream: one chunk per upstream read, never buffered (P2, P3, P5, P8)."""
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
@@ -1330,9 +1369,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
         frame = encode_chunk if chunked else bytes
         capture = ReplyCapture() if learn else None
+        chunks = upstream_chunks(resp, head)
         while True:
             try:
-                data = resp.read1(RELAY_BUFFER)
+                data = next(chunks, b"")
             except (OSError, http.client.HTTPException) as e:
                 # Headers are out: say it in band, then end the body cleanly (P12).
                 what = "stalled" if isinstance(e, TimeoutError) else "broke off"

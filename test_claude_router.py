@@ -339,6 +339,20 @@ class SmallTransformTest(unittest.TestCase):
                                                              "message": expected}})
         self.assertIsNone(cr.overflow_error('{"error": "model not found"}', 4000, 5000))
 
+    def test_stream_overflow_looks_only_at_an_opening_error_event(self):
+        overflow = {"type": "error", "error": {"message": "request (9 tokens) exceeds the "
+                                               "available context size (8 tokens)"}}
+        rows = [("error event", sse(("error", overflow)), "prompt is too long: 9 tokens > 8 maximum"),
+                ("crlf and a partial second event", sse(("error", overflow)).replace(b"\n", b"\r\n")
+                 + b"event: ping", "prompt is too long: 9 tokens > 8 maximum"),
+                ("other error", sse(("error", {"type": "error", "error": {"message": "x"}})), None),
+                ("normal start", sse(*text_events("request (9 tokens) exceeds the available "
+                                                  "context size (8 tokens)")), None)]
+        for name, head, expected in rows:
+            with self.subTest(name):
+                got = cr.stream_overflow(head, 100, 200)
+                self.assertEqual(got and got["error"]["message"], expected)
+
     def test_clamp_max_tokens(self):
         rows = [(32000, 20000, 32768, 12768), (1000, 20000, 32768, 1000),
                 (32000, 40000, 32768, cr.MIN_OUTPUT_TOKENS), (32000, 100, None, 32000)]
@@ -922,6 +936,20 @@ class EndpointTest(RouterTestCase):
         self.assertEqual(reply["error"]["message"], "prompt is too long: 80030 tokens > 32768 maximum")
         status, _, reply = self.post(request(user(text("x"))))
         self.assertEqual((status, reply), (400, {"error": "nope"}))
+
+    def test_overflow_as_the_first_event_of_a_stream_becomes_prompt_is_too_long(self):
+        lmstudio = ("error", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
+            "when context the overflows. However, the model is loaded with context length of "
+            "only 32768 tokens, which is not enough."}})
+        other = ("error", {"type": "error", "error": {"type": "api_error", "message": "boom"}})
+        upstream = FakeUpstream(self, [stream_reply([lmstudio]), stream_reply([other])])
+        self.start(upstream)
+        status, _, reply = self.post(request(user(text("long")), stream=True))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(reply["error"]["message"], "prompt is too long: 40000 tokens > 32768 maximum")
+        status, _, raw = self.post(request(user(text("x")), stream=True))
+        self.assertEqual((status, raw), (200, sse(other)))
 
     def test_strict_backend_gets_only_what_it_accepts(self):
         upstream = FakeUpstream(self, strict=True)
