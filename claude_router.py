@@ -612,6 +612,11 @@ def stream_overflow(head, estimated_input, context_length):
                           estimated_input, context_length)
 
 
+def is_event_stream(resp):
+    """True when an upstream response is an SSE stream."""
+    return "text/event-stream" in (resp.getheader("content-type") or "")
+
+
 def upstream_chunks(resp, head=b""):
     """Yield head, then each read of resp's body as it arrives (read1: never waits to fill, P3)."""
     if head:
@@ -1310,7 +1315,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def read_stream_head(self, resp, url):
         """The first bytes of an upstream event stream (b"" for other bodies), read before our
         status goes out, so what they say can still decide it (P12)."""
-        if "text/event-stream" not in (resp.getheader("content-type") or ""):
+        if not is_event_stream(resp):
             return b""
         try:
             return resp.read1(RELAY_BUFFER)
@@ -1345,7 +1350,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         learn, if given, gets the text of a complete successful reply before the
         response ends, so the next turn finds what it says in the cache. head is what
         was already read of a stream."""
-        if "text/event-stream" not in (resp.getheader("content-type") or ""):
+        if not is_event_stream(resp):
             try:
                 data = resp.read()
             except (OSError, http.client.HTTPException) as e:
