@@ -89,6 +89,7 @@ READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude C
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 MODELS_TTL = 30.0                           # s between looks at the upstream's model list
 RELAY_BUFFER = 65536                        # bytes per upstream read
+MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
 BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
@@ -1074,6 +1075,26 @@ def reject_constant(name):
     raise ValueError(name)
 
 
+class TurnMemory:
+    """What the router remembers between requests besides descriptions: bounded, one lock.
+
+    prompts: per conversation and model, hashes of the last prompt sent, to tell how
+    much of it the next turn sends again. pending: descriptions being made now, so a
+    turn that needs one waits for it instead of asking the vision model again.
+    failures: images the vision model could not read, and why, for a while."""
+
+    def __init__(self, max_entries=MEMORY_MAX_ENTRIES):
+        self.lock = threading.Lock()    # guards prompts, pending and failures
+        self.max_entries = max_entries  # bound of each dict; the oldest entry goes first
+        self.prompts = {}               # (conversation, model) -> hashes of the last prompt
+        self.pending = {}               # image key -> threading.Event set once it is done
+        self.failures = {}              # image key -> (time.monotonic() of failure, reason)
+
+    # Prompts.
+
+    # Vision.
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """One client connection: Claude Code's requests, relayed to the model server."""
 
@@ -1445,6 +1466,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.read_timeout = read_timeout
         self.max_body_bytes = max_body_bytes
         self.cache = DescriptionCache(cache_dir)
+        self.memory = TurnMemory()
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
         self.errors = []                        # unexpected exceptions, for tests
         self.stats_lock = threading.Lock()      # guards stats, models, models_time
