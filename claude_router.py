@@ -155,6 +155,10 @@ OVERFLOW_PATTERNS = (
     (r"prompt is too long", ""),
 )
 
+# What a socket timeout raises: socket.timeout became an alias of TimeoutError only in
+# Python 3.10 (bpo-42413); before that a read timeout is an OSError that is no TimeoutError.
+TIMEOUT_ERRORS = (TimeoutError, socket.timeout)
+
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
 
@@ -986,7 +990,7 @@ class FileLock:
 
 def upstream_failure(error, url):
     """The ProxyError that tells the client why the upstream at url failed."""
-    if isinstance(error, TimeoutError):
+    if isinstance(error, TIMEOUT_ERRORS):
         return ProxyError(504, "upstream %s did not answer in time" % url)
     if isinstance(error, http.client.HTTPException):
         return ProxyError(502, "upstream %s sent a broken response (%s)"
@@ -1220,7 +1224,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.wfile.write(data)
             return True
-        except (ConnectionError, TimeoutError):
+        except (ConnectionError, *TIMEOUT_ERRORS):
             self.close_connection = True
             return False
 
@@ -1411,7 +1415,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 data = next(chunks, b"")
             except (OSError, http.client.HTTPException) as e:
                 # Headers are out: say it in band, then end the body cleanly (P12).
-                what = "stalled" if isinstance(e, TimeoutError) else "broke off"
+                what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
                 log("! upstream stream %s (%s)" % (what, type(e).__name__))
                 self.server.note_error("upstream stream %s" % what)
                 self.write_client(frame(b"\n\n" + sse_error_event(
@@ -1485,7 +1489,7 @@ class Server(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         """Stay quiet when a client goes away (P5); record and print anything else."""
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
+        if isinstance(error, (ConnectionError, *TIMEOUT_ERRORS)):
             return
         self.errors.append(error)
         super().handle_error(request, client_address)
