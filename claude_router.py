@@ -37,6 +37,7 @@ import ipaddress
 import json
 import os
 import re
+import selectors
 import socket
 import socketserver
 import sys
@@ -170,6 +171,13 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status = status
         self.error_type = kind or error_type(status)
+
+
+class ClientGone(Exception):
+    """The client hung up while the router waited for the upstream: nobody to answer.
+
+    Not an OSError on purpose, so no upstream error handler can take it for a
+    failure of the model server."""
 
 
 ################ Transforms
@@ -632,11 +640,19 @@ def is_event_stream(resp):
     return "text/event-stream" in (resp.getheader("content-type") or "")
 
 
-def upstream_chunks(resp, head=b""):
-    """Yield head, then each read of resp's body as it arrives (read1: never waits to fill, P3)."""
+def upstream_chunks(resp, head=b"", wait=None):
+    """Yield head, then each read of resp's body as it arrives (read1: never waits to fill, P3).
+
+    wait, if given, is called before each read: it returns once there is something
+    to read, or raises."""
     if head:
         yield head
-    while data := resp.read1(RELAY_BUFFER):
+    while True:
+        if wait:
+            wait()
+        data = resp.read1(RELAY_BUFFER)
+        if not data:
+            return
         yield data
 
 
@@ -1002,22 +1018,78 @@ def upstream_failure(error, url):
 
 
 def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
-                  connect_timeout=CONNECT_TIMEOUT):
+                  connect_timeout=CONNECT_TIMEOUT, client=None):
     """Send one request to the server at url; return (conn, resp) once its headers are in.
 
     The only place that opens upstream connections and knows their timeouts. One
     connection per request (house rule P14): nothing pooled can go stale. The
-    connect timeout is short; the read timeout bounds each wait for bytes (P8)."""
+    connect timeout is short; the read timeout bounds each wait for bytes (P8).
+    With client (its socket), raise ClientGone if it hangs up before the headers."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
     try:
         conn.connect()
         conn.sock.settimeout(read_timeout)
         conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
+        if client is not None:
+            await_upstream(conn.sock, client, read_timeout)
         return conn, conn.getresponse()
     except (OSError, http.client.HTTPException) as e:
         conn.close()
         raise upstream_failure(e, url) from None
+    except ClientGone:
+        conn.close()
+        raise
+
+
+def has_buffered_bytes(resp, sock):
+    """True when resp can be read without waiting: bytes buffered, or already at hand."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
+    try:
+        return bool(resp.fp.peek(1))
+    except OSError:
+        return True         # let the read itself report what is wrong
+    finally:
+        sock.settimeout(timeout)
+
+
+def has_hung_up(client):
+    """True when the client's side of the connection is closed (it is readable: so we peek)."""
+    try:
+        return client.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def await_upstream(sock, client, timeout, resp=None):
+    """Return once the upstream has bytes for us; raise ClientGone if the client hangs up first.
+
+    A local model reads a long prompt for seconds to minutes before its first byte.
+    When the user presses Esc meanwhile, Claude Code closes its connection; closing
+    ours at once stops the model, where waiting for its next write (or, for a
+    non-streamed request, its whole answer) keeps a one-slot server busy for nobody
+    and queues the user's next prompt behind it. timeout bounds the silence, as the
+    socket timeout would (socket.timeout, which upstream_failure reports as a 504)."""
+    if resp is not None and has_buffered_bytes(resp, sock):
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        selector.register(client, selectors.EVENT_READ)
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            ready = {key.fileobj for key, _ in selector.select(left)}
+            if sock in ready:
+                return
+            if not ready:
+                raise socket.timeout("timed out")
+            if has_hung_up(client):
+                raise ClientGone()
+            # The client sent bytes (a pipelined request): it is there; stop watching it.
+            selector.unregister(client)
 
 
 def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT):
@@ -1135,6 +1207,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path.startswith(("/v1/", "/api/")):
                 return self.forward(method)
             raise ProxyError(404, "no such endpoint: %s %s" % (method, escape_log(path[:200])))
+        except ClientGone:
+            self.close_connection = True
+            log("client went away while the model was silent; closed the upstream request")
         except ProxyError as e:
             if e.status >= 500:
                 log("! %s" % e)
@@ -1288,8 +1363,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Pass any other /v1/ or /api/ request through to the upstream as it is."""
         body = self.read_body() if method == "POST" else None
         headers = filter_headers(self.headers, DROP_REQUEST_HEADERS)
-        conn, resp = open_upstream(self.server.upstream_url, method, self.path, body, headers,
-                                   self.server.read_timeout)
+        conn, resp = self.open_upstream(self.server.upstream_url, method, self.path, body,
+                                        headers)
         try:
             self.relay(resp, self.server.upstream_url)
         finally:
@@ -1329,8 +1404,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = [(k, v) for k, v in filter_headers(self.headers, DROP_REQUEST_HEADERS)
                    if k.lower() != "content-type"] + [("Content-Type", "application/json"),
                                                       ("Content-Length", str(length))]
-        conn, resp = open_upstream(upstream, "POST", "/v1/messages", data, headers,
-                                   server.read_timeout)
+        conn, resp = self.open_upstream(upstream, "POST", "/v1/messages", data, headers)
         del data
         learn = None
         if route == "vision":
@@ -1347,12 +1421,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             conn.close()
 
+    def open_upstream(self, url, method, path, body, headers):
+        """open_upstream for this client: the upstream request ends if the client hangs up."""
+        conn, resp = open_upstream(url, method, path, body, headers, self.server.read_timeout,
+                                   client=self.connection)
+        self.upstream_sock = conn.sock
+        return conn, resp
+
+    def await_upstream(self, resp):
+        """Return once resp has bytes to read; raise ClientGone if the client hangs up first."""
+        await_upstream(self.upstream_sock, self.connection, self.server.read_timeout, resp)
+
     def read_stream_head(self, resp, url):
         """The first bytes of an upstream event stream (b"" for other bodies), read before our
         status goes out, so what they say can still decide it (P12)."""
         if not is_event_stream(resp):
             return b""
         try:
+            self.await_upstream(resp)
             return resp.read1(RELAY_BUFFER)
         except (OSError, http.client.HTTPException) as e:
             raise upstream_failure(e, url) from None
@@ -1409,7 +1495,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
         frame = encode_chunk if chunked else bytes
         capture = ReplyCapture() if learn else None
-        chunks = upstream_chunks(resp, head)
+        chunks = upstream_chunks(resp, head, lambda: self.await_upstream(resp))
         while True:
             try:
                 data = next(chunks, b"")

@@ -725,6 +725,17 @@ def write_chunk(handler, data):
     handler.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
 
 
+def sees_close(sock):
+    """True when the peer of sock closes the connection within TIMEOUT."""
+    sock.settimeout(TIMEOUT)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
 def stream_reply(events, gate=None, gate_after=1, stall=None, cut_after=None, until_closed=None):
     """An SSE reply: events one chunk each; waits on gate after gate_after events.
 
@@ -1279,6 +1290,41 @@ class FaultTest(RouterTestCase):
         self.assertTrue(upstream.closed.wait(TIMEOUT))
         self.assertIn("client went away", self.log.getvalue())
         self.assertNotIn("Traceback", self.log.getvalue())
+
+    def test_client_hanging_up_while_the_model_is_silent_closes_the_upstream(self):
+        # Esc in Claude Code while a local model reads a long prompt: the router must
+        # give up the upstream request then, not at the model's next write (or, for a
+        # non-streamed request, after its whole answer).
+        def silent(stream, phase, arrived, closed):
+            def reply(handler):
+                if phase != "before headers":
+                    handler.send_response(200)
+                    handler.send_header("Content-Type", "text/event-stream")
+                    handler.send_header("Transfer-Encoding", "chunked")
+                    handler.end_headers()
+                if phase == "after the first event":
+                    write_chunk(handler, sse(text_events("x")[0]))
+                arrived.set()
+                handler.close_connection = True
+                if sees_close(handler.connection):
+                    closed.set()
+            return reply
+
+        for stream, phase in ((False, "before headers"), (True, "before headers"),
+                              (True, "after headers"), (True, "after the first event")):
+            with self.subTest(stream=stream, phase=phase):
+                arrived, closed = threading.Event(), threading.Event()
+                upstream = FakeUpstream(self, [silent(stream, phase, arrived, closed)])
+                self.start(upstream)
+                body = json.dumps(request(user(text("go")), stream=stream)).encode()
+                sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                self.assertTrue(arrived.wait(TIMEOUT))
+                sock.close()
+                self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
+                self.assertIn("client went away", self.log.getvalue())
+                self.assertNotIn("Traceback", self.log.getvalue())
 
     def test_sixty_four_concurrent_streams_arrive_intact(self):
         def echo(handler, body):
