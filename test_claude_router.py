@@ -437,6 +437,8 @@ class SmallTransformTest(unittest.TestCase):
                                                image(PNG_A)))),
             ("url image", request(user({"type": "image", "source": {
                 "type": "url", "url": "https://x/\"y\".png"}}))),
+            ("data that is not base64 is encoded, not spliced",
+             request(user(image('http:", "injected": true, "x": "')), user(image("\u00e9")))),
         ]
         for name, body in rows:
             with self.subTest(name):
@@ -1138,6 +1140,23 @@ def malformed_requests():
                  "YW Jj"):
         post("base64 %r" % data, message([text("look"), image(data)]))
     post("base64 in tool_result", message([tool_result("t", image("%%%%"))]))
+    # Data beginning with http: skipped the base64 check and was spliced into the
+    # upstream body unescaped (issue 11, section 3).
+    for data in ('http:", "injected": true, "x": "', "http:\u00e9", "https://x/y.png"):
+        post("base64 %r" % data, message([image(data)]))
+    post("base64 in an earlier turn", {"model": "m", "max_tokens": 10, "messages": [
+        user(image("%%%%")), assistant(text("?")), user(text("go on"))]})
+    sources = [
+        {"type": "base64", "data": PNG_A}, {"type": "base64", "media_type": 5, "data": PNG_A},
+        {"type": "base64", "media_type": "", "data": PNG_A},
+        {"type": "bytes", "media_type": "image/png", "data": PNG_A}, {"type": None, "data": PNG_A},
+        {"type": "url", "url": 5}, {"type": "url", "url": ""},
+        {"type": "url", "url": "file:///etc/passwd"}, {"type": "url", "url": "javascript:alert(1)"},
+        {"type": "url", "url": "https://"}, {"type": "url", "url": "http://x/a b.png"},
+        {"type": "url", "url": "http://[x/"}, {"type": "url", "url": "//x/y.png"},
+        {"type": "url", "url": "http://x/y.png\n"}, {"type": "url", "url": "http://x:99999/"}]
+    for i, source in enumerate(sources):
+        post("image source %d" % i, message([{"type": "image", "source": source}]))
     for system in (5, [5], [{"type": "text"}], {"a": 1}, [{"text": 5}]):
         post("system %r" % (system,), {**message("hi"), "system": system})
     for tools in (5, "x", [5], ["x"], {"a": 1}):
@@ -1204,6 +1223,29 @@ class MalformedInputTest(RouterTestCase):
                     self.assertEqual(read_response(sock)[0], 200)
             self.assertEqual(self.call("GET", "/")[0], 200)
         self.assertEqual(self.router.errors, [])
+
+    def test_image_data_is_checked_in_every_turn_before_it_is_spliced(self):
+        # Base64 data beginning with http: skipped the check and was spliced unescaped,
+        # so a client could add fields the upstream parsed; non-ASCII data after http:
+        # got no answer at all (issue 11, section 3).
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        rows = [
+            ("injection", request(user(text("look"), image('http:", "injected": true, "x": "')))),
+            ("non-ascii", request(user(image("http:\u00e9")))),
+            ("earlier turn", request(user(image("not base64!")), assistant(text("?")),
+                                     user(text("go on")))),
+            ("tool_result", request(user(text("q")), assistant(tool_use("t1")),
+                                    user(tool_result("t1", image("https://x/y.png")))))]
+        for name, body in rows:
+            with self.subTest(name):
+                status, _, reply = self.post(body)
+                self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(upstream.posts(), [])
+        url = {"type": "image", "source": {"type": "url", "url": 'https://x/"a",%20"b":1.png'}}
+        status, _, reply = self.post(request(user(text("see"), url)))
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("see"), url)])
 
     def test_body_shorter_than_its_content_length(self):
         self.start(FakeUpstream(self))
