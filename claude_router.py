@@ -112,6 +112,7 @@ REQUEST_FIELDS = frozenset({
     "model", "messages", "system", "max_tokens", "stop_sequences", "stream",
     "temperature", "top_p", "top_k", "tools", "tool_choice"})
 COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice"})
+HEAD_FIELDS = ("model", "system", "tools", "tool_choice")   # sent before the messages
 TOOL_FIELDS = ("name", "description", "input_schema")
 BILLING_PREFIX = "x-anthropic-billing-header"
 BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -377,20 +378,55 @@ def is_base64(data):
 
 
 # Hygiene: what every request loses before a local server sees it.
+#
+# The prefix rule. A local server reuses its cache only for the unchanged head of the
+# prompt, and every template renders the system text first, then the tools, then the
+# messages. So the system text and the tools stay as the client sent them for the whole
+# conversation, and how a message is rendered depends only on that message and the
+# ones before it, never on later ones or on whether it is the last. The one exception
+# is the system messages before the first assistant message: they go to the start of
+# the first user message, and they all come with the first request and never change.
+# test_claude_router's PrefixReplayTest replays a growing conversation to hold us to it.
+
+def system_reminder(message):
+    """A role "system" message as user text wrapped in <system-reminder>, or None if empty.
+
+    One text block, whether the content came as a string or as blocks: Claude Code
+    sends its environment message as blocks first and as a string afterwards."""
+    texts = [b["text"] for b in content_blocks(message.get("content"))
+             if b.get("type") == "text" and b["text"]]
+    if not texts:
+        return None
+    return {"role": "user", "content": [
+        text_block("<system-reminder>\n%s\n</system-reminder>" % "\n\n".join(texts))]}
+
 
 def fold_system_messages(body):
-    """Return body with role "system" messages moved, in order, into the top-level system.
+    """Return body with role "system" messages turned into user text, so messages hold none.
 
-    LM Studio before 0.4.15, llmster, Ollama and older vLLM reject them in messages."""
+    LM Studio before 0.4.15, llmster, Ollama and older vLLM reject them in messages.
+    Those before the first assistant message (Claude Code's environment; after a
+    compaction, its date line) open the first user message; every later one stays in
+    place (Claude Code adds them mid-session: mode changes, token countdowns) and the
+    alternation repair merges it with its neighbours. Moving them into the top-level
+    system would change the head of the prompt each time one appears."""
     messages = body["messages"]
     if not any(m["role"] == "system" for m in messages):
         return body
-    system = content_blocks(body.get("system"))
-    for message in messages:
+    first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                       len(messages))
+    early = [r for r in (system_reminder(m) for m in messages[:first_reply]
+                         if m["role"] == "system") if r]
+    out = []
+    for i, message in enumerate(messages):
         if message["role"] == "system":
-            system += [text_block(b["text"]) for b in content_blocks(message.get("content"))
-                       if b.get("type") == "text" and b["text"]]
-    return {**body, "system": system, "messages": [m for m in messages if m["role"] != "system"]}
+            message = system_reminder(message) if i > first_reply else None
+        elif message["role"] == "user" and early:
+            out += early
+            early = []
+        if message:
+            out.append(message)
+    return {**body, "messages": out + early}
 
 
 def strip_billing_header(system):
@@ -435,7 +471,10 @@ def clean_tools(tools):
 def clean_request(body, fields=REQUEST_FIELDS):
     """Return body with system messages folded and everything a local server rejects removed."""
     body = fold_system_messages(body)
-    clean = {k: v for k, v in body.items() if k in fields}
+    # The head first, in the order templates render it, so the JSON sent is as
+    # prefix-stable as the prompt it becomes.
+    clean = {k: body[k] for k in HEAD_FIELDS if k in body and k in fields}
+    clean.update((k, v) for k, v in body.items() if k in fields and k not in clean)
     if "system" in clean:
         system = strip_billing_header(clean["system"])
         if isinstance(system, list):

@@ -54,6 +54,15 @@ def assistant(*blocks):
     return {"role": "assistant", "content": list(blocks)}
 
 
+def system_message(content):
+    return {"role": "system", "content": content}
+
+
+def reminder(t):
+    """A role "system" message's text as the router sends it: a user text block."""
+    return text("<system-reminder>\n%s\n</system-reminder>" % t)
+
+
 def tool_use(id_, name="Read"):
     return {"type": "tool_use", "id": id_, "name": name, "input": {"file_path": "/x.png"}}
 
@@ -119,23 +128,45 @@ def message_json(reply):
 
 class CleanRequestTest(unittest.TestCase):
 
-    def test_system_messages_fold_into_system_in_order(self):
+    def test_system_messages_become_reminders_and_system_stays_as_sent(self):
+        env = {"role": "system", "content": [{"type": "text", "text": "env",
+                                              "cache_control": {"type": "ephemeral"}}],
+               "output_config": {"effort": "high"}}
         rows = [
-            ("string", request(user(text("hi")), {"role": "system", "content": "env"}),
-             [text("env")]),
-            ("list, after top-level", request(user(text("hi")), {"role": "system", "content": [
-                {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]},
-                system="top"), [text("top"), text("a")]),
-            ("empty", request(user(text("hi")), {"role": "system", "content": []}), None),
-            ("two, one last", request({"role": "system", "content": "one"}, user(text("hi")),
-                                      {"role": "system", "content": "two"}),
-             [text("one"), text("two")]),
+            ("before the first reply: start of the first user message",
+             [user(text("hi")), env], [user(reminder("env"), text("hi"))]),
+            ("string and list read the same", [user(text("hi")), system_message("env")],
+             [user(reminder("env"), text("hi"))]),
+            ("several blocks are one reminder",
+             [system_message([text("a"), text("b")]), user(text("hi"))],
+             [user(reminder("a\n\nb"), text("hi"))]),
+            ("empty is dropped", [user(text("hi")), system_message([])], [user(text("hi"))]),
+            ("later ones stay in place and merge",
+             [user(text("q")), assistant(tool_use("t1")), user(tool_result("t1", text("r"))),
+              system_message("<total_tokens>9 tokens left</total_tokens>"), assistant(text("a")),
+              system_message("## Exited Auto Mode"), user(text("next"))],
+             [user(text("q")), assistant(tool_use("t1")),
+              user(tool_result("t1", text("r")), reminder("<total_tokens>9 tokens left</total_tokens>")),
+              assistant(text("a")), user(reminder("## Exited Auto Mode"), text("next"))]),
+            ("last message", [user(text("q")), assistant(text("a")), user(text("b")),
+                              system_message("mode")],
+             [user(text("q")), assistant(text("a")), user(text("b"), reminder("mode"))]),
+            ("after a compaction",
+             [{"role": "user", "content": "summary"}, system_message("date"),
+              assistant(text("a")), user(text("b")), system_message("env")],
+             [user(reminder("date"), text("summary")), assistant(text("a")),
+              user(text("b"), reminder("env"))]),
+            ("no user message yet", [system_message("env")], [user(reminder("env"))]),
         ]
-        for name, body, system in rows:
+        for name, messages, expected in rows:
             with self.subTest(name):
+                body = request(*messages, system=[text("x-anthropic-billing-header: 1"),
+                                                  text("top")])
                 clean = cr.clean_request(body)
-                self.assertEqual(clean.get("system"), system)
-                self.assertEqual([m["role"] for m in clean["messages"]], ["user"])
+                self.assertEqual(clean["system"], [text("top")])
+                self.assertEqual(cr.fix_message_alternation(clean["messages"]), expected)
+                counted = cr.clean_request(body, cr.COUNT_TOKENS_FIELDS)
+                self.assertEqual(counted["messages"], clean["messages"])
 
     def test_billing_block_is_removed(self):
         body = request(user(text("hi")), system=[
@@ -638,6 +669,7 @@ class FakeUpstream:
     def __init__(self, test, replies=(), listing=None, count_tokens=None, strict=False,
                  default=None):
         self.requests = []
+        self.raw = []                       # (path, bytes) of each POST body, as received
         self.default = default or (lambda handler, body: json_reply(message_json("ok"))(handler))
         self.replies = list(replies)
         self.listing = listing
@@ -658,7 +690,9 @@ class FakeUpstream:
                 send_json(self, 404, {"error": "not found"})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                fake.raw.append((self.path, raw))
+                body = json.loads(raw)
                 fake.record(self, body)
                 if self.path.startswith("/v1/messages/count_tokens"):
                     status, reply = fake.count_tokens or (404, {"error": "Unexpected endpoint"})
@@ -839,8 +873,8 @@ class RoutingTest(RouterTestCase):
         self.assertEqual((status, reply["content"]), (200, [text("ok")]))
         _, path, headers, body = upstream.requests[-1]
         self.assertEqual(path, "/v1/messages")
-        self.assertEqual(body, {"model": "CODER", "max_tokens": 32000, "system": [text("env")],
-                                "messages": [user(text("hi"))]})
+        self.assertEqual(body, {"model": "CODER", "max_tokens": 32000,
+                                "messages": [user(reminder("env"), text("hi"))]})
         lower = {k.lower(): v for k, v in headers.items()}
         self.assertNotIn("anthropic-beta", lower)
         self.assertNotIn("x-api-key", lower)
@@ -954,8 +988,8 @@ class EndpointTest(RouterTestCase):
         status, _, reply = self.call("POST", "/v1/messages/count_tokens?beta=true", body)
         self.assertEqual((status, reply), (200, {"input_tokens": 42}))
         sent = upstream.posts("/v1/messages/count_tokens")[0]
-        self.assertEqual(sent, {"model": "CODER", "system": [text("s")], "messages": [
-            user(text("q"), text(cr.UNKNOWN_IMAGE_MARKER))]})
+        self.assertEqual(sent, {"model": "CODER", "messages": [
+            user(reminder("s"), text("q"), text(cr.UNKNOWN_IMAGE_MARKER))]})
 
     def test_count_tokens_is_estimated_when_the_upstream_cannot(self):
         for count_tokens in ((200, {"error": "Unexpected endpoint or method."}), None):
@@ -1023,6 +1057,92 @@ class EndpointTest(RouterTestCase):
         self.router.cache.store({key(PNG_A): "a chart"}, "VISION")
         status, _, reply = self.post(body)
         self.assertEqual(status, 200, reply)
+
+
+class PrefixReplayTest(RouterTestCase):
+    """A growing Claude Code conversation, replayed turn by turn through the router."""
+
+    def test_each_coder_prompt_starts_with_the_last_one_byte_for_byte(self):
+        # Folding mid-session system messages into the top-level system made the server
+        # re-read two thirds of all prompt characters in an 8-step tool session (issue 10).
+        def reply(handler, body):
+            if body["model"] == "VISION" and PNG_C in json.dumps(body):
+                return json_reply({"error": "cannot read"}, 500)(handler)
+            json_reply(message_json("a chart" if body["model"] == "VISION" else "ok"))(handler)
+
+        upstream = FakeUpstream(self, default=reply)
+        self.start(upstream)
+        tools = [{"name": "Read", "description": "read", "input_schema": {"type": "object"},
+                  "cache_control": {"type": "ephemeral"}},
+                 {"name": "Bash", "description": "run", "input_schema": {}},
+                 {"name": "WebFetch", "input_schema": {}, "defer_loading": True}]
+
+        def system(suffix):
+            return [text("x-anthropic-billing-header: cc_version=2.1.332.%s;" % suffix),
+                    text("You are Claude Code."),
+                    text("<total_tokens>15000000 tokens left</total_tokens>")]
+
+        def countdown(n):
+            return system_message("<total_tokens>%d tokens left</total_tokens>" % n)
+
+        thinking = {"type": "thinking", "thinking": "hm", "signature": ""}
+        env = {"role": "system", "output_config": {"effort": "high"}, "content": [
+            {"type": "text", "text": "cwd: /p", "cache_control": {"type": "ephemeral"}}]}
+        first = [user(text("<system-reminder>attribution</system-reminder>"), text("read a.py")),
+                 env]
+        then = [
+            [assistant(thinking, text("Reading."), tool_use("t1")),
+             user(tool_result("t1", text("1\tprint()"))), countdown(14990000)],
+            [assistant(thinking, tool_use("t2")), user(tool_result("t2", image(PNG_A))),
+             countdown(14980000)],                                      # vision describes it
+            [assistant(text("It shows a chart.")), user(text("make it bigger"))],
+            [assistant(tool_use("t3")), user(tool_result("t3", image(PNG_C))),
+             countdown(14970000)],                                      # vision fails
+            [assistant(text("I could not see it.")), user(text("go on")),
+             system_message("## Exited Auto Mode")],
+            [user(text("and also this"))],                              # same user turn grows
+            [assistant(text("a"), tool_use("t4"), text("b"), tool_use("t5", "Bash")),
+             user(tool_result("t5", text("ok")), tool_result("t4", text("x"))),
+             countdown(14960000)],
+            "compaction",
+            [assistant(thinking, tool_use("t6")), user(tool_result("t6", text("y"))),
+             countdown(14950000)],
+            [assistant(text("done")), user(text("thanks"), image(PNG_B))],   # vision
+            [assistant(text("a chart")), user(text("bye"))],
+        ]
+        sent = [(first, "abc")]
+        history = [first[0], dict(env, content="cwd: /p")]     # later turns: a plain string
+        for step in then:
+            if step == "compaction":
+                history = [{"role": "user", "content": "Summary: a.py read."},
+                           system_message("Today's date is 2026-12-02."),
+                           assistant(text("Continuing.")), user(text("next")),
+                           system_message("cwd: /p")]
+            else:
+                history = history + step
+            sent.append((history, "def" if len(sent) > 8 else "abc"))
+        for i, (history, suffix) in enumerate(sent):
+            status, _, reply_body = self.post(request(*history, system=system(suffix), tools=tools,
+                                                      thinking={"type": "adaptive"},
+                                                      stream=i % 2 == 1))
+            self.assertIn(status, (200, 500), reply_body)
+        coder = [raw for path, raw in upstream.raw if json.loads(raw)["model"] == "CODER"]
+        self.assertEqual(len(coder), 9)
+        for previous, current in zip(coder, coder[1:]):
+            # Templates render system, tools, then messages: the body keeps that order,
+            # so a byte prefix of the body is a prefix of the prompt.
+            self.assertLess(current.index(b'"tools": ['), current.index(b'"messages": ['))
+            self.assertLess(current.index(b'"system": ['), current.index(b'"tools": ['))
+            last = json.loads(previous)["messages"][-1]
+            cut = previous.rindex(json.dumps(last).encode())
+            if b"Summary: a.py read." in current and b"Summary: a.py read." not in previous:
+                cut = previous.index(b'"messages": [') + len(b'"messages": [')
+            else:
+                grown = json.loads(current)["messages"][len(json.loads(previous)["messages"]) - 1]
+                self.assertEqual(grown["content"][:len(last["content"])], last["content"])
+            self.assertEqual(current[:cut], previous[:cut])
+        self.assertNotIn(b'"system"', b"".join(json.dumps(m["role"]).encode() for c in coder
+                                             for m in json.loads(c)["messages"]))
 
 
 class StreamingTest(RouterTestCase):
