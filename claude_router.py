@@ -1116,15 +1116,20 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
 
 
 def has_buffered_bytes(resp, sock):
-    """True when resp can be read without waiting: bytes buffered, or already at hand."""
+    """True when resp has body bytes at hand, so reading it now will not wait for the upstream."""
     timeout = sock.gettimeout()
     sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
     try:
-        return bool(resp.fp.peek(1))
+        pending = resp.fp.peek(1)
     except OSError:
         return True         # let the read itself report what is wrong
     finally:
         sock.settimeout(timeout)
+    if resp.chunked and resp.chunk_left == 0:
+        # http.client leaves the CRLF that ends a chunk (RFC 9112 7.1) unread until the
+        # next read, so a stream paused between events has just those two bytes here.
+        pending = pending[2:]
+    return bool(pending)
 
 
 def has_hung_up(client):
