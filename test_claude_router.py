@@ -659,6 +659,13 @@ class NoLog:
         pass
 
 
+class FakeServer(http.server.ThreadingHTTPServer):
+    # Like the router's: with the default backlog of 5, the 64-stream test's connects
+    # overflow it on a loaded machine and some come back reset.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class FakeUpstream:
     """A real HTTP server playing the model server: scripted replies, recorded requests.
 
@@ -705,8 +712,7 @@ class FakeUpstream:
                     return fake.replies.pop(0)(self)
                 fake.default(self, body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = FakeServer(("127.0.0.1", 0), Handler)
         thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
         thread.start()
         test.addCleanup(thread.join, TIMEOUT)
