@@ -90,6 +90,7 @@ READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude C
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 MODELS_TTL = 30.0                           # s between looks at the upstream's model list
 RELAY_BUFFER = 65536                        # bytes per upstream read
+STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
@@ -137,17 +138,29 @@ ERROR_TYPES = {
 
 # Upstream texts that mean "the prompt does not fit the loaded context", with the group
 # order of (prompt tokens, context tokens) when the text carries them. Claude Code
-# compacts on "prompt is too long" and gives up on every other wording.
+# compacts on "prompt is too long" and gives up on every other wording. They are
+# looked for in every error status: LM Studio says some of them with a 500.
 OVERFLOW_PATTERNS = (
     # llama.cpp llama-server (b10434, seen here)
     (r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", "nm"),
     (r"exceeds the available context size", ""),
-    # LM Studio (lmstudio-bug-tracker #546, #237, #2205)
+    # LM Studio (lmstudio-bug-tracker #546, #237, #2205; the 500 of its MLX engine, #2339)
     (r"keep the first (\d+) tokens when context the overflows.*?length of only (\d+) tokens", "nm"),
+    (r"n_keep: (\d+) ?>= ?n_ctx: (\d+)", "nm"),
     (r"tokens to keep from the initial prompt is greater than the context length", ""),
     (r"n_keep \((\d+)\) >= n_ctx \((\d+)\)", "nm"),
-    # vLLM (vllm #12165, #36197)
-    (r"maximum context length is (\d+) tokens\. However, you requested (\d+) tokens", "mn"),
+    (r"context size has been exceeded", ""),
+    # vLLM (vllm #12165, #36197; serving_engine.py up to v0.17, renderers/params.py since
+    # v0.18). Most of its wordings also fit a refused max_tokens beside a prompt that
+    # fits; overflow_error tells those apart by the numbers.
+    (r"maximum context length is (\d+) tokens\. However, you requested (?:\d+ tokens \()?"
+     r"(\d+) (?:tokens )?in the messages", "mn"),
+    (r"maximum context length is (\d+) tokens\. However, your (?:request has|messages "
+     r"resulted in) (\d+) (?:input )?tokens", "mn"),
+    (r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens and "
+     r"your prompt contains (?:at least )?(\d+) input tokens", "mn"),
+    (r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens and "
+     r"your prompt contains \d+ characters", "m"),
     (r"total length (\d+)\) is too long to fit into the model \(context length (\d+)\)", "nm"),
     (r"maximum context length is (\d+) tokens and your request has (\d+) input tokens", "mn"),
     # Ollama
@@ -689,6 +702,10 @@ def overflow_error(text, estimated_input, context_length):
         match = re.search(pattern, text, re.IGNORECASE | re.DOTALL)
         if match:
             numbers = dict(zip(order, map(int, match.groups())))
+            if numbers.get("m", 0) - numbers.get("n", float("inf")) >= MIN_OUTPUT_TOKENS:
+                # The prompt fits with room to answer: the server refused max_tokens, and
+                # compacting the conversation would not help (it fails the same way).
+                return None
             limit = numbers.get("m") or context_length or estimated_input
             tokens = max(numbers.get("n") or estimated_input, limit + 1)
             return anthropic_error(
@@ -706,6 +723,11 @@ def stream_overflow(head, estimated_input, context_length):
         return None
     return overflow_error(json.dumps(event) if event else head.decode("utf-8", "replace"),
                           estimated_input, context_length)
+
+
+def has_complete_event(data):
+    """True when data holds at least one whole SSE event (it ends at a blank line)."""
+    return b"\n\n" in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def is_event_stream(resp):
@@ -871,7 +893,7 @@ def models_from_listing(listing):
     """Return {model id: {"loaded", "context_length", "vision"}} from a server's model list.
 
     Reads LM Studio's /api/v1/models, and the OpenAI or Anthropic /v1/models shape
-    (llama-server adds meta.n_ctx); what a listing does not say is None."""
+    (llama-server adds meta.n_ctx, vLLM max_model_len); what a listing does not say is None."""
     found = {}
     if not isinstance(listing, dict):
         return found
@@ -890,8 +912,9 @@ def models_from_listing(listing):
     for entry in listing.get("data") or []:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
             meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
-            found.setdefault(entry["id"], {"loaded": True, "context_length": meta.get("n_ctx"),
-                                           "vision": None})
+            context = meta.get("n_ctx") or entry.get("max_model_len")    # llama-server, vLLM
+            found.setdefault(entry["id"], {"loaded": True, "context_length": context
+                                           if type(context) is int else None, "vision": None})
     return found
 
 
@@ -1509,12 +1532,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def read_stream_head(self, resp, url):
         """The first bytes of an upstream event stream (b"" for other bodies), read before our
-        status goes out, so what they say can still decide it (P12)."""
+        status goes out, so what they say can still decide it (P12).
+
+        Reads until the first event is complete (or STREAM_HEAD_BYTES, or the end): one
+        read1 of a chunked body returns at most one chunk, and an opening error event
+        may come in several."""
         if not is_event_stream(resp):
             return b""
+        head = b""
         try:
-            self.await_upstream(resp)
-            return resp.read1(RELAY_BUFFER)
+            while len(head) < STREAM_HEAD_BYTES and not has_complete_event(head):
+                self.await_upstream(resp)
+                data = resp.read1(RELAY_BUFFER)
+                if not data:
+                    break
+                head += data
+            return head
         except (OSError, http.client.HTTPException) as e:
             raise upstream_failure(e, url) from None
 

@@ -396,7 +396,32 @@ class SmallTransformTest(unittest.TestCase):
              "prompt is too long: 5001 tokens > 5000 maximum"),
             ("vllm", "This model's maximum context length is 4096 tokens. However, you requested "
              "5000 tokens (4000 in the messages, 1000 in the completion).",
+             "prompt is too long: 4097 tokens > 4096 maximum"),
+            ("vllm 0.10-0.17", "This model's maximum context length is 4096 tokens. However, your "
+             "request has 5000 input tokens. Please reduce the length of the input messages.",
              "prompt is too long: 5000 tokens > 4096 maximum"),
+            ("vllm 0.18", "This model's maximum context length is 4096 tokens. However, you "
+             "requested 1000 output tokens and your prompt contains at least 4500 input tokens, "
+             "for a total of at least 5500 tokens. Please reduce the length of the input prompt "
+             "or the number of requested output tokens. (parameter=input_tokens, value=4500)",
+             "prompt is too long: 4500 tokens > 4096 maximum"),
+            ("vllm 0.18 characters", "This model's maximum context length is 4096 tokens. However, "
+             "you requested 1000 output tokens and your prompt contains 90000 characters (more "
+             "than 12288 characters, which is the upper bound for 3096 input tokens).",
+             "prompt is too long: 4097 tokens > 4096 maximum"),
+            ("vllm max_tokens, prompt leaves no room to answer", "'max_tokens' or "
+             "'max_completion_tokens' is too large: 1024. This model's maximum context length is "
+             "32768 tokens and your request has 32000 input tokens (1024 > 32768 - 32000).",
+             "prompt is too long: 32769 tokens > 32768 maximum"),
+            ("lm studio 500", '{"type":"error","error":{"type":"api_error","message":"Context '
+             'size has been exceeded."}}', "prompt is too long: 5001 tokens > 5000 maximum"),
+            ("lm studio engine", "Engine protocol predict stream returned an error: {code:500, "
+             "message:'Context size has been exceeded'}",
+             "prompt is too long: 5001 tokens > 5000 maximum"),
+            ("lm studio n_keep:", "The number of tokens to keep from the initial prompt is "
+             "greater than the context length (n_keep: 13055>= n_ctx: 4096). Try to load the "
+             "model with a larger context length, or provide a shorter input.",
+             "prompt is too long: 13055 tokens > 4096 maximum"),
             ("vllm prompt", "The prompt (total length 25938) is too long to fit into the model "
              "(context length 4096).", "prompt is too long: 25938 tokens > 4096 maximum"),
             ("ollama", "input length exceeds the context length",
@@ -408,6 +433,30 @@ class SmallTransformTest(unittest.TestCase):
                                  {"type": "error", "error": {"type": "invalid_request_error",
                                                              "message": expected}})
         self.assertIsNone(cr.overflow_error('{"error": "model not found"}', 4000, 5000))
+
+    def test_refused_output_budgets_are_not_overflows(self):
+        # vLLM refuses max_tokens that do not fit beside a prompt that does; compacting the
+        # conversation would not help, so these must not become "prompt is too long".
+        rows = [
+            ("vllm 0.10-0.17", "'max_tokens' or 'max_completion_tokens' is too large: 32000. "
+             "This model's maximum context length is 32768 tokens and your request has 12000 "
+             "input tokens (32000 > 32768 - 12000)."),
+            ("vllm 0.18", "This model's maximum context length is 32768 tokens. However, you "
+             "requested 32000 output tokens and your prompt contains 12000 input tokens, for a "
+             "total of 44000 tokens. Please reduce the length of the input prompt or the number "
+             "of requested output tokens. (parameter=input_tokens, value=12000)"),
+            ("vllm before 0.10", "This model's maximum context length is 32768 tokens. However, "
+             "you requested 44000 tokens (12000 in the messages, 32000 in the completion). "
+             "Please reduce the length of the messages or completion."),
+            ("vllm 0.18 max_tokens alone", "max_tokens=40000 cannot be greater than "
+             "max_model_len=max_total_tokens=32768. Please request fewer output tokens. "
+             "(parameter=max_tokens, value=40000)"),
+            ("lm studio crash", '{"type":"error","error":{"type":"api_error","message":"The model '
+             'has crashed without additional information. (Exit code: null)"}}'),
+        ]
+        for name, upstream_text in rows:
+            with self.subTest(name):
+                self.assertIsNone(cr.overflow_error(upstream_text, 4000, 32768))
 
     def test_stream_overflow_looks_only_at_an_opening_error_event(self):
         overflow = {"type": "error", "error": {"message": "request (9 tokens) exceeds the "
@@ -496,6 +545,12 @@ class SmallTransformTest(unittest.TestCase):
             "dev/vision": {"loaded": False, "context_length": None, "vision": True}})
         self.assertEqual(cr.models_from_listing(llama),
                          {"q05": {"loaded": True, "context_length": 32768, "vision": None}})
+        vllm = {"object": "list", "data": [{"id": "Qwen/Qwen3-Coder", "object": "model",
+                                            "owned_by": "vllm", "max_model_len": 32768},
+                                           {"id": "odd", "max_model_len": "32768"}]}
+        self.assertEqual(cr.models_from_listing(vllm), {
+            "Qwen/Qwen3-Coder": {"loaded": True, "context_length": 32768, "vision": None},
+            "odd": {"loaded": True, "context_length": None, "vision": None}})
         self.assertEqual(cr.models_from_listing(["junk"]), {})
 
     def test_model_problems_each_come_with_a_fix(self):
@@ -1044,6 +1099,75 @@ class EndpointTest(RouterTestCase):
         self.assertEqual(reply["error"]["message"], "prompt is too long: 40000 tokens > 32768 maximum")
         status, _, raw = self.post(request(user(text("x")), stream=True))
         self.assertEqual((status, raw), (200, sse(other)))
+
+    def test_overflow_as_http_500_becomes_prompt_is_too_long(self):
+        # LM Studio's Anthropic path answers some overflows with 500 api_error, which Claude
+        # Code retries for three minutes (wording: lmstudio-bug-tracker#2339).
+        lmstudio = {"type": "error", "error": {"type": "api_error",
+                                               "message": "Context size has been exceeded."}}
+        crash = {"type": "error", "error": {"type": "api_error", "message": "The model has "
+                                            "crashed without additional information."}}
+        upstream = FakeUpstream(self, [json_reply(lmstudio, 500), json_reply(crash, 500)])
+        self.start(upstream)
+        status, _, reply = self.post(request(user(text("long"))))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertTrue(reply["error"]["message"].startswith("prompt is too long: "), reply)
+        status, _, reply = self.post(request(user(text("x"))))
+        self.assertNotIn("prompt is too long", json.dumps(reply))
+
+    def test_overflow_event_split_across_reads_is_still_seen(self):
+        # http.client's read1 returns at most one chunk: the router saw only the start of
+        # LM Studio's opening error event and relayed it as a 200 stream.
+        raw = sse(("error", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
+            "when context the overflows. However, the model is loaded with context length of "
+            "only 32768 tokens, which is not enough."}}))
+
+        def split(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            cuts = [0, raw.index(b"Trying"), len(raw) - 1, len(raw)]
+            for start, end in zip(cuts, cuts[1:]):
+                write_chunk(handler, raw[start:end])
+            handler.wfile.write(b"0\r\n\r\n")
+
+        self.start(FakeUpstream(self, [split]))
+        status, _, reply = self.post(request(user(text("long")), stream=True))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(reply["error"]["message"], "prompt is too long: 40000 tokens > 32768 maximum")
+
+    def test_vllm_max_model_len_clamps_max_tokens_and_its_refusal_is_no_overflow(self):
+        # vLLM refuses input plus max_tokens over --max-model-len with "'max_tokens' ... is
+        # too large" (up to v0.17). Read as an overflow, a 12k-token prompt at 32k context
+        # became "prompt is too long": Claude Code compacted, and the compaction failed the
+        # same way.
+        def vllm(handler, body):
+            tokens = len(json.dumps(body)) // 4     # fewer than the router's estimate
+            if tokens + body["max_tokens"] <= 32768:
+                return json_reply(message_json("fits"))(handler)
+            message = ("'max_tokens' or 'max_completion_tokens' is too large: %d. This model's "
+                       "maximum context length is 32768 tokens and your request has %d input "
+                       "tokens (%d > 32768 - %d)." % (body["max_tokens"], tokens,
+                                                      body["max_tokens"], tokens))
+            send_json(handler, 400, {"error": {"message": message, "type": "BadRequestError",
+                                               "param": None, "code": 400}})
+
+        listing = {"object": "list", "data": [{"id": "CODER", "object": "model",
+                                               "owned_by": "vllm", "max_model_len": 32768}]}
+        upstream = FakeUpstream(self, listing=listing, default=vllm)
+        self.start(upstream).known_models()
+        body = request(user(text("x " * 24000)))   # 12k tokens by the fake's count
+        status, _, reply = self.post(body)
+        self.assertEqual(status, 200, reply)
+        self.assertLessEqual(upstream.posts()[-1]["max_tokens"], 32768 - 12000)
+        # Where the context is not known, vLLM's refusal reaches Claude Code as it is.
+        self.start(FakeUpstream(self, default=vllm))
+        status, _, reply = self.post(body)
+        self.assertEqual(status, 400)
+        self.assertIn("is too large: 32000", reply["error"]["message"])
+        self.assertNotIn("prompt is too long", json.dumps(reply))
 
     def test_strict_backend_gets_only_what_it_accepts(self):
         upstream = FakeUpstream(self, strict=True)
