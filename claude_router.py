@@ -1100,17 +1100,21 @@ class FileLock:
 
 ################ Upstream
 
-def upstream_failure(error, url):
-    """The ProxyError that tells the client why the upstream at url failed."""
-    if isinstance(error, TIMEOUT_ERRORS):
+def upstream_failure(error, url, connecting=False):
+    """The ProxyError that tells the client why the upstream at url failed.
+
+    A timeout while connecting means nothing accepted the connection (a machine
+    asleep, a full backlog): that is "not reachable", like a refused connection,
+    and not a model that is slow to answer."""
+    timed_out = isinstance(error, TIMEOUT_ERRORS)
+    if timed_out and not connecting:
         return ProxyError(504, "upstream %s did not answer in time" % url)
     if isinstance(error, http.client.HTTPException):
         return ProxyError(502, "upstream %s sent a broken response (%s)"
                           % (url, type(error).__name__))
-    # 529, not 502: Claude Code gives up on 529 after 3 quick tries and names the
-    # gateway, where a 5xx costs three silent minutes of retries (contract, 6).
+    why = "no answer to connect" if timed_out else error.strerror or type(error).__name__
     return ProxyError(529, "upstream %s is not reachable (%s); is the model server running?"
-                      % (url, error.strerror or type(error).__name__))
+                      % (url, why))
 
 
 def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
@@ -1125,6 +1129,10 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
     try:
         conn.connect()
+    except OSError as e:
+        conn.close()
+        raise upstream_failure(e, url, connecting=True) from None
+    try:
         conn.sock.settimeout(read_timeout)
         conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
         if client is not None:
@@ -1193,11 +1201,12 @@ def await_upstream(sock, client, timeout, resp=None):
             selector.unregister(client)
 
 
-def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT):
+def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
+               connect_timeout=CONNECT_TIMEOUT):
     """Return (status, parsed JSON or None) of one small upstream request."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if data is not None else {}
-    conn, resp = open_upstream(url, method, path, data, headers, read_timeout)
+    conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout)
     try:
         raw = resp.read(MAX_ERROR_BODY_BYTES)
     except (OSError, http.client.HTTPException) as e:
@@ -1215,7 +1224,8 @@ def list_models(url, timeout=CONNECT_TIMEOUT):
     found = None
     for path in ("/api/v1/models", "/v1/models"):
         try:
-            status, listing = fetch_json(url, "GET", path, read_timeout=timeout)
+            status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
+                                         connect_timeout=timeout)
         except ProxyError:
             return None
         if status == 200:
@@ -1522,7 +1532,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def open_upstream(self, url, method, path, body, headers):
         """open_upstream for this client: the upstream request ends if the client hangs up."""
         conn, resp = open_upstream(url, method, path, body, headers, self.server.read_timeout,
-                                   client=self.connection)
+                                   self.server.connect_timeout, client=self.connection)
         self.upstream_sock = conn.sock
         return conn, resp
 
@@ -1649,7 +1659,7 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, upstream_url=UPSTREAM_URL, vision_upstream_url="",
                  coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
                  cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
-                 max_body_bytes=MAX_BODY_BYTES):
+                 max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -1662,6 +1672,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.token = token
         self.verbose = verbose
         self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.cache = DescriptionCache(cache_dir)
         self.memory = TurnMemory()
@@ -1745,9 +1756,9 @@ class Server(http.server.ThreadingHTTPServer):
             if stale:
                 self.models_time = time.monotonic()
         if stale:
-            found = list_models(self.upstream_url)
+            found = list_models(self.upstream_url, self.connect_timeout)
             if self.vision_upstream_url != self.upstream_url:
-                vision = list_models(self.vision_upstream_url)
+                vision = list_models(self.vision_upstream_url, self.connect_timeout)
                 found = None if found is None and vision is None else {**(vision or {}),
                                                                        **(found or {})}
             with self.stats_lock:

@@ -1533,6 +1533,21 @@ class FaultTest(RouterTestCase):
         self.assertIn("127.0.0.1:%d" % port, reply["error"]["message"])
         self.assertEqual(router.status()["last_upstream_error"]["message"], reply["error"]["message"])
 
+    def test_upstream_that_never_accepts_is_529_within_the_connect_timeout(self):
+        # A LAN box asleep drops SYNs; so does Linux when a listen queue is full
+        # (tcp_conn_request), which listen(0) and one waiting connection make happen.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        waiting = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+        self.addCleanup(waiting.close)
+        self.start("http://127.0.0.1:%d" % port, connect_timeout=0.2, read_timeout=TIMEOUT * 4)
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEnvelope(status, reply, 529, "overloaded_error")
+        self.assertIn("127.0.0.1:%d is not reachable" % port, reply["error"]["message"])
+
     def test_upstream_silent_before_headers_is_504(self):
         hang = threading.Event()
         self.addCleanup(hang.set)
