@@ -174,6 +174,24 @@ OVERFLOW_PATTERNS = (
 # Python 3.10 (bpo-42413); before that a read timeout is an OSError that is no TimeoutError.
 TIMEOUT_ERRORS = (TimeoutError, socket.timeout)
 
+# Advice for what the startup check finds, per (problem, kind of server); "" is any other.
+FIXES = {
+    ("missing", "lmstudio"): "lms get {model}, or set --{role}-model to one of those",
+    ("missing", "ollama"): "ollama pull {model}, or set --{role}-model to one of those",
+    ("missing", ""): "set --{role}-model to one of those",
+    ("unloaded", "lmstudio"): "lms load {model} --gpu max (or start the router with --preload)",
+    ("unloaded", ""): "load it on the model server",
+    ("blind", "llama.cpp"): "restart llama-server with --mmproj <the model's mmproj .gguf>, "
+                            "or point --vision-upstream at a server whose model has vision",
+    ("blind", ""): "set --vision-model to a model with vision",
+    ("small", "lmstudio"): "lms unload {model} && lms load {model} --context-length 32768 --gpu max",
+    ("small", "llama.cpp"): "restart llama-server with -c 32768",
+    ("small", "vllm"): "restart vLLM with --max-model-len 32768",
+    ("small", "ollama"): "restart Ollama with OLLAMA_CONTEXT_LENGTH=32768",
+    ("small", ""): "load it with 32768 tokens of context",
+}
+LISTED_IDS = 12                             # model ids named when a configured one is missing
+
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
 
@@ -909,35 +927,92 @@ def models_from_listing(listing):
         for instance in loaded:
             if instance.get("id") and instance["id"] != entry["key"]:
                 found[instance["id"]] = found[entry["key"]]
+    capabilities = {e.get("model"): e["capabilities"] for e in listing.get("models") or []
+                    if isinstance(e, dict) and isinstance(e.get("capabilities"), list)}
     for entry in listing.get("data") or []:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
             meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
             context = meta.get("n_ctx") or entry.get("max_model_len")    # llama-server, vLLM
             found.setdefault(entry["id"], {"loaded": True, "context_length": context
-                                           if type(context) is int else None, "vision": None})
+                                           if type(context) is int else None,
+                                           "vision": listed_vision(
+                                               entry, capabilities.get(entry["id"]))})
     return found
 
 
-def model_problems(models, coder_model, vision_model):
-    """Return one line per problem with the configured models, each with its fix."""
+def listed_vision(entry, capabilities):
+    """True or False when a /v1/models entry says whether it takes images, else None.
+
+    llama-server says it twice: data[].architecture.input_modalities (["text"] without
+    an mmproj) and, in its Ollama-style models[], capabilities ("multimodal" with one)."""
+    architecture = entry.get("architecture")
+    modalities = architecture.get("input_modalities") if isinstance(architecture, dict) else None
+    if isinstance(modalities, list):
+        return "image" in modalities
+    if capabilities is not None:
+        return "multimodal" in capabilities or "vision" in capabilities
+    return None
+
+
+def server_kind(path, listing):
+    """Which server answered a model listing at path: lmstudio, llama.cpp, vllm, ollama or other."""
+    if path == "/api/v1/models":
+        return "lmstudio"
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    owners = {e.get("owned_by") for e in entries}
+    if "llamacpp" in owners or any("meta" in e for e in entries):
+        return "llama.cpp"
+    if "vllm" in owners:
+        return "vllm"
+    if owners & {"library", "ollama"}:     # Ollama names a pulled model's namespace
+        return "ollama"
+    return "other"
+
+
+def find_model(models, kind, model):
+    """Return (info, id it is served as) for model on a server's list, or (None, None).
+
+    A llama-server with one model serves it whatever name a request gives."""
+    if model in models:
+        return models[model], model
+    if kind == "llama.cpp" and len(models) == 1:
+        (served, info), = models.items()
+        return info, served
+    return None, None
+
+
+def fix_for(problem, kind, role, model):
+    """The advice for a problem with the role's model, in the words of that kind of server."""
+    return FIXES.get((problem, kind), FIXES[problem, ""]).format(role=role, model=model)
+
+
+def model_report(role, model, kind, models):
+    """Return (one line on what the server has for the role's model, [problems with their fix])."""
+    info, served = find_model(models, kind, model)
+    if info is None:
+        have = ", ".join(sorted(models)[:LISTED_IDS]) + (", ..." if len(models) > LISTED_IDS else "")
+        return ("%s %s: not on the server" % (role, model),
+                ["%s model %s is not on the %s server, which has: %s. Fix: %s"
+                 % (role, model, kind, have or "no models", fix_for("missing", kind, role, model))])
+    images = {True: "sees images", False: "cannot see images", None: "images unknown"}
+    context = info.get("context_length")
+    line = "%s %s%s: %s, %s, %s" % (
+        role, model, "" if served == model else " (served by %s, the server's only model)" % served,
+        "loaded" if info.get("loaded") else "not loaded",
+        "%d-token context" % context if context else "context unknown",
+        images[info.get("vision")])
     problems = []
-    for role, model in (("coder", coder_model), ("vision", vision_model)):
-        info = models.get(model)
-        if info is None:
-            problems.append("%s model %s is not on the server: lms get %s, or fix --%s-model"
-                            % (role, model, model, role))
-        elif not info["loaded"]:
-            problems.append("%s model %s is not loaded: lms load %s --gpu max"
-                            % (role, model, model))
-    vision = models.get(vision_model) or {}
-    if vision.get("vision") is False:
-        problems.append("vision model %s cannot see images: pick a model with vision "
-                        "(--vision-model)" % vision_model)
-    if vision.get("context_length") and vision["context_length"] < SMALL_VISION_CONTEXT:
-        problems.append("vision model %s is loaded with %d context: lms unload %s && "
-                        "lms load %s --context-length 32768 --gpu max"
-                        % (vision_model, vision["context_length"], vision_model, vision_model))
-    return problems
+    if not info.get("loaded"):
+        problems.append("%s model %s is not loaded. Fix: %s"
+                        % (role, model, fix_for("unloaded", kind, role, model)))
+    if role == "vision" and info.get("vision") is False:
+        problems.append("vision model %s cannot see images; image turns will fail. Fix: %s"
+                        % (served, fix_for("blind", kind, role, model)))
+    if role == "vision" and context and context < SMALL_VISION_CONTEXT:
+        problems.append("vision model %s is loaded with %d context. Fix: %s"
+                        % (served, context, fix_for("small", kind, role, model)))
+    return line, problems
 
 
 ################ Cache
@@ -1220,19 +1295,24 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
 
 
 def list_models(url, timeout=CONNECT_TIMEOUT):
-    """Return {model id: info} from the server at url (LM Studio's API first), or None if down."""
-    found = None
+    """Return (kind of server, {model id: info}) from the server at url, LM Studio's API first.
+
+    (None, None) when it is down; kind "needs-key" when it refused the listing."""
+    found, kind = None, None
     for path in ("/api/v1/models", "/v1/models"):
         try:
             status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
                                          connect_timeout=timeout)
         except ProxyError:
-            return None
+            return None, None
+        if status in (401, 403):
+            return "needs-key", {}
         if status == 200:
             found = {**models_from_listing(listing), **(found or {})}
+            kind = kind or server_kind(path, listing)
             if found and path == "/api/v1/models":
                 break
-    return found if found is not None else {}
+    return kind or "other", found if found is not None else {}
 
 
 def describe_image(url, block, context, model):
@@ -1290,10 +1370,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT              # idle keep-alive connections end (P1)
     server_version = "claude-router/" + VERSION
 
+    def handle(self):
+        """Serve the connection's requests, then refresh the model list if one claimed that.
+
+        The claiming request's response said Connection: close, so the client sends its
+        next request on a new connection instead of waiting behind the refresh."""
+        self.refresh_due = False
+        try:
+            super().handle()
+        finally:
+            if self.refresh_due:
+                self.server.refresh_models()
+
     def do_GET(self):
         self.handle_request("GET")
 
     def do_POST(self):
+        if urllib.parse.urlsplit(self.path).path == "/v1/messages":
+            return self.handle_routed()
         self.handle_request("POST")
 
     def do_HEAD(self):
@@ -1328,6 +1422,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.body_read:
                 self.close_connection = True    # its unread body must not pass for a request (P1)
             self.send_json(e.status, anthropic_error(e.status, str(e), e.error_type))
+
+    def handle_routed(self):
+        """POST /v1/messages, the routed request."""
+        if self.server.claim_refresh():
+            self.refresh_due = True
+            self.close_connection = True
+        self.handle_request("POST")
 
     def check_access(self):
         """Raise ProxyError for clients that may not use the router.
@@ -1503,7 +1604,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pixels = sum(len(d) for d, k in keys.items() if k in new_keys)
         estimate = estimate_tokens(size, pixels, len(new_keys))
         upstream = server.vision_upstream_url if route == "vision" else server.upstream_url
-        context_length = (server.known_models() or {}).get(model, {}).get("context_length")
+        context_length = server.model_info(model, upstream).get("context_length")
         outgoing = clamp_max_tokens({**clean, "model": model, "messages": messages},
                                     estimate, context_length)
         length, data = encode_request(outgoing)
@@ -1659,7 +1760,8 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, upstream_url=UPSTREAM_URL, vision_upstream_url="",
                  coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
                  cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
-                 max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT):
+                 max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT,
+                 models_ttl=MODELS_TTL):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -1674,6 +1776,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
+        self.models_ttl = models_ttl
         self.cache = DescriptionCache(cache_dir)
         self.memory = TurnMemory()
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
@@ -1685,6 +1788,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.last_model = None                  # the main upstream's last model
         self.models = None                      # {model id: info}, None: never seen
         self.models_time = float("-inf")
+        self.listings = {}                      # upstream url -> (kind of server, models)
+        self.startup = {"upstream_reachable": None, "problems": []}   # the startup check's
 
     def server_bind(self):
         """Bind without the reverse DNS lookup HTTPServer.server_bind does (P9)."""
@@ -1733,37 +1838,89 @@ class Server(http.server.ThreadingHTTPServer):
 
     def status(self):
         """The /status document."""
-        models = self.known_models() or {}
         with self.stats_lock:
             stats = json.loads(json.dumps(self.stats))
+            startup = json.loads(json.dumps(self.startup))
         with self.cache.lock:
             cache = {"entries": len(self.cache.entries), "hits": self.cache.hits,
                      "misses": self.cache.misses, "file": self.cache.path}
         return {"version": VERSION, "pid": os.getpid(), "upstream": self.upstream_url,
                 "vision_upstream": self.vision_upstream_url, "vision_mode": self.vision_mode,
-                "coder": {"model": self.coder_model, **models.get(self.coder_model, {})},
-                "vision": {"model": self.vision_model, **models.get(self.vision_model, {})},
-                "cache": cache, **stats}
+                "coder": {"model": self.coder_model,
+                          **self.model_info(self.coder_model, self.upstream_url)},
+                "vision": {"model": self.vision_model,
+                           **self.model_info(self.vision_model, self.vision_upstream_url)},
+                "cache": cache, "startup": startup, **stats}
 
     # The upstream's models.
 
     def known_models(self, refresh=False):
-        """{model id: info} as last seen, looked up again when older than MODELS_TTL.
-
-        Only the thread that finds the list stale asks; the others use what is there."""
-        with self.stats_lock:
-            stale = refresh or time.monotonic() - self.models_time > MODELS_TTL
-            if stale:
-                self.models_time = time.monotonic()
-        if stale:
-            found = list_models(self.upstream_url, self.connect_timeout)
-            if self.vision_upstream_url != self.upstream_url:
-                vision = list_models(self.vision_upstream_url, self.connect_timeout)
-                found = None if found is None and vision is None else {**(vision or {}),
-                                                                       **(found or {})}
-            with self.stats_lock:
-                self.models = found if found is not None else self.models
+        """{model id: info} of both upstreams as last seen (None: never seen); refresh asks now."""
+        if refresh:
+            self.refresh_models()
         return self.models
+
+    def claim_refresh(self):
+        """True for the one request that finds the model list stale; it refreshes the list.
+
+        The others go on with the list as it is, so no client waits for a slow listing."""
+        with self.stats_lock:
+            if time.monotonic() - self.models_time <= self.models_ttl:
+                return False
+            self.models_time = time.monotonic()
+            return True
+
+    def refresh_models(self):
+        """Ask each upstream for its models; return {url: (kind, models)} as they answered.
+
+        An upstream that does not answer keeps what it said last time."""
+        with self.stats_lock:
+            self.models_time = time.monotonic()
+        answers = {url: list_models(url, self.connect_timeout) for url in dict.fromkeys(
+            (self.upstream_url, self.vision_upstream_url))}
+        with self.stats_lock:
+            self.listings.update({url: a for url, a in answers.items() if a[1] is not None})
+            if self.listings:
+                merged = {}
+                for url in (self.vision_upstream_url, self.upstream_url):   # the main one wins
+                    merged.update(self.listings.get(url, (None, {}))[1])
+                self.models = merged
+        return answers
+
+    def model_info(self, model, url):
+        """What the server at url last said of model ({} if nothing), kind of server included."""
+        with self.stats_lock:
+            kind, models = self.listings.get(url, (None, {}))
+        info, served = find_model(models, kind, model)
+        if info is None:
+            return {"server": kind} if kind else {}
+        return {**info, "server": kind, **({"served_by": served} if served != model else {})}
+
+    def check_upstream(self, preload=False):
+        """Look at the upstreams' models now; return the banner lines: what was found, then
+        each problem with its fix. Remembers the problems for /status (claude-local shows them)."""
+        answers = self.refresh_models()
+        lines = self.preload() if preload else []
+        if lines:
+            answers = self.refresh_models()
+        problems = []
+        for url, (kind, models) in answers.items():
+            if models is None:
+                problems.append("upstream %s is not reachable yet; requests get 529 until it is"
+                                % url)
+            elif kind == "needs-key":
+                problems.append("upstream %s refused the model list: it needs a key" % url)
+        for role, model, url in (("coder", self.coder_model, self.upstream_url),
+                                 ("vision", self.vision_model, self.vision_upstream_url)):
+            kind, models = answers[url]
+            if models:     # a server without a model list (a bare fake) gets no advice
+                line, found = model_report(role, model, kind, models)
+                lines.append(line)
+                problems += found
+        with self.stats_lock:
+            self.startup = {"upstream_reachable": answers[self.upstream_url][1] is not None,
+                            "problems": problems}
+        return lines + ["! " + p for p in problems]
 
     def preload(self):
         """Ask LM Studio to load each configured model that is not loaded; return messages."""
@@ -1778,8 +1935,6 @@ class Server(http.server.ThreadingHTTPServer):
             except ProxyError as e:
                 status = str(e)
             said.append("preload %s: %s" % (model, "loaded" if status == 200 else status))
-        if said:
-            self.known_models(refresh=True)
         return said
 
     # Descriptions.
@@ -1919,15 +2074,8 @@ def main(argv=None, environ=None):
     log("vision → %s%s" % (server.vision_model, "" if server.vision_mode == "answer"
                            else " (describe mode)"))
     log("cache: %d description(s) in %s" % (loaded, server.cache.path))
-    models = server.known_models()
-    if models is None:
-        log("! upstream %s is not reachable yet; requests get 529 until it is"
-            % server.upstream_url)
-    elif models:    # a server without a model list (a bare fake) gets no advice
-        for line in server.preload() if args.preload else ():
-            log(line)
-        for problem in model_problems(server.models, server.coder_model, server.vision_model):
-            log("! " + problem)
+    for line in server.check_upstream(args.preload):
+        log(line)
     with server:
         try:
             server.serve_forever()

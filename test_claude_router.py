@@ -34,6 +34,21 @@ PNG_B = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"B" * 64).decode()
 PNG_C = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"C" * 64).decode()
 
 
+def llama_listing(vision=False, n_ctx=32768):
+    """llama-server's /v1/models as it answers here (xllamacpp b11549), with or without an mmproj."""
+    name = "qwen2.5-coder-0.5b"
+    return {"models": [{"name": name, "model": name, "type": "model",
+                        "capabilities": ["completion"] + (["multimodal"] if vision else [])}],
+            "object": "list",
+            "data": [{"id": name, "aliases": [name], "object": "model", "owned_by": "llamacpp",
+                      "architecture": {"input_modalities": ["text"] + (["image"] if vision else []),
+                                       "output_modalities": ["text"]},
+                      "meta": {"n_ctx": n_ctx, "n_ctx_train": 32768}}]}
+
+
+LLAMA_LISTING = llama_listing()
+
+
 def image(data=PNG_A):
     return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
 
@@ -553,15 +568,61 @@ class SmallTransformTest(unittest.TestCase):
             "odd": {"loaded": True, "context_length": None, "vision": None}})
         self.assertEqual(cr.models_from_listing(["junk"]), {})
 
-    def test_model_problems_each_come_with_a_fix(self):
-        models = {"c": {"loaded": False, "context_length": None, "vision": None},
-                  "v": {"loaded": True, "context_length": 4096, "vision": False}}
-        problems = cr.model_problems(models, "c", "v")
-        self.assertEqual(len(problems), 3)
+    def test_llama_server_says_whether_a_model_takes_images(self):
+        rows = [("no mmproj", LLAMA_LISTING, False),
+                ("mmproj", llama_listing(vision=True), True),
+                ("capabilities only", {"models": [{"model": "q", "capabilities": ["completion",
+                                                                                 "multimodal"]}],
+                                       "data": [{"id": "q"}]}, True),
+                ("says nothing", {"data": [{"id": "q"}]}, None)]
+        for name, listing, vision in rows:
+            with self.subTest(name):
+                found = cr.models_from_listing(listing)
+                self.assertEqual(list(found.values())[0]["vision"], vision)
+
+    def test_server_kind_by_the_listing_that_answered(self):
+        rows = [("/api/v1/models", {"models": []}, "lmstudio"),
+                ("/v1/models", LLAMA_LISTING, "llama.cpp"),
+                ("/v1/models", {"data": [{"id": "m", "owned_by": "vllm"}]}, "vllm"),
+                ("/v1/models", {"data": [{"id": "m:7b", "owned_by": "library"}]}, "ollama"),
+                ("/v1/models", {"data": [{"id": "m"}]}, "other"), ("/v1/models", [], "other")]
+        for path, listing, kind in rows:
+            with self.subTest(kind):
+                self.assertEqual(cr.server_kind(path, listing), kind)
+
+    def test_model_report_says_what_it_found_and_fits_its_advice_to_the_server(self):
+        lmstudio = {"c": {"loaded": False, "context_length": None, "vision": None},
+                    "v": {"loaded": True, "context_length": 4096, "vision": False}}
+        line, problems = cr.model_report("vision", "v", "lmstudio", lmstudio)
+        self.assertEqual(line, "vision v: loaded, 4096-token context, cannot see images")
+        self.assertEqual(len(problems), 2)
+        self.assertIn("cannot see images", problems[0])
+        self.assertIn("lms unload v && lms load v --context-length 32768", problems[1])
+        line, problems = cr.model_report("coder", "c", "lmstudio", lmstudio)
+        self.assertEqual((line, len(problems)), ("coder c: not loaded, context unknown, "
+                                                 "images unknown", 1))
         self.assertIn("lms load c", problems[0])
-        self.assertIn("cannot see images", problems[1])
-        self.assertIn("--context-length 32768", problems[2])
-        self.assertIn("not on the server", cr.model_problems({}, "c", "v")[0])
+        _, problems = cr.model_report("coder", "x/y", "lmstudio", lmstudio)
+        self.assertIn("not on the lmstudio server, which has: c, v. Fix: lms get x/y", problems[0])
+        for kind in ("llama.cpp", "vllm", "ollama", "other"):
+            with self.subTest(kind):
+                models = {"a": {"loaded": True, "context_length": 4096, "vision": False},
+                          "b": {"loaded": True, "context_length": 4096, "vision": False}}
+                lines = [l for role in ("coder", "vision")
+                         for l in cr.model_report(role, "z", kind, models)[1]
+                         + cr.model_report(role, "a", kind, models)[1]]
+                self.assertTrue(lines)
+                self.assertFalse([l for l in lines if "lms " in l], lines)
+                self.assertIn("which has: a, b", lines[0])
+
+    def test_a_llama_server_with_one_model_serves_any_name(self):
+        models = cr.models_from_listing(LLAMA_LISTING)
+        line, problems = cr.model_report("vision", "dev/vision", "llama.cpp", models)
+        self.assertEqual(line, "vision dev/vision (served by qwen2.5-coder-0.5b, the server's only "
+                               "model): loaded, 32768-token context, cannot see images")
+        self.assertEqual(len(problems), 1)
+        self.assertIn("--mmproj", problems[0])
+        self.assertNotIn("lms", problems[0])
 
     def test_describe_request_is_short_and_deterministic(self):
         got = cr.describe_request(image(PNG_A), "The user wrote: hi", "V")
@@ -738,6 +799,7 @@ class FakeUpstream:
         self.count_tokens = count_tokens
         self.strict = strict
         self.closed = threading.Event()     # set when a client stopped reading a stream
+        self.listing_gate = None            # an Event model listings wait on, when set
         fake = self
 
         class Handler(NoLog, http.server.BaseHTTPRequestHandler):
@@ -745,7 +807,11 @@ class FakeUpstream:
 
             def do_GET(self):
                 fake.record(self, None)
-                if self.path == "/api/v1/models" and fake.listing and "models" in fake.listing:
+                if fake.listing_gate and self.path.endswith("/models"):
+                    fake.listing_gate.wait(TIMEOUT)
+                # LM Studio's own listing has models[] and no data[] (llama-server has both).
+                if self.path == "/api/v1/models" and fake.listing and "models" in fake.listing \
+                        and "data" not in fake.listing:
                     return send_json(self, 200, fake.listing)
                 if self.path == "/v1/models" and fake.listing and "data" in fake.listing:
                     return send_json(self, 200, fake.listing)
@@ -884,6 +950,7 @@ class RouterTestCase(unittest.TestCase):
         router = cr.Server(("127.0.0.1", 0), url, coder_model="CODER", vision_model="VISION",
                            cache_dir=self.cache_dir, **{**self.router_settings, **settings})
         router.cache.load()
+        router.refresh_models()     # as main() does before it serves
         thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
         thread.start()
         self.addCleanup(lambda: self.assertEqual(router.errors, []))
@@ -1758,6 +1825,68 @@ class VisionModeTest(RouterTestCase):
         self.post(request(user(image(PNG_A)), assistant(text("A diagram.")), user(text("ok"))))
         self.assertEqual([b["model"] for b in vision.posts()], ["VISION"])
         self.assertEqual([b["model"] for b in coder.posts()], ["CODER"])
+
+
+class StartupCheckTest(RouterTestCase):
+
+    def test_llama_server_without_mmproj_is_warned_about_and_status_says_so(self):
+        router = self.start(FakeUpstream(self, listing=LLAMA_LISTING))
+        lines = router.check_upstream()
+        self.assertEqual(lines[:2], [
+            "coder CODER (served by qwen2.5-coder-0.5b, the server's only model): loaded, "
+            "32768-token context, cannot see images",
+            "vision VISION (served by qwen2.5-coder-0.5b, the server's only model): loaded, "
+            "32768-token context, cannot see images"])
+        self.assertEqual(len(lines), 3)
+        self.assertTrue(lines[2].startswith("! vision model qwen2.5-coder-0.5b cannot see images"))
+        self.assertIn("llama-server with --mmproj", lines[2])
+        status = self.call("GET", "/status")[2]
+        self.assertEqual((status["vision"]["vision"], status["vision"]["server"],
+                          status["coder"]["context_length"]), (False, "llama.cpp", 32768))
+        self.assertEqual(status["startup"], {"upstream_reachable": True, "problems": [l[2:] for l in lines[2:]]})
+
+    def test_llama_server_with_mmproj_has_nothing_to_say(self):
+        router = self.start(FakeUpstream(self, listing=llama_listing(vision=True)))
+        lines = router.check_upstream()
+        self.assertEqual([l for l in lines if l.startswith("!")], [])
+        self.assertTrue(lines[1].endswith("sees images"), lines)
+
+    def test_missing_model_lists_what_the_server_has(self):
+        router = self.start(FakeUpstream(self, listing={"models": [
+            {"key": "qwen/other", "loaded_instances": [{"id": "qwen/other"}]},
+            {"key": "VISION", "capabilities": {"vision": True},
+             "loaded_instances": [{"id": "VISION", "config": {"context_length": 32768}}]}]}))
+        lines = router.check_upstream()
+        self.assertIn("coder CODER: not on the server", lines)
+        self.assertIn("vision VISION: loaded, 32768-token context, sees images", lines)
+        self.assertIn("! coder model CODER is not on the lmstudio server, which has: VISION, "
+                      "qwen/other. Fix: lms get CODER, or set --coder-model to one of those", lines)
+
+    def test_unreachable_upstream_is_said_and_kept_for_status(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        router = self.start("http://127.0.0.1:%d" % port)
+        lines = router.check_upstream()
+        self.assertEqual(lines, ["! upstream http://127.0.0.1:%d is not reachable yet; requests "
+                                 "get 529 until it is" % port])
+        self.assertEqual(router.status()["startup"]["upstream_reachable"], False)
+
+    def test_a_slow_model_listing_never_delays_a_client_request(self):
+        # issue 11: the model-list refresh ran inside the request that found the list stale,
+        # so a listing that never answered held that request for the whole listing timeout.
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        self.start(upstream, models_ttl=0)      # every request finds the list stale
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        upstream.listing_gate = gate
+        conn = self.connect()
+        for _ in range(2):      # the second goes on a new connection, not behind the refresh
+            status, headers, reply = self.post(request(user(text("hi"))), conn=conn)
+            self.assertEqual((status, reply["content"]), (200, [text("ok")]))
+        self.assertEqual(headers["Connection"], "close")
+        self.assertEqual(self.call("GET", "/status")[2]["coder"]["context_length"], 32768)
+        gate.set()
 
 
 class LauncherTest(RouterTestCase):
