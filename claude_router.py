@@ -40,6 +40,7 @@ import re
 import selectors
 import socket
 import socketserver
+import stat
 import sys
 import threading
 import time
@@ -1023,15 +1024,18 @@ class DescriptionCache:
     The file is append-only; a torn or corrupt line is skipped. When it holds
     CACHE_REWRITE_FACTOR times the bound, it is rewritten through a temporary file.
     Every write happens under flock() of a lock file, so routers sharing the
-    directory neither interleave lines nor drop each other's entries."""
+    directory neither interleave lines nor drop each other's entries; a lookup that
+    misses reads what the others appended since, so none describes an image again."""
 
     def __init__(self, directory, max_entries=CACHE_MAX_ENTRIES):
         self.directory = directory
         self.path = os.path.join(directory, CACHE_FILE) if directory else None
         self.max_entries = max_entries
         self.entries = {}              # image hash -> description, oldest first
-        self.lock = threading.Lock()   # guards entries, lines, hits, misses, warned
+        self.lock = threading.Lock()   # guards entries, lines, file, offset, hits, misses, warned
         self.lines = 0                 # lines in the file, to know when to rewrite
+        self.file = None               # (st_dev, st_ino) of the file read so far
+        self.offset = 0                # bytes of it read: where its next line starts
         self.hits = self.misses = 0
         self.warned = set()
 
@@ -1043,43 +1047,72 @@ class DescriptionCache:
             self.warned.add(what)
         log("! description cache: %s (%s); descriptions stay in memory" % (what, error))
 
-    def read_file(self):
-        """Return ({hash: description} from the file, its line count, bad lines)."""
-        entries, lines, bad = {}, 0, 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                lines += 1
-                try:
-                    record = json.loads(raw)
-                    key, text = record["hash"], record["description"]
-                    if not (isinstance(key, str) and isinstance(text, str)):
-                        raise ValueError(key)
-                except (ValueError, KeyError, TypeError):
-                    bad += 1
-                    continue
-                entries.pop(key, None)
-                entries[key] = text
-        return entries, lines, bad
+    def read_records(self, f, start):
+        """Return ([(hash, description, line)], lines, bad lines, end) for the complete
+        lines of f from byte start; end is where the first incomplete one begins.
+
+        A line without its newline is still being written by another router (or was
+        torn by a crash, and the next writer starts a fresh line after it)."""
+        records, lines, bad, end = [], 0, 0, start
+        f.seek(start)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            lines += 1
+            end += len(raw)
+            try:
+                record = json.loads(raw)
+                key, text = record["hash"], record["description"]
+                if not (isinstance(key, str) and isinstance(text, str)):
+                    raise ValueError(key)
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            records.append((key, text, raw))
+        return records, lines, bad, end
+
+    def refresh(self):
+        """Read the lines appended to the file since the last look, or all of it when it
+        was replaced (a rewrite); return how many unreadable lines were skipped."""
+        with self.lock:
+            seen, offset = self.file, self.offset
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == seen and info.st_size == offset:
+                return 0        # the common case: nothing new, one stat()
+            with open(self.path, "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    return 0
+                file = (info.st_dev, info.st_ino)
+                # Read on from offset only in the same file, and only where a line ended.
+                same = file == seen and 0 < offset <= info.st_size \
+                    and os.pread(f.fileno(), 1, offset - 1) == b"\n"
+                records, lines, bad, end = self.read_records(f, offset if same else 0)
+        except FileNotFoundError:
+            return 0
+        with self.lock:
+            for key, text, _ in records:
+                self.entries.pop(key, None)
+                self.entries[key] = text
+            self.evict()
+            if (self.file, self.offset) == (seen, offset):  # no other thread read on meanwhile
+                self.lines = self.lines + lines if same else lines
+                self.file, self.offset = file, end
+        return bad
 
     def load(self):
         """Read the file into memory; return how many descriptions it holds."""
         if not self.path:
             return 0
         try:
-            entries, lines, bad = self.read_file()
-        except FileNotFoundError:
-            return 0
+            bad = self.refresh()
         except OSError as e:
             self.warn("cannot read %s" % self.path, e)
             return 0
         if bad:
             log("! description cache: skipped %d unreadable line(s) in %s" % (bad, self.path))
-        with self.lock:
-            for key, text in entries.items():
-                self.entries[key] = text
-            self.evict()
-            self.lines = lines
-            return len(self.entries)
+        return len(self)
 
     def evict(self):
         """Drop the oldest entries past the bound. Caller holds the lock."""
@@ -1087,11 +1120,21 @@ class DescriptionCache:
             del self.entries[next(iter(self.entries))]
 
     def lookup(self, keys):
-        """Return {key: description} for the keys that have one, counting hits and misses."""
+        """Return {key: description} for the keys that have one, counting hits and misses.
+
+        On a miss, first read what other routers sharing the file appended since."""
+        keys = set(keys)
+        with self.lock:
+            missing = self.path and not keys <= self.entries.keys()
+        if missing:
+            try:
+                self.refresh()
+            except OSError as e:
+                self.warn("cannot read %s" % self.path, e)
         with self.lock:
             found = {k: self.entries[k] for k in keys if k in self.entries}
             self.hits += len(found)
-            self.misses += len(set(keys)) - len(found)
+            self.misses += len(keys) - len(found)
         return found
 
     def __len__(self):
@@ -1114,7 +1157,7 @@ class DescriptionCache:
                                    ensure_ascii=False).encode() + b"\n"
                         for k, v in descriptions.items())
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             with self.file_lock():
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
@@ -1124,8 +1167,8 @@ class DescriptionCache:
                         raise OSError("short write (%d of %d bytes)" % (written, len(data)))
                 finally:
                     os.close(fd)
+                self.refresh()      # counts the lines, ours and any another router added
                 with self.lock:
-                    self.lines += len(descriptions)
                     due = self.lines >= self.max_entries * CACHE_REWRITE_FACTOR
                 if due:
                     self.rewrite()
@@ -1143,19 +1186,27 @@ class DescriptionCache:
         return FileLock(os.path.join(self.directory, CACHE_LOCK_FILE))
 
     def rewrite(self):
-        """Rewrite the file with its newest max_entries entries. Caller holds the file lock."""
-        entries, _, _ = self.read_file()
-        keep = list(entries.items())[-self.max_entries:]
+        """Rewrite the file with its newest max_entries lines, as they were written (model
+        and time too), private like the file itself. Caller holds the file lock."""
+        with open(self.path, "rb") as f:
+            records = self.read_records(f, 0)[0]
+        newest = {}
+        for key, _, raw in records:
+            newest.pop(key, None)
+            newest[key] = raw
+        keep = list(newest.values())[-self.max_entries:]
         temporary = self.path + ".tmp"
-        with open(temporary, "wb") as f:
-            for key, text in keep:
-                f.write(json.dumps({"hash": key, "description": text},
-                                   ensure_ascii=False).encode() + b"\n")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o600)    # a stale temporary file keeps its own mode otherwise
+            f.writelines(keep)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+            info = os.fstat(fd)
         os.replace(temporary, self.path)
         with self.lock:
             self.lines = len(keep)
+            self.file, self.offset = (info.st_dev, info.st_ino), info.st_size
 
 
 class FileLock:

@@ -703,9 +703,11 @@ class CacheTest(unittest.TestCase):
             f.write(b'\xff\xfegarbage\n{"hash": 5, "description": "x"}\n[]\n{"hash": "k2", "desc')
         cache = cr.DescriptionCache(self.dir)
         self.assertEqual(cache.load(), 1)
-        self.assertIn("skipped 4 unreadable line(s)", self.log.getvalue())
+        # The last line has no newline: another router may be writing it still.
+        self.assertIn("skipped 3 unreadable line(s)", self.log.getvalue())
         cache.store({"k3": "three"}, "V")      # starts on a fresh line after the torn one
         self.assertEqual(cr.DescriptionCache(self.dir).load(), 2)
+        self.assertIn("skipped 4 unreadable line(s)", self.log.getvalue())
 
     def test_bounded_with_oldest_evicted_and_file_rewritten(self):
         cache = cr.DescriptionCache(self.dir, max_entries=3)
@@ -742,6 +744,42 @@ class CacheTest(unittest.TestCase):
         reader = cr.DescriptionCache(self.dir, max_entries=100)
         reader.load()
         self.assertEqual(list(reader.entries), ["k%d" % i for i in range(50, 150)])
+
+    def test_rewrite_keeps_the_file_private_and_every_field(self):
+        # The first rewrite made the file, which holds screenshot text verbatim,
+        # world-readable, and dropped each line's model and time.
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        cache = cr.DescriptionCache(self.dir, max_entries=3)
+        for i in range(3 * cr.CACHE_REWRITE_FACTOR):
+            cache.store({"k%d" % i: "d%d" % i}, "V%d" % i)
+        lines = self.lines()
+        self.assertEqual([line["hash"] for line in lines], ["k3", "k4", "k5"])  # rewritten
+        self.assertEqual(os.stat(os.path.join(self.dir, cr.CACHE_FILE)).st_mode & 0o777, 0o600)
+        for i, line in enumerate(lines, 3):
+            self.assertEqual((line["description"], line["model"]), ("d%d" % i, "V%d" % i))
+            self.assertIsInstance(line["time"], float)
+
+    def test_two_caches_see_each_others_new_descriptions(self):
+        # Routers sharing a directory read only at startup, so each described the
+        # same screenshot again.
+        first, second = cr.DescriptionCache(self.dir, max_entries=3), cr.DescriptionCache(self.dir)
+        first.load(), second.load()
+        first.store({"k1": "one"}, "V")
+        self.assertEqual(second.lookup(["k1"]), {"k1": "one"})
+        second.store({"k2": "two"}, "V")
+        self.assertEqual(first.lookup(["k1", "k2"]), {"k1": "one", "k2": "two"})
+        for i in range(3, 9):       # the first cache rewrites (replaces) the file meanwhile
+            first.store({"k%d" % i: "d%d" % i}, "V")
+        self.assertEqual(second.lookup(["k8"]), {"k8": "d8"})
+        path = os.path.join(self.dir, cr.CACHE_FILE)
+        with open(path, "ab") as f:     # a line another router is still writing
+            f.write(b'{"hash": "k9", "descr')
+        self.assertEqual(second.lookup(["k9"]), {})
+        with open(path, "ab") as f:
+            f.write(b'iption": "nine"}\n')
+        self.assertEqual(second.lookup(["k9"]), {"k9": "nine"})
+        self.assertEqual((second.hits, second.misses), (3, 1))
 
     def test_unwritable_dir_keeps_serving_from_memory_and_warns_once(self):
         blocker = os.path.join(self.dir, "file")
@@ -1051,6 +1089,16 @@ class RoutingTest(RouterTestCase):
         first.shutdown()
         self.start(upstream)
         self.post(request(user(text("again"), image(PNG_C))))
+        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
+                         text("<<IMAGE DESCRIPTION: A cat.>>"))
+
+    def test_routers_sharing_a_cache_dir_never_describe_an_image_twice(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("A cat."))])
+        first = self.start(upstream)
+        second = self.start(upstream)       # both running, both loaded an empty cache
+        self.post(request(user(image(PNG_C))), conn=self.connect(first))
+        self.post(request(user(text("again"), image(PNG_C))), conn=self.connect(second))
         self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
         self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
                          text("<<IMAGE DESCRIPTION: A cat.>>"))
