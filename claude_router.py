@@ -44,6 +44,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 
 VERSION = "1.0.0"
@@ -93,6 +94,7 @@ MODELS_TTL = 30.0                           # s between looks at the upstream's 
 RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
+ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
 BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
@@ -192,6 +194,9 @@ FIXES = {
     ("small", ""): "load it with 32768 tokens of context",
 }
 LISTED_IDS = 12                             # model ids named when a configured one is missing
+
+# An SSE event ends at a blank line; a line ends with CRLF, LF or CR (WHATWG HTML 9.2.6).
+SSE_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
@@ -841,7 +846,7 @@ def parse_sse_event(raw):
             data.append(line[5:].strip())
     try:
         return name, json.loads(b"\n".join(data)) if data else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return name, None
 
 
@@ -862,9 +867,11 @@ class ReplyCapture:
         *events, self.pending = self.pending.split(b"\n\n")
         for raw in events:
             name, event = parse_sse_event(raw)
-            kind = event.get("type", name) if isinstance(event, dict) else name
-            if kind == "content_block_delta":
-                delta = event.get("delta") or {}
+            if not isinstance(event, dict):     # any JSON can arrive; only objects carry text
+                event = {}
+            kind = event.get("type", name)
+            delta = event.get("delta")
+            if kind == "content_block_delta" and isinstance(delta, dict):
                 if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                     self.parts.append(delta["text"])
             elif kind == "message_stop":
@@ -875,6 +882,14 @@ class ReplyCapture:
     def text(self):
         """The reply's text if the stream completed without error, else ""."""
         return "".join(self.parts) if self.complete and not self.failed else ""
+
+
+def split_events(data):
+    """Return (the complete SSE events at the start of data, the bytes after the last one)."""
+    end = 0
+    for match in SSE_EVENT_END.finditer(data):
+        end = match.end()
+    return data[:end], data[end:]
 
 
 def encode_chunk(data):
@@ -1450,9 +1465,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_OPTIONS = do_PUT
 
     def handle_request(self, method):
-        """Check access, dispatch, and answer a ProxyError with Anthropic's envelope."""
+        """Check access and dispatch; answer every failure, the unexpected ones included.
+
+        A ProxyError gets Anthropic's envelope. Anything else is a bug: it gets a 500 (or
+        an error event, inside a stream) and the connection closes, then it goes on to
+        Server.handle_error, which logs its traceback once."""
         path = urllib.parse.urlsplit(self.path).path
         self.body_read = method != "POST"
+        self.response_started = False   # our status line is fixed once this is set
+        self.stream_frame = None        # while an SSE body is going out: how to frame its bytes
         try:
             self.check_access()
             route = self.routes.get((method, path))
@@ -1473,6 +1494,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.body_read:
                 self.close_connection = True    # its unread body must not pass for a request (P1)
             self.send_json(e.status, anthropic_error(e.status, str(e), e.error_type))
+        except Exception:
+            self.answer_unexpected()
+            raise
+
+    def answer_unexpected(self):
+        """Answer a request whose handling raised something unexpected, then close.
+
+        After a bug we no longer know what the connection holds, so it closes."""
+        self.close_connection = True
+        message = "the router failed on this request (a bug); its log has the details"
+        if self.stream_frame:
+            self.end_stream(sse_error_event(message))
+        elif not self.response_started:
+            self.send_json(500, anthropic_error(500, message))
 
     def handle_routed(self):
         """POST /v1/messages, the routed request."""
@@ -1544,6 +1579,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"   # answer with a status line and headers
         self.close_connection = True
         self.send_json(code, anthropic_error(code, message or "malformed request"))
+
+    def send_response(self, code, message=None):
+        """Start the response (http.server's), noting that its status is now out."""
+        self.response_started = True
+        super().send_response(code, message)
 
     def send_json(self, status, obj):
         """Send obj as a JSON response with Content-Length."""
@@ -1758,37 +1798,54 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.relay_stream(resp, learn, head)
 
     def relay_stream(self, resp, learn, head=b""):
-        """Relay an SSE stream: one chunk per upstream read, never buffered (P2, P3, P5, P8)."""
+        """Relay an SSE stream as it arrives: per upstream read, one chunk (P2, P3, P5, P8).
+
+        Each chunk holds the events that read completed; the bytes of an event still
+        arriving wait for the next read. So a stream that breaks off hands the client
+        only whole events, then the error event."""
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True    # HTTP/1.0: the end of the body is the close
         self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
-        frame = encode_chunk if chunked else bytes
+        self.stream_frame = encode_chunk if chunked else bytes
         capture = ReplyCapture() if learn else None
         chunks = upstream_chunks(resp, head, lambda: self.await_upstream(resp))
+        partial = b""
         while True:
             try:
                 data = next(chunks, b"")
             except (OSError, http.client.HTTPException) as e:
-                # Headers are out: say it in band, then end the body cleanly (P12).
                 what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
-                log("! upstream stream %s (%s)" % (what, type(e).__name__))
-                self.server.note_error("upstream stream %s" % what)
-                self.write_client(frame(b"\n\n" + sse_error_event(
-                    "the model server's stream %s" % what, "overloaded_error")))
-                self.close_connection = True
-                break
+                return self.stream_failed(what, type(e).__name__)
             if not data:
-                if capture and capture.complete and not capture.failed:
-                    learn(capture.text())
                 break
             if capture:
                 capture.feed(data)
-            if not self.write_client(frame(data)):
+            data, partial = split_events(partial + data)
+            if data and not self.write_client(self.stream_frame(data)):
                 log("client went away mid-stream; closed the upstream request")
                 return
-        if chunked:
-            self.write_client(b"0\r\n\r\n")
+        if partial.strip():
+            return self.stream_failed("broke off", "it ended inside an event")
+        if capture and capture.complete and not capture.failed:
+            learn(capture.text())
+        self.end_stream()
+
+    def stream_failed(self, what, why):
+        """End a stream whose upstream failed: headers are out, so say it in band (P12)."""
+        log("! upstream stream %s (%s)" % (what, why))
+        self.server.note_error("upstream stream %s" % what)
+        self.end_stream(sse_error_event("the model server's stream %s" % what, "overloaded_error"))
+        self.close_connection = True
+
+    def end_stream(self, event=b""):
+        """End the SSE body, after event if given, in one write."""
+        data = self.stream_frame(event) if event else b""
+        if self.stream_frame is encode_chunk:
+            data += b"0\r\n\r\n"
+        self.stream_frame = None
+        if data:
+            self.write_client(data)
 
     routes = {
         ("GET", "/"): probe, ("HEAD", "/"): probe, ("HEAD", "/api/hello"): probe,
@@ -1831,8 +1888,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.cache = DescriptionCache(cache_dir)
         self.memory = TurnMemory()
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
-        self.errors = []                        # unexpected exceptions, for tests
-        self.stats_lock = threading.Lock()      # guards stats, models, models_time
+        self.errors = []                        # the last unexpected exceptions, as text
+        self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
         self.stats = {"requests": {}, "vision_calls": {}, "images_described": 0,
                       "vision_prompt_bytes": {}, "model_switches": 0,
                       "last_upstream_error": None}
@@ -1848,12 +1905,20 @@ class Server(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address):
-        """Stay quiet when a client goes away (P5); record and print anything else."""
+        """Stay quiet when a client goes away (P5); log anything else once, with its traceback.
+
+        The record keeps text, and only the last few: an exception holds its frames, and
+        with them the request body, so keeping each one grew the router without bound."""
         error = sys.exc_info()[1]
         if isinstance(error, (ConnectionError, *TIMEOUT_ERRORS)):
             return
-        self.errors.append(error)
-        super().handle_error(request, client_address)
+        record = "%s: %s" % (type(error).__name__, escape_log(error)[:200])
+        with self.stats_lock:
+            self.errors.append(record)
+            del self.errors[:-ERRORS_KEPT]
+        trace = "".join(traceback.format_tb(error.__traceback__))
+        log("! unexpected %s, on a request from %s; Traceback (most recent call last):\n%s"
+            % (record, client_address[0], trace.rstrip()))
 
     # Counters.
 

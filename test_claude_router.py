@@ -1410,6 +1410,32 @@ class StreamingTest(RouterTestCase):
         gate.set()
         self.assertEqual(got + resp.read(), sse(*events))
 
+    def test_an_event_split_across_reads_is_held_back_until_complete(self):
+        gate = threading.Event()
+        events = text_events("split")
+        first, second = sse(events[0]), sse(events[1])
+
+        def reply(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            write_chunk(handler, first + second[:20])
+            gate.wait(TIMEOUT)
+            write_chunk(handler, second[20:])
+            handler.wfile.write(b"0\r\n\r\n")
+
+        self.start(FakeUpstream(self, [reply]))
+        conn = self.connect()
+        conn.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)))
+        resp = conn.getresponse()
+        got = b""
+        while len(got) < len(first):    # the whole first event, and nothing of the second
+            got += resp.read1(65536)
+        self.assertEqual(got, first)
+        gate.set()
+        self.assertEqual(got + resp.read(), first + second)
+
     def test_keep_alive_two_requests_one_connection(self):
         upstream = FakeUpstream(self, [stream_reply(text_events("one"))])
         self.start(upstream)
@@ -1695,6 +1721,51 @@ class FaultTest(RouterTestCase):
         self.assertEqual(len(self.router.cache), 0)
         self.assertEqual(self.call("GET", "/")[0], 200)
 
+    def test_upstream_cut_inside_an_event_never_reaches_the_client_half_sent(self):
+        events = text_events("cut inside the second event")
+
+        def cut_inside(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            write_chunk(handler, sse(events[0]) + sse(events[1])[:30])
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+        rows = [("cut", cut_inside), ("ended", lambda handler: send_json(
+            handler, 200, {}, [("Content-Type", "text/event-stream")]))]
+        for name, reply in rows:
+            with self.subTest(name):
+                self.start(FakeUpstream(self, [reply]))
+                status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+                complete = sse(events[0]) if name == "cut" else b""
+                self.assertEqual(raw[:len(complete)], complete)
+                event_name, data = cr.parse_sse_event(raw[len(complete):])
+                self.assertEqual((event_name, data["error"]["type"]), ("error", "overloaded_error"))
+                self.assertEqual(raw.count(b"\n\n"), complete.count(b"\n\n") + 1)
+
+    def test_events_that_are_not_objects_do_not_tear_a_vision_stream(self):
+        events = [text_events("seen")[0], ("content_block_delta", "a string"),
+                  ("content_block_delta", [1]), ("content_block_delta", None),
+                  ("content_block_delta", {"type": "content_block_delta", "delta": [1]}),
+                  ("content_block_delta", {"type": "content_block_delta", "delta": "x"}),
+                  *text_events("seen")[1:]]
+        deep = b"event: content_block_delta\ndata: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
+
+        def reply_with_deep(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Content-Length", str(len(deep + sse(*events))))
+            handler.end_headers()
+            handler.wfile.write(deep + sse(*events))
+
+        upstream = FakeUpstream(self, [reply_with_deep])
+        self.start(upstream)
+        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+        self.assertEqual((status, raw), (200, deep + sse(*events)))
+        self.assertEqual(self.router.cache.lookup([key(PNG_A)]), {key(PNG_A): "seen"})
+
     def test_client_disconnect_closes_the_upstream(self):
         gate = threading.Event()
         upstream = FakeUpstream(self)
@@ -1772,6 +1843,70 @@ class FaultTest(RouterTestCase):
         self.assertEqual(len(results), 64)
         for i, raw in results.items():
             self.assertEqual(raw, sse(*text_events("w%d." % i * 40) * 3))
+
+
+class BrokenHandler(cr.Handler):
+    """The router's Handler with two more routes, each failing the way a bug would."""
+
+    def fail(self):
+        raise KeyError("simulated bug")
+
+    def fail_mid_stream(self):
+        conn, resp = cr.open_upstream(self.server.upstream_url, "POST", "/v1/messages", b"{}",
+                                      {"Content-Type": "application/json"})
+        try:
+            self.relay(resp, self.server.upstream_url, learn=lambda text: {}["simulated bug"])
+        finally:
+            conn.close()
+
+    routes = {**cr.Handler.routes, ("GET", "/fail"): fail,
+              ("GET", "/fail-mid-stream"): fail_mid_stream}
+
+
+class UnexpectedErrorTest(RouterTestCase):
+    """A bug in a route still gets an answer, one log entry, and a bounded record."""
+
+    def start_broken(self, upstream=None):
+        router = self.start(upstream)
+        router.RequestHandlerClass = BrokenHandler
+        self.addCleanup(router.errors.clear)    # runs before the no-errors check
+        return router
+
+    def get_until_closed(self, path):
+        """GET path on a raw socket; return (status, headers, body) once the router closed it,
+        which it does after its handle_error has run."""
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
+            status, headers, body = read_response(sock)
+            self.assertEqual(sock.recv(1), b"")
+        return status, headers, body
+
+    def test_an_exception_gets_a_500_envelope_and_the_connection_closes(self):
+        router = self.start_broken()
+        status, headers, body = self.get_until_closed(b"/fail")
+        self.assertEnvelope(status, json.loads(body), 500, "api_error")
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(router.errors, ["KeyError: 'simulated bug'"])
+        entries = [l for l in self.log.getvalue().splitlines() if l.startswith("! ")]
+        self.assertEqual(len(entries), 1, entries)
+        self.assertIn("KeyError", entries[0])
+        self.assertIn('raise KeyError("simulated bug")', self.log.getvalue())
+
+    def test_the_record_of_exceptions_is_bounded(self):
+        router = self.start_broken()
+        for i in range(cr.ERRORS_KEPT * 3):
+            self.assertEqual(self.get_until_closed(b"/fail")[0], 500)
+        self.assertEqual(len(router.errors), cr.ERRORS_KEPT)
+
+    def test_an_exception_mid_stream_ends_the_stream_with_an_error_event(self):
+        events = text_events("answered, then a bug")
+        self.start_broken(FakeUpstream(self, [stream_reply(events)]))
+        status, headers, raw = self.get_until_closed(b"/fail-mid-stream")
+        self.assertEqual(status, 200)
+        self.assertTrue(raw.startswith(sse(*events)), raw)
+        name, data = cr.parse_sse_event(raw[len(sse(*events)):])
+        self.assertEqual((name, data["error"]["type"]), ("error", "api_error"))
+        self.assertEqual(len(self.router.errors), 1)
 
 
 class AccessTest(RouterTestCase):
