@@ -1289,6 +1289,8 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
 
 def has_buffered_bytes(resp, sock):
     """True when resp has body bytes at hand, so reading it now will not wait for the upstream."""
+    if resp.fp is None or resp.length == 0:
+        return True         # its body is all read: the next read returns b"" at once
     timeout = sock.gettimeout()
     sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
     try:

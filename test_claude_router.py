@@ -1852,8 +1852,8 @@ class BrokenHandler(cr.Handler):
         raise KeyError("simulated bug")
 
     def fail_mid_stream(self):
-        conn, resp = cr.open_upstream(self.server.upstream_url, "POST", "/v1/messages", b"{}",
-                                      {"Content-Type": "application/json"})
+        conn, resp = self.open_upstream(self.server.upstream_url, "POST", "/v1/messages", b"{}",
+                                        {"Content-Type": "application/json"})
         try:
             self.relay(resp, self.server.upstream_url, learn=lambda text: {}["simulated bug"])
         finally:
