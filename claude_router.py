@@ -194,6 +194,7 @@ FIXES = {
     ("small", ""): "load it with 32768 tokens of context",
 }
 LISTED_IDS = 12                             # model ids named when a configured one is missing
+ERROR_TEXT_CHARS = 300                      # chars of an upstream's error message kept and logged
 
 # An SSE event ends at a blank line; a line ends with CRLF, LF or CR (WHATWG HTML 9.2.6).
 SSE_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
@@ -908,6 +909,31 @@ def filter_headers(headers, drop):
     return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
 
 
+def upstream_message(raw):
+    """The message of an upstream error body, on one line: JSON in any server's shape, or text."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        error = error.get("message") or error.get("detail")
+    if not isinstance(error, str) or not error.strip():
+        error = raw.decode("utf-8", "replace")
+    return " ".join(error.split())[:ERROR_TEXT_CHARS]
+
+
+def outcome_line(status, seconds, message=None):
+    """The log line that ends a routed request: its status, how long it took, what went wrong."""
+    line = "← %s in %.2f s" % (status or "no answer", seconds)
+    return line + ": " + escape_log(message)[:ERROR_TEXT_CHARS] if message else line
+
+
+def readable_time(seconds):
+    """A time.time() value as local time a person reads, with its UTC offset."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))
+
+
 def is_loopback_host(host):
     """True when host (a Host header value or address) names this machine's loopback."""
     host = host.strip().lower()
@@ -1488,11 +1514,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ProxyError(404, "no such endpoint: %s %s" % (method, escape_log(path[:200])))
         except ClientGone:
             self.close_connection = True
+            self.outcome = "the client went away"
             log("client went away while the model was silent; closed the upstream request")
         except ProxyError as e:
+            self.outcome = str(e)
             if e.status >= 500:
                 log("! %s" % e)
-                self.server.note_error(str(e))
+                self.server.note_error(str(e), e.status)
             if not self.body_read:
                 self.close_connection = True    # its unread body must not pass for a request (P1)
             self.send_json(e.status, anthropic_error(e.status, str(e), e.error_type))
@@ -1512,11 +1540,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(500, anthropic_error(500, message))
 
     def handle_routed(self):
-        """POST /v1/messages, the routed request."""
-        if self.server.claim_refresh():
+        """POST /v1/messages, counted and timed: a line with its status and seconds follows it."""
+        server = self.server
+        if server.claim_refresh():
             self.refresh_due = True
             self.close_connection = True
-        self.handle_request("POST")
+        self.sent_status = self.outcome = None
+        started = server.request_started()
+        try:
+            self.handle_request("POST")
+        finally:
+            log(outcome_line(self.sent_status, server.request_ended(started, self.sent_status),
+                             self.outcome))
 
     def check_access(self):
         """Raise ProxyError for clients that may not use the router.
@@ -1583,8 +1618,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(code, anthropic_error(code, message or "malformed request"))
 
     def send_response(self, code, message=None):
-        """Start the response (http.server's), noting that its status is now out."""
+        """Start the response (http.server's), noting that its status is now out, and which."""
         self.response_started = True
+        self.sent_status = code
         super().send_response(code, message)
 
     def send_json(self, status, obj):
@@ -1758,6 +1794,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_overflow(self, error):
         """Answer a context overflow with Anthropic's "prompt is too long" (Claude Code compacts)."""
         log("! context overflow upstream; answered %r" % error["error"]["message"])
+        self.outcome = error["error"]["message"]
         self.send_json(400, error)
 
     def relay_error(self, resp, estimate, context_length):
@@ -1772,7 +1809,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
         if error:
             return self.send_overflow(error)
-        self.server.note_error("upstream answered %d" % resp.status)
+        self.outcome = upstream_message(raw)
+        self.server.note_error(self.outcome, resp.status)
         self.close_connection = self.close_connection or not resp.isclosed()
         self.send_upstream_headers(resp, ("Content-Length", str(len(raw))))
         self.write_client(raw)
@@ -1836,7 +1874,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def stream_failed(self, what, why):
         """End a stream whose upstream failed: headers are out, so say it in band (P12)."""
         log("! upstream stream %s (%s)" % (what, why))
-        self.server.note_error("upstream stream %s" % what)
+        self.outcome = "upstream stream %s" % what
+        self.server.note_error(self.outcome)
         self.end_stream(sse_error_event("the model server's stream %s" % what, "overloaded_error"))
         self.close_connection = True
 
@@ -1894,7 +1933,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
         self.stats = {"requests": {}, "vision_calls": {}, "images_described": 0,
                       "vision_prompt_bytes": {}, "model_switches": 0,
-                      "last_upstream_error": None}
+                      "last_upstream_error": None,
+                      "routes": {"coder": 0, "vision": 0, "describe": 0}, "last_request": None}
+        self.started = time.monotonic()
+        self.in_flight = 0                      # routed requests being answered now
         self.last_model = None                  # the main upstream's last model
         self.models = None                      # {model id: info}, None: never seen
         self.models_time = float("-inf")
@@ -1929,6 +1971,9 @@ class Server(http.server.ThreadingHTTPServer):
         with self.stats_lock:
             requests = self.stats["requests"]
             requests[model] = requests.get(model, 0) + 1
+            self.stats["routes"][route] = self.stats["routes"].get(route, 0) + 1
+            if self.stats["last_request"]:
+                self.stats["last_request"].update(route=route, model=model)
             if route == "vision":
                 self.add_vision_call("answer", prompt_bytes)    # notes the model too
             else:
@@ -1938,6 +1983,8 @@ class Server(http.server.ThreadingHTTPServer):
         """Count one request to the vision model. Caller holds stats_lock."""
         calls, sent = self.stats["vision_calls"], self.stats["vision_prompt_bytes"]
         calls[mode] = calls.get(mode, 0) + 1
+        if mode != "answer":
+            self.stats["routes"]["describe"] += 1
         sent[mode] = sent.get(mode, 0) + prompt_bytes
         self.note_model(self.vision_upstream_url, self.vision_model)
 
@@ -1949,16 +1996,37 @@ class Server(http.server.ThreadingHTTPServer):
                 self.stats["model_switches"] += 1
             self.last_model = model
 
-    def note_error(self, message):
-        """Remember the last upstream problem for /status."""
+    def note_error(self, message, status=None):
+        """Remember the last upstream problem for /status, in the upstream's own words."""
         with self.stats_lock:
-            self.stats["last_upstream_error"] = {"message": message, "time": round(time.time())}
+            self.stats["last_upstream_error"] = {"message": message, "status": status,
+                                                 "time": readable_time(time.time())}
+
+    def request_started(self):
+        """Count a routed request in flight and as the last one; return (start, its record)."""
+        record = {"time": readable_time(time.time()), "route": None, "model": None,
+                  "status": None, "seconds": None}
+        with self.stats_lock:
+            self.in_flight += 1
+            self.stats["last_request"] = record
+        return time.monotonic(), record
+
+    def request_ended(self, started, status):
+        """Count a routed request done; return the seconds it took."""
+        start, record = started
+        seconds = time.monotonic() - start
+        with self.stats_lock:
+            self.in_flight -= 1
+            record.update(status=status, seconds=round(seconds, 2))
+        return seconds
 
     def status(self):
         """The /status document."""
         with self.stats_lock:
             stats = json.loads(json.dumps(self.stats))
             startup = json.loads(json.dumps(self.startup))
+            activity = {"uptime_s": round(time.monotonic() - self.started),
+                        "in_flight": self.in_flight}
         with self.cache.lock:
             cache = {"entries": len(self.cache.entries), "hits": self.cache.hits,
                      "misses": self.cache.misses, "file": self.cache.path}
@@ -1968,7 +2036,7 @@ class Server(http.server.ThreadingHTTPServer):
                           **self.model_info(self.coder_model, self.upstream_url)},
                 "vision": {"model": self.vision_model,
                            **self.model_info(self.vision_model, self.vision_upstream_url)},
-                "cache": cache, "startup": startup, **stats}
+                "cache": cache, "startup": startup, **activity, **stats}
 
     # The upstream's models.
 

@@ -1984,6 +1984,7 @@ class VisionModeTest(RouterTestCase):
             text("<<IMAGE DESCRIPTION: Shows BBB.>>"))])
         status = self.router.status()
         self.assertEqual((status["vision_calls"], status["images_described"]), ({"describe": 2}, 2))
+        self.assertEqual(status["routes"], {"coder": 1, "vision": 0, "describe": 2})
         self.assertEqual(status["model_switches"], 0)
 
     def test_answer_mode_tool_call_only_reply_falls_back_to_describing(self):
@@ -2008,6 +2009,73 @@ class VisionModeTest(RouterTestCase):
         self.post(request(user(image(PNG_A)), assistant(text("A diagram.")), user(text("ok"))))
         self.assertEqual([b["model"] for b in vision.posts()], ["VISION"])
         self.assertEqual([b["model"] for b in coder.posts()], ["CODER"])
+
+
+class ActivityTest(RouterTestCase):
+    """What the log and /status say about the requests the router has answered."""
+
+    LLAMA_IMAGE_ERROR = {"error": {"code": 500, "message": "image input is not supported - hint: "
+                                   "if this is unexpected, you may need to provide the mmproj",
+                                   "type": "server_error"}}
+
+    def test_each_routed_request_logs_its_status_seconds_and_the_upstreams_message(self):
+        upstream = FakeUpstream(self, [json_reply(self.LLAMA_IMAGE_ERROR, 500)])
+        self.start(upstream)
+        conn = self.connect()
+        self.post(request(user(text("hi"))), conn=conn)
+        self.post(request(user(text("hi"))), conn=conn)
+        self.post({"messages": []}, conn=conn)
+        self.call("GET", "/", conn=conn)    # one connection, one thread: the lines are written
+        lines = self.log.getvalue().splitlines()
+        outcomes = [l for l in lines if l.startswith("← ")]
+        self.assertEqual(len(outcomes), 3, lines)
+        self.assertRegex(outcomes[0], r"^← 500 in \d+\.\d\d s: image input is not supported - "
+                                      r"hint: if this is unexpected, you may need to provide the mmproj$")
+        self.assertRegex(outcomes[1], r"^← 200 in \d+\.\d\d s$")
+        self.assertRegex(outcomes[2], r"^← 400 in \d+\.\d\d s: messages: ")
+        self.assertEqual(lines.index(outcomes[1]) - 1, lines.index("→ coder [CODER]", 2))
+
+    def test_status_says_what_is_in_flight_what_came_last_and_what_failed(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        upstream = FakeUpstream(self, [stream_reply(text_events("slow"), gate=gate),
+                                       json_reply(self.LLAMA_IMAGE_ERROR, 500)])
+        self.start(upstream)
+        conn = self.connect()
+        conn.request("POST", "/v1/messages", json.dumps(request(user(text("go")), stream=True)))
+        resp = conn.getresponse()
+        self.assertIn(b"message_start", resp.read1(65536))
+        status = self.call("GET", "/status")[2]
+        self.assertEqual(status["in_flight"], 1)
+        self.assertEqual({k: status["last_request"][k] for k in ("route", "model", "status")},
+                         {"route": "coder", "model": "CODER", "status": None})
+        gate.set()
+        resp.read()
+        self.post(request(user(image(PNG_A))), conn=conn)
+        status = self.call("GET", "/status", conn=conn)[2]  # same connection: after the count
+        self.assertEqual((status["in_flight"], status["routes"]),
+                         (0, {"coder": 1, "vision": 1, "describe": 0}))
+        self.assertEqual({k: status["last_request"][k] for k in ("route", "status")},
+                         {"route": "vision", "status": 500})
+        error = status["last_upstream_error"]
+        self.assertEqual((error["message"], error["status"]),
+                         (self.LLAMA_IMAGE_ERROR["error"]["message"], 500))
+        time_pattern = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}$"
+        self.assertRegex(error["time"], time_pattern)
+        self.assertRegex(status["last_request"]["time"], time_pattern)
+        self.assertIsInstance(status["uptime_s"], int)
+        self.assertEqual(status["startup"]["upstream_reachable"], None)     # no check was run
+
+    def test_upstream_messages_in_each_servers_shape(self):
+        rows = [(b'{"type":"error","error":{"type":"api_error","message":"boom"}}', "boom"),
+                (b'{"error":"model not found"}', "model not found"),
+                (b'{"object":"error","message":"max_tokens is too large"}', "max_tokens is too large"),
+                (b'{"detail":"Not Found"}', "Not Found"),
+                (b"Internal\n  Server Error", "Internal Server Error"),
+                (b'{"error":{"code":1}}', '{"error":{"code":1}}'), (b"x" * 999, "x" * 300)]
+        for raw, message in rows:
+            with self.subTest(raw=raw[:40]):
+                self.assertEqual(cr.upstream_message(raw), message)
 
 
 class StartupCheckTest(RouterTestCase):
