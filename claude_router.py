@@ -1285,13 +1285,17 @@ def upstream_failure(error, url, connecting=False):
 
 
 def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
-                  connect_timeout=CONNECT_TIMEOUT, client=None):
+                  connect_timeout=CONNECT_TIMEOUT, client=None, key=""):
     """Send one request to the server at url; return (conn, resp) once its headers are in.
 
     The only place that opens upstream connections and knows their timeouts. One
     connection per request (house rule P14): nothing pooled can go stale. The
     connect timeout is short; the read timeout bounds each wait for bytes (P8).
-    With client (its socket), raise ClientGone if it hangs up before the headers."""
+    With client (its socket), raise ClientGone if it hangs up before the headers.
+    key, if set, goes as a Bearer token (LM Studio's "Require Authentication",
+    llama-server's and vLLM's --api-key); the client's own credentials never do."""
+    if key:
+        headers = [*dict(headers).items(), ("Authorization", "Bearer " + key)]
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
     try:
@@ -1371,11 +1375,12 @@ def await_upstream(sock, client, timeout, resp=None):
 
 
 def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
-               connect_timeout=CONNECT_TIMEOUT):
+               connect_timeout=CONNECT_TIMEOUT, key=""):
     """Return (status, parsed JSON or None) of one small upstream request."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if data is not None else {}
-    conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout)
+    conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
+                               key=key)
     try:
         raw = resp.read(MAX_ERROR_BODY_BYTES)
     except (OSError, http.client.HTTPException) as e:
@@ -1388,7 +1393,7 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
         return resp.status, None
 
 
-def list_models(url, timeout=CONNECT_TIMEOUT):
+def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
     """Return (kind of server, {model id: info}) from the server at url, LM Studio's API first.
 
     (None, None) when it is down; kind "needs-key" when it refused the listing."""
@@ -1396,7 +1401,7 @@ def list_models(url, timeout=CONNECT_TIMEOUT):
     for path in ("/api/v1/models", "/v1/models"):
         try:
             status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
-                                         connect_timeout=timeout)
+                                         connect_timeout=timeout, key=key)
         except ProxyError:
             return None, None
         if status in (401, 403):
@@ -1409,11 +1414,11 @@ def list_models(url, timeout=CONNECT_TIMEOUT):
     return kind or "other", found if found is not None else {}
 
 
-def describe_image(url, block, context, model):
+def describe_image(url, block, context, model, key=""):
     """Return (description or "", prompt bytes) from the vision model for one image."""
     request = describe_request(block, context, model)
     try:
-        status, reply = fetch_json(url, "POST", "/v1/messages", request)
+        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key)
     except ProxyError as e:
         log("! describe failed: %s" % e)
         return "", 0
@@ -1687,7 +1692,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if server.upstream_counts_tokens is not False:
             try:
                 status, reply = fetch_json(server.upstream_url, "POST",
-                                           "/v1/messages/count_tokens", clean)
+                                           "/v1/messages/count_tokens", clean,
+                                           key=server.upstream_key)
             except ProxyError:
                 status, reply = 0, None
             if status == 200 and isinstance(reply, dict) and type(reply.get("input_tokens")) is int:
@@ -1762,7 +1768,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def open_upstream(self, url, method, path, body, headers):
         """open_upstream for this client: the upstream request ends if the client hangs up."""
         conn, resp = open_upstream(url, method, path, body, headers, self.server.read_timeout,
-                                   self.server.connect_timeout, client=self.connection)
+                                   self.server.connect_timeout, client=self.connection,
+                                   key=self.server.upstream_key)
         self.upstream_sock = conn.sock
         return conn, resp
 
@@ -1910,7 +1917,7 @@ class Server(http.server.ThreadingHTTPServer):
                  coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
                  cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
                  max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT,
-                 models_ttl=MODELS_TTL):
+                 models_ttl=MODELS_TTL, upstream_key=""):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -1926,6 +1933,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.models_ttl = models_ttl
+        self.upstream_key = upstream_key        # sent to the model server(s); never shown
         self.cache = DescriptionCache(cache_dir)
         self.memory = TurnMemory()
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
@@ -2062,8 +2070,8 @@ class Server(http.server.ThreadingHTTPServer):
         An upstream that does not answer keeps what it said last time."""
         with self.stats_lock:
             self.models_time = time.monotonic()
-        answers = {url: list_models(url, self.connect_timeout) for url in dict.fromkeys(
-            (self.upstream_url, self.vision_upstream_url))}
+        answers = {url: list_models(url, self.connect_timeout, self.upstream_key)
+                   for url in dict.fromkeys((self.upstream_url, self.vision_upstream_url))}
         with self.stats_lock:
             self.listings.update({url: a for url, a in answers.items() if a[1] is not None})
             if self.listings:
@@ -2095,7 +2103,9 @@ class Server(http.server.ThreadingHTTPServer):
                 problems.append("upstream %s is not reachable yet; requests get 529 until it is"
                                 % url)
             elif kind == "needs-key":
-                problems.append("upstream %s refused the model list: it needs a key" % url)
+                problems.append("upstream %s refused the model list: it needs %s" % (
+                    url, "another key (--upstream-key)" if self.upstream_key
+                    else "a key (--upstream-key or CLAUDE_ROUTER_UPSTREAM_KEY)"))
         for role, model, url in (("coder", self.coder_model, self.upstream_url),
                                  ("vision", self.vision_model, self.vision_upstream_url)):
             kind, models = answers[url]
@@ -2117,7 +2127,8 @@ class Server(http.server.ThreadingHTTPServer):
             if info is None or info["loaded"]:
                 continue
             try:
-                status, _ = fetch_json(url, "POST", "/api/v1/models/load", {"model": model})
+                status, _ = fetch_json(url, "POST", "/api/v1/models/load", {"model": model},
+                                       key=self.upstream_key)
             except ProxyError as e:
                 status = str(e)
             said.append("preload %s: %s" % (model, "loaded" if status == 200 else status))
@@ -2134,7 +2145,7 @@ class Server(http.server.ThreadingHTTPServer):
         with concurrent.futures.ThreadPoolExecutor(min(DESCRIBE_CONCURRENCY, len(found) or 1)) \
                 as pool:
             jobs = {key: pool.submit(describe_image, self.vision_upstream_url, block, context,
-                                     self.vision_model)
+                                     self.vision_model, self.upstream_key)
                     for key, (block, context) in found.items()}
         described = {}
         for key, job in jobs.items():
@@ -2223,6 +2234,9 @@ def build_parser(environ):
         help="where image descriptions are kept (default: %(default)s)")
     add("--token", default=env("TOKEN", ""),
         help="require this x-api-key or Bearer token (needed to listen beyond loopback)")
+    add("--upstream-key", default=env("UPSTREAM_KEY", ""),
+        help="send this key to the model server(s) as Authorization: Bearer, for servers "
+             "that require one (default: none)")
     add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
         help="load missing models through LM Studio's API at startup")
     add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
@@ -2241,6 +2255,8 @@ def parse_settings(argv, environ):
         parser.error("vision mode %r is not one of %s" % (args.vision_mode, ", ".join(VISION_MODES)))
     if not is_loopback_host(args.host) and not args.token:
         parser.error("listening on %s needs a token (--token or CLAUDE_ROUTER_TOKEN)" % args.host)
+    if args.upstream_key and not re.fullmatch(r"[!-~]+", args.upstream_key):
+        parser.error("the upstream key must be printable ASCII without spaces")   # never echo it
     return args
 
 
@@ -2250,7 +2266,7 @@ def main(argv=None, environ=None):
     try:
         server = Server((args.host, args.port), args.upstream, args.vision_upstream or "",
                         args.coder_model, args.vision_model, args.vision_mode, args.cache_dir,
-                        args.token, args.verbose)
+                        args.token, args.verbose, upstream_key=args.upstream_key)
     except OSError as e:
         sys.exit("claude-router: cannot listen on %s:%d: %s" % (args.host, args.port,
                                                                e.strerror or e))

@@ -652,7 +652,8 @@ class SettingsTest(unittest.TestCase):
         rows = [(["--port", "x"], {}), ([], {"CLAUDE_ROUTER_PORT": "http"}),
                 (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
                 ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
-                (["--host", "0.0.0.0"], {})]
+                (["--host", "0.0.0.0"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM_KEY": "s3cr et"}),
+                (["--upstream-key", "k\r\nX-Evil: 1"], {})]
         for argv, environ in rows:
             with self.subTest(argv=argv, environ=environ):
                 err = io.StringIO()
@@ -661,6 +662,7 @@ class SettingsTest(unittest.TestCase):
                 message = str(ctx.exception.code) + err.getvalue()
                 self.assertTrue(message.startswith("claude-router: "), message)
                 self.assertEqual(message.strip().count("\n"), 0, message)
+                self.assertNotIn("s3cr", message)
 
     def test_other_hosts_need_a_token(self):
         self.assertEqual(self.parse(["--host", "0.0.0.0", "--token", "t"]).token, "t")
@@ -838,6 +840,7 @@ class FakeUpstream:
         self.strict = strict
         self.closed = threading.Event()     # set when a client stopped reading a stream
         self.listing_gate = None            # an Event model listings wait on, when set
+        self.key = None                     # when set, requests without it as Bearer get 401
         fake = self
 
         class Handler(NoLog, http.server.BaseHTTPRequestHandler):
@@ -845,6 +848,8 @@ class FakeUpstream:
 
             def do_GET(self):
                 fake.record(self, None)
+                if fake.refuses(self):
+                    return send_json(self, 401, {"error": "missing or wrong key"})
                 if fake.listing_gate and self.path.endswith("/models"):
                     fake.listing_gate.wait(TIMEOUT)
                 # LM Studio's own listing has models[] and no data[] (llama-server has both).
@@ -860,6 +865,8 @@ class FakeUpstream:
                 fake.raw.append((self.path, raw))
                 body = json.loads(raw)
                 fake.record(self, body)
+                if fake.refuses(self):
+                    return send_json(self, 401, {"error": "missing or wrong key"})
                 if self.path.startswith("/v1/messages/count_tokens"):
                     status, reply = fake.count_tokens or (404, {"error": "Unexpected endpoint"})
                     return send_json(self, status, reply)
@@ -878,6 +885,10 @@ class FakeUpstream:
         test.addCleanup(self.server.server_close)
         test.addCleanup(self.server.shutdown)
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def refuses(self, handler):
+        """True when a key is required and handler's request does not carry it."""
+        return bool(self.key) and handler.headers.get("authorization") != "Bearer " + self.key
 
     def record(self, handler, body):
         self.requests.append((handler.command, handler.path, dict(handler.headers), body))
@@ -1928,6 +1939,44 @@ class AccessTest(RouterTestCase):
         for _, _, headers, _ in upstream.requests:
             self.assertNotIn("s3cret-token", json.dumps(headers))
         self.assertNotIn("s3cret-token", self.log.getvalue())
+
+    def test_upstream_key_goes_on_every_upstream_request_and_is_never_shown(self):
+        upstream = FakeUpstream(self, listing={"models": [
+            {"key": "CODER", "loaded_instances": []},
+            {"key": "VISION", "capabilities": {"vision": True}, "loaded_instances": [{}]}]},
+            count_tokens=(200, {"input_tokens": 7}),
+            default=lambda handler, body: json_reply(message_json("Shows A."))(handler))
+        upstream.key = "up-k3y-9"
+        self.start(upstream, token="client-token", upstream_key="up-k3y-9", vision_mode="describe")
+        client = {"x-api-key": "client-token"}
+        self.router.check_upstream(preload=True)
+        rows = [("POST", "/v1/messages", request(user(text("look"), image(PNG_A)))),
+                ("POST", "/v1/messages/count_tokens", request(user(text("q")))),
+                ("GET", "/v1/models", None), ("GET", "/api/v1/models", None)]
+        for method, path, body in rows:
+            with self.subTest(path=path):
+                status, _, reply = self.call(method, path, body, headers=client)
+                self.assertEqual(status, 200, reply)
+        seen = {(m, p) for m, p, _, _ in upstream.requests}
+        self.assertTrue({("GET", "/api/v1/models"), ("POST", "/api/v1/models/load"),
+                         ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")} <= seen)
+        for method, path, headers, _ in upstream.requests:
+            self.assertEqual(headers.get("Authorization"), "Bearer up-k3y-9", (method, path))
+            self.assertNotIn("client-token", json.dumps(headers))
+        shown = [self.log.getvalue(), json.dumps(self.call("GET", "/status", headers=client)[2]),
+                 cr.build_parser({"CLAUDE_ROUTER_UPSTREAM_KEY": "up-k3y-9"}).format_help()]
+        for text_ in shown:
+            self.assertNotIn("up-k3y-9", text_)
+
+    def test_a_server_that_wants_a_key_is_said_at_startup(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        upstream.key = "k"
+        for key, said in (("", "needs a key (--upstream-key or CLAUDE_ROUTER_UPSTREAM_KEY)"),
+                          ("wrong", "needs another key (--upstream-key)")):
+            with self.subTest(key=key):
+                lines = self.start(upstream, upstream_key=key).check_upstream()
+                self.assertEqual(lines, ["! upstream %s refused the model list: it %s"
+                                         % (upstream.url, said)])
 
     def test_foreign_host_and_origin_are_refused(self):
         self.start(FakeUpstream(self))
