@@ -95,6 +95,9 @@ RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
+REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
+SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
+USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "output_tokens")
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
 BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
@@ -711,6 +714,75 @@ def estimate_tokens(body_bytes, image_bytes=0, images=0):
     return -(-(body_bytes - image_bytes) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
 
 
+def request_tokens(length, messages):
+    """Estimated tokens of a request as sent: length JSON bytes holding messages.
+
+    Descriptions count as the text they are; each image still sent as pixels costs
+    IMAGE_TOKENS, whatever its size."""
+    pixels = [len(image_data(b)) for m in messages for b in iter_blocks(m) if is_image(b)]
+    return estimate_tokens(length, sum(pixels), len(pixels))
+
+
+# What the cache can reuse: a prompt as parts, compared with the last one by hash.
+
+def prompt_parts(body, keys):
+    """Return (names, digests, sizes) of body's parts in the order templates render them.
+
+    The parts are the system text, the tools and each message; digests holds 16
+    bytes per part. An image counts by its key and size, so none is hashed again."""
+    parts = [(name, body[name]) for name in ("system", "tools") if name in body]
+    parts += [("message %d" % i, m) for i, m in enumerate(body["messages"])]
+    names, digests, sizes = [], [], []
+    for name, part in parts:
+        pixels = 0
+        if name.startswith("message"):
+            part, pixels = message_by_image_keys(part, keys)
+        data = json.dumps(part).encode()
+        names.append(name)
+        digests.append(hashlib.blake2b(name.encode() + data, digest_size=16).digest())
+        sizes.append(len(data) + pixels)
+    return names, b"".join(digests), sizes
+
+
+def message_by_image_keys(message, keys):
+    """Return (message with each image as its key, the bytes of image data taken out)."""
+    pixels = []
+
+    def by_key(block):
+        pixels.append(len(image_data(block)))
+        return {"type": "image", "key": keys[image_data(block)]}
+
+    return map_image_blocks([message], by_key)[0], sum(pixels)
+
+
+def unchanged_parts(previous, digests):
+    """How many parts, from the first, digests has the same as the previous prompt's."""
+    same = 0
+    while digests[same * 16:same * 16 + 16] == previous[same * 16:same * 16 + 16] != b"":
+        same += 1
+    return same
+
+
+def reuse_note(sent, reuse):
+    """The route line's tail: the prompt's size and how much of the last prompt it sends again."""
+    note = " %.1f KB" % (sent / 1024)
+    if reuse is None:
+        return note + ", first turn"
+    last, unchanged, changed = reuse
+    share = unchanged / last if last else 1.0
+    note += ", %.1f%% as last turn" % (100 * min(share, 1.0))
+    if changed and share < REUSE_NOTE_BELOW:
+        note += ", changed from %s on" % changed
+    return note
+
+
+def usage_numbers(usage):
+    """The token counts of an Anthropic usage object that are numbers."""
+    if not isinstance(usage, dict):
+        return {}
+    return {k: usage[k] for k in USAGE_FIELDS if type(usage.get(k)) is int}
+
+
 def clamp_max_tokens(body, estimated_input, context_length):
     """Return body with max_tokens cut so input plus output fits context_length."""
     if not context_length or "max_tokens" not in body:
@@ -852,11 +924,13 @@ def parse_sse_event(raw):
 
 
 class ReplyCapture:
-    """Text of a streamed reply, assembled from its SSE events on the side of the relay."""
+    """Text and usage of a streamed reply, read from its SSE events on the side of the relay."""
 
-    def __init__(self):
+    def __init__(self, keep_text=True):
         self.pending = b""
+        self.keep_text = keep_text
         self.parts = []
+        self.usage = {}         # token counts as the server reported them
         self.complete = False   # message_stop seen
         self.failed = False     # an error event seen
 
@@ -872,9 +946,13 @@ class ReplyCapture:
                 event = {}
             kind = event.get("type", name)
             delta = event.get("delta")
-            if kind == "content_block_delta" and isinstance(delta, dict):
+            if kind == "content_block_delta" and isinstance(delta, dict) and self.keep_text:
                 if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                     self.parts.append(delta["text"])
+            elif kind == "message_start" and isinstance(event.get("message"), dict):
+                self.usage.update(usage_numbers(event["message"].get("usage")))
+            elif kind == "message_delta":
+                self.usage.update(usage_numbers(event.get("usage")))
             elif kind == "message_stop":
                 self.complete = True
             elif kind == "error":
@@ -1445,18 +1523,61 @@ class TurnMemory:
     """What the router remembers between requests besides descriptions: bounded, one lock.
 
     prompts: per conversation and model, hashes of the last prompt sent, to tell how
-    much of it the next turn sends again. pending: descriptions being made now, so a
-    turn that needs one waits for it instead of asking the vision model again.
+    much of it the next turn sends again; prompt_stats: per model, what that came to
+    and what the server said it read from its cache (one entry per model). pending:
+    descriptions being made now, so a turn that needs one waits for it instead of
+    asking the vision model again.
     failures: images the vision model could not read, and why, for a while."""
 
     def __init__(self, max_entries=MEMORY_MAX_ENTRIES):
-        self.lock = threading.Lock()    # guards prompts, pending and failures
+        self.lock = threading.Lock()    # guards prompts, prompt_stats, pending and failures
         self.max_entries = max_entries  # bound of each dict; the oldest entry goes first
         self.prompts = {}               # (conversation, model) -> hashes of the last prompt
+        self.prompt_stats = {}          # model -> its last turn's figures and running totals
         self.pending = {}               # image key -> threading.Event set once it is done
         self.failures = {}              # image key -> (time.monotonic() of failure, reason)
 
     # Prompts.
+
+    def note_prompt(self, conversation, model, names, digests, sizes, length):
+        """Remember a prompt sent to model in a body of length bytes; return (last prompt's
+        bytes, bytes of it sent again unchanged, the first part that differs or None), or
+        None on a first turn. Prompt bytes are those of its parts (prompt_parts)."""
+        with self.lock:
+            previous = self.prompts.pop((conversation, model), None)
+            self.prompts[(conversation, model)] = (digests, sum(sizes))
+            while len(self.prompts) > self.max_entries:
+                del self.prompts[next(iter(self.prompts))]
+        reuse = None
+        if previous is not None:
+            same = unchanged_parts(previous[0], digests)
+            reuse = previous[1], sum(sizes[:same]), names[same] if same < len(names) else None
+        last = {"bytes": length, "unchanged_bytes": reuse[1] if reuse else 0,
+                "first_change": reuse[2] if reuse else "first turn"}
+        with self.lock:
+            stats = self.prompt_stats.setdefault(model, {"last_turn": {}, "totals": {
+                "turns": 0, "bytes": 0, "unchanged_bytes": 0}})
+            stats["last_turn"] = last
+            totals = stats["totals"]
+            totals["turns"] += 1
+            totals["bytes"] += last["bytes"]
+            totals["unchanged_bytes"] += last["unchanged_bytes"]
+        return reuse
+
+    def note_usage(self, model, usage):
+        """Keep the token counts the server reported for model's last turn, and add them up."""
+        with self.lock:
+            stats = self.prompt_stats.get(model)
+            if stats is None:
+                return
+            stats["last_turn"].update(usage)
+            for name, number in usage.items():
+                stats["totals"][name] = stats["totals"].get(name, 0) + number
+
+    def prompt_status(self):
+        """{model: last turn's figures and running totals}, for /status."""
+        with self.lock:
+            return json.loads(json.dumps(self.prompt_stats))
 
     # Vision.
 
@@ -1702,7 +1823,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if status in (200, 404, 405, 501):
                 # LM Studio answers 200 with an error text, Ollama 404 (backends.md).
                 server.upstream_counts_tokens = False
-        self.send_json(200, {"input_tokens": estimate_tokens(len(json.dumps(clean)))})
+        length, _ = encode_request(clean)
+        self.send_json(200, {"input_tokens": request_tokens(length, clean["messages"])})
 
     # Relaying.
 
@@ -1720,7 +1842,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def messages(self):
         """POST /v1/messages: clean, route, forward, relay, and learn image descriptions."""
         server = self.server
-        body, size = self.read_json()
+        body, _ = self.read_json()
         validate_request(body)
         clean = clean_request(body)
         del body
@@ -1733,17 +1855,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             new_keys = [k for k in new_keys if k not in descriptions]
         route, model, messages, substituted = route_request(
             clean, keys, descriptions, server.vision_model, server.coder_model, new_keys)
-        log("→ %s [%s]" % (route, model))
-        if substituted:
-            log("cached description for %d image(s)" % substituted)
-        pixels = sum(len(d) for d, k in keys.items() if k in new_keys)
-        estimate = estimate_tokens(size, pixels, len(new_keys))
         upstream = server.vision_upstream_url if route == "vision" else server.upstream_url
         context_length = server.model_info(model, upstream).get("context_length")
-        outgoing = clamp_max_tokens({**clean, "model": model, "messages": messages},
-                                    estimate, context_length)
+        outgoing = {**clean, "model": model, "messages": messages}
         length, data = encode_request(outgoing)
-        del outgoing, messages
+        estimate = request_tokens(length, messages)
+        clamped = clamp_max_tokens(outgoing, estimate, context_length)
+        if clamped is not outgoing:
+            length, data = encode_request(clamped)
+        log("→ %s [%s]%s" % (route, model, self.note_prompt(model, outgoing, keys, length)))
+        if substituted:
+            log("cached description for %d image(s)" % substituted)
+        del outgoing, clamped, messages
         server.count(route, model, upstream, length)
         headers = [(k, v) for k, v in filter_headers(self.headers, DROP_REQUEST_HEADERS)
                    if k.lower() != "content-type"] + [("Content-Type", "application/json"),
@@ -1761,9 +1884,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
             error = stream_overflow(head, estimate, context_length) if head else None
             if error:
                 return self.send_overflow(error)
-            self.relay(resp, upstream, learn, head)
+            self.note_usage(model, self.relay(resp, upstream, learn, head))
         finally:
             conn.close()
+
+    def note_prompt(self, model, body, keys, length):
+        """Remember the prompt sent to model; return the route line's note on what it reuses.
+
+        Claude Code names its conversation in a header; other clients' are told apart
+        by their system text, tools and first message."""
+        names, digests, sizes = prompt_parts(body, keys)
+        conversation = (self.headers.get(SESSION_HEADER, "")[:100]
+                        or digests[:16 * (len(names) - len(body["messages"]) + 1)])
+        return reuse_note(length, self.server.memory.note_prompt(
+            conversation, model, names, digests, sizes, length))
+
+    def note_usage(self, model, usage):
+        """Log and keep the token counts the server reported for this turn, if it did."""
+        if "input_tokens" not in usage:
+            return
+        cached = usage.get("cache_read_input_tokens", 0)
+        log("usage [%s]: %d prompt tokens, %d of them from the server's cache"
+            % (model, usage["input_tokens"] + cached, cached))
+        self.server.memory.note_usage(model, usage)
 
     def open_upstream(self, url, method, path, body, headers):
         """open_upstream for this client: the upstream request ends if the client hangs up."""
@@ -1827,22 +1970,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         learn, if given, gets the text of a complete successful reply before the
         response ends, so the next turn finds what it says in the cache. head is what
-        was already read of a stream."""
+        was already read of a stream. Return the reply's usage as far as it said."""
         if not is_event_stream(resp):
             try:
                 data = resp.read()
             except (OSError, http.client.HTTPException) as e:
                 raise upstream_failure(e, url) from None
-            if learn and resp.status == 200:
+            reply = None
+            if resp.status == 200:
                 try:
-                    learn(reply_text(json.loads(data)))
-                except ValueError:
+                    reply = json.loads(data)
+                except (ValueError, RecursionError):
                     pass
+            if learn and reply is not None:
+                learn(reply_text(reply))
             self.send_upstream_headers(resp, ("Content-Length", str(len(data))))
             if self.command != "HEAD":
                 self.write_client(data)
-            return
-        self.relay_stream(resp, learn, head)
+            return usage_numbers(reply.get("usage") if isinstance(reply, dict) else None)
+        return self.relay_stream(resp, learn, head)
 
     def relay_stream(self, resp, learn, head=b""):
         """Relay an SSE stream as it arrives: per upstream read, one chunk (P2, P3, P5, P8).
@@ -1855,7 +2001,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True    # HTTP/1.0: the end of the body is the close
         self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
         self.stream_frame = encode_chunk if chunked else bytes
-        capture = ReplyCapture() if learn else None
+        capture = ReplyCapture(keep_text=learn is not None)
         chunks = upstream_chunks(resp, head, lambda: self.await_upstream(resp))
         partial = b""
         while True:
@@ -1863,20 +2009,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 data = next(chunks, b"")
             except (OSError, http.client.HTTPException) as e:
                 what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
-                return self.stream_failed(what, type(e).__name__)
+                self.stream_failed(what, type(e).__name__)
+                return capture.usage
             if not data:
                 break
-            if capture:
-                capture.feed(data)
+            capture.feed(data)
             data, partial = split_events(partial + data)
             if data and not self.write_client(self.stream_frame(data)):
                 log("client went away mid-stream; closed the upstream request")
-                return
+                return capture.usage
         if partial.strip():
-            return self.stream_failed("broke off", "it ended inside an event")
-        if capture and capture.complete and not capture.failed:
+            self.stream_failed("broke off", "it ended inside an event")
+            return capture.usage
+        if learn and capture.complete and not capture.failed:
             learn(capture.text())
         self.end_stream()
+        return capture.usage
 
     def stream_failed(self, what, why):
         """End a stream whose upstream failed: headers are out, so say it in band (P12)."""
@@ -2044,7 +2192,8 @@ class Server(http.server.ThreadingHTTPServer):
                           **self.model_info(self.coder_model, self.upstream_url)},
                 "vision": {"model": self.vision_model,
                            **self.model_info(self.vision_model, self.vision_upstream_url)},
-                "cache": cache, "startup": startup, **activity, **stats}
+                "cache": cache, "prompt_cache": self.memory.prompt_status(), "startup": startup,
+                **activity, **stats}
 
     # The upstream's models.
 

@@ -507,6 +507,7 @@ class SmallTransformTest(unittest.TestCase):
                 for i in range(0, len(raw), step):
                     capture.feed(raw[i:i + step].replace(b"\n", b"\r\n"))
                 self.assertEqual(capture.text(), "Hello world")
+                self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
 
     def test_reply_capture_stores_nothing_for_cut_or_failed_streams(self):
         events = text_events("Hello")
@@ -1150,8 +1151,9 @@ class RoutingTest(RouterTestCase):
         self.post(request(user(text("hi"))))
         status, _, reply = self.call("GET", "/status")
         self.assertEqual((reply["coder"]["context_length"], reply["requests"]), (8192, {"CODER": 1}))
-        self.assertEqual(upstream.posts()[-1]["max_tokens"], 8192 - cr.estimate_tokens(
-            len(json.dumps(request(user(text("hi")))))))
+        sent = {"model": "CODER", "max_tokens": 32000, "messages": [user(text("hi"))]}
+        self.assertEqual(upstream.posts()[-1]["max_tokens"],
+                         8192 - cr.estimate_tokens(len(json.dumps(sent))))
 
 
 class EndpointTest(RouterTestCase):
@@ -1399,6 +1401,89 @@ class PrefixReplayTest(RouterTestCase):
             self.assertEqual(current[:cut], previous[:cut])
         self.assertNotIn(b'"system"', b"".join(json.dumps(m["role"]).encode() for c in coder
                                              for m in json.loads(c)["messages"]))
+
+
+class CacheReportTest(RouterTestCase):
+    """What the route line, the usage line and /status say about the server's prefix cache."""
+
+    def test_route_line_says_how_much_of_the_last_prompt_is_sent_again(self):
+        usage = {"input_tokens": 100, "cache_read_input_tokens": 900, "output_tokens": 0}
+        streamed = text_events("ok")
+        streamed[0][1]["message"]["usage"] = usage
+        upstream = FakeUpstream(self, [stream_reply(streamed)])
+        self.start(upstream)
+        turn = [user(text("read a.py")), system_message("cwd: /p")]
+        grown = turn + [assistant(text("done")), user(text("next")),
+                        system_message("<total_tokens>9 tokens left</total_tokens>")]
+        session = {"X-Claude-Code-Session-Id": "s1"}
+        rows = [
+            ("first", request(*turn, system="top", stream=True), session, "first turn"),
+            ("grown", request(*grown, system="top"), session, "100.0% as last turn"),
+            ("new system text", request(*grown, system="other"), session,
+             "0.0% as last turn, changed from system on"),
+            ("another session", request(*grown, system="other"), {"X-Claude-Code-Session-Id": "s2"},
+             "first turn"),
+            ("no session header", request(*turn, system="top"), {}, "first turn"),
+            ("same conversation by its head", request(*grown, system="top"), {},
+             "100.0% as last turn"),
+            ("history rewritten", request(user(text("read b.py")), *grown[1:], system="other"),
+             session, "changed from message 0 on"),
+        ]
+        for name, body, headers, said in rows:
+            with self.subTest(name):
+                self.post(body, headers=headers)
+                line = [l for l in self.log.getvalue().splitlines() if l.startswith("→")][-1]
+                size = len(upstream.raw[-1][1]) / 1024
+                self.assertRegex(line, r"^→ coder \[CODER\] %.1f KB, " % size)
+                self.assertIn(said, line)
+        self.assertIn("usage [CODER]: 1000 prompt tokens, 900 of them from the server's cache",
+                      self.log.getvalue())
+        _, _, status = self.call("GET", "/status")
+        coder = status["prompt_cache"]["CODER"]
+        sent = [len(raw) for _, raw in upstream.raw]
+        self.assertEqual((coder["last_turn"]["bytes"], coder["totals"]["bytes"]),
+                         (sent[-1], sum(sent)))
+        self.assertEqual(coder["totals"]["turns"], 7)
+        self.assertEqual((coder["totals"]["input_tokens"], coder["totals"]["cache_read_input_tokens"],
+                          coder["totals"]["output_tokens"]), (100 + 6 * 5, 900, 6 * 3 + 3))
+        self.assertLess(coder["totals"]["unchanged_bytes"], coder["totals"]["bytes"])
+
+    def test_conversations_remembered_are_bounded_oldest_first(self):
+        memory = cr.TurnMemory(max_entries=2)
+        names, digests, sizes = cr.prompt_parts({"messages": [user(text("q"))]}, {})
+        for conversation in ("a", "b", "a", "c", "b", "a"):
+                memory.note_prompt(conversation, "M", names, digests, sizes, 99)
+        self.assertEqual(list(memory.prompts), [("b", "M"), ("a", "M")])
+        self.assertIsNone(memory.note_prompt("c", "M", names, digests, sizes, 99))
+
+
+class EstimateTest(RouterTestCase):
+
+    def test_a_described_screenshot_in_the_history_leaves_max_tokens_alone(self):
+        # One 1.9 MB screenshot anywhere in the history made every later coder turn's
+        # max_tokens the 1024 floor when the context length was known (issue 10).
+        shot = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(300_000)).decode()
+        upstream = FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 16384}}]},
+                                count_tokens=(404, {"error": "no"}))
+        self.start(upstream)
+        self.router.cache.store({key(shot): "a login form"}, "VISION")
+        history = [user(text("look"), image(shot)), assistant(text("A login form.")),
+                   user(tool_result("t0", text("x")), text("fix it"))]
+        self.post(request(*history))
+        sent = upstream.posts()[-1]
+        unclamped = {**sent, "max_tokens": 32000}
+        self.assertEqual(sent["max_tokens"],
+                         16384 - cr.estimate_tokens(len(json.dumps(unclamped))))
+        self.assertGreater(sent["max_tokens"], 16000)
+        _, _, counted = self.call("POST", "/v1/messages/count_tokens", request(*history))
+        self.assertEqual(counted["input_tokens"], cr.estimate_tokens(len(json.dumps(
+            {k: v for k, v in unclamped.items() if k != "max_tokens"}))))
+
+    def test_images_still_sent_as_pixels_cost_a_fixed_amount(self):
+        messages = [user(text("q"), image(PNG_A)), user(tool_result("t", image(PNG_B)))]
+        length = len(json.dumps(messages))
+        self.assertEqual(cr.request_tokens(length, messages), cr.estimate_tokens(
+            length, len(PNG_A) + len(PNG_B), 2))
 
 
 class StreamingTest(RouterTestCase):
@@ -2082,7 +2167,8 @@ class ActivityTest(RouterTestCase):
                                       r"hint: if this is unexpected, you may need to provide the mmproj$")
         self.assertRegex(outcomes[1], r"^← 200 in \d+\.\d\d s$")
         self.assertRegex(outcomes[2], r"^← 400 in \d+\.\d\d s: messages: ")
-        self.assertEqual(lines.index(outcomes[1]) - 1, lines.index("→ coder [CODER]", 2))
+        routed = [i for i, l in enumerate(lines) if l.startswith("→ coder [CODER]")]
+        self.assertEqual(lines.index(outcomes[1]) - 2, routed[1])     # a usage line between
 
     def test_status_says_what_is_in_flight_what_came_last_and_what_failed(self):
         gate = threading.Event()
