@@ -2304,13 +2304,16 @@ class LauncherTest(RouterTestCase):
             "ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % router.server_port,
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
             "CLAUDE_CODE_MAX_CONTEXT_TOKENS=16384",
+            "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off",
             "args: -p say hi"])
 
-    def test_users_context_setting_wins(self):
+    def test_users_context_and_reminder_settings_win(self):
         router = self.start(FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 8}}]}))
         done = self.run_launcher(router.server_port, ["claude"],
-                                 {"CLAUDE_CODE_MAX_CONTEXT_TOKENS": "99"})
+                                 {"CLAUDE_CODE_MAX_CONTEXT_TOKENS": "99",
+                                  "CLAUDE_CODE_TOTAL_TOKENS_REMINDER": "padded-countdown"})
         self.assertIn("CLAUDE_CODE_MAX_CONTEXT_TOKENS=99", done.stdout)
+        self.assertIn("CLAUDE_CODE_TOTAL_TOKENS_REMINDER=padded-countdown", done.stdout)
 
     def test_starts_a_router_when_none_answers(self):
         upstream = FakeUpstream(self)
