@@ -89,6 +89,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs wi
 MAX_ERROR_BODY_BYTES = 1024 * 1024          # upstream error bodies we read to inspect
 CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
+STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 MODELS_TTL = 30.0                           # s between looks at the upstream's model list
 RELAY_BUFFER = 65536                        # bytes per upstream read
@@ -2388,6 +2389,9 @@ def build_parser(environ):
              "that require one (default: none)")
     add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
         help="load missing models through LM Studio's API at startup")
+    add("--statusline", action="store_true",
+        help="print one line on the router running on CLAUDE_ROUTER_PORT (for Claude Code's "
+             "statusLine setting; claude-local offers it) and exit")
     add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
         help="log every request line")
     return parser
@@ -2409,9 +2413,72 @@ def parse_settings(argv, environ):
     return args
 
 
+def short_count(n):
+    """A token count in a few characters: 950, 11.7k, 1.2M."""
+    for size, unit in ((1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return "%.1f%s" % (n / size, unit)
+    return str(n)
+
+
+def status_line(status):
+    """The one short line Claude Code shows as its status line, from a /status document.
+
+    Reads what it can and skips the rest: a router of another version may lack a field."""
+    def get(obj, *names):
+        for name in names:
+            obj = obj.get(name) if isinstance(obj, dict) else None
+        return obj
+
+    coder = get(status, "coder", "served_by") or get(status, "coder", "model") or "?"
+    parts = ["router: coder %s" % coder]
+    last = get(status, "last_request") or {}
+    if get(status, "in_flight"):
+        parts.append("working")
+    elif last.get("route"):
+        model = "" if last["route"] == "coder" else " " + str(last.get("model"))
+        outcome = "" if last.get("status") in (200, None) else " (%s)" % last["status"]
+        took = " %.1f s" % last["seconds"] if isinstance(last.get("seconds"), (int, float)) else ""
+        parts.append("last: %s%s%s%s" % (last["route"], model, outcome, took))
+    turn = get(status, "prompt_cache", last.get("model"), "last_turn") or {}
+    read, new = turn.get("cache_read_input_tokens"), turn.get("input_tokens")
+    if isinstance(read, int) and isinstance(new, int):      # Anthropic's: new excludes read
+        parts.append("prompt: %s cached, %s new" % (short_count(read), short_count(new)))
+    elif isinstance(new, int):
+        parts.append("prompt: %s tokens" % short_count(new))
+    return " · ".join(parts)
+
+
+def statusline(environ):
+    """The status line for the router on CLAUDE_ROUTER_PORT, or a short note when none answers.
+
+    It binds nothing and loads no cache; it waits at most STATUSLINE_TIMEOUT seconds."""
+    port = environ.get("CLAUDE_ROUTER_PORT", "").strip()
+    port = int(port) if port.isdigit() else PORT
+    token = environ.get("CLAUDE_ROUTER_TOKEN", "")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STATUSLINE_TIMEOUT)
+    try:
+        conn.request("GET", "/status", headers={"x-api-key": token} if token else {})
+        resp = conn.getresponse()
+        raw = resp.read(MAX_ERROR_BODY_BYTES)
+        if resp.status == 401:
+            return "router on :%d: set CLAUDE_ROUTER_TOKEN to see it" % port
+        if resp.status != 200:
+            return "router: none on :%d (%d there)" % (port, resp.status)
+        return status_line(json.loads(raw))
+    except (OSError, http.client.HTTPException, ValueError):
+        return "router: none on :%d" % port
+    finally:
+        conn.close()
+
+
 def main(argv=None, environ=None):
-    """Run the router until Ctrl-C."""
-    args = parse_settings(argv, os.environ if environ is None else environ)
+    """Run the router until Ctrl-C (or, with --statusline, print the status line)."""
+    environ = os.environ if environ is None else environ
+    if "--statusline" in (sys.argv[1:] if argv is None else argv):
+        print(statusline(environ))
+        return
+    args = parse_settings(argv, environ)
     try:
         server = Server((args.host, args.port), args.upstream, args.vision_upstream or "",
                         args.coder_model, args.vision_model, args.vision_mode, args.cache_dir,

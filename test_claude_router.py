@@ -2275,10 +2275,68 @@ class StartupCheckTest(RouterTestCase):
         gate.set()
 
 
+class StatusLineTest(RouterTestCase):
+    """python3 claude_router.py --statusline, run for real as Claude Code runs it."""
+
+    def statusline(self, port, token=""):
+        script = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLAUDE_ROUTER_PORT": str(port),
+               "CLAUDE_ROUTER_TOKEN": token, "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir}
+        return subprocess.run([sys.executable, script, "--statusline"], env=env, input="{}",
+                              capture_output=True, text=True, timeout=TIMEOUT)
+
+    def test_status_line_from_a_status_document(self):
+        base = {"coder": {"model": "qwen/coder"}, "in_flight": 0}
+        rows = [("nothing yet", {}, "router: coder qwen/coder"),
+                ("after a coder turn", {"last_request": {"route": "coder", "model": "qwen/coder",
+                                                         "status": 200, "seconds": 2.64},
+                                        "prompt_cache": {"qwen/coder": {"last_turn": {
+                                            "input_tokens": 13, "cache_read_input_tokens": 11656}}}},
+                 "router: coder qwen/coder · last: coder 2.6 s · prompt: 11.7k cached, 13 new"),
+                ("a failed vision turn", {"last_request": {"route": "vision", "model": "dev/v",
+                                                           "status": 500, "seconds": 0.2}},
+                 "router: coder qwen/coder · last: vision dev/v (500) 0.2 s"),
+                ("a server that reports no cache", {"last_request": {"route": "coder",
+                                                                     "model": "qwen/coder"},
+                                                    "prompt_cache": {"qwen/coder": {"last_turn": {
+                                                        "input_tokens": 950}}}},
+                 "router: coder qwen/coder · last: coder · prompt: 950 tokens"),
+                ("working", {"in_flight": 1, "last_request": {"route": "coder"}},
+                 "router: coder qwen/coder · working"),
+                ("served by llama-server's one model", {"coder": {"model": "c", "served_by": "q05"}},
+                 "router: coder q05")]
+        for name, status, line in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.status_line({**base, **status}), line)
+        self.assertEqual(cr.status_line({"coder": "junk", "last_request": [], "prompt_cache": 5}),
+                         "router: coder ?")
+
+    def test_reads_the_running_router(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream, token="t0k")
+        conn = self.connect()
+        self.post(request(user(text("hi"))), headers={"x-api-key": "t0k"}, conn=conn)
+        self.call("GET", "/", headers={"x-api-key": "t0k"}, conn=conn)    # the request is counted
+        done = self.statusline(router.server_port, "t0k")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertRegex(done.stdout, r"^router: coder qwen2.5-coder-0.5b · last: coder \d+\.\d s · "
+                                      r"prompt: 5 tokens\n$")
+        self.assertIn("set CLAUDE_ROUTER_TOKEN", self.statusline(router.server_port).stdout)
+        self.assertEqual(os.listdir(self.cache_dir), [])
+
+    def test_with_no_router_it_says_so_and_exits_0(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = self.statusline(port)
+        self.assertEqual((done.returncode, done.stdout, done.stderr),
+                         (0, "router: none on :%d\n" % port, ""))
+
+
 class LauncherTest(RouterTestCase):
     """claude-local, run for real with a stand-in `claude` that prints what it was given."""
 
-    def run_launcher(self, port, path_dirs, extra_env=None):
+    def run_launcher(self, port, path_dirs, extra_env=None, args=("-p", "say hi"), cwd=None):
         bin_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, bin_dir, True)
         with open(os.path.join(bin_dir, "claude"), "w") as f:
@@ -2290,22 +2348,72 @@ class LauncherTest(RouterTestCase):
                "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir, "ANTHROPIC_API_KEY": "sk-real-key",
                **(extra_env or {})}
         launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
-        return subprocess.run(["bash", launcher, "-p", "say hi"], env=env, capture_output=True,
-                              text=True, timeout=TIMEOUT * 3)
+        return subprocess.run(["bash", launcher, *args], env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT * 3, cwd=cwd or self.cache_dir)
+
+    def settings_given(self, done):
+        """The JSON claude-local passed to claude with --settings, or None; and the other args."""
+        args = [l for l in done.stdout.splitlines() if l.startswith("args: ")][0][6:]
+        if not args.startswith("--settings "):
+            return None, args
+        settings, end = json.JSONDecoder().raw_decode(args[len("--settings "):])
+        return settings, args[len("--settings ") + end:].strip()
 
     def test_reuses_a_running_router_and_sets_the_environment(self):
         upstream = FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 16384}}]})
         router = self.start(upstream)
-        router.known_models()
         done = self.run_launcher(router.server_port, ["claude"])
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertEqual(done.stdout.splitlines(), [
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout.splitlines()[:-1], [
             "ANTHROPIC_AUTH_TOKEN=lmstudio",
             "ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % router.server_port,
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
             "CLAUDE_CODE_MAX_CONTEXT_TOKENS=16384",
-            "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off",
-            "args: -p say hi"])
+            "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off"])
+        settings, rest = self.settings_given(done)
+        self.assertEqual(rest, "-p say hi")
+        self.assertEqual(settings["statusLine"]["type"], "command")
+        line = subprocess.run(settings["statusLine"]["command"], shell=True, capture_output=True,
+                              text=True, timeout=TIMEOUT, env={
+                                  "PATH": os.environ["PATH"],
+                                  "CLAUDE_ROUTER_PORT": str(router.server_port)})
+        self.assertEqual(line.stdout, "router: coder CODER\n")
+
+    def test_a_status_line_of_the_users_own_is_left_alone(self):
+        router = self.start(FakeUpstream(self))
+        project = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, project, True)
+        rows = [(".claude/settings.json", self.cache_dir), (".claude/settings.json", project),
+                (".claude/settings.local.json", project)]
+        for path, where in rows:
+            with self.subTest(path=path, where=where):
+                os.makedirs(os.path.join(where, ".claude"), exist_ok=True)
+                with open(os.path.join(where, path), "w") as f:
+                    json.dump({"statusLine": {"type": "command", "command": "mine"}}, f)
+                done = self.run_launcher(router.server_port, ["claude"], cwd=project)
+                self.assertEqual(self.settings_given(done), (None, "-p say hi"))
+                os.remove(os.path.join(where, path))
+        done = self.run_launcher(router.server_port, ["claude"], args=("--settings", "{}"))
+        self.assertIn("args: --settings {}\n", done.stdout)     # the user's only
+
+    def test_a_router_it_starts_tells_its_problems_and_log_before_claude_starts(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        done = self.run_launcher(port, ["claude"],
+                                 {"CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:%d" % dead})
+        status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            "http://127.0.0.1:%d/status" % port, timeout=TIMEOUT).read())
+        os.kill(status["pid"], signal.SIGTERM)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr.splitlines(), [
+            "claude-local: the router found problems (its log: %s/router.log):" % self.cache_dir,
+            "  upstream http://127.0.0.1:%d is not reachable yet; requests get 529 until it is"
+            % dead])
+        self.assertIn("args: ", done.stdout)
 
     def test_users_context_and_reminder_settings_win(self):
         router = self.start(FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 8}}]}))
