@@ -364,7 +364,7 @@ def image_source_problem(source):
 
 def is_http_url(url):
     """True for an absolute http or https URL with a host and no whitespace or controls."""
-    if not url.isprintable() or any(c.isspace() for c in url):
+    if not url.isprintable() or " " in url:     # isprintable: no other space or control
         return False
     try:
         parts = urllib.parse.urlsplit(url)
