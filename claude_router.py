@@ -1116,7 +1116,7 @@ def model_report(role, model, kind, models):
         return ("%s %s: not on the server" % (role, model),
                 ["%s model %s is not on the %s server, which has: %s. Fix: %s"
                  % (role, model, kind, have or "no models", fix_for("missing", kind, role, model))])
-    images = {True: "sees images", False: "cannot see images", None: "images unknown"}
+    images = {True: "sees images", False: "text only", None: "images unknown"}
     context = info.get("context_length")
     line = "%s %s%s: %s, %s, %s" % (
         role, model, "" if served == model else " (served by %s, the server's only model)" % served,
@@ -2446,6 +2446,12 @@ def status_line(status):
         parts.append("prompt: %s cached, %s new" % (short_count(read), short_count(new)))
     elif isinstance(new, int):
         parts.append("prompt: %s tokens" % short_count(new))
+    # Claude Code clears the screen as it starts, so what the startup check found is
+    # shown here too: its first problem, without the fix (the log and /status have it).
+    problems = [p for p in get(status, "startup", "problems") or [] if isinstance(p, str)]
+    if problems:
+        more = " (+%d more)" % (len(problems) - 1) if len(problems) > 1 else ""
+        parts.append("! %s%s" % (re.split(r"; |\. ", problems[0])[0], more))
     return " · ".join(parts)
 
 

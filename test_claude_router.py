@@ -16,6 +16,8 @@ import http.server
 import io
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
@@ -595,7 +597,7 @@ class SmallTransformTest(unittest.TestCase):
         lmstudio = {"c": {"loaded": False, "context_length": None, "vision": None},
                     "v": {"loaded": True, "context_length": 4096, "vision": False}}
         line, problems = cr.model_report("vision", "v", "lmstudio", lmstudio)
-        self.assertEqual(line, "vision v: loaded, 4096-token context, cannot see images")
+        self.assertEqual(line, "vision v: loaded, 4096-token context, text only")
         self.assertEqual(len(problems), 2)
         self.assertIn("cannot see images", problems[0])
         self.assertIn("lms unload v && lms load v --context-length 32768", problems[1])
@@ -620,7 +622,7 @@ class SmallTransformTest(unittest.TestCase):
         models = cr.models_from_listing(LLAMA_LISTING)
         line, problems = cr.model_report("vision", "dev/vision", "llama.cpp", models)
         self.assertEqual(line, "vision dev/vision (served by qwen2.5-coder-0.5b, the server's only "
-                               "model): loaded, 32768-token context, cannot see images")
+                               "model): loaded, 32768-token context, text only")
         self.assertEqual(len(problems), 1)
         self.assertIn("--mmproj", problems[0])
         self.assertNotIn("lms", problems[0])
@@ -2220,9 +2222,9 @@ class StartupCheckTest(RouterTestCase):
         lines = router.check_upstream()
         self.assertEqual(lines[:2], [
             "coder CODER (served by qwen2.5-coder-0.5b, the server's only model): loaded, "
-            "32768-token context, cannot see images",
+            "32768-token context, text only",
             "vision VISION (served by qwen2.5-coder-0.5b, the server's only model): loaded, "
-            "32768-token context, cannot see images"])
+            "32768-token context, text only"])
         self.assertEqual(len(lines), 3)
         self.assertTrue(lines[2].startswith("! vision model qwen2.5-coder-0.5b cannot see images"))
         self.assertIn("llama-server with --mmproj", lines[2])
@@ -2304,7 +2306,11 @@ class StatusLineTest(RouterTestCase):
                 ("working", {"in_flight": 1, "last_request": {"route": "coder"}},
                  "router: coder qwen/coder · working"),
                 ("served by llama-server's one model", {"coder": {"model": "c", "served_by": "q05"}},
-                 "router: coder q05")]
+                 "router: coder q05"),
+                ("startup problems", {"startup": {"problems": [
+                    "upstream http://h:1 is not reachable yet; requests get 529 until it is",
+                    "vision model v cannot see images. Fix: ..."]}},
+                 "router: coder qwen/coder · ! upstream http://h:1 is not reachable yet (+1 more)")]
         for name, status, line in rows:
             with self.subTest(name):
                 self.assertEqual(cr.status_line({**base, **status}), line)
@@ -2437,6 +2443,38 @@ class LauncherTest(RouterTestCase):
         self.assertEqual(status["upstream"], upstream.url)
         with open(os.path.join(self.cache_dir, "router.log")) as f:
             self.assertIn("claude-router on :%d" % port, f.read())
+
+    def test_an_interactive_user_reads_the_problems_before_claude_clears_the_screen(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        bin_dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, bin_dir, True)
+        with open(os.path.join(bin_dir, "claude"), "w") as f:
+            f.write("#!/bin/sh\necho claude started\n")
+        os.chmod(os.path.join(bin_dir, "claude"), 0o755)
+        env = {"PATH": bin_dir + ":" + os.environ["PATH"], "HOME": self.cache_dir,
+               "CLAUDE_ROUTER_PORT": str(port), "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir,
+               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9"}
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
+        proc = subprocess.Popen(["bash", launcher], stdin=slave, stderr=slave,
+                                stdout=subprocess.PIPE, env=env, cwd=self.cache_dir, text=True)
+        os.close(slave)
+        self.addCleanup(proc.kill)
+        shown = b""
+        while b"Press Enter" not in shown:
+            ready, _, _ = select.select([master], [], [], TIMEOUT)
+            self.assertTrue(ready, shown)
+            shown += os.read(master, 4096)
+        status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            "http://127.0.0.1:%d/status" % port, timeout=TIMEOUT).read())
+        os.kill(status["pid"], signal.SIGTERM)
+        self.assertIn(b"not reachable yet", shown)
+        self.assertIsNone(proc.poll())         # claude waits for the user
+        os.write(master, b"\n")
+        self.assertEqual(proc.communicate(timeout=TIMEOUT)[0], "claude started\n")
 
     def test_says_so_when_claude_is_missing(self):
         done = self.run_launcher(9, [])
