@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import os
@@ -91,6 +92,10 @@ CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
 STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
+REQUEST_TIMEOUT = 30.0                      # s a begun request may stall (headers or body): 408
+LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
+MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
+MAX_HEADERS = 100                           # header lines per request
 MODELS_TTL = 30.0                           # s between looks at the upstream's model list
 RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
@@ -202,6 +207,17 @@ ERROR_TEXT_CHARS = 300                      # chars of an upstream's error messa
 
 # An SSE event ends at a blank line; a line ends with CRLF, LF or CR (WHATWG HTML 9.2.6).
 SSE_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+# The HTTP/1.1 request head we accept (RFC 9112 3, 5; RFC 3986 3.3, 3.4): a token method,
+# an origin-form target of URI characters, a 1.x version; header lines of a token name, a
+# colon, and a value without control characters other than tab. Nothing else is read as
+# HTTP: no obs-fold, NUL, bare CR, absolute-form target or space before the colon.
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+URI_CHARS = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})"
+REQUEST_LINE = re.compile(rb"(%s) (/%s*)((?:\?(?:%s|\?)*)?) HTTP/1\.([0-9])\r?\n"
+                          % (TOKEN, URI_CHARS, URI_CHARS))
+HEADER_LINE = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*\r?\n" % TOKEN)
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
@@ -1013,6 +1029,49 @@ def readable_time(seconds):
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))
 
 
+def normalize_path(path):
+    """Return path normalised (RFC 3986 6.2.2), or None when it has an encoded slash or backslash.
+
+    Unreserved characters are decoded, so %2e is a dot; then dot segments are resolved
+    and empty ones dropped. What the router routes is then what the upstream sees."""
+    path = re.sub(r"%[0-9A-Fa-f]{2}", lambda m: chr(int(m[0][1:], 16))
+                  if chr(int(m[0][1:], 16)) in UNRESERVED else m[0], path)
+    if re.search(r"%(2[Ff]|5[Cc])", path):
+        return None
+    segments = []
+    for segment in path.split("/"):
+        if segment == "..":
+            segments = segments[:-1]
+        elif segment not in ("", "."):
+            segments.append(segment)
+    tail = "/" if segments and path.endswith(("/", "/.", "/..")) else ""
+    return "/" + "/".join(segments) + tail
+
+
+def body_length(headers, method, limit):
+    """Return the length of a request's body; raise ProxyError when it cannot be framed safely.
+
+    Only one plain Content-Length frames a body here (RFC 9112 6.1-6.3): a Transfer-Encoding,
+    or lengths that disagree or are not ASCII digits, could be read otherwise by whatever
+    stands in front of the router, and the rest of the body smuggled in as a request."""
+    if "transfer-encoding" in headers:
+        raise ProxyError(411, "request bodies need Content-Length; Transfer-Encoding is not "
+                              "supported")
+    values = {v.strip(" \t") for v in headers.get_all("content-length") or ()}
+    if not values:
+        if method == "POST":
+            raise ProxyError(411, "Content-Length is required")
+        return 0
+    value = values.pop()
+    if values or not re.fullmatch("[0-9]+", value):
+        raise ProxyError(400, "Content-Length must be one number")
+    digits = value.lstrip("0") or "0"
+    if len(digits) > 15 or int(digits) > limit:
+        raise ProxyError(413, "request body of %s bytes is over the %d byte limit"
+                         % (digits[:20], limit))
+    return int(digits)
+
+
 def is_loopback_host(host):
     """True when host (a Host header value or address) names this machine's loopback."""
     host = host.strip().lower()
@@ -1387,7 +1446,13 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
         conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
         if client is not None:
             await_upstream(conn.sock, client, read_timeout)
-        return conn, conn.getresponse()
+        resp = conn.getresponse()
+        while 100 <= resp.status < 200:
+            # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
+            # begin() reads the next response when the headers are unset.
+            resp.headers = None
+            resp.begin()
+        return conn, resp
     except (OSError, http.client.HTTPException) as e:
         conn.close()
         raise upstream_failure(e, url) from None
@@ -1590,6 +1655,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True      # each write goes out at once (P3)
     timeout = IDLE_TIMEOUT              # idle keep-alive connections end (P1)
     server_version = "claude-router/" + VERSION
+    unread_input = False                # the client may still be sending its request's bytes
 
     def handle(self):
         """Serve the connection's requests, then refresh the model list if one claimed that.
@@ -1603,34 +1669,152 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.refresh_due:
                 self.server.refresh_models()
 
-    def do_GET(self):
-        self.handle_request("GET")
+    def handle_one_request(self):
+        """Wait for a request, read it and answer it; every request gets an answer.
+
+        Unlike http.server's version: waiting for a request may take IDLE_TIMEOUT, but
+        one that stalls once begun gets a 408 after request_timeout; a request is read
+        under one strict rule (read_head); a ProxyError gets Anthropic's envelope; and
+        anything else is a bug: a 500 (or an error event inside a stream), the
+        connection closed, and Server.handle_error logs its traceback once."""
+        self.response_started = False   # our status line is fixed once this is set
+        self.stream_frame = None        # while an SSE body is going out: how to frame its bytes
+        self.body = b""
+        if not self.await_request():
+            self.close_connection = True
+            return
+        self.unread_input = True
+        try:
+            self.read_head()
+        except ProxyError as e:
+            return self.refuse(e)
+        except Exception:
+            self.answer_unexpected()
+            raise
+        handler = getattr(self, "do_" + self.command, None)
+        handler() if handler else self.handle_request(self.command)
+
+    def await_request(self):
+        """Wait up to the idle timeout for a request to begin; False if none does."""
+        self.connection.settimeout(self.timeout)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:         # the idle timeout, or a reset
+            return False
+
+    def read_head(self):
+        """Read the request line and headers; raise ProxyError unless they are plain HTTP/1.x.
+
+        Sets command, path (normalised), request_version, headers and close_connection
+        as http.server's parse_request does."""
+        self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
+        self.requestline = ""
+        self.connection.settimeout(self.server.request_timeout)
+        line = self.read_line()
+        self.requestline = line.rstrip(b"\r\n").decode("latin-1")
+        match = REQUEST_LINE.fullmatch(line)
+        if not match:
+            raise ProxyError(414 if len(line) > MAX_HEAD_LINE else 400, "malformed request line")
+        lines = []
+        while (field := self.read_line()) not in (b"\r\n", b"\n"):
+            if len(field) > MAX_HEAD_LINE or len(lines) == MAX_HEADERS:
+                raise ProxyError(431, "request header fields too large")
+            if not HEADER_LINE.fullmatch(field):
+                raise ProxyError(400, "header line %d is malformed (a fold, a control "
+                                      "character, or no name)" % (len(lines) + 1))
+            lines.append(field)
+        method, path, query, minor = match.groups()
+        self.command, self.request_version = method.decode(), "HTTP/1.%s" % minor.decode()
+        self.headers = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
+        connection = {t.strip().lower() for v in self.headers.get_all("connection") or ()
+                      for t in v.split(",")}
+        self.close_connection = "close" in connection or (
+            minor == b"0" and "keep-alive" not in connection)
+        path = normalize_path(path.decode())
+        if path is None:
+            raise ProxyError(400, "the path has an encoded slash or backslash")
+        self.path = path + query.decode()
+        if len(self.headers.get_all("host") or ()) > 1:
+            raise ProxyError(400, "more than one Host header")
+
+    def read_line(self):
+        """One line of the request head (at most MAX_HEAD_LINE + 1 bytes); 408 if it stalls."""
+        try:
+            line = self.rfile.readline(MAX_HEAD_LINE + 1)
+        except TIMEOUT_ERRORS:
+            self.unread_input = False   # a stalled client sends nothing more to wait for
+            raise ProxyError(408, "the request stalled before its headers ended") from None
+        if not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
+            raise ProxyError(400, "the request ended inside its head")
+        return line
+
+    def receive_body(self):
+        """Read the request's body, for any method, once the checks that may refuse it passed.
+
+        A request is never answered with its body unread and the connection open: those
+        bytes would be read as the next request. Expect: 100-continue is answered here,
+        after the access and size checks, not before them as http.server does."""
+        length = body_length(self.headers, self.command, self.server.max_body_bytes)
+        if length and self.request_version == "HTTP/1.1" and \
+                self.headers.get("expect", "").lower() == "100-continue":
+            self.write_client(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            body = self.rfile.read(length)
+        except TIMEOUT_ERRORS:
+            self.unread_input = False
+            self.close_connection = True
+            raise ProxyError(408, "the request body stalled") from None
+        if len(body) < length:
+            raise ProxyError(400, "request body ended after %d of %d bytes" % (len(body), length))
+        self.unread_input = False
+        self.connection.settimeout(self.timeout)    # writing the answer may take long
+        self.body = body
+
+    def refuse(self, error):
+        """Answer a ProxyError with Anthropic's envelope; close if the request was not all read."""
+        if error.status >= 500:
+            log("! %s" % error)
+            self.server.note_error(str(error), error.status)
+        if self.unread_input or error.status == 408:
+            self.close_connection = True    # unread bytes must not pass for a request (P1)
+        self.send_json(error.status, anthropic_error(error.status, str(error), error.error_type))
+
+    def finish(self):
+        """Close the connection, after letting a refused client finish sending (see linger)."""
+        if self.unread_input:
+            self.linger()
+        super().finish()
+
+    def linger(self):
+        """Half-close, then read and drop what the client still sends, for LINGER_TIMEOUT at most.
+
+        Closing a socket with unread bytes makes the kernel reset the connection, and the
+        reset can destroy the answer before the client reads it (RFC 9112 9.6)."""
+        deadline = time.monotonic() + LINGER_TIMEOUT
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while deadline > time.monotonic():
+                self.connection.settimeout(deadline - time.monotonic())
+                if not self.rfile.read1(RELAY_BUFFER):
+                    break
+        except OSError:
+            pass
 
     def do_POST(self):
         if urllib.parse.urlsplit(self.path).path == "/v1/messages":
             return self.handle_routed()
         self.handle_request("POST")
 
-    def do_HEAD(self):
-        self.handle_request("HEAD")
-
-    def do_PUT(self):
-        self.handle_request("PUT")
-
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
-
     def handle_request(self, method):
-        """Check access and dispatch; answer every failure, the unexpected ones included.
+        """Check access, read the body and dispatch; answer every failure, the unexpected too.
 
         A ProxyError gets Anthropic's envelope. Anything else is a bug: it gets a 500 (or
         an error event, inside a stream) and the connection closes, then it goes on to
         Server.handle_error, which logs its traceback once."""
         path = urllib.parse.urlsplit(self.path).path
-        self.body_read = method != "POST"
-        self.response_started = False   # our status line is fixed once this is set
-        self.stream_frame = None        # while an SSE body is going out: how to frame its bytes
         try:
             self.check_access()
+            self.receive_body()
             route = self.routes.get((method, path))
             if route:
                 return route(self)
@@ -1645,12 +1829,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log("client went away while the model was silent; closed the upstream request")
         except ProxyError as e:
             self.outcome = str(e)
-            if e.status >= 500:
-                log("! %s" % e)
-                self.server.note_error(str(e), e.status)
-            if not self.body_read:
-                self.close_connection = True    # its unread body must not pass for a request (P1)
-            self.send_json(e.status, anthropic_error(e.status, str(e), e.error_type))
+            self.refuse(e)
         except Exception:
             self.answer_unexpected()
             raise
@@ -1683,10 +1862,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def check_access(self):
         """Raise ProxyError for clients that may not use the router.
 
-        A Host that is neither loopback nor our own name means a DNS-rebinding page,
-        an Origin that is not loopback a browser tab of some web site: both 403."""
+        Without a token, a Host that is neither loopback nor our own name means a
+        DNS-rebinding page: 403 (a token is what such a page cannot send, so with one,
+        LAN clients may name this machine as they like). An Origin that is not loopback
+        is a browser tab of some web site: 403."""
         host = self.headers.get("host", "")
-        if host and not is_loopback_host(host) and host.rsplit(":", 1)[0] != self.server.host:
+        if not self.server.token and host and not is_loopback_host(host) \
+                and host.rsplit(":", 1)[0] != self.server.host:
             raise ProxyError(403, "host %s is not allowed" % escape_log(host[:100]))
         origin = self.headers.get("origin")
         if origin and not is_loopback_host(urllib.parse.urlsplit(origin).netloc or "-"):
@@ -1701,25 +1883,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise ProxyError(401, "missing or wrong token (x-api-key or Authorization: Bearer)")
 
     def read_body(self):
-        """Return the request body; raise ProxyError, and close, when it cannot be read (P7)."""
-        length = self.headers.get("content-length")
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            problem = 411, "chunked request bodies are not supported; send Content-Length"
-        elif length is None:
-            problem = 411, "Content-Length is required"
-        elif not length.strip().isdigit():
-            problem = 400, "Content-Length is not a number"
-        elif int(length) > self.server.max_body_bytes:
-            problem = 413, "request body of %s bytes is over the %d byte limit" % (
-                length.strip(), self.server.max_body_bytes)
-        else:
-            body = self.rfile.read(int(length))
-            if len(body) == int(length):
-                self.body_read = True
-                return body
-            problem = 400, "request body ended after %d of %s bytes" % (len(body), length.strip())
-        self.close_connection = True    # what is left of the body must not pass for a request
-        raise ProxyError(*problem)
+        """Return the request body (read before dispatch), letting go of it here."""
+        body, self.body = self.body, b""
+        return body
 
     def read_json(self):
         """Return (the parsed request body, its size in bytes).
@@ -1734,15 +1900,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return json.loads(text, parse_constant=reject_constant), size
         except (ValueError, RecursionError):
             raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
-
-    def send_error(self, code, message=None, explain=None):
-        """Malformed HTTP that http.server rejects itself: Anthropic's envelope, not HTML (P11)."""
-        if code == 501:     # an unknown method: say 405 like for the known ones
-            code, message = 405, "method %s is not supported" % escape_log(self.command or "")[:50]
-        if self.request_version == "HTTP/0.9":  # the request line did not parse: still
-            self.request_version = "HTTP/1.0"   # answer with a status line and headers
-        self.close_connection = True
-        self.send_json(code, anthropic_error(code, message or "malformed request"))
 
     def send_response(self, code, message=None):
         """Start the response (http.server's), noting that its status is now out, and which."""
@@ -1972,6 +2129,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         learn, if given, gets the text of a complete successful reply before the
         response ends, so the next turn finds what it says in the cache. head is what
         was already read of a stream. Return the reply's usage as far as it said."""
+        if self.command == "HEAD":
+            # No body, and the length the GET's body would have (RFC 9110 9.3.2).
+            length = resp.getheader("content-length", "")
+            self.send_upstream_headers(resp, ("Content-Length", length)
+                                       if re.fullmatch("[0-9]+", length) else None)
+            return {}
         if not is_event_stream(resp):
             try:
                 data = resp.read()
@@ -1986,8 +2149,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if learn and reply is not None:
                 learn(reply_text(reply))
             self.send_upstream_headers(resp, ("Content-Length", str(len(data))))
-            if self.command != "HEAD":
-                self.write_client(data)
+            self.write_client(data)
             return usage_numbers(reply.get("usage") if isinstance(reply, dict) else None)
         return self.relay_stream(resp, learn, head)
 
@@ -2079,6 +2241,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.token = token
         self.verbose = verbose
         self.read_timeout = read_timeout
+        self.request_timeout = REQUEST_TIMEOUT
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.models_ttl = models_ttl
@@ -2410,6 +2573,9 @@ def parse_settings(argv, environ):
         parser.error("listening on %s needs a token (--token or CLAUDE_ROUTER_TOKEN)" % args.host)
     if args.upstream_key and not re.fullmatch(r"[!-~]+", args.upstream_key):
         parser.error("the upstream key must be printable ASCII without spaces")   # never echo it
+    if args.token and not re.fullmatch(r"[!-~]+", args.token):
+        # Clients send it in a header, and header bytes have no agreed encoding beyond ASCII.
+        parser.error("the token must be printable ASCII without spaces")
     return args
 
 

@@ -656,7 +656,8 @@ class SettingsTest(unittest.TestCase):
                 (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
                 ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
                 (["--host", "0.0.0.0"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM_KEY": "s3cr et"}),
-                (["--upstream-key", "k\r\nX-Evil: 1"], {})]
+                (["--upstream-key", "k\r\nX-Evil: 1"], {}),
+                ([], {"CLAUDE_ROUTER_TOKEN": "p\u00e4sswort"}), (["--token", "two words"], {})]
         for argv, environ in rows:
             with self.subTest(argv=argv, environ=environ):
                 err = io.StringIO()
@@ -862,6 +863,14 @@ class FakeUpstream:
                 if self.path == "/v1/models" and fake.listing and "data" in fake.listing:
                     return send_json(self, 200, fake.listing)
                 send_json(self, 404, {"error": "not found"})
+
+            def do_HEAD(self):
+                fake.record(self, None)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream" if "stream" in self.path
+                                 else "application/json")
+                self.send_header("Content-Length", "1234")
+                self.end_headers()
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers["content-length"]))
@@ -1680,6 +1689,46 @@ def malformed_requests():
     raw("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n")
     raw("header too long", b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n")
     raw("too many headers", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)))
+    # Issue 11, section 1: one rule per class of HTTP defect.
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"    # a 404, if answered
+    for method in (b"GET", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO"):
+        raw("%s with a request as its body" % method.decode(),
+            b"%s /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+            % (method, len(smuggled)), smuggled)
+    for length in (b"\xb2", b"1\xb2", b"\xd9\xa1", b"+5", b"5, 5", b"5 5", b"\x005"):
+        raw("content-length %r" % length, head + b"Content-Length: %s\r\n" % length, ok)
+    raw("content-length of 5000 digits", head + b"Content-Length: 1%s\r\n" % (b"0" * 5000), ok)
+    raw("two content-lengths", head + b"Content-Length: %d\r\nContent-Length: %d\r\n"
+        % (len(ok), len(ok) + 1), ok)
+    for coding in (b"gzip", b"chunked, identity", b" chunked", b"identity"):
+        raw("transfer-encoding %r with content-length" % coding,
+            head + b"Transfer-Encoding: %s\r\nContent-Length: %d\r\n" % (coding, len(ok)), ok)
+    raw("over the size limit, with body bytes", head + b"Content-Length: %d\r\n"
+        % (cr.MAX_BODY_BYTES + 1), ok * 100)
+    for name, line in [("obs-fold", b"X-A: a\r\n b\r\n"), ("obs-fold by tab", b"X-A: a\r\n\tb\r\n"),
+                       ("NUL in a value", b"X-A: a\x00b\r\n"), ("bare CR in a value", b"X-A: a\rb\r\n"),
+                       ("bare CR then a header", b"X-A: a\rContent-Length: 1\r\n"),
+                       ("DEL in a value", b"X-A: a\x7fb\r\n"), ("ESC in a value", b"X-A: \x1b[2J\r\n"),
+                       ("space before the colon", b"X-A : b\r\n"), ("no colon", b"X-A b\r\n"),
+                       ("empty name", b": b\r\n"), ("NUL in a name", b"X\x00A: b\r\n"),
+                       ("leading space", b" X-A: b\r\n"), ("two Host headers", b"Host: evil.example\r\n")]:
+        raw("header: %s" % name, head + line + b"Content-Length: %d\r\n" % len(ok), ok)
+    for name, line in [("NUL in the path", b"GET /v1/\x00 HTTP/1.1"), ("NUL in the method", b"G\x00T / HTTP/1.1"),
+                       ("NUL in the version", b"GET / HTTP/1.1\x00"), ("ESC in the path", b"GET /\x1b HTTP/1.1"),
+                       ("absolute-form", b"GET http://127.0.0.1/v1/models HTTP/1.1"),
+                       ("absolute-form elsewhere", b"GET http://evil.example/api/tags HTTP/1.1"),
+                       ("authority-form", b"CONNECT 127.0.0.1:80 HTTP/1.1"),
+                       ("asterisk-form", b"OPTIONS * HTTP/1.1"), ("bad escape", b"GET /v1/%zz HTTP/1.1"),
+                       ("backslash", b"GET /v1\\..\\x HTTP/1.1"), ("encoded slash", b"GET /v1/..%2F..%2Fx HTTP/1.1"),
+                       ("encoded backslash", b"GET /v1/..%5c..%5cx HTTP/1.1"), ("fragment", b"GET /v1/x#y HTTP/1.1"),
+                       ("tabs", b"GET\t/\tHTTP/1.1"), ("two spaces", b"GET  / HTTP/1.1"),
+                       ("lower-case version", b"GET / http/1.1"), ("HTTP/2", b"GET / HTTP/2.0"),
+                       ("HTTP/0.9", b"GET /")]:
+        raw("request line: %s" % name, line + b"\r\nHost: 127.0.0.1\r\n")
+    for path in (b"/v1/../nope", b"/v1/%2e%2e/nope", b"/api/../../etc/passwd", b"/v1/./../x",
+                 b"/api/%2E%2e/%2e%2E/x", b"//nope", b"/v1/x/../../../nope"):
+        raw("path %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path)
     return rows
 
 
@@ -1758,6 +1807,131 @@ class MalformedInputTest(RouterTestCase):
         status, _, _ = self.post(request(user(text("x" * 5_000_000))))
         self.assertEqual(status, 200)
         self.assertEqual(len(upstream.posts()[-1]["messages"][0]["content"][0]["text"]), 5_000_000)
+
+
+class RequestFramingTest(RouterTestCase):
+    """Issue 11, section 1: every body is consumed or the connection closes; refusals arrive."""
+
+    def raw_socket(self):
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_a_get_whose_body_is_a_request_gets_one_response(self):
+        self.start(FakeUpstream(self))
+        smuggled = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock = self.raw_socket()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(smuggled), smuggled))
+        self.assertEqual(json.loads(read_response(sock)[2])["service"], "claude-router")
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, body = read_response(sock)     # the models, not the smuggled /status
+        self.assertIn("data", json.loads(body))
+
+    def test_a_refusal_before_the_body_reaches_a_client_still_sending_it(self):
+        body = b"x" * (8 << 20)
+        rows = [("wrong token", {"token": "s3cret"}, b"x-api-key: wrong\r\n", 401),
+                ("foreign host", {}, b"Host: evil.example\r\n", 403),
+                ("over the limit", {"max_body_bytes": 1000}, b"", 413),
+                ("chunked", {}, b"Transfer-Encoding: chunked\r\n", 411)]
+        for name, settings, extra, expected in rows:
+            with self.subTest(name):
+                self.start(FakeUpstream(self), **settings)
+                sock = self.raw_socket()
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n"
+                             % (extra, len(body)) + body)
+                status, headers, reply = read_response(sock)
+                self.assertEnvelope(status, json.loads(reply), expected)
+                self.assertEqual(headers["connection"], "close")
+
+    def test_100_continue_comes_only_after_the_access_and_size_checks(self):
+        self.start(FakeUpstream(self), token="s3cret", max_body_bytes=100_000)
+        ok = json.dumps(request(user(text("hi")))).encode()
+        rows = [("wrong token", b"wrong", len(ok), 401), ("too big", b"s3cret", 200_000, 413)]
+        for name, token, length, expected in rows:
+            with self.subTest(name):
+                sock = self.raw_socket()
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: %s\r\nContent-Length: %d"
+                             b"\r\nExpect: 100-continue\r\n\r\n" % (token, length))
+                self.assertTrue(sock.recv(12).startswith(b"HTTP/1.1 %d" % expected))
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: s3cret\r\nContent-Length: %d"
+                     b"\r\nExpect: 100-continue\r\n\r\n" % len(ok))
+        continued = b""
+        while not continued.endswith(b"\r\n\r\n"):      # before any byte of the body
+            continued += sock.recv(1)
+        self.assertEqual(continued, b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(ok)
+        self.assertEqual(read_response(sock)[0], 200)
+
+    def test_a_request_that_stalls_gets_408_and_an_idle_connection_does_not(self):
+        self.start(FakeUpstream(self))
+        self.router.request_timeout = 0.2
+        idle = self.raw_socket()
+        ok = json.dumps(request(user(text("hi")))).encode()
+        rows = [("headers", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"),
+                ("body", b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(ok), ok[:10])),
+                ("request line", b"POST /v1/mess")]
+        for name, data in rows:
+            with self.subTest(name):
+                sock = self.raw_socket()
+                sock.sendall(data)
+                status, headers, body = read_response(sock)
+                self.assertEnvelope(status, json.loads(body), 408)
+                self.assertEqual(headers["connection"], "close")
+        # idle has waited through three stalls, each longer than request_timeout
+        idle.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
+        self.assertEqual(read_response(idle)[0], 200)
+
+    def test_pass_through_forwards_only_the_normalised_path(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        rows = [("/api/v0/../tags?name=a/../b", "/api/tags?name=a/../b"),
+                ("/v1/./x/%2e%2E/y/", "/v1/y/"), ("/v1//a///b", "/v1/a/b"),
+                ("/api/%7Euser/%41", "/api/~user/A")]
+        for path, forwarded in rows:
+            with self.subTest(path):
+                self.call("GET", path, headers={"Host": "localhost:1"})
+                method, seen, headers, _ = upstream.requests[-1]
+                self.assertEqual((method, seen), ("GET", forwarded))
+                self.assertEqual(headers["Host"], upstream.url[len("http://"):])
+        for path in ("/v1/../../etc/passwd", "/api/%2e%2e/status/x"):
+            with self.subTest(path):
+                count = len(upstream.requests)
+                status, _, reply = self.call("GET", path)
+                self.assertEnvelope(status, reply, 404, "not_found_error")
+                self.assertEqual(len(upstream.requests), count)
+
+    def test_head_pass_through_has_no_body_and_keeps_the_upstreams_length(self):
+        self.start(FakeUpstream(self))
+        for path in (b"/v1/stream", b"/api/show"):
+            with self.subTest(path):
+                sock = self.raw_socket()
+                sock.sendall(b"HEAD %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
+                # One buffer for both responses, as they are pipelined: a "socket" whose
+                # makefile is always the same file.
+                fp = sock.makefile("rb")
+                shared = type("Shared", (), {"makefile": lambda self, mode: fp})()
+                resp = http.client.HTTPResponse(shared, method="HEAD")
+                resp.begin()
+                self.assertEqual((resp.status, resp.getheader("content-length")), (200, "1234"))
+                self.assertIsNone(resp.getheader("transfer-encoding"))
+                status, _, body = read_response(shared)     # the next starts right there
+                self.assertEqual((status, json.loads(body)["service"]), (200, "claude-router"))
+
+    def test_interim_upstream_responses_are_skipped(self):
+        def interim(handler):
+            handler.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+                                b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+            send_json(handler, 200, message_json("after the hints"))
+
+        self.start(FakeUpstream(self, [interim]))
+        status, headers, reply = self.post(request(user(text("hi"))))
+        self.assertEqual((status, reply), (200, message_json("after the hints")))
+        self.assertIsNone(headers["link"])
+        self.assertEqual(self.call("GET", "/")[0], 200)
 
 
 class FaultTest(RouterTestCase):
@@ -2070,6 +2244,18 @@ class AccessTest(RouterTestCase):
         rows = [({"Host": "evil.example:3000"}, 403), ({"Host": "localhost:3000"}, 200),
                 ({"Host": "[::1]:3000"}, 200), ({"Origin": "http://evil.example"}, 403),
                 ({"Origin": "http://127.0.0.1:3000"}, 200), ({"Origin": "null"}, 403)]
+        for headers, expected in rows:
+            with self.subTest(headers=headers):
+                status, _, reply = self.post(request(user(text("hi"))), headers=headers)
+                self.assertEqual(status, expected, reply)
+
+    def test_with_a_token_lan_clients_may_name_the_machine_as_they_like(self):
+        self.start(FakeUpstream(self), token="s3cret")
+        rows = [({"Host": "192.168.1.20:3000", "x-api-key": "s3cret"}, 200),
+                ({"Host": "[fe80::1]:3000", "Authorization": "Bearer s3cret"}, 200),
+                ({"Host": "studio.local:3000", "x-api-key": "s3cret"}, 200),
+                ({"Host": "192.168.1.20:3000"}, 401), ({"Host": "192.168.1.20:3000",
+                                                       "x-api-key": "s3cret\u00e9"}, 401)]
         for headers, expected in rows:
             with self.subTest(headers=headers):
                 status, _, reply = self.post(request(user(text("hi"))), headers=headers)
