@@ -1513,6 +1513,8 @@ def await_upstream(sock, client, timeout, resp=None):
             if not ready:
                 raise socket.timeout("timed out")
             if has_hung_up(client):
+                # Said before the upstream is closed, so the log never lags the close.
+                log("client went away while the model was silent; closed the upstream request")
                 raise ClientGone()
             # The client sent bytes (a pipelined request): it is there; stop watching it.
             selector.unregister(client)
@@ -1826,7 +1828,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ClientGone:
             self.close_connection = True
             self.outcome = "the client went away"
-            log("client went away while the model was silent; closed the upstream request")
         except ProxyError as e:
             self.outcome = str(e)
             self.refuse(e)

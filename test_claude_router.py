@@ -2088,6 +2088,7 @@ class FaultTest(RouterTestCase):
                 self.assertTrue(arrived.wait(TIMEOUT))
                 sock.close()
                 self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
+                self.assertIn("client went away", self.log.getvalue())
 
     def test_sixty_four_concurrent_streams_arrive_intact(self):
         def echo(handler, body):
