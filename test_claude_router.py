@@ -2652,7 +2652,7 @@ class LauncherTest(RouterTestCase):
         self.addCleanup(proc.kill)
         shown = b""
         while b"Press Enter" not in shown:
-            ready, _, _ = select.select([master], [], [], TIMEOUT)
+            ready, _, _ = select.select([master], [], [], TIMEOUT * 3)   # it starts a router
             self.assertTrue(ready, shown)
             shown += os.read(master, 4096)
         status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
