@@ -104,6 +104,10 @@ ERRORS_KEPT = 20                            # unexpected handler exceptions reme
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
 SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
 USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "output_tokens")
+VISION_RETRY_AFTER = 600.0                  # s before an image the vision model failed on is retried
+DESCRIPTION_WAIT = 600.0                    # s a turn waits for a description another one is making
+FAILURE_REASON_CHARS = 60                   # chars of the upstream's reason in a failed image's marker
+REPEAT_MAX_UNITS = 64                       # longest loop, in sentences, trimmed off a description
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
 BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
@@ -114,10 +118,18 @@ SMALL_VISION_CONTEXT = 8192                 # warn when the vision model has les
 # Marker strings the coder sees in place of images (the seed's).
 DESCRIPTION_MARKER = "<<IMAGE DESCRIPTION: %s>>"
 UNKNOWN_IMAGE_MARKER = "<<IMAGE: binary image file>>"
+FAILED_IMAGE_MARKER = "<<IMAGE: could not be read by the vision model: %s>>"
+CUT_OFF_NOTE = "(description cut off)"
 SAME_DESCRIPTION_MARKER = "<<IMAGE DESCRIPTION: described together with an earlier image above>>"
 LIFTED_IMAGE_TEXT = "(image shown in the next user message)"
 SYNTHETIC_ASSISTANT_TEXT = "Please show me the image(s) from the tool result."
 SYNTHETIC_USER_TEXT = "Here are the image(s) from the tool result above."
+INJECTED_TEXTS = (LIFTED_IMAGE_TEXT, SYNTHETIC_ASSISTANT_TEXT, SYNTHETIC_USER_TEXT)
+MARKER_PATTERN = r"<<IMAGE( DESCRIPTION)?: .*?>>"
+
+# Why a vision request failed, in the words of the marker, for what the router saw itself.
+FAILURE_WORDS = {502: "its server sent a broken response", 504: "no answer in time",
+                 529: "its server is not reachable"}
 
 # Request fields a local server understands; everything else Claude Code sends
 # (thinking, context_management, output_config, metadata, safeguards, ...) is dropped.
@@ -577,11 +589,11 @@ def map_image_blocks(messages, replace):
             for m in messages]
 
 
-def substitute_images_with_descriptions(messages, keys, descriptions, keep=()):
+def substitute_images_with_descriptions(messages, keys, descriptions, keep=(), failures=None):
     """Return (messages, substituted): images replaced by description markers.
 
     Images whose key is in keep stay. An image without a description becomes the
-    unknown-image marker. A description already used for an earlier image (several
+    failed-image marker with the reason in failures, else the unknown-image marker. A description already used for an earlier image (several
     images described by one reply) is not repeated. Only earlier messages decide how
     a message reads, so the coder's prompt prefix stays byte-identical turn to turn."""
     seen = set()
@@ -593,6 +605,8 @@ def substitute_images_with_descriptions(messages, keys, descriptions, keep=()):
         if key in keep:
             return block
         text = descriptions.get(key)
+        if text is None and key in (failures or {}):
+            return text_block(FAILED_IMAGE_MARKER % failures[key])
         if text is None:
             return text_block(UNKNOWN_IMAGE_MARKER)
         substituted += 1
@@ -827,16 +841,21 @@ def overflow_error(text, estimated_input, context_length):
     return None
 
 
-def stream_overflow(head, estimated_input, context_length):
-    """The "prompt is too long" envelope if a stream opens with an overflow error event, else None.
+def opening_error(head):
+    """The text of the error event a stream opens with, or None.
 
     LM Studio answers a streamed request it cannot serve with 200 and the reason as
     the first SSE frame, an error event (thane-ai-agent#1395, lmstudio-bug-tracker#2322)."""
     name, event = parse_sse_event(head.replace(b"\r\n", b"\n").split(b"\n\n")[0])
     if name != "error" and not (isinstance(event, dict) and event.get("type") == "error"):
         return None
-    return overflow_error(json.dumps(event) if event else head.decode("utf-8", "replace"),
-                          estimated_input, context_length)
+    return json.dumps(event) if event else head.decode("utf-8", "replace")
+
+
+def stream_overflow(head, estimated_input, context_length):
+    """The "prompt is too long" envelope if a stream opens with an overflow error event, else None."""
+    text = opening_error(head)
+    return overflow_error(text, estimated_input, context_length) if text else None
 
 
 def has_complete_event(data):
@@ -865,19 +884,21 @@ def upstream_chunks(resp, head=b"", wait=None):
         yield data
 
 
-def route_request(body, keys, descriptions, vision_model, coder_model, new_keys):
+def route_request(body, keys, descriptions, vision_model, coder_model, new_keys, failures=None):
     """Return (route, model, messages) for a cleaned request.
 
     route is "vision" when new_keys (images with no description in the user's turn)
-    is not empty: those travel as pixels, every other image as its description."""
+    is not empty: those travel as pixels, every other image as its description, or
+    as a marker saying why the vision model could not read it (failures)."""
     messages = body["messages"]
     if new_keys:
         messages, substituted = substitute_images_with_descriptions(
-            messages, keys, descriptions, keep=frozenset(new_keys))
+            messages, keys, descriptions, frozenset(new_keys), failures)
         messages = rewrite_for_vision(messages)
         route, model = "vision", vision_model
     else:
-        messages, substituted = substitute_images_with_descriptions(messages, keys, descriptions)
+        messages, substituted = substitute_images_with_descriptions(
+            messages, keys, descriptions, (), failures)
         route, model = "coder", coder_model
     messages = fix_message_alternation(normalize_assistant_messages(messages))
     return route, model, messages, substituted
@@ -895,12 +916,15 @@ def describe_request(block, context, model):
 def image_contexts(messages, keys, wanted):
     """Return {key: (image block, context text)} for the wanted images of the user's turn.
 
-    The context is the user's text of that turn, or the tool the image came from."""
+    The context is the user's own words in that turn (not the reminders Claude Code
+    or the router add), or the tool the image came from."""
     found = {}
     tools = {b["id"]: b["name"] for m in messages if m["role"] == "assistant"
              for b in content_blocks(m["content"]) if b.get("type") == "tool_use"}
     turn = [m for m in messages[current_turn_start(messages):] if m["role"] == "user"]
-    said = " ".join(content_text(m["content"]) for m in turn).strip()[:DESCRIBE_CONTEXT_CHARS]
+    said = " ".join(b["text"] for m in turn for b in content_blocks(m["content"])
+                    if b.get("type") == "text" and not b["text"].startswith("<system-reminder>"))
+    said = said.strip()[:DESCRIBE_CONTEXT_CHARS]
     for message in turn:
         for block in content_blocks(message["content"]):
             inner = [block]
@@ -923,6 +947,59 @@ def reply_text(message):
     return "".join(b.get("text", "") for b in content
                    if isinstance(b, dict) and b.get("type") == "text"
                    and isinstance(b.get("text"), str))
+
+
+def description_text(text, cut_off=False):
+    """A vision reply's text as an image's description.
+
+    Text the router put in the vision request (its synthetic turns, markers of
+    other images) is dropped when the model echoes it. A reply that max_tokens cut
+    off loses its repetition (a small model looping), or says that it is cut off,
+    so it is never kept as if it were complete."""
+    for injected in INJECTED_TEXTS:
+        text = text.replace(injected, "")
+    text = re.sub(MARKER_PATTERN, "", text).strip()
+    if cut_off and text:
+        trimmed = trim_repetition(text)
+        text = trimmed if trimmed != text else "%s %s" % (text, CUT_OFF_NOTE)
+    return text
+
+
+def trim_repetition(text):
+    """text up to the end of the first copy of a sentence or line run it repeats to its end."""
+    spans = [m.span() for m in re.finditer(r"[^.!?\n]+[.!?]*", text)]
+    units = [text[a:b].strip() for a, b in spans]
+    n, best = len(units), None
+    for period in range(1, min(n // 3, REPEAT_MAX_UNITS) + 1):
+        start = n - period          # the repeating tail begins here; its last unit may be cut
+        while start > 0 and (units[start - 1] == units[start - 1 + period] or (
+                start - 1 + period == n - 1 and units[start - 1].startswith(units[-1]))):
+            start -= 1
+        if n - start >= 3 * period and (best is None or start < best[0]):
+            best = (start, period)
+    if best is None:
+        return text
+    return text[:spans[best[0] + best[1] - 1][1]].rstrip()
+
+
+def error_message(text):
+    """The message in an upstream error body (Anthropic's, OpenAI's or llama.cpp's), else text."""
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return text
+    while isinstance(found, dict):
+        found = found.get("error") or found.get("message") or found.get("detail")
+    return found if isinstance(found, str) else text
+
+
+def short_reason(text):
+    """The first clause of text, one line without brackets, at most FAILURE_REASON_CHARS."""
+    text = re.split(r"\s+-\s+|[.;]\s|\n", text.strip(), maxsplit=1)[0]
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f<>]", " ", text).split()).rstrip(".")
+    if len(text) > FAILURE_REASON_CHARS:
+        text = text[:FAILURE_REASON_CHARS - 3].rstrip() + "..."
+    return text
 
 
 def parse_sse_event(raw):
@@ -950,6 +1027,7 @@ class ReplyCapture:
         self.usage = {}         # token counts as the server reported them
         self.complete = False   # message_stop seen
         self.failed = False     # an error event seen
+        self.stop_reason = None
 
     def feed(self, data):
         """Take the next bytes of the stream."""
@@ -970,14 +1048,27 @@ class ReplyCapture:
                 self.usage.update(usage_numbers(event["message"].get("usage")))
             elif kind == "message_delta":
                 self.usage.update(usage_numbers(event.get("usage")))
+                if isinstance(delta, dict):
+                    self.stop_reason = delta.get("stop_reason", self.stop_reason)
             elif kind == "message_stop":
                 self.complete = True
             elif kind == "error":
                 self.failed = True
 
+    def feed_message(self, message):
+        """Take a whole reply, a message object (a non-streamed answer)."""
+        self.parts = [reply_text(message)]
+        self.complete = isinstance(message, dict)
+        self.usage.update(usage_numbers(message.get("usage") if self.complete else None))
+        self.stop_reason = message.get("stop_reason") if self.complete else None
+
     def text(self):
         """The reply's text if the stream completed without error, else ""."""
         return "".join(self.parts) if self.complete and not self.failed else ""
+
+    def description(self):
+        """The reply's text as an image's description (see description_text)."""
+        return description_text(self.text(), self.stop_reason == "max_tokens")
 
 
 def split_events(data):
@@ -1561,17 +1652,19 @@ def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
 
 
 def describe_image(url, block, context, model, key=""):
-    """Return (description or "", prompt bytes) from the vision model for one image."""
+    """Return (description or "", prompt bytes, None or why it failed) from the vision model."""
     request = describe_request(block, context, model)
     try:
         status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key)
     except ProxyError as e:
         log("! describe failed: %s" % e)
-        return "", 0
-    text = reply_text(reply).strip() if status == 200 else ""
+        return "", 0, FAILURE_WORDS.get(e.status, "error %d" % e.status)
+    sent = len(json.dumps(request))
     if status != 200:
         log("! describe failed: upstream status %d" % status)
-    return text, len(json.dumps(request))
+        return "", sent, short_reason(error_message(json.dumps(reply))) or "error %d" % status
+    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens")
+    return text, sent, None if text else "it gave no description"
 
 
 ################ Server
@@ -1604,6 +1697,7 @@ class TurnMemory:
         self.prompt_stats = {}          # model -> its last turn's figures and running totals
         self.pending = {}               # image key -> threading.Event set once it is done
         self.failures = {}              # image key -> (time.monotonic() of failure, reason)
+        self.retry_after = VISION_RETRY_AFTER   # s before a failed image goes to the model again
 
     # Prompts.
 
@@ -1648,6 +1742,59 @@ class TurnMemory:
             return json.loads(json.dumps(self.prompt_stats))
 
     # Vision.
+
+    def claim(self, keys, watched):
+        """Mark keys as being described by the caller and return (keys, []); or, while any
+        of watched is being described by another request, claim nothing and return
+        ([], the Events to wait for).
+
+        All or nothing, so two requests never wait for each other. pending holds only
+        the images of requests in flight (each releases its claim), so it needs no bound."""
+        with self.lock:
+            busy = [self.pending[k] for k in dict.fromkeys(watched) if k in self.pending]
+            if busy:
+                return [], busy
+            for k in keys:
+                self.pending[k] = threading.Event()
+            return list(keys), []
+
+    def release(self, keys):
+        """End the caller's claim on keys, waking whoever waits for them."""
+        with self.lock:
+            done = [self.pending.pop(k) for k in keys if k in self.pending]
+        for event in done:
+            event.set()
+
+    def note_failure(self, keys, reason):
+        """Remember that the vision model could not read these images, and why.
+
+        The marker of a failed image is part of the conversation from then on, and the
+        server caches the prompt through it, so it must read the same on every later
+        turn: a failure that happens again keeps the first reason, and the record
+        outlives retry_after (which only decides when the image is sent again) until
+        the bound evicts it or the router restarts. Then an image of an earlier turn
+        becomes the unknown-image marker, and the server re-reads the prompt from that
+        message once: the least surprising choice, since keeping failures on disk would
+        also keep the image from being tried again after a restart."""
+        now = time.monotonic()
+        with self.lock:
+            for k in keys:
+                first = self.failures.pop(k, (now, reason))[1]
+                self.failures[k] = (now, first)
+            while len(self.failures) > self.max_entries:
+                del self.failures[next(iter(self.failures))]
+
+    def failure_reasons(self, keys):
+        """{key: reason} for the keys the vision model could not read."""
+        with self.lock:
+            return {k: self.failures[k][1] for k in keys if k in self.failures}
+
+    def recent_failures(self, keys):
+        """The keys the vision model failed on less than retry_after ago."""
+        now = time.monotonic()
+        with self.lock:
+            return {k for k in keys
+                    if k in self.failures and now - self.failures[k][0] < self.retry_after}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1999,21 +2146,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
             conn.close()
 
     def messages(self):
-        """POST /v1/messages: clean, route, forward, relay, and learn image descriptions."""
+        """POST /v1/messages: clean, settle what is known of the images, then the vision
+        model answers a turn with new images and the coder every other, or the coder
+        when the vision model fails."""
         server = self.server
         body, _ = self.read_json()
         validate_request(body)
         clean = clean_request(body)
         del body
         keys = image_keys(clean["messages"])
-        descriptions = server.cache.lookup(keys.values())
-        new_keys = new_image_keys(clean["messages"], keys, descriptions)
-        if new_keys and server.vision_mode == "describe":
-            descriptions.update(server.describe_images(clean["messages"], keys, new_keys,
-                                                       "describe"))
-            new_keys = [k for k in new_keys if k not in descriptions]
+        descriptions, claimed = server.settle_images(clean["messages"], keys)
+        try:
+            if claimed and server.vision_mode == "describe":
+                descriptions.update(server.describe_images(clean["messages"], keys, claimed,
+                                                           "describe"))
+            elif claimed:
+                failure = self.send_turn(clean, keys, descriptions, claimed)
+                if failure is None:
+                    return
+                server.vision_failed(claimed, failure)
+                log("the coder answers instead")
+            self.send_turn(clean, keys, descriptions, [])
+        finally:
+            server.memory.release(claimed)
+
+    def send_turn(self, clean, keys, descriptions, new_keys):
+        """Send the turn to the vision model (new_keys: the images it is to see) or the coder,
+        and relay the answer. Return None; or, when the vision model failed before any
+        of its answer reached the client, a few words saying why."""
+        server = self.server
         route, model, messages, substituted = route_request(
-            clean, keys, descriptions, server.vision_model, server.coder_model, new_keys)
+            clean, keys, descriptions, server.vision_model, server.coder_model, new_keys,
+            server.memory.failure_reasons(keys.values()))
         upstream = server.vision_upstream_url if route == "vision" else server.upstream_url
         context_length = server.model_info(model, upstream).get("context_length")
         outgoing = {**clean, "model": model, "messages": messages}
@@ -2030,22 +2194,60 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = [(k, v) for k, v in filter_headers(self.headers, DROP_REQUEST_HEADERS)
                    if k.lower() != "content-type"] + [("Content-Type", "application/json"),
                                                       ("Content-Length", str(length))]
-        conn, resp = self.open_upstream(upstream, "POST", "/v1/messages", data, headers)
-        del data
+        try:
+            conn, resp = self.open_upstream(upstream, "POST", "/v1/messages", data, headers)
+            del data
+            if resp.status >= 400 and route == "vision":
+                return self.vision_error(resp.status, self.read_error_body(resp))
+            head = b"" if resp.status >= 400 else self.read_stream_head(resp, upstream)
+        except ProxyError as e:
+            return self.vision_failure(route, e)
         learn = None
         if route == "vision":
-            def learn(text):
-                server.remember(text, model, clean["messages"], keys, new_keys)
+            def learn(reply):
+                server.learn(reply.description(), model, new_keys)
         try:
             if resp.status >= 400:
                 return self.relay_error(resp, estimate, context_length)
-            head = self.read_stream_head(resp, upstream)
-            error = stream_overflow(head, estimate, context_length) if head else None
-            if error:
-                return self.send_overflow(error)
-            self.note_usage(model, self.relay(resp, upstream, learn, head))
+            opening = opening_error(head) if head else None
+            if opening and route == "vision":
+                return self.vision_error(resp.status, opening.encode())
+            overflow = overflow_error(opening, estimate, context_length) if opening else None
+            if overflow:
+                return self.send_overflow(overflow)
+            reply = self.relay(resp, upstream, learn, head)
         finally:
             conn.close()
+        self.note_usage(model, reply.usage)
+        if learn and reply.complete and not reply.failed and not reply.description():
+            # A bare tool call describes nothing: describe each image on its own, so the
+            # coder never loses sight of it, once the client has its answer.
+            self.end_response()
+            server.describe_images(clean["messages"], keys, new_keys, "fallback")
+
+    def vision_error(self, status, raw):
+        """A few words for the vision model's error answer (raw: its body or error event)."""
+        self.server.note_error(upstream_message(raw), status)
+        return short_reason(error_message(raw.decode("utf-8", "replace"))) or "error %d" % status
+
+    def vision_failure(self, route, error):
+        """A few words for a ProxyError of the vision model's request; raise it again for the
+        coder's, and when the vision model shares the coder's server and that is down."""
+        server = self.server
+        if route != "vision" or (error.status == 529
+                                 and server.vision_upstream_url == server.upstream_url):
+            raise error
+        server.note_error(str(error), error.status)
+        return FAILURE_WORDS.get(error.status, "error %d" % error.status)
+
+    def end_response(self):
+        """Let the client go before slow work: its response is complete; close the
+        connection, so that its next request does not wait behind this thread."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def note_prompt(self, model, body, keys, length):
         """Remember the prompt sent to model; return the route line's note on what it reuses.
@@ -2106,15 +2308,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.outcome = error["error"]["message"]
         self.send_json(400, error)
 
+    def read_error_body(self, resp):
+        """The first MAX_ERROR_BODY_BYTES of an upstream error's body (b"" if it breaks off)."""
+        try:
+            return resp.read(MAX_ERROR_BODY_BYTES)
+        except (OSError, http.client.HTTPException):
+            return b""
+
     def relay_error(self, resp, estimate, context_length):
         """Relay an upstream error as it is, unless it is a context overflow.
 
         An overflow becomes Anthropic's "prompt is too long", on which Claude Code
         compacts the conversation instead of giving up."""
-        try:
-            raw = resp.read(MAX_ERROR_BODY_BYTES)
-        except (OSError, http.client.HTTPException):
-            raw = b""
+        raw = self.read_error_body(resp)
         error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
         if error:
             return self.send_overflow(error)
@@ -2125,36 +2331,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.write_client(raw)
 
     def relay(self, resp, url, learn=None, head=b""):
-        """Relay the upstream's response: an event stream as it arrives, anything else whole.
+        """Relay the upstream's response: an event stream as it arrives, anything else whole;
+        return the reply as a ReplyCapture (its text only if learn is given).
 
-        learn, if given, gets the text of a complete successful reply before the
-        response ends, so the next turn finds what it says in the cache. head is what
-        was already read of a stream. Return the reply's usage as far as it said."""
+        learn, if given, gets that capture once a complete successful reply is in and
+        before the response ends, so the next turn finds what it says in the cache.
+        head is what was already read of a stream."""
         if self.command == "HEAD":
             # No body, and the length the GET's body would have (RFC 9110 9.3.2).
             length = resp.getheader("content-length", "")
             self.send_upstream_headers(resp, ("Content-Length", length)
                                        if re.fullmatch("[0-9]+", length) else None)
-            return {}
+            return ReplyCapture()
         if not is_event_stream(resp):
             try:
                 data = resp.read()
             except (OSError, http.client.HTTPException) as e:
                 raise upstream_failure(e, url) from None
-            reply = None
+            reply = ReplyCapture()
             if resp.status == 200:
                 try:
-                    reply = json.loads(data)
+                    reply.feed_message(json.loads(data))
                 except (ValueError, RecursionError):
                     pass
-            if learn and reply is not None:
-                learn(reply_text(reply))
+            if learn and reply.complete:
+                learn(reply)
             self.send_upstream_headers(resp, ("Content-Length", str(len(data))))
             self.write_client(data)
-            return usage_numbers(reply.get("usage") if isinstance(reply, dict) else None)
+            return reply
         return self.relay_stream(resp, learn, head)
 
-    def relay_stream(self, resp, learn, head=b""):
+    def relay_stream(self, resp, learn=None, head=b""):
         """Relay an SSE stream as it arrives: per upstream read, one chunk (P2, P3, P5, P8).
 
         Each chunk holds the events that read completed; the bytes of an event still
@@ -2174,21 +2381,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except (OSError, http.client.HTTPException) as e:
                 what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
                 self.stream_failed(what, type(e).__name__)
-                return capture.usage
+                return capture
             if not data:
                 break
             capture.feed(data)
             data, partial = split_events(partial + data)
             if data and not self.write_client(self.stream_frame(data)):
                 log("client went away mid-stream; closed the upstream request")
-                return capture.usage
+                return capture
         if partial.strip():
             self.stream_failed("broke off", "it ended inside an event")
-            return capture.usage
+            return capture
         if learn and capture.complete and not capture.failed:
-            learn(capture.text())
+            learn(capture)
         self.end_stream()
-        return capture.usage
+        return capture
 
     def stream_failed(self, what, why):
         """End a stream whose upstream failed: headers are out, so say it in band (P12)."""
@@ -2450,39 +2657,66 @@ class Server(http.server.ThreadingHTTPServer):
 
     # Descriptions.
 
+    def settle_images(self, messages, keys):
+        """Return (descriptions, claimed): the descriptions of the request's images, and the
+        new images of the user's turn that this request is now the one to send to the
+        vision model.
+
+        An image another request is describing is waited for (at most DESCRIPTION_WAIT),
+        so no image goes to the vision model twice; one it failed on recently is not
+        sent again and stays a marker saying why."""
+        deadline = time.monotonic() + DESCRIPTION_WAIT
+        while True:
+            descriptions = self.cache.lookup(keys.values())
+            unknown = [k for k in keys.values() if k not in descriptions]
+            failed = self.memory.recent_failures(unknown)
+            wanted = [k for k in new_image_keys(messages, keys, descriptions) if k not in failed]
+            claimed, busy = self.memory.claim(wanted, unknown)
+            if not busy or time.monotonic() >= deadline:
+                return descriptions, claimed
+            log("waiting for the description of %d image(s) being made" % len(busy))
+            for event in busy:
+                event.wait(max(deadline - time.monotonic(), 0))
+
+    def vision_failed(self, keys, reason):
+        """Remember that the vision model could not read these images; say so in the log."""
+        self.memory.note_failure(keys, reason)
+        log("! the vision model could not read %d image(s): %s; not sent to it again for %ds"
+            % (len(keys), reason, self.memory.retry_after))
+
     def describe_images(self, messages, keys, wanted, mode):
         """Ask the vision model to describe each wanted image; store and return {key: text}.
 
         One request per image keeps each description tied to its image; a few run at
-        once, since local servers serve several requests in parallel."""
+        once, since local servers serve several requests in parallel. An image it
+        cannot describe is remembered as failed."""
         found = image_contexts(messages, keys, wanted)
         with concurrent.futures.ThreadPoolExecutor(min(DESCRIBE_CONCURRENCY, len(found) or 1)) \
                 as pool:
             jobs = {key: pool.submit(describe_image, self.vision_upstream_url, block, context,
                                      self.vision_model, self.upstream_key)
                     for key, (block, context) in found.items()}
-        described = {}
+        described, failed = {}, {}
         for key, job in jobs.items():
-            text, sent = job.result()
+            text, sent, failure = job.result()
             with self.stats_lock:
                 self.add_vision_call(mode, sent)
             if text:
                 described[key] = text
+            else:
+                failed.setdefault(failure, []).append(key)
         with self.stats_lock:
             self.stats["images_described"] += len(described)
         self.cache.store(described, self.vision_model)
         if described:
             log("described %d image(s) with %s [%s]" % (len(described), mode, self.vision_model))
+        for reason, failed_keys in failed.items():
+            self.vision_failed(failed_keys, reason)
         return described
 
-    def remember(self, text, model, messages, keys, new_keys):
-        """Store a vision reply's text as the new images' description.
-
-        A reply with no text (a bare tool call) describes nothing; then each image
-        is described on its own, so the coder never loses sight of it."""
-        text = text.strip()
+    def learn(self, text, model, new_keys):
+        """Keep a vision reply's text (a description, see description_text) for the new images."""
         if not text:
-            self.describe_images(messages, keys, new_keys, "fallback")
             return
         self.cache.store({key: text for key in new_keys}, model)
         with self.stats_lock:

@@ -674,9 +674,30 @@ class SettingsTest(unittest.TestCase):
 
 ################ Cache
 
+class WatchedLog(io.StringIO):
+    """A StringIO whose writes set Events: a test can wait for a log line, not for time."""
+
+    def __init__(self):
+        super().__init__()
+        self.watches = []
+
+    def when(self, text):
+        """An Event set once a line holding text is written."""
+        event = threading.Event()
+        self.watches.append((text, event))
+        return event
+
+    def write(self, data):
+        written = super().write(data)
+        for text, event in self.watches:
+            if text in data:
+                event.set()
+        return written
+
+
 def capture_log(test):
-    """Send the router's log (stderr) to a StringIO until the test ends; return it."""
-    log = io.StringIO()
+    """Send the router's log (stderr) to a WatchedLog until the test ends; return it."""
+    log = WatchedLog()
     redirect = contextlib.redirect_stderr(log)
     redirect.__enter__()
     test.addCleanup(redirect.__exit__, None, None, None)
@@ -1144,12 +1165,9 @@ class RoutingTest(RouterTestCase):
         self.assertEqual(vision["messages"][0], user(text("<<IMAGE DESCRIPTION: old one>>")))
         self.assertEqual(vision["messages"][2], user(image(PNG_B)))
 
-    def test_error_or_empty_vision_replies_store_nothing_in_answer_mode_errors(self):
-        upstream = FakeUpstream(self, [json_reply({"error": "boom"}, 500),
-                                       stream_reply(text_events("cut"), cut_after=3)])
+    def test_cut_vision_reply_stores_nothing(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("cut"), cut_after=3)])
         self.start(upstream)
-        status, _, body = self.post(request(user(image(PNG_A))))
-        self.assertEqual((status, body), (500, {"error": "boom"}))
         self.post(request(user(image(PNG_A)), stream=True))
         self.assertEqual(len(self.router.cache), 0)
 
@@ -1396,7 +1414,7 @@ class PrefixReplayTest(RouterTestCase):
                                                       stream=i % 2 == 1))
             self.assertIn(status, (200, 500), reply_body)
         coder = [raw for path, raw in upstream.raw if json.loads(raw)["model"] == "CODER"]
-        self.assertEqual(len(coder), 9)
+        self.assertEqual(len(coder), 10)     # the failed vision turn falls back to the coder
         for previous, current in zip(coder, coder[1:]):
             # Templates render system, tools, then messages: the body keeps that order,
             # so a byte prefix of the body is a prefix of the prompt.
@@ -1495,6 +1513,92 @@ class EstimateTest(RouterTestCase):
         length = len(json.dumps(messages))
         self.assertEqual(cr.request_tokens(length, messages), cr.estimate_tokens(
             length, len(PNG_A) + len(PNG_B), 2))
+
+class VisionFailureTest(RouterTestCase):
+    """A vision model that fails leaves the turn to the coder, with a marker saying why."""
+
+    def no_vision_server(self):
+        """An upstream like llama-server without an mmproj: the coder answers, images fail."""
+        def reply(handler, body):
+            if body["model"] == "VISION":
+                return json_reply({"error": {"code": 500, "type": "server_error", "message":
+                    "image input is not supported - hint: if this is unexpected, you may "
+                    "need to provide the mmproj"}}, 500)(handler)
+            json_reply(message_json("I cannot see it."))(handler)
+        return FakeUpstream(self, default=reply)
+
+    def test_failed_image_becomes_a_marker_and_is_not_sent_again(self):
+        # llama-server without an mmproj answered 500; Claude Code retried it for three
+        # minutes, and every later prompt of that turn failed the same way (issue 9).
+        upstream = self.no_vision_server()
+        self.start(upstream)
+        marker = text("<<IMAGE: could not be read by the vision model: "
+                      "image input is not supported>>")
+        turn = [user(text("What shape is in @shape.png?"), image(PNG_A))]
+        status, _, raw = self.post(request(*turn, stream=True))
+        self.assertEqual(status, 200)
+        first = upstream.posts()[-1]
+        self.assertEqual((first["model"], first["messages"]),
+                         ("CODER", [user(text("What shape is in @shape.png?"), marker)]))
+        self.assertIn("could not read 1 image(s): image input is not supported",
+                      self.log.getvalue())
+        # A retry, then a later prompt in the same user turn, then the next turn.
+        self.post(request(*turn))
+        self.post(request(*turn, user(text("and now?"))))
+        self.post(request(*turn, assistant(text("I cannot see it.")), user(text("go on"))))
+        models = [b["model"] for b in upstream.posts()]
+        self.assertEqual(models, ["VISION", "CODER", "CODER", "CODER", "CODER"])
+        for body in upstream.posts()[2:]:
+            self.assertEqual(body["messages"][0]["content"][:2], first["messages"][0]["content"])
+        # Once retry_after has passed, the image of the user's turn is tried again.
+        self.router.memory.retry_after = 0
+        self.post(request(*turn))
+        self.assertEqual([b["model"] for b in upstream.posts()[5:]], ["VISION", "CODER"])
+        self.assertEqual(upstream.posts()[-1]["messages"], first["messages"])
+
+    def test_vision_server_down_silent_or_failing_in_stream_falls_back(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            refused = "http://127.0.0.1:%d" % s.getsockname()[1]
+        hang = threading.Event()
+        self.addCleanup(hang.set)
+        lm_studio_error = stream_reply([("error", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Model does not support images."}})])
+        rows = [("down", refused, "its server is not reachable"),
+                ("silent", FakeUpstream(self, [lambda handler: hang.wait(TIMEOUT)]).url,
+                 "no answer in time"),
+                ("error event", FakeUpstream(self, [lm_studio_error]).url,
+                 "Model does not support images")]
+        for name, vision_url, reason in rows:
+            with self.subTest(name):
+                coder = FakeUpstream(self)
+                self.start(coder, vision_upstream_url=vision_url, read_timeout=0.5)
+                status, _, reply = self.post(request(user(text("look"), image(PNG_B)),
+                                                     stream=True))
+                self.assertEqual(status, 200)
+                self.assertEqual(coder.posts()[-1]["messages"], [user(text("look"), text(
+                    "<<IMAGE: could not be read by the vision model: %s>>" % reason))])
+
+    def test_one_server_down_for_both_models_is_529_and_not_remembered(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = "http://127.0.0.1:%d" % s.getsockname()[1]
+        router = self.start(url)
+        status, _, reply = self.post(request(user(image(PNG_B))))
+        self.assertEnvelope(status, reply, 529, "overloaded_error")
+        self.assertEqual(router.memory.failures, {})
+
+    def test_failed_describe_is_not_followed_by_the_vision_model(self):
+        # Describe mode made two calls per retry: the failed describe, then the whole
+        # conversation to the vision model anyway (issue 9).
+        upstream = self.no_vision_server()
+        self.start(upstream, vision_mode="describe")
+        status, _, _ = self.post(request(user(text("look"), image(PNG_C))))
+        self.assertEqual(status, 200)
+        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+        self.assertEqual(upstream.posts()[0]["system"], cr.DESCRIBE_PROMPT)
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("look"), text(
+            "<<IMAGE: could not be read by the vision model: image input is not supported>>"))])
 
 
 class StreamingTest(RouterTestCase):
@@ -2310,19 +2414,51 @@ class VisionModeTest(RouterTestCase):
         self.assertEqual(status["routes"], {"coder": 1, "vision": 0, "describe": 2})
         self.assertEqual(status["model_switches"], 0)
 
-    def test_answer_mode_tool_call_only_reply_falls_back_to_describing(self):
-        vision = self.describer(self)
-        vision.replies.append(stream_reply(tool_call_events()))
+    def test_answer_mode_fallback_describes_after_the_response_and_once(self):
+        # The describe fallback ran before the response ended, so the client waited as long
+        # as the vision model took; and a turn could ask for the same image again (issue 10).
+        describing, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+
+        def describe(handler, body):
+            describing.set()
+            gate.wait(TIMEOUT)
+            json_reply(message_json("Shows CCC."))(handler)
+
+        vision = FakeUpstream(self, [stream_reply(tool_call_events())], default=describe)
         coder = FakeUpstream(self)
         self.start(coder, vision_upstream_url=vision.url)
         history = [user(text("what is on screen"), image(PNG_C))]
-        status, _, raw = self.post(request(*history, stream=True))
+        status, _, raw = self.post(request(*history, stream=True))     # the describe is held
         self.assertEqual(raw, sse(*tool_call_events()))
-        self.assertEqual(self.router.cache.lookup([key(PNG_C)]), {key(PNG_C): "Shows CCC."})
-        self.post(request(*history, assistant(tool_use("t9")), user(tool_result("t9", text("a")))))
+        self.assertTrue(describing.wait(TIMEOUT))
+        waiting = self.log.when("waiting for the description of 1 image(s)")
+        answers = []
+        later = request(*history, assistant(tool_use("t9")), user(tool_result("t9", text("a"))))
+        thread = threading.Thread(target=lambda: answers.append(self.post(later)))
+        thread.start()
+        self.assertTrue(waiting.wait(TIMEOUT))
+        gate.set()
+        thread.join(TIMEOUT)
+        self.assertEqual(answers[0][0], 200)
         self.assertEqual(coder.posts()[-1]["messages"][0]["content"][1],
                          text("<<IMAGE DESCRIPTION: Shows CCC.>>"))
+        self.assertEqual(len(vision.posts()), 2)
         self.assertEqual(self.router.status()["vision_calls"], {"answer": 1, "fallback": 1})
+
+    def test_descriptions_lose_injected_text_and_looping_tails(self):
+        # A small model looped until max_tokens, echoing the router's own synthetic turn.
+        looping = dict(message_json(cr.SYNTHETIC_USER_TEXT + " A login form. The button is "
+                                    "red. The button is red. The button is red. The butt"),
+                       stop_reason="max_tokens")
+        vision = FakeUpstream(self, [json_reply(looping)])
+        self.start(FakeUpstream(self), vision_upstream_url=vision.url)
+        history = [user(text("check")), assistant(tool_use("t1")),
+                   user(tool_result("t1", image(PNG_A)))]
+        self.post(request(*history))
+        self.post(request(*history, assistant(text("A login form.")), user(text("fix it"))))
+        self.assertEqual(self.router.cache.lookup([key(PNG_A)]),
+                         {key(PNG_A): "A login form. The button is red."})
 
     def test_vision_upstream_is_separate_from_the_coder_upstream(self):
         vision = FakeUpstream(self, [json_reply(message_json("A diagram."))])
@@ -2377,10 +2513,10 @@ class ActivityTest(RouterTestCase):
         resp.read()
         self.post(request(user(image(PNG_A))), conn=conn)
         status = self.call("GET", "/status", conn=conn)[2]  # same connection: after the count
-        self.assertEqual((status["in_flight"], status["routes"]),
-                         (0, {"coder": 1, "vision": 1, "describe": 0}))
+        self.assertEqual((status["in_flight"], status["routes"]),   # the coder answered for
+                         (0, {"coder": 2, "vision": 1, "describe": 0}))  # the failed vision model
         self.assertEqual({k: status["last_request"][k] for k in ("route", "status")},
-                         {"route": "vision", "status": 500})
+                         {"route": "coder", "status": 200})
         error = status["last_upstream_error"]
         self.assertEqual((error["message"], error["status"]),
                          (self.LLAMA_IMAGE_ERROR["error"]["message"], 500))
