@@ -153,6 +153,12 @@ DROP_REQUEST_HEADERS = HOP_BY_HOP | {
     "anthropic-beta", "origin", "cookie"}
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
 
+# Error statuses a retry may fix: a model loading, a server busy or briefly away. Claude Code
+# 2.1.332 retries 5xx, 401, 408, 409 and 429 ten times over about three minutes (README,
+# "When something fails"); every other error goes out with x-should-retry: false, which
+# stops that after one request, so what cannot succeed reaches the user at once.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 502, 503, 504, 529})
+
 # Anthropic's error type for each status we send.
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -261,6 +267,11 @@ def error_type(status):
 def anthropic_error(status, message, kind=None):
     """Return Anthropic's error envelope for status."""
     return {"type": "error", "error": {"type": kind or error_type(status), "message": message}}
+
+
+def retry_headers(status):
+    """The headers that tell Claude Code not to retry an error status a retry cannot fix."""
+    return [] if status in RETRYABLE_STATUSES else [("x-should-retry", "false")]
 
 
 def escape_log(text):
@@ -982,17 +993,6 @@ def trim_repetition(text):
     return text[:spans[best[0] + best[1] - 1][1]].rstrip()
 
 
-def error_message(text):
-    """The message in an upstream error body (Anthropic's, OpenAI's or llama.cpp's), else text."""
-    try:
-        found = json.loads(text)
-    except ValueError:
-        return text
-    while isinstance(found, dict):
-        found = found.get("error") or found.get("message") or found.get("detail")
-    return found if isinstance(found, str) else text
-
-
 def short_reason(text):
     """The first clause of text, one line without brackets, at most FAILURE_REASON_CHARS."""
     text = re.split(r"\s+-\s+|[.;]\s|\n", text.strip(), maxsplit=1)[0]
@@ -1662,7 +1662,8 @@ def describe_image(url, block, context, model, key=""):
     sent = len(json.dumps(request))
     if status != 200:
         log("! describe failed: upstream status %d" % status)
-        return "", sent, short_reason(error_message(json.dumps(reply))) or "error %d" % status
+        return "", sent, short_reason(upstream_message(json.dumps(reply).encode())) or \
+            "error %d" % status
     text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens")
     return text, sent, None if text else "it gave no description"
 
@@ -1926,7 +1927,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.note_error(str(error), error.status)
         if self.unread_input or error.status == 408:
             self.close_connection = True    # unread bytes must not pass for a request (P1)
-        self.send_json(error.status, anthropic_error(error.status, str(error), error.error_type))
+        self.send_json(error.status, anthropic_error(error.status, str(error), error.error_type),
+                       retry_headers(error.status))
 
     def finish(self):
         """Close the connection, after letting a refused client finish sending (see linger)."""
@@ -2055,12 +2057,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.sent_status = code
         super().send_response(code, message)
 
-    def send_json(self, status, obj):
-        """Send obj as a JSON response with Content-Length."""
+    def send_json(self, status, obj, headers=()):
+        """Send obj as a JSON response with Content-Length, and headers [(name, value)]."""
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -2228,7 +2232,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def vision_error(self, status, raw):
         """A few words for the vision model's error answer (raw: its body or error event)."""
         self.server.note_error(upstream_message(raw), status)
-        return short_reason(error_message(raw.decode("utf-8", "replace"))) or "error %d" % status
+        return short_reason(upstream_message(raw)) or "error %d" % status
 
     def vision_failure(self, route, error):
         """A few words for a ProxyError of the vision model's request; raise it again for the
@@ -2316,10 +2320,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return b""
 
     def relay_error(self, resp, estimate, context_length):
-        """Relay an upstream error as it is, unless it is a context overflow.
+        """Relay an upstream error in Anthropic's envelope with the server's own words.
 
-        An overflow becomes Anthropic's "prompt is too long", on which Claude Code
-        compacts the conversation instead of giving up."""
+        A context overflow becomes Anthropic's "prompt is too long", on which Claude Code
+        compacts the conversation instead of giving up. What a retry cannot fix says so
+        (retry_headers). A 404 (a model the server does not have) goes out as 502: on a
+        404 Claude Code shows its own "issue with the selected model" text instead."""
         raw = self.read_error_body(resp)
         error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
         if error:
@@ -2327,8 +2333,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.outcome = upstream_message(raw)
         self.server.note_error(self.outcome, resp.status)
         self.close_connection = self.close_connection or not resp.isclosed()
-        self.send_upstream_headers(resp, ("Content-Length", str(len(raw))))
-        self.write_client(raw)
+        status = 502 if resp.status == 404 else resp.status
+        wait = resp.getheader("retry-after")     # Claude Code honours it on a 429
+        self.send_json(status, anthropic_error(status, self.outcome),
+                       retry_headers(resp.status) + ([("Retry-After", wait)] if wait else []))
 
     def relay(self, resp, url, learn=None, head=b""):
         """Relay the upstream's response: an event stream as it arrives, anything else whole;

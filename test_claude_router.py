@@ -1241,7 +1241,7 @@ class EndpointTest(RouterTestCase):
         self.assertEnvelope(status, reply, 400, "invalid_request_error")
         self.assertEqual(reply["error"]["message"], "prompt is too long: 80030 tokens > 32768 maximum")
         status, _, reply = self.post(request(user(text("x"))))
-        self.assertEqual((status, reply), (400, {"error": "nope"}))
+        self.assertEqual((status, reply), (400, cr.anthropic_error(400, "nope")))
 
     def test_overflow_as_the_first_event_of_a_stream_becomes_prompt_is_too_long(self):
         lmstudio = ("error", {"type": "error", "error": {
@@ -2064,6 +2064,35 @@ class FaultTest(RouterTestCase):
         status, _, reply = self.post(request(user(text("hi"))))
         self.assertEnvelope(status, reply, 529, "overloaded_error")
         self.assertIn("127.0.0.1:%d is not reachable" % port, reply["error"]["message"])
+
+    def test_what_a_retry_cannot_fix_says_so_with_the_servers_words(self):
+        # Claude Code 2.1.332 retried a llama-server 500 ("image input is not supported")
+        # ten times over three minutes, and a 404 showed its own text, not the server's.
+        rows = [(400, {}, 400, "false"), (401, {}, 401, "false"), (404, {}, 502, "false"),
+                (413, {}, 413, "false"), (429, {"Retry-After": "3"}, 429, None),
+                (500, {}, 500, "false"), (503, {}, 503, None), (529, {}, 529, None)]
+        for status, headers, expected, should_retry in rows:
+            with self.subTest(status=status):
+                body = {"error": {"code": status, "message": "words of %d" % status}}
+                reply = lambda h, s=status, b=body, hs=headers: send_json(h, s, b, hs.items())
+                self.start(FakeUpstream(self, [reply]))
+                got, got_headers, answer = self.post(request(user(text("hi"))))
+                self.assertEnvelope(got, answer, expected)
+                self.assertEqual(answer["error"]["message"], "words of %d" % status)
+                self.assertEqual(got_headers["x-should-retry"], should_retry)
+                self.assertEqual(got_headers["retry-after"], headers.get("Retry-After"))
+
+    def test_routers_own_refusals_say_whether_to_retry(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            down = "http://127.0.0.1:%d" % s.getsockname()[1]
+        self.start(down, token="t")
+        rows = [({"x-api-key": "t"}, 529, None), ({"x-api-key": "wrong"}, 401, "false")]
+        for headers, expected, should_retry in rows:
+            with self.subTest(expected=expected):
+                status, got_headers, reply = self.post(request(user(text("hi"))), headers=headers)
+                self.assertEnvelope(status, reply, expected)
+                self.assertEqual(got_headers["x-should-retry"], should_retry)
 
     def test_upstream_silent_before_headers_is_504(self):
         hang = threading.Event()
