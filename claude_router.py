@@ -2200,19 +2200,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                                       ("Content-Length", str(length))]
         try:
             conn, resp = self.open_upstream(upstream, "POST", "/v1/messages", data, headers)
-            del data
-            if resp.status >= 400 and route == "vision":
-                return self.vision_error(resp.status, self.read_error_body(resp))
-            head = b"" if resp.status >= 400 else self.read_stream_head(resp, upstream)
         except ProxyError as e:
             return self.vision_failure(route, e)
+        del data
         learn = None
         if route == "vision":
             def learn(reply):
                 server.learn(reply.description(), model, new_keys)
         try:
+            if resp.status >= 400 and route == "vision":
+                return self.vision_error(resp.status, self.read_error_body(resp))
             if resp.status >= 400:
                 return self.relay_error(resp, estimate, context_length)
+            try:
+                head = self.read_stream_head(resp, upstream)
+            except ProxyError as e:
+                return self.vision_failure(route, e)
             opening = opening_error(head) if head else None
             if opening and route == "vision":
                 return self.vision_error(resp.status, opening.encode())
