@@ -880,7 +880,10 @@ def is_event_stream(resp):
 
 
 def upstream_chunks(resp, head=b"", wait=None):
-    """Yield head, then each read of resp's body as it arrives (read1: never waits to fill, P3).
+    """Yield head, then each read of resp's body as it arrives.
+
+    read1 returns what one read brings; read(n) would wait for n bytes and hold
+    tokens back (urllib3#2123, btubbs/sseclient#21).
 
     wait, if given, is called before each read: it returns once there is something
     to read, or raises."""
@@ -1518,8 +1521,10 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
     """Send one request to the server at url; return (conn, resp) once its headers are in.
 
     The only place that opens upstream connections and knows their timeouts. One
-    connection per request (house rule P14): nothing pooled can go stale. The
-    connect timeout is short; the read timeout bounds each wait for bytes (P8).
+    connection per request: nothing pooled can go stale and fail the next
+    getresponse() with RemoteDisconnected. The connect timeout is short; the read
+    timeout bounds each wait for bytes, not the whole answer, so a long generation
+    streams on while a dead server is noticed.
     With client (its socket), raise ClientGone if it hangs up before the headers.
     key, if set, goes as a Bearer token (LM Studio's "Require Authentication",
     llama-server's and vLLM's --api-key); the client's own credentials never do."""
@@ -1801,9 +1806,9 @@ class TurnMemory:
 class Handler(http.server.BaseHTTPRequestHandler):
     """One client connection: Claude Code's requests, relayed to the model server."""
 
-    protocol_version = "HTTP/1.1"       # keep-alive (P1); every response is framed
-    disable_nagle_algorithm = True      # each write goes out at once (P3)
-    timeout = IDLE_TIMEOUT              # idle keep-alive connections end (P1)
+    protocol_version = "HTTP/1.1"       # keep-alive; so every response must be framed
+    disable_nagle_algorithm = True      # each event goes out at once, no 40 ms Nagle delay
+    timeout = IDLE_TIMEOUT              # idle keep-alive connections end, after the client's
     server_version = "claude-router/" + VERSION
     unread_input = False                # the client may still be sending its request's bytes
 
@@ -1926,7 +1931,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log("! %s" % error)
             self.server.note_error(str(error), error.status)
         if self.unread_input or error.status == 408:
-            self.close_connection = True    # unread bytes must not pass for a request (P1)
+            self.close_connection = True    # unread bytes must not pass for a request
         self.send_json(error.status, anthropic_error(error.status, str(error), error.error_type),
                        retry_headers(error.status))
 
@@ -2081,7 +2086,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
 
     def send_upstream_headers(self, resp, framing=None):
-        """Send the upstream's status and headers, with our own framing header (P2, P4)."""
+        """Send the upstream's status and headers, with our own framing header.
+
+        Hop-by-hop headers stay behind (RFC 9110 7.6.1), and so do the upstream's
+        Content-Length and Transfer-Encoding: http.client has undone its framing."""
         self.send_response(resp.status)
         for name, value in filter_headers(resp.headers, DROP_RESPONSE_HEADERS):
             self.send_header(name, value)
@@ -2290,7 +2298,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def read_stream_head(self, resp, url):
         """The first bytes of an upstream event stream (b"" for other bodies), read before our
-        status goes out, so what they say can still decide it (P12).
+        status goes out, so what they say can still decide it (a status is sent once).
 
         Reads until the first event is complete (or STREAM_HEAD_BYTES, or the end): one
         read1 of a chunked body returns at most one chunk, and an opening error event
@@ -2373,7 +2381,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.relay_stream(resp, learn, head)
 
     def relay_stream(self, resp, learn=None, head=b""):
-        """Relay an SSE stream as it arrives: per upstream read, one chunk (P2, P3, P5, P8).
+        """Relay an SSE stream as it arrives: per upstream read, one chunk in one write.
 
         Each chunk holds the events that read completed; the bytes of an event still
         arriving wait for the next read. So a stream that breaks off hands the client
@@ -2409,7 +2417,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return capture
 
     def stream_failed(self, what, why):
-        """End a stream whose upstream failed: headers are out, so say it in band (P12)."""
+        """End a stream whose upstream failed: headers are out, so say it in band."""
         log("! upstream stream %s (%s)" % (what, why))
         self.outcome = "upstream stream %s" % what
         self.server.note_error(self.outcome)
@@ -2432,7 +2440,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     }
 
     def log_message(self, format, *args):
-        """Access and protocol lines, only when verbose; client strings escaped (P10)."""
+        """Access and protocol lines, only when verbose; client strings escaped."""
         if self.server.verbose:
             log(escape_log("%s %s" % (self.address_string(), format % args)))
 
@@ -2440,8 +2448,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server(http.server.ThreadingHTTPServer):
     """The router: settings, the description cache and counters live here."""
 
-    request_queue_size = 128    # P15: bursts of parallel connections are normal
-    daemon_threads = True       # P6
+    request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
+    daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
 
     def __init__(self, address, upstream_url=UPSTREAM_URL, vision_upstream_url="",
                  coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
@@ -2483,12 +2491,13 @@ class Server(http.server.ThreadingHTTPServer):
         self.startup = {"upstream_reachable": None, "problems": []}   # the startup check's
 
     def server_bind(self):
-        """Bind without the reverse DNS lookup HTTPServer.server_bind does (P9)."""
+        """Bind without HTTPServer.server_bind's reverse DNS lookup, which stalls for
+        seconds on some resolvers (cpython#106505, pypa/pip#13742)."""
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address):
-        """Stay quiet when a client goes away (P5); log anything else once, with its traceback.
+        """Stay quiet when a client goes away; log anything else once, with its traceback.
 
         The record keeps text, and only the last few: an exception holds its frames, and
         with them the request body, so keeping each one grew the router without bound."""
