@@ -12,6 +12,7 @@ chat templates reject.
 Run:   python3 claude_router.py            (then: claude-local, or point
        ANTHROPIC_BASE_URL at http://127.0.0.1:3000)
 Test:  python3 -m unittest
+Status line for Claude Code: python3 claude_router.py --statusline
 
 Environment (each is the default of the flag of the same name; see --help):
   CLAUDE_ROUTER_HOST, CLAUDE_ROUTER_PORT       where to listen (127.0.0.1:3000)
@@ -21,6 +22,7 @@ Environment (each is the default of the flag of the same name; see --help):
   CLAUDE_ROUTER_VISION_MODE                    answer (the seed's) or describe
   CLAUDE_ROUTER_CACHE_DIR                      where image descriptions are kept
   CLAUDE_ROUTER_TOKEN                          required of clients when set
+  CLAUDE_ROUTER_UPSTREAM_KEY                   sent to the model server(s) as a Bearer key
   CLAUDE_ROUTER_PRELOAD, CLAUDE_ROUTER_VERBOSE 1 to load missing models / log requests
 
 Design and settings: README.md beside this file.
@@ -2804,7 +2806,7 @@ def build_parser(environ):
         help="require this x-api-key or Bearer token (needed to listen beyond loopback)")
     add("--upstream-key", default=env("UPSTREAM_KEY", ""),
         help="send this key to the model server(s) as Authorization: Bearer, for servers "
-             "that require one (default: none)")
+             "that require one (default: CLAUDE_ROUTER_UPSTREAM_KEY if set; never shown)")
     add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
         help="load missing models through LM Studio's API at startup")
     add("--statusline", action="store_true",
