@@ -633,6 +633,66 @@ class SmallTransformTest(unittest.TestCase):
         self.assertEqual(got["messages"], [user(text("The user wrote: hi"), image(PNG_A))])
         self.assertNotIn("tools", got)
 
+    def test_descriptions_keep_only_the_models_own_complete_text(self):
+        rows = [
+            ("as it is", "A cat.", False, "A cat."),
+            ("router text dropped", cr.SYNTHETIC_USER_TEXT + " A chart. <<IMAGE DESCRIPTION: "
+             "old one>> " + cr.LIFTED_IMAGE_TEXT, False, "A chart."),
+            ("looping sentence", "A form. It is red. It is red. It is red. It i", True,
+             "A form. It is red."),
+            ("looping lines", "- a\n- b\n- a\n- b\n- a\n- b\n- a", True, "- a\n- b"),
+            ("cut, no loop", "A form with two fields and a butt", True,
+             "A form with two fields and a butt " + cr.CUT_OFF_NOTE),
+            ("a sentence said twice is no loop", "Red. Red. Blue.", True,
+             "Red. Red. Blue. " + cr.CUT_OFF_NOTE),
+            ("only router text", cr.SYNTHETIC_USER_TEXT, True, ""),
+        ]
+        for name, reply, cut_off, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.description_text(reply, cut_off), expected)
+
+    def test_failure_reasons_are_short_single_lines(self):
+        rows = [
+            (b'{"error":{"code":500,"message":"image input is not supported - hint: if this '
+             b'is unexpected, you may need to provide the mmproj","type":"server_error"}}',
+             "image input is not supported"),
+            (b'{"type":"error","error":{"type":"invalid_request_error","message":"Model does '
+             b'not support images. Please use a model that does."}}',
+             "Model does not support images"),
+            (b"upstream says\x1b[31m <no>\r\nmore", "upstream says [31m no more"),
+            (b"x" * 500, "x" * (cr.FAILURE_REASON_CHARS - 3) + "..."),
+        ]
+        for raw, expected in rows:
+            with self.subTest(raw[:20]):
+                self.assertEqual(cr.short_reason(cr.upstream_message(raw)), expected)
+                self.assertNotRegex(expected, r"[\x00-\x1f<>]")
+
+
+class TurnMemoryTest(unittest.TestCase):
+
+    def test_failures_keep_their_first_reason_are_bounded_and_retried_after_a_while(self):
+        memory = cr.TurnMemory(max_entries=2)
+        memory.note_failure(["a"], "first")
+        memory.note_failure(["a"], "second")
+        self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})
+        self.assertEqual(memory.recent_failures(["a", "b"]), {"a"})
+        memory.retry_after = 0
+        self.assertEqual(memory.recent_failures(["a"]), set())
+        self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})   # still shown
+        memory.note_failure(["b"], "b's")
+        memory.note_failure(["c"], "c's")
+        self.assertEqual(memory.failure_reasons(["a", "b", "c"]), {"b": "b's", "c": "c's"})
+
+    def test_claims_are_all_or_nothing_and_released_with_a_wake_up(self):
+        memory = cr.TurnMemory()
+        self.assertEqual(memory.claim(["a"], ["a"]), (["a"], []))
+        claimed, busy = memory.claim(["b"], ["a", "b"])
+        self.assertEqual((claimed, len(busy)), ([], 1))
+        self.assertNotIn("b", memory.pending)
+        memory.release(["a"])
+        self.assertTrue(busy[0].is_set())
+        self.assertEqual(memory.claim(["b"], ["a", "b"]), (["b"], []))
+
 
 class SettingsTest(unittest.TestCase):
 
