@@ -216,7 +216,8 @@ FIXES = {
     ("blind", "llama.cpp"): "restart llama-server with --mmproj <the model's mmproj .gguf>, "
                             "or point --vision-upstream at a server whose model has vision",
     ("blind", ""): "set --vision-model to a model with vision",
-    ("small", "lmstudio"): "lms unload {model} && lms load {model} --context-length 32768 --gpu max",
+    ("small", "lmstudio"): "lms unload {model} && "
+                           "lms load {model} --context-length 32768 --gpu max",
     ("small", "llama.cpp"): "restart llama-server with -c 32768",
     ("small", "vllm"): "restart vLLM with --max-model-len 32768",
     ("small", "ollama"): "restart Ollama with OLLAMA_CONTEXT_LENGTH=32768",
@@ -1267,7 +1268,8 @@ def model_report(role, model, kind, models):
     """Return (one line on what the server has for the role's model, [problems with their fix])."""
     info, served = find_model(models, kind, model)
     if info is None:
-        have = ", ".join(sorted(models)[:LISTED_IDS]) + (", ..." if len(models) > LISTED_IDS else "")
+        have = ", ".join(sorted(models)[:LISTED_IDS]) + (
+            ", ..." if len(models) > LISTED_IDS else "")
         return ("%s %s: not on the server" % (role, model),
                 ["%s model %s is not on the %s server, which has: %s. Fix: %s"
                  % (role, model, kind, have or "no models", fix_for("missing", kind, role, model))])
@@ -1283,8 +1285,8 @@ def model_report(role, model, kind, models):
         problems.append("%s model %s is not loaded. Fix: %s"
                         % (role, model, fix_for("unloaded", kind, role, model)))
     if role == "vision" and info.get("vision") is False:
-        problems.append("vision model %s cannot see images; image turns will fail. Fix: %s"
-                        % (served, fix_for("blind", kind, role, model)))
+        problems.append("vision model %s cannot see images; the coder answers image turns "
+                        "without them. Fix: %s" % (served, fix_for("blind", kind, role, model)))
     if role == "vision" and context and context < SMALL_VISION_CONTEXT:
         problems.append("vision model %s is loaded with %d context. Fix: %s"
                         % (served, context, fix_for("small", kind, role, model)))
