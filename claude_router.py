@@ -1867,7 +1867,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Sets command, path (normalised), request_version, headers and close_connection
         as http.server's parse_request does."""
         self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
-        self.requestline = ""
+        self.requestline, self.headers = "", http.client.HTTPMessage()
         self.connection.settimeout(self.server.request_timeout)
         line = self.read_line()
         self.requestline = line.rstrip(b"\r\n").decode("latin-1")
