@@ -2002,7 +2002,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.stream_frame:
             self.end_stream(sse_error_event(message))
         elif not self.response_started:
-            self.send_json(500, anthropic_error(500, message))
+            self.send_json(500, anthropic_error(500, message), retry_headers(500))
 
     def handle_routed(self):
         """POST /v1/messages, counted and timed: a line with its status and seconds follows it."""

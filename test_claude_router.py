@@ -2360,6 +2360,7 @@ class UnexpectedErrorTest(RouterTestCase):
         status, headers, body = self.get_until_closed(b"/fail")
         self.assertEnvelope(status, json.loads(body), 500, "api_error")
         self.assertEqual(headers["connection"], "close")
+        self.assertEqual(headers["x-should-retry"], "false")    # a bug: retrying will not help
         self.assertEqual(router.errors, ["KeyError: 'simulated bug'"])
         entries = [l for l in self.log.getvalue().splitlines() if l.startswith("! ")]
         self.assertEqual(len(entries), 1, entries)
