@@ -2024,7 +2024,10 @@ class RequestFramingTest(RouterTestCase):
                 sock = self.raw_socket()
                 sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: %s\r\nContent-Length: %d"
                              b"\r\nExpect: 100-continue\r\n\r\n" % (token, length))
-                self.assertTrue(sock.recv(12).startswith(b"HTTP/1.1 %d" % expected))
+                first = b""
+                while len(first) < 12:
+                    first += sock.recv(12 - len(first)) or b"(closed)"
+                self.assertEqual(first, b"HTTP/1.1 %d" % expected)    # no 100 Continue first
         sock = self.raw_socket()
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: s3cret\r\nContent-Length: %d"
                      b"\r\nExpect: 100-continue\r\n\r\n" % len(ok))
