@@ -1131,8 +1131,11 @@ def normalize_path(path):
 
     Unreserved characters are decoded, so %2e is a dot; then dot segments are resolved
     and empty ones dropped. What the router routes is then what the upstream sees."""
-    path = re.sub(r"%[0-9A-Fa-f]{2}", lambda m: chr(int(m[0][1:], 16))
-                  if chr(int(m[0][1:], 16)) in UNRESERVED else m[0], path)
+    def decode(match):
+        char = chr(int(match[0][1:], 16))
+        return char if char in UNRESERVED else match[0]
+
+    path = re.sub(r"%[0-9A-Fa-f]{2}", decode, path)
     if re.search(r"%(2[Ff]|5[Cc])", path):
         return None
     segments = []

@@ -544,6 +544,15 @@ class SmallTransformTest(unittest.TestCase):
                 data = joined(data)
                 self.assertEqual((json.loads(data), len(data)), (body, length))
 
+    def test_paths_are_normalised_as_rfc_3986_says(self):
+        rows = [("/", "/"), ("/v1/messages", "/v1/messages"), ("/v1/../status", "/status"),
+                ("/v1/%2e%2E/x", "/x"), ("/v1/./a/", "/v1/a/"), ("//v1//messages", "/v1/messages"),
+                ("/a/b/..", "/a/"), ("/..", "/"), ("/v1/%41%7e", "/v1/A~"), ("/v1/..%2e/x", "/v1/.../x"),
+                ("/v1/a%20b", "/v1/a%20b"), ("/a/%2F../x", None), ("/a/%5c", None)]
+        for path, expected in rows:
+            with self.subTest(path):
+                self.assertEqual(cr.normalize_path(path), expected)
+
     def test_loopback_hosts(self):
         rows = [("127.0.0.1:3000", True), ("localhost", True), ("[::1]:3000", True),
                 ("127.8.9.1", True), ("LOCALHOST:1", True), ("evil.example:3000", False),
