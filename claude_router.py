@@ -92,7 +92,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs wi
 MAX_ERROR_BODY_BYTES = 1024 * 1024          # upstream error bodies we read to inspect
 CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
-STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status
+STATUSLINE_TIMEOUT = 3.0                    # s --statusline waits for the router's /status
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s a begun request may stall (headers or body): 408
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
@@ -107,6 +107,7 @@ REUSE_NOTE_BELOW = 0.9                      # name the first changed part when l
 SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
 USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "output_tokens")
 VISION_RETRY_AFTER = 600.0                  # s before an image the vision model failed on is retried
+HANGUP_CHECK = 0.5                          # s between looks at a client waiting for a description
 DESCRIPTION_WAIT = 600.0                    # s a turn waits for a description another one is making
 FAILURE_REASON_CHARS = 60                   # chars of the upstream's reason in a failed image's marker
 REPEAT_MAX_UNITS = 64                       # longest loop, in sentences, trimmed off a description
@@ -1433,8 +1434,10 @@ class DescriptionCache:
         if not self.path:
             return
         now = round(time.time(), 3)
-        data = b"".join(json.dumps({"hash": k, "description": v, "model": model, "time": now},
-                                   ensure_ascii=False).encode() + b"\n"
+        # ASCII JSON: a model's text may hold a lone surrogate ("\ud800" in its JSON),
+        # which has no UTF-8 form; escaped, every line still reads back as it was.
+        data = b"".join(json.dumps({"hash": k, "description": v, "model": model,
+                                    "time": now}).encode() + b"\n"
                         for k, v in descriptions.items())
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -1549,7 +1552,11 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
         conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
         if client is not None:
             await_upstream(conn.sock, client, read_timeout)
+        sock = conn.sock
         resp = conn.getresponse()
+        # http.client drops conn.sock when the response will close the connection
+        # (Connection: close, HTTP/1.0): keep ours for waiting on the body.
+        resp.upstream_sock = sock
         while 100 <= resp.status < 200:
             # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
             # begin() reads the next response when the headers are unset.
@@ -1591,6 +1598,13 @@ def has_hung_up(client):
         return False
     except OSError:
         return True
+
+
+def has_left(client):
+    """True when the client has hung up, asked without waiting."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(client, selectors.EVENT_READ)
+        return bool(selector.select(0)) and has_hung_up(client)
 
 
 def await_upstream(sock, client, timeout, resp=None):
@@ -2174,7 +2188,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         clean = clean_request(body)
         del body
         keys = image_keys(clean["messages"])
-        descriptions, claimed = server.settle_images(clean["messages"], keys)
+        descriptions, claimed = server.settle_images(clean["messages"], keys, self.connection)
         try:
             if claimed and server.vision_mode == "describe":
                 descriptions.update(server.describe_images(clean["messages"], keys, claimed,
@@ -2185,9 +2199,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     return
                 server.vision_failed(claimed, failure)
                 log("the coder answers instead")
-            self.send_turn(clean, keys, descriptions, [])
         finally:
+            # Described, or failed and remembered: a turn waiting for these images need not
+            # wait for our coder turn too.
             server.memory.release(claimed)
+        self.send_turn(clean, keys, descriptions, [])
 
     def send_turn(self, clean, keys, descriptions, new_keys):
         """Send the turn to the vision model (new_keys: the images it is to see) or the coder,
@@ -2296,7 +2312,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         conn, resp = open_upstream(url, method, path, body, headers, self.server.read_timeout,
                                    self.server.connect_timeout, client=self.connection,
                                    key=self.server.upstream_key)
-        self.upstream_sock = conn.sock
+        self.upstream_sock = resp.upstream_sock
         return conn, resp
 
     def await_upstream(self, resp):
@@ -2684,14 +2700,15 @@ class Server(http.server.ThreadingHTTPServer):
 
     # Descriptions.
 
-    def settle_images(self, messages, keys):
+    def settle_images(self, messages, keys, client):
         """Return (descriptions, claimed): the descriptions of the request's images, and the
         new images of the user's turn that this request is now the one to send to the
         vision model.
 
         An image another request is describing is waited for (at most DESCRIPTION_WAIT),
         so no image goes to the vision model twice; one it failed on recently is not
-        sent again and stays a marker saying why."""
+        sent again and stays a marker saying why. Raise ClientGone if the client (its
+        socket) hangs up while it waits."""
         deadline = time.monotonic() + DESCRIPTION_WAIT
         while True:
             descriptions = self.cache.lookup(keys.values())
@@ -2703,7 +2720,12 @@ class Server(http.server.ThreadingHTTPServer):
                 return descriptions, claimed
             log("waiting for the description of %d image(s) being made" % len(busy))
             for event in busy:
-                event.wait(max(deadline - time.monotonic(), 0))
+                while not event.wait(min(HANGUP_CHECK, max(deadline - time.monotonic(), 0))):
+                    if time.monotonic() >= deadline:
+                        break
+                    if has_left(client):
+                        log("client went away while waiting for a description")
+                        raise ClientGone()
 
     def vision_failed(self, keys, reason):
         """Remember that the vision model could not read these images; say so in the log."""

@@ -793,6 +793,15 @@ class CacheTest(unittest.TestCase):
         self.assertEqual((again.hits, again.misses), (2, 1))
         self.assertEqual({line["model"] for line in self.lines()}, {"V"})
 
+    def test_any_text_a_model_sends_is_stored_and_read_back(self):
+        # A lone surrogate arrives as "\ud800" in a model's JSON and has no UTF-8 form.
+        texts = {"k1": "naïve 漢字 ✓", "k2": "broken \ud800 pair", "k3": "quote \" and \\n"}
+        cache = cr.DescriptionCache(self.dir)
+        cache.store(texts, "V")
+        again = cr.DescriptionCache(self.dir)
+        self.assertEqual(again.load(), 3)
+        self.assertEqual(again.lookup(list(texts)), texts)
+
     def test_torn_and_corrupt_lines_are_skipped(self):
         cr.DescriptionCache(self.dir).store({"k1": "one"}, "V")
         with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
@@ -1625,6 +1634,53 @@ class VisionFailureTest(RouterTestCase):
         self.assertEqual([b["model"] for b in upstream.posts()[5:]], ["VISION", "CODER"])
         self.assertEqual(upstream.posts()[-1]["messages"], first["messages"])
 
+    def test_a_turn_waiting_on_a_failed_image_does_not_wait_for_the_coder_too(self):
+        a_arrived, gate = threading.Event(), threading.Event()
+
+        def reply(handler, body):
+            if body["model"] == "VISION":
+                return json_reply({"error": {"message": "image input is not supported"}},
+                                  500)(handler)
+            if "first" in json.dumps(body["messages"]):
+                a_arrived.set()
+                gate.wait(3 * TIMEOUT)      # longer than the second request may take
+            json_reply(message_json("no image here"))(handler)
+
+        self.start(FakeUpstream(self, default=reply))
+        first = threading.Thread(target=self.post,
+                                 args=(request(user(text("first"), image(PNG_A))),))
+        first.start()
+        self.addCleanup(first.join, TIMEOUT)
+        self.addCleanup(gate.set)
+        self.assertTrue(a_arrived.wait(TIMEOUT))
+        # The coder is still answering the first request; the second must not wait for it.
+        status, _, reply_body = self.post(request(user(text("second"), image(PNG_A))))
+        self.assertEqual((status, reply_body["content"]), (200, [text("no image here")]))
+
+    def test_a_client_that_leaves_while_waiting_for_a_description_is_let_go(self):
+        v_arrived, gate = threading.Event(), threading.Event()
+
+        def reply(handler, body):
+            v_arrived.set()
+            gate.wait(TIMEOUT)
+            json_reply(message_json("a red square"))(handler)
+
+        self.start(FakeUpstream(self, default=reply))
+        waiting = self.log.when("waiting for the description")
+        gone = self.log.when("client went away while waiting for a description")
+        first = threading.Thread(target=self.post, args=(request(user(text("a"), image(PNG_A))),))
+        first.start()
+        self.addCleanup(first.join, TIMEOUT)
+        self.addCleanup(gate.set)
+        self.assertTrue(v_arrived.wait(TIMEOUT))
+        body = json.dumps(request(user(text("b"), image(PNG_A)))).encode()
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        self.assertTrue(waiting.wait(TIMEOUT))
+        sock.close()
+        self.assertTrue(gone.wait(TIMEOUT), "the router kept waiting for a client that left")
+
     def test_vision_server_down_silent_or_failing_in_stream_falls_back(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -1689,6 +1745,34 @@ class StreamingTest(RouterTestCase):
         self.assertEqual(got, first)
         gate.set()
         self.assertEqual(got + resp.read(), sse(*events))
+
+    def test_a_stream_that_closes_its_connection_is_relayed_whole(self):
+        # http.client drops its socket when the response will close the connection;
+        # waiting on the upstream must not depend on it (a 500 on every such stream).
+        def closing_reply(chunked):
+            def reply(handler):
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/event-stream")
+                handler.send_header("Connection", "close")
+                if chunked:
+                    handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for event in events:
+                    if chunked:
+                        write_chunk(handler, sse(event))
+                    else:
+                        handler.wfile.write(sse(event))
+                if chunked:
+                    handler.wfile.write(b"0\r\n\r\n")
+                handler.close_connection = True
+            return reply
+
+        events = text_events("closing")
+        for chunked in (True, False):
+            with self.subTest(chunked=chunked):
+                self.start(FakeUpstream(self, [closing_reply(chunked)]))
+                status, _, body = self.post(request(user(text("hi")), stream=True))
+                self.assertEqual((status, body), (200, sse(*events)))
 
     def test_an_event_split_across_reads_is_held_back_until_complete(self):
         gate = threading.Event()
@@ -2817,6 +2901,15 @@ class LauncherTest(RouterTestCase):
                                   "PATH": os.environ["PATH"],
                                   "CLAUDE_ROUTER_PORT": str(router.server_port)})
         self.assertEqual(line.stdout, "router: coder CODER\n")
+
+    def test_a_router_that_wants_another_token_is_named_not_started_again(self):
+        router = self.start(FakeUpstream(self), token="sekret")
+        done = self.run_launcher(router.server_port, ["claude"])
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertEqual(done.stderr, "claude-local: the router on :%d wants a token: set "
+                                      "CLAUDE_ROUTER_TOKEN\n" % router.server_port)
+        done = self.run_launcher(router.server_port, ["claude"], {"CLAUDE_ROUTER_TOKEN": "sekret"})
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
 
     def test_a_status_line_of_the_users_own_is_left_alone(self):
         router = self.start(FakeUpstream(self))
