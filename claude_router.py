@@ -1033,7 +1033,7 @@ class ReplyCapture:
         self.parts = []
         self.usage = {}         # token counts as the server reported them
         self.complete = False   # message_stop seen
-        self.failed = False     # an error event seen
+        self.failed = None      # why the reply failed (an error event's message), or None
         self.stop_reason = None
 
     def feed(self, data):
@@ -1060,7 +1060,7 @@ class ReplyCapture:
             elif kind == "message_stop":
                 self.complete = True
             elif kind == "error":
-                self.failed = True
+                self.failed = upstream_message(json.dumps(event).encode()) or "an error event"
 
     def feed_message(self, message):
         """Take a whole reply, a message object (a non-streamed answer)."""
@@ -2257,6 +2257,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             conn.close()
         self.note_usage(model, reply.usage)
+        if learn and reply.failed:
+            # Its answer had begun, so the coder cannot take this turn over; remembering the
+            # failure sends Claude Code's retry to the coder instead of failing the same way.
+            server.vision_failed(new_keys, short_reason(reply.failed))
         if learn and reply.complete and not reply.failed and not reply.description():
             # A bare tool call describes nothing: describe each image on its own, so the
             # coder never loses sight of it, once the client has its answer.
@@ -2423,6 +2427,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except (OSError, http.client.HTTPException) as e:
                 what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
                 self.stream_failed(what, type(e).__name__)
+                capture.failed = "its answer %s" % what
                 return capture
             if not data:
                 break
@@ -2433,6 +2438,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return capture
         if partial.strip():
             self.stream_failed("broke off", "it ended inside an event")
+            capture.failed = "its answer broke off"
             return capture
         if learn and capture.complete and not capture.failed:
             learn(capture)

@@ -1704,6 +1704,29 @@ class VisionFailureTest(RouterTestCase):
                 self.assertEqual(coder.posts()[-1]["messages"], [user(text("look"), text(
                     "<<IMAGE: could not be read by the vision model: %s>>" % reason))])
 
+    def test_a_vision_answer_that_fails_midway_sends_the_retry_to_the_coder(self):
+        # Once its answer has begun, the turn cannot fall back; but Claude Code retries,
+        # and the retry must not meet the same failure (issue 9: the session was trapped).
+        opening = text_events("I see")[:1]
+        error = ("error", {"type": "error", "error": {"type": "api_error",
+                                                     "message": "vision encoder crashed"}})
+        rows = [("error event", stream_reply(opening + [error]), "vision encoder crashed"),
+                ("cut", stream_reply(opening + text_events("x")[1:], cut_after=1),
+                 "its answer broke off")]
+        for name, reply, reason in rows:
+            with self.subTest(name):
+                upstream = FakeUpstream(self, [reply])
+                self.start(upstream)
+                turn = request(user(text("look"), image(PNG_C)), stream=True)
+                status, _, first = self.post(turn)
+                self.assertEqual(status, 200)
+                self.assertIn(b"event: error", first)
+                status, _, again = self.post(turn)
+                self.assertEqual(status, 200)
+                self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+                self.assertEqual(upstream.posts()[-1]["messages"], [user(text("look"), text(
+                    "<<IMAGE: could not be read by the vision model: %s>>" % reason))])
+
     def test_one_server_down_for_both_models_is_529_and_not_remembered(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
