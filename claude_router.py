@@ -967,16 +967,16 @@ def reply_text(message):
                    and isinstance(b.get("text"), str))
 
 
-def description_text(text, cut_off=False):
+def description_text(text, cut_off=False, context=""):
     """A vision reply's text as an image's description.
 
     Text the router put in the vision request (its synthetic turns, markers of
-    other images) is dropped when the model echoes it. A reply that max_tokens cut
-    off loses its repetition (a small model looping), or says that it is cut off,
-    so it is never kept as if it were complete."""
-    for injected in INJECTED_TEXTS:
-        text = text.replace(injected, "")
-    text = re.sub(MARKER_PATTERN, "", text).strip()
+    other images, a describe request's context) is dropped when the model echoes
+    it. A reply that max_tokens cut off loses its repetition (a small model
+    looping), or says that it is cut off, so it is never kept as if it were complete."""
+    for injected in (*INJECTED_TEXTS, context):
+        text = text.replace(injected, "") if injected else text
+    text = re.sub(r"\n{3,}", "\n\n", re.sub(MARKER_PATTERN, "", text)).strip()
     if cut_off and text:
         trimmed = trim_repetition(text)
         text = trimmed if trimmed != text else "%s %s" % (text, CUT_OFF_NOTE)
@@ -1690,7 +1690,7 @@ def describe_image(url, block, context, model, key=""):
         log("! describe failed: upstream status %d" % status)
         return "", sent, short_reason(upstream_message(json.dumps(reply).encode())) or \
             "error %d" % status
-    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens")
+    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
     return text, sent, None if text else "it gave no description"
 
 
@@ -2254,9 +2254,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if overflow:
                 return self.send_overflow(overflow)
             reply = self.relay(resp, upstream, learn, head)
+            self.note_usage(model, reply.usage)
         finally:
             conn.close()
-        self.note_usage(model, reply.usage)
         if learn and reply.failed:
             # Its answer had begun, so the coder cannot take this turn over; remembering the
             # failure sends Claude Code's retry to the coder instead of failing the same way.

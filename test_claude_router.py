@@ -660,6 +660,13 @@ class SmallTransformTest(unittest.TestCase):
             with self.subTest(name):
                 self.assertEqual(cr.description_text(reply, cut_off), expected)
 
+    def test_a_describe_requests_context_is_not_kept_when_echoed(self):
+        # The real OCR vision server answered "[Image: ...]\n\nThe user wrote: <prompt>".
+        context = "The user wrote: Look at @shape.png again."
+        reply = "[Image: a red square.]\n\n%s\n\n[Image: a red square.]" % context
+        self.assertEqual(cr.description_text(reply, False, context),
+                         "[Image: a red square.]\n\n[Image: a red square.]")
+
     def test_failure_reasons_are_short_single_lines(self):
         rows = [
             (b'{"error":{"code":500,"message":"image input is not supported - hint: if this '
@@ -2676,6 +2683,16 @@ class VisionModeTest(RouterTestCase):
         self.post(request(*history, assistant(text("A login form.")), user(text("fix it"))))
         self.assertEqual(self.router.cache.lookup([key(PNG_A)]),
                          {key(PNG_A): "A login form. The button is red."})
+
+    def test_describe_context_echoed_by_the_vision_model_is_not_stored(self):
+        def echo(handler, body):
+            said = body["messages"][0]["content"][0]["text"]
+            json_reply(message_json("%s\n\nA red square." % said))(handler)
+
+        vision = FakeUpstream(self, default=echo)
+        self.start(FakeUpstream(self), vision_upstream_url=vision.url, vision_mode="describe")
+        self.post(request(user(text("what shape?"), image(PNG_A))))
+        self.assertEqual(self.router.cache.lookup([key(PNG_A)]), {key(PNG_A): "A red square."})
 
     def test_vision_upstream_is_separate_from_the_coder_upstream(self):
         vision = FakeUpstream(self, [json_reply(message_json("A diagram."))])
