@@ -261,7 +261,9 @@ class ClientGone(Exception):
     failure of the model server."""
 
 
-################ Transforms
+################ Envelopes and log lines
+
+# What the client and the log are told, in one shape each.
 
 def error_type(status):
     """Anthropic's error type for an HTTP status."""
@@ -273,94 +275,131 @@ def anthropic_error(status, message, kind=None):
     return {"type": "error", "error": {"type": kind or error_type(status), "message": message}}
 
 
-def retry_headers(status):
-    """The headers that tell Claude Code not to retry an error status a retry cannot fix."""
-    return [] if status in RETRYABLE_STATUSES else [("x-should-retry", "false")]
-
-
 def escape_log(text):
     """Return text with control characters escaped, safe for one log line."""
     return str(text).translate(CONTROL_ESCAPES)
 
 
-def is_image(block):
-    """True for an image content block."""
-    return isinstance(block, dict) and block.get("type") == "image"
+def readable_time(seconds):
+    """A time.time() value as local time a person reads, with its UTC offset."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))
 
 
-def image_data(block):
-    """The string that identifies an image: its base64 text, or its URL."""
-    source = block["source"]
-    return source["url"] if source.get("type") == "url" else source["data"]
+def outcome_line(status, seconds, message=None):
+    """The log line that ends a routed request: its status, how long it took, what went wrong."""
+    line = "← %s in %.2f s" % (status or "no answer", seconds)
+    return line + ": " + escape_log(message)[:ERROR_TEXT_CHARS] if message else line
 
 
-def image_keys(messages):
-    """Return {image data string: sha256 hex} for every image in messages, each hashed once."""
-    keys = {}
-    for message in messages:
-        for block in iter_blocks(message):
-            if is_image(block):
-                data = image_data(block)
-                if data not in keys:
-                    keys[data] = hashlib.sha256(data.encode()).hexdigest()
-    return keys
+################ Requests and headers
+
+# The HTTP head of a request, checked before any body is read (RFC 9112).
+
+def is_loopback_host(host):
+    """True when host (a Host header value or address) names this machine's loopback."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-def iter_blocks(message):
-    """Yield the content blocks of message, including those inside tool_result blocks."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return
-    for block in content:
-        yield block
-        if isinstance(block, dict) and block.get("type") == "tool_result" \
-                and isinstance(block.get("content"), list):
-            yield from block["content"]
+def normalize_path(path):
+    """Return path normalised (RFC 3986 6.2.2), or None when it has an encoded slash or backslash.
+
+    Unreserved characters are decoded, so %2e is a dot; then dot segments are resolved
+    and empty ones dropped. What the router routes is then what the upstream sees."""
+    def decode(match):
+        char = chr(int(match[0][1:], 16))
+        return char if char in UNRESERVED else match[0]
+
+    path = re.sub(r"%[0-9A-Fa-f]{2}", decode, path)
+    if re.search(r"%(2[Ff]|5[Cc])", path):
+        return None
+    segments = []
+    for segment in path.split("/"):
+        if segment == "..":
+            segments = segments[:-1]
+        elif segment not in ("", "."):
+            segments.append(segment)
+    tail = "/" if segments and path.endswith(("/", "/.", "/..")) else ""
+    return "/" + "/".join(segments) + tail
 
 
-def current_turn_start(messages):
-    """Index of the first message after the last assistant message (the user's turn)."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
-            return i + 1
-    return 0
+def body_length(headers, method, limit):
+    """Return the length of a request's body; raise ProxyError when it cannot be framed safely.
+
+    Only one plain Content-Length frames a body here (RFC 9112 6.1-6.3): a Transfer-Encoding,
+    or lengths that disagree or are not ASCII digits, could be read otherwise by whatever
+    stands in front of the router, and the rest of the body smuggled in as a request."""
+    if "transfer-encoding" in headers:
+        raise ProxyError(411, "request bodies need Content-Length; Transfer-Encoding is not "
+                              "supported")
+    values = {v.strip(" \t") for v in headers.get_all("content-length") or ()}
+    if not values:
+        if method == "POST":
+            raise ProxyError(411, "Content-Length is required")
+        return 0
+    value = values.pop()
+    if values or not re.fullmatch("[0-9]+", value):
+        raise ProxyError(400, "Content-Length must be one number")
+    digits = value.lstrip("0") or "0"
+    if len(digits) > 15 or int(digits) > limit:
+        raise ProxyError(413, "request body of %s bytes is over the %d byte limit"
+                         % (digits[:20], limit))
+    return int(digits)
 
 
-def new_image_keys(messages, keys, descriptions):
-    """Keys of the images in the current user turn that have no description, in order."""
-    found = []
-    for message in messages[current_turn_start(messages):]:
-        if message.get("role") != "user":
-            continue
-        for block in iter_blocks(message):
-            if is_image(block):
-                key = keys[image_data(block)]
-                if key not in descriptions and key not in found:
-                    found.append(key)
-    return found
+def filter_headers(headers, drop):
+    """Return [(name, value)] without the drop set and without headers named in Connection."""
+    named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
 
 
-def text_block(text):
-    """A text content block."""
-    return {"type": "text", "text": text}
+################ Validation
 
+# Everything the later transforms index into is checked here first, so a malformed
+# request becomes one 400 naming the bad field instead of a traceback.
 
-def content_blocks(content):
-    """Content as a list of blocks (a string becomes one text block)."""
-    if isinstance(content, str):
-        return [text_block(content)] if content else []
-    return list(content or [])
+def validate_request(body):
+    """Raise ProxyError unless body has the shape of a messages request."""
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ProxyError(400, "messages: must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ProxyError(400, "messages.%d: needs a role of user, assistant or system" % i)
+        content = message.get("content", "")
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                validate_block(block, "messages.%d.content.%d" % (i, j))
+        elif not isinstance(content, str):
+            raise ProxyError(400, "messages.%d.content: must be a string or a list" % i)
+    system = body.get("system", "")
+    if not isinstance(system, str) and not (
+            isinstance(system, list) and all(
+                isinstance(b, dict) and isinstance(b.get("text"), str) for b in system)):
+        raise ProxyError(400, "system: must be a string or a list of text blocks")
+    tools = body.get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ProxyError(400, "tools: must be a list of objects")
+    max_tokens = body.get("max_tokens")
+    if "max_tokens" in body and not (
+            type(max_tokens) is int and max_tokens > 0):
+        raise ProxyError(400, "max_tokens: must be a positive integer")
+    if not isinstance(body.get("stream", False), bool):
+        raise ProxyError(400, "stream: must be true or false")
+    if not isinstance(body.get("model", ""), str):
+        raise ProxyError(400, "model: must be a string")
 
-
-def content_text(content):
-    """The text of content (string or blocks), text blocks joined by blank lines."""
-    if isinstance(content, str):
-        return content
-    return "\n\n".join(b["text"] for b in content or [] if b.get("type") == "text")
-
-
-# Validation: everything the transforms index into is checked here, so a malformed
-# request becomes one 400 with a path to the bad field instead of a traceback.
 
 def validate_block(block, where, nested=False):
     """Raise ProxyError unless block is a content block the transforms can handle."""
@@ -417,40 +456,6 @@ def is_http_url(url):
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def validate_request(body):
-    """Raise ProxyError unless body has the shape of a messages request."""
-    if not isinstance(body, dict):
-        raise ProxyError(400, "request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ProxyError(400, "messages: must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ProxyError(400, "messages.%d: needs a role of user, assistant or system" % i)
-        content = message.get("content", "")
-        if isinstance(content, list):
-            for j, block in enumerate(content):
-                validate_block(block, "messages.%d.content.%d" % (i, j))
-        elif not isinstance(content, str):
-            raise ProxyError(400, "messages.%d.content: must be a string or a list" % i)
-    system = body.get("system", "")
-    if not isinstance(system, str) and not (
-            isinstance(system, list) and all(
-                isinstance(b, dict) and isinstance(b.get("text"), str) for b in system)):
-        raise ProxyError(400, "system: must be a string or a list of text blocks")
-    tools = body.get("tools", [])
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ProxyError(400, "tools: must be a list of objects")
-    max_tokens = body.get("max_tokens")
-    if "max_tokens" in body and not (
-            type(max_tokens) is int and max_tokens > 0):
-        raise ProxyError(400, "max_tokens: must be a positive integer")
-    if not isinstance(body.get("stream", False), bool):
-        raise ProxyError(400, "stream: must be true or false")
-    if not isinstance(body.get("model", ""), str):
-        raise ProxyError(400, "model: must be a string")
-
-
 def is_base64(data):
     """True when data is strict base64: alphabet only, padding only at the end.
 
@@ -462,7 +467,9 @@ def is_base64(data):
     return rest in (b"", b"=", b"==") and data.endswith(rest.decode())
 
 
-# Hygiene: what every request loses before a local server sees it.
+################ Hygiene
+
+# What every request loses or has repaired before a local server sees it.
 #
 # The prefix rule. A local server reuses its cache only for the unchanged head of the
 # prompt, and every template renders the system text first, then the tools, then the
@@ -472,6 +479,50 @@ def is_base64(data):
 # is the system messages before the first assistant message: they go to the start of
 # the first user message, and they all come with the first request and never change.
 # test_claude_router's PrefixReplayTest replays a growing conversation to hold us to it.
+
+def text_block(text):
+    """A text content block."""
+    return {"type": "text", "text": text}
+
+
+def content_blocks(content):
+    """Content as a list of blocks (a string becomes one text block)."""
+    if isinstance(content, str):
+        return [text_block(content)] if content else []
+    return list(content or [])
+
+
+def content_text(content):
+    """The text of content (string or blocks), text blocks joined by blank lines."""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(b["text"] for b in content or [] if b.get("type") == "text")
+
+
+def clean_request(body, fields=REQUEST_FIELDS):
+    """Return body with system messages folded and everything a local server rejects removed."""
+    body = fold_system_messages(body)
+    # The head first, in the order templates render it, so the JSON sent is as
+    # prefix-stable as the prompt it becomes.
+    clean = {k: body[k] for k in HEAD_FIELDS if k in body and k in fields}
+    clean.update((k, v) for k, v in body.items() if k in fields and k not in clean)
+    if "system" in clean:
+        system = strip_billing_header(clean["system"])
+        if isinstance(system, list):
+            system = [{"type": "text", "text": b["text"]} for b in system]
+        if system:
+            clean["system"] = system
+        else:
+            del clean["system"]
+    clean["messages"] = [m for m in map(clean_message, body["messages"]) if m is not None]
+    if "tools" in clean:
+        clean["tools"] = clean_tools(clean["tools"])
+        if not clean["tools"]:
+            del clean["tools"]
+    if "tools" not in clean:
+        clean.pop("tool_choice", None)
+    return clean
+
 
 def system_reminder(message):
     """A role "system" message as user text wrapped in <system-reminder>, or None if empty.
@@ -553,32 +604,123 @@ def clean_tools(tools):
             if "input_schema" in t and t.get("type", "custom") == "custom"]
 
 
-def clean_request(body, fields=REQUEST_FIELDS):
-    """Return body with system messages folded and everything a local server rejects removed."""
-    body = fold_system_messages(body)
-    # The head first, in the order templates render it, so the JSON sent is as
-    # prefix-stable as the prompt it becomes.
-    clean = {k: body[k] for k in HEAD_FIELDS if k in body and k in fields}
-    clean.update((k, v) for k, v in body.items() if k in fields and k not in clean)
-    if "system" in clean:
-        system = strip_billing_header(clean["system"])
-        if isinstance(system, list):
-            system = [{"type": "text", "text": b["text"]} for b in system]
-        if system:
-            clean["system"] = system
+def normalize_assistant_messages(messages):
+    """Return messages with each assistant turn's text folded before its tool_use blocks.
+
+    Devstral's template rejects [text, tool_use, text, tool_use]; it takes one text
+    then the tool calls."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if message["role"] != "assistant" or not isinstance(content, list) or not any(
+                b.get("type") == "tool_use" for b in content):
+            out.append(message)
+            continue
+        texts = [b["text"] for b in content if b.get("type") == "text" and b["text"]]
+        rest = [b for b in content if b.get("type") != "text"]
+        folded = [text_block("\n\n".join(texts))] if texts else []
+        out.append({**message, "content": folded + rest})
+    return out
+
+
+def fix_message_alternation(messages):
+    """Return messages with consecutive same-role messages merged into one.
+
+    In a merged user message tool_result blocks go first, as Anthropic's API wants."""
+    out = []
+    for message in messages:
+        if out and out[-1]["role"] == message["role"]:
+            blocks = content_blocks(out[-1]["content"]) + content_blocks(message["content"])
+            if message["role"] == "user":
+                blocks = ([b for b in blocks if b.get("type") == "tool_result"]
+                          + [b for b in blocks if b.get("type") != "tool_result"])
+            out[-1] = {**out[-1], "content": blocks}
         else:
-            del clean["system"]
-    clean["messages"] = [m for m in map(clean_message, body["messages"]) if m is not None]
-    if "tools" in clean:
-        clean["tools"] = clean_tools(clean["tools"])
-        if not clean["tools"]:
-            del clean["tools"]
-    if "tools" not in clean:
-        clean.pop("tool_choice", None)
-    return clean
+            out.append(message)
+    return out
 
 
-# Images: descriptions for the coder, lifting for the vision model.
+################ Images
+
+# Descriptions in place of images for the coder; images lifted out of tool results for
+# the vision model; what a vision reply leaves as a description.
+
+def is_image(block):
+    """True for an image content block."""
+    return isinstance(block, dict) and block.get("type") == "image"
+
+
+def image_data(block):
+    """The string that identifies an image: its base64 text, or its URL."""
+    source = block["source"]
+    return source["url"] if source.get("type") == "url" else source["data"]
+
+
+def image_keys(messages):
+    """Return {image data string: sha256 hex} for every image in messages, each hashed once."""
+    keys = {}
+    for message in messages:
+        for block in iter_blocks(message):
+            if is_image(block):
+                data = image_data(block)
+                if data not in keys:
+                    keys[data] = hashlib.sha256(data.encode()).hexdigest()
+    return keys
+
+
+def iter_blocks(message):
+    """Yield the content blocks of message, including those inside tool_result blocks."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return
+    for block in content:
+        yield block
+        if isinstance(block, dict) and block.get("type") == "tool_result" \
+                and isinstance(block.get("content"), list):
+            yield from block["content"]
+
+
+def current_turn_start(messages):
+    """Index of the first message after the last assistant message (the user's turn)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return i + 1
+    return 0
+
+
+def new_image_keys(messages, keys, descriptions):
+    """Keys of the images in the current user turn that have no description, in order."""
+    found = []
+    for message in messages[current_turn_start(messages):]:
+        if message.get("role") != "user":
+            continue
+        for block in iter_blocks(message):
+            if is_image(block):
+                key = keys[image_data(block)]
+                if key not in descriptions and key not in found:
+                    found.append(key)
+    return found
+
+
+def route_request(body, keys, descriptions, vision_model, coder_model, new_keys, failures=None):
+    """Return (route, model, messages) for a cleaned request.
+
+    route is "vision" when new_keys (images with no description in the user's turn)
+    is not empty: those travel as pixels, every other image as its description, or
+    as a marker saying why the vision model could not read it (failures)."""
+    messages = body["messages"]
+    if new_keys:
+        messages, substituted = substitute_images_with_descriptions(
+            messages, keys, descriptions, frozenset(new_keys), failures)
+        messages = rewrite_for_vision(messages)
+        route, model = "vision", vision_model
+    else:
+        messages, substituted = substitute_images_with_descriptions(
+            messages, keys, descriptions, (), failures)
+        route, model = "coder", coder_model
+    messages = fix_message_alternation(normalize_assistant_messages(messages))
+    return route, model, messages, substituted
+
 
 def replace_images(blocks, replace):
     """Return blocks with replace(block) in place of each image block, tool_results included.
@@ -675,253 +817,6 @@ def rewrite_for_vision(messages):
     return out
 
 
-def normalize_assistant_messages(messages):
-    """Return messages with each assistant turn's text folded before its tool_use blocks.
-
-    Devstral's template rejects [text, tool_use, text, tool_use]; it takes one text
-    then the tool calls."""
-    out = []
-    for message in messages:
-        content = message["content"]
-        if message["role"] != "assistant" or not isinstance(content, list) or not any(
-                b.get("type") == "tool_use" for b in content):
-            out.append(message)
-            continue
-        texts = [b["text"] for b in content if b.get("type") == "text" and b["text"]]
-        rest = [b for b in content if b.get("type") != "text"]
-        folded = [text_block("\n\n".join(texts))] if texts else []
-        out.append({**message, "content": folded + rest})
-    return out
-
-
-def fix_message_alternation(messages):
-    """Return messages with consecutive same-role messages merged into one.
-
-    In a merged user message tool_result blocks go first, as Anthropic's API wants."""
-    out = []
-    for message in messages:
-        if out and out[-1]["role"] == message["role"]:
-            blocks = content_blocks(out[-1]["content"]) + content_blocks(message["content"])
-            if message["role"] == "user":
-                blocks = ([b for b in blocks if b.get("type") == "tool_result"]
-                          + [b for b in blocks if b.get("type") != "tool_result"])
-            out[-1] = {**out[-1], "content": blocks}
-        else:
-            out.append(message)
-    return out
-
-
-def swap_image_data(messages, marker):
-    """Return (messages with each base64 image's data replaced by marker + index, [data]).
-
-    validate_request has checked that every image's data is strict base64. This
-    cheaper guard (isascii is O(1), a quote or backslash is a memchr) keeps anything
-    that could close the JSON string for json.dumps to escape, so that even a body
-    that skipped validation can add no JSON fields of its own."""
-    found = []
-
-    def swap(block):
-        data = block["source"].get("data")
-        if block["source"].get("type") != "base64" or not isinstance(data, str) \
-                or not data.isascii() or '"' in data or "\\" in data:
-            return block
-        found.append(data)
-        return {**block, "source": {**block["source"], "data": "%s%d" % (marker, len(found) - 1)}}
-
-    return map_image_blocks(messages, swap), found
-
-
-def encode_request(body):
-    """Return (length, pieces): body as JSON bytes in pieces, image data spliced in as is.
-
-    json.dumps would scan and copy every byte of each multi-MB screenshot, which
-    needs no escaping (it is validated base64); and sending the pieces one by one
-    never holds a second copy of the whole body."""
-    marker = "@claude-router-image-%s-" % os.urandom(8).hex()
-    messages, images = swap_image_data(body["messages"], marker)
-    skeleton = json.dumps({**body, "messages": messages}).encode()
-    if not images:
-        return len(skeleton), skeleton      # bytes: http.client sends it with the headers
-    # Each marker stands in the skeleton once, as "<marker><index>"; cut there.
-    first, *rest = skeleton.split(b'"%s' % marker.encode())
-    cuts = [(int(index), tail) for index, tail in (part.split(b'"', 1) for part in rest)]
-    length = len(first) + sum(len(images[i]) + 2 + len(tail) for i, tail in cuts)
-
-    def pieces():
-        yield first
-        for i, tail in cuts:
-            yield b'"%s"' % images[i].encode("ascii")
-            yield tail
-    return length, pieces()
-
-
-def estimate_tokens(body_bytes, image_bytes=0, images=0):
-    """A token count for a request of body_bytes that errs high, images costed apart."""
-    return -(-(body_bytes - image_bytes) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
-
-
-def request_tokens(length, messages):
-    """Estimated tokens of a request as sent: length JSON bytes holding messages.
-
-    Descriptions count as the text they are; each image still sent as pixels costs
-    IMAGE_TOKENS, whatever its size."""
-    pixels = [len(image_data(b)) for m in messages for b in iter_blocks(m) if is_image(b)]
-    return estimate_tokens(length, sum(pixels), len(pixels))
-
-
-# What the cache can reuse: a prompt as parts, compared with the last one by hash.
-
-def prompt_parts(body, keys):
-    """Return (names, digests, sizes) of body's parts in the order templates render them.
-
-    The parts are the system text, the tools and each message; digests holds 16
-    bytes per part. An image counts by its key and size, so none is hashed again."""
-    parts = [(name, body[name]) for name in ("system", "tools") if name in body]
-    parts += [("message %d" % i, m) for i, m in enumerate(body["messages"])]
-    names, digests, sizes = [], [], []
-    for name, part in parts:
-        pixels = 0
-        if name.startswith("message"):
-            part, pixels = message_by_image_keys(part, keys)
-        data = json.dumps(part).encode()
-        names.append(name)
-        digests.append(hashlib.blake2b(name.encode() + data, digest_size=16).digest())
-        sizes.append(len(data) + pixels)
-    return names, b"".join(digests), sizes
-
-
-def message_by_image_keys(message, keys):
-    """Return (message with each image as its key, the bytes of image data taken out)."""
-    pixels = []
-
-    def by_key(block):
-        pixels.append(len(image_data(block)))
-        return {"type": "image", "key": keys[image_data(block)]}
-
-    return map_image_blocks([message], by_key)[0], sum(pixels)
-
-
-def unchanged_parts(previous, digests):
-    """How many parts, from the first, digests has the same as the previous prompt's."""
-    same = 0
-    while digests[same * 16:same * 16 + 16] == previous[same * 16:same * 16 + 16] != b"":
-        same += 1
-    return same
-
-
-def reuse_note(sent, reuse):
-    """The route line's tail: the prompt's size and how much of the last prompt it sends again."""
-    note = " %.1f KB" % (sent / 1024)
-    if reuse is None:
-        return note + ", first turn"
-    last, unchanged, changed = reuse
-    share = unchanged / last if last else 1.0
-    note += ", %.1f%% as last turn" % (100 * min(share, 1.0))
-    if changed and share < REUSE_NOTE_BELOW:
-        note += ", changed from %s on" % changed
-    return note
-
-
-def usage_numbers(usage):
-    """The token counts of an Anthropic usage object that are numbers."""
-    if not isinstance(usage, dict):
-        return {}
-    return {k: usage[k] for k in USAGE_FIELDS if type(usage.get(k)) is int}
-
-
-def clamp_max_tokens(body, estimated_input, context_length):
-    """Return body with max_tokens cut so input plus output fits context_length."""
-    if not context_length or "max_tokens" not in body:
-        return body
-    room = max(context_length - estimated_input, MIN_OUTPUT_TOKENS)
-    if body["max_tokens"] <= room:
-        return body
-    return {**body, "max_tokens": room}
-
-
-def overflow_error(text, estimated_input, context_length):
-    """Anthropic's "prompt is too long" envelope if text reports a context overflow, else None."""
-    for pattern, order in OVERFLOW_PATTERNS:
-        match = re.search(pattern, text, re.IGNORECASE | re.DOTALL)
-        if match:
-            numbers = dict(zip(order, map(int, match.groups())))
-            if numbers.get("m", 0) - numbers.get("n", float("inf")) >= MIN_OUTPUT_TOKENS:
-                # The prompt fits with room to answer: the server refused max_tokens, and
-                # compacting the conversation would not help (it fails the same way).
-                return None
-            limit = numbers.get("m") or context_length or estimated_input
-            tokens = max(numbers.get("n") or estimated_input, limit + 1)
-            return anthropic_error(
-                400, "prompt is too long: %d tokens > %d maximum" % (tokens, limit))
-    return None
-
-
-def opening_error(head):
-    """The text of the error event a stream opens with, or None.
-
-    LM Studio answers a streamed request it cannot serve with 200 and the reason as
-    the first SSE frame, an error event (thane-ai-agent#1395, lmstudio-bug-tracker#2322)."""
-    name, event = parse_sse_event(head.replace(b"\r\n", b"\n").split(b"\n\n")[0])
-    if name != "error" and not (isinstance(event, dict) and event.get("type") == "error"):
-        return None
-    return json.dumps(event) if event else head.decode("utf-8", "replace")
-
-
-def stream_overflow(head, estimated_input, context_length):
-    """The "prompt is too long" envelope if a stream opens with an overflow error event, else None."""
-    text = opening_error(head)
-    return overflow_error(text, estimated_input, context_length) if text else None
-
-
-def has_complete_event(data):
-    """True when data holds at least one whole SSE event (it ends at a blank line)."""
-    return b"\n\n" in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-
-
-def is_event_stream(resp):
-    """True when an upstream response is an SSE stream."""
-    return "text/event-stream" in (resp.getheader("content-type") or "")
-
-
-def upstream_chunks(resp, head=b"", wait=None):
-    """Yield head, then each read of resp's body as it arrives.
-
-    read1 returns what one read brings; read(n) would wait for n bytes and hold
-    tokens back (urllib3#2123, btubbs/sseclient#21).
-
-    wait, if given, is called before each read: it returns once there is something
-    to read, or raises."""
-    if head:
-        yield head
-    while True:
-        if wait:
-            wait()
-        data = resp.read1(RELAY_BUFFER)
-        if not data:
-            return
-        yield data
-
-
-def route_request(body, keys, descriptions, vision_model, coder_model, new_keys, failures=None):
-    """Return (route, model, messages) for a cleaned request.
-
-    route is "vision" when new_keys (images with no description in the user's turn)
-    is not empty: those travel as pixels, every other image as its description, or
-    as a marker saying why the vision model could not read it (failures)."""
-    messages = body["messages"]
-    if new_keys:
-        messages, substituted = substitute_images_with_descriptions(
-            messages, keys, descriptions, frozenset(new_keys), failures)
-        messages = rewrite_for_vision(messages)
-        route, model = "vision", vision_model
-    else:
-        messages, substituted = substitute_images_with_descriptions(
-            messages, keys, descriptions, (), failures)
-        route, model = "coder", coder_model
-    messages = fix_message_alternation(normalize_assistant_messages(messages))
-    return route, model, messages, substituted
-
-
 def describe_request(block, context, model):
     """The request that asks the vision model to describe one image."""
     content = ([text_block(context)] if context else []) + [
@@ -1000,13 +895,163 @@ def trim_repetition(text):
     return text[:spans[best[0] + best[1] - 1][1]].rstrip()
 
 
-def short_reason(text):
-    """The first clause of text, one line without brackets, at most FAILURE_REASON_CHARS."""
-    text = re.split(r"\s+-\s+|[.;]\s|\n", text.strip(), maxsplit=1)[0]
-    text = " ".join(re.sub(r"[\x00-\x1f\x7f<>]", " ", text).split()).rstrip(".")
-    if len(text) > FAILURE_REASON_CHARS:
-        text = text[:FAILURE_REASON_CHARS - 3].rstrip() + "..."
-    return text
+################ Encoding and estimates
+
+# The body as sent, what it costs in tokens, and how much of it the last turn sent too:
+# a prompt as parts, compared with the last one by hash.
+
+def encode_request(body):
+    """Return (length, pieces): body as JSON bytes in pieces, image data spliced in as is.
+
+    json.dumps would scan and copy every byte of each multi-MB screenshot, which
+    needs no escaping (it is validated base64); and sending the pieces one by one
+    never holds a second copy of the whole body."""
+    marker = "@claude-router-image-%s-" % os.urandom(8).hex()
+    messages, images = swap_image_data(body["messages"], marker)
+    skeleton = json.dumps({**body, "messages": messages}).encode()
+    if not images:
+        return len(skeleton), skeleton      # bytes: http.client sends it with the headers
+    # Each marker stands in the skeleton once, as "<marker><index>"; cut there.
+    first, *rest = skeleton.split(b'"%s' % marker.encode())
+    cuts = [(int(index), tail) for index, tail in (part.split(b'"', 1) for part in rest)]
+    length = len(first) + sum(len(images[i]) + 2 + len(tail) for i, tail in cuts)
+
+    def pieces():
+        yield first
+        for i, tail in cuts:
+            yield b'"%s"' % images[i].encode("ascii")
+            yield tail
+    return length, pieces()
+
+
+def swap_image_data(messages, marker):
+    """Return (messages with each base64 image's data replaced by marker + index, [data]).
+
+    validate_request has checked that every image's data is strict base64. This
+    cheaper guard (isascii is O(1), a quote or backslash is a memchr) keeps anything
+    that could close the JSON string for json.dumps to escape, so that even a body
+    that skipped validation can add no JSON fields of its own."""
+    found = []
+
+    def swap(block):
+        data = block["source"].get("data")
+        if block["source"].get("type") != "base64" or not isinstance(data, str) \
+                or not data.isascii() or '"' in data or "\\" in data:
+            return block
+        found.append(data)
+        return {**block, "source": {**block["source"], "data": "%s%d" % (marker, len(found) - 1)}}
+
+    return map_image_blocks(messages, swap), found
+
+
+def estimate_tokens(body_bytes, image_bytes=0, images=0):
+    """A token count for a request of body_bytes that errs high, images costed apart."""
+    return -(-(body_bytes - image_bytes) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
+
+
+def request_tokens(length, messages):
+    """Estimated tokens of a request as sent: length JSON bytes holding messages.
+
+    Descriptions count as the text they are; each image still sent as pixels costs
+    IMAGE_TOKENS, whatever its size."""
+    pixels = [len(image_data(b)) for m in messages for b in iter_blocks(m) if is_image(b)]
+    return estimate_tokens(length, sum(pixels), len(pixels))
+
+
+def clamp_max_tokens(body, estimated_input, context_length):
+    """Return body with max_tokens cut so input plus output fits context_length."""
+    if not context_length or "max_tokens" not in body:
+        return body
+    room = max(context_length - estimated_input, MIN_OUTPUT_TOKENS)
+    if body["max_tokens"] <= room:
+        return body
+    return {**body, "max_tokens": room}
+
+
+def prompt_parts(body, keys):
+    """Return (names, digests, sizes) of body's parts in the order templates render them.
+
+    The parts are the system text, the tools and each message; digests holds 16
+    bytes per part. An image counts by its key and size, so none is hashed again."""
+    parts = [(name, body[name]) for name in ("system", "tools") if name in body]
+    parts += [("message %d" % i, m) for i, m in enumerate(body["messages"])]
+    names, digests, sizes = [], [], []
+    for name, part in parts:
+        pixels = 0
+        if name.startswith("message"):
+            part, pixels = message_by_image_keys(part, keys)
+        data = json.dumps(part).encode()
+        names.append(name)
+        digests.append(hashlib.blake2b(name.encode() + data, digest_size=16).digest())
+        sizes.append(len(data) + pixels)
+    return names, b"".join(digests), sizes
+
+
+def message_by_image_keys(message, keys):
+    """Return (message with each image as its key, the bytes of image data taken out)."""
+    pixels = []
+
+    def by_key(block):
+        pixels.append(len(image_data(block)))
+        return {"type": "image", "key": keys[image_data(block)]}
+
+    return map_image_blocks([message], by_key)[0], sum(pixels)
+
+
+def unchanged_parts(previous, digests):
+    """How many parts, from the first, digests has the same as the previous prompt's."""
+    same = 0
+    while digests[same * 16:same * 16 + 16] == previous[same * 16:same * 16 + 16] != b"":
+        same += 1
+    return same
+
+
+def reuse_note(sent, reuse):
+    """The route line's tail: the prompt's size and how much of the last prompt it sends again."""
+    note = " %.1f KB" % (sent / 1024)
+    if reuse is None:
+        return note + ", first turn"
+    last, unchanged, changed = reuse
+    share = unchanged / last if last else 1.0
+    note += ", %.1f%% as last turn" % (100 * min(share, 1.0))
+    if changed and share < REUSE_NOTE_BELOW:
+        note += ", changed from %s on" % changed
+    return note
+
+
+def usage_numbers(usage):
+    """The token counts of an Anthropic usage object that are numbers."""
+    if not isinstance(usage, dict):
+        return {}
+    return {k: usage[k] for k in USAGE_FIELDS if type(usage.get(k)) is int}
+
+
+################ Event streams
+
+# Server-sent events: relayed as they come, read on the side, never held back.
+
+def is_event_stream(resp):
+    """True when an upstream response is an SSE stream."""
+    return "text/event-stream" in (resp.getheader("content-type") or "")
+
+
+def upstream_chunks(resp, head=b"", wait=None):
+    """Yield head, then each read of resp's body as it arrives.
+
+    read1 returns what one read brings; read(n) would wait for n bytes and hold
+    tokens back (urllib3#2123, btubbs/sseclient#21).
+
+    wait, if given, is called before each read: it returns once there is something
+    to read, or raises."""
+    if head:
+        yield head
+    while True:
+        if wait:
+            wait()
+        data = resp.read1(RELAY_BUFFER)
+        if not data:
+            return
+        yield data
 
 
 def parse_sse_event(raw):
@@ -1022,6 +1067,21 @@ def parse_sse_event(raw):
         return name, json.loads(b"\n".join(data)) if data else None
     except (ValueError, RecursionError):
         return name, None
+
+
+def split_events(data):
+    """Return (the complete SSE events at the start of data, the bytes after the last one)."""
+    if data.endswith(b"\n\n") and b"\r" not in data:
+        return data, b""    # the usual read: whole events with plain newlines
+    end = 0
+    for match in SSE_EVENT_END.finditer(data):
+        end = match.end()
+    return data[:end], data[end:]
+
+
+def has_complete_event(data):
+    """True when data holds at least one whole SSE event (it ends at a blank line)."""
+    return b"\n\n" in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 class ReplyCapture:
@@ -1080,16 +1140,6 @@ class ReplyCapture:
         return description_text(self.text(), self.stop_reason == "max_tokens")
 
 
-def split_events(data):
-    """Return (the complete SSE events at the start of data, the bytes after the last one)."""
-    if data.endswith(b"\n\n") and b"\r" not in data:
-        return data, b""    # the usual read: whole events with plain newlines
-    end = 0
-    for match in SSE_EVENT_END.finditer(data):
-        end = match.end()
-    return data[:end], data[end:]
-
-
 def encode_chunk(data):
     """One HTTP/1.1 chunk holding data (RFC 9112 7.1)."""
     return b"%X\r\n%s\r\n" % (len(data), data)
@@ -1100,11 +1150,9 @@ def sse_error_event(message, kind="api_error"):
     return b"event: error\ndata: %s\n\n" % json.dumps(anthropic_error(500, message, kind)).encode()
 
 
-def filter_headers(headers, drop):
-    """Return [(name, value)] without the drop set and without headers named in Connection."""
-    named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
-    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
+################ Upstream errors
 
+# What a model server's refusal means, and how Claude Code should take it.
 
 def upstream_message(raw):
     """The message of an upstream error body, on one line: JSON in any server's shape, or text."""
@@ -1120,77 +1168,57 @@ def upstream_message(raw):
     return " ".join(error.split())[:ERROR_TEXT_CHARS]
 
 
-def outcome_line(status, seconds, message=None):
-    """The log line that ends a routed request: its status, how long it took, what went wrong."""
-    line = "← %s in %.2f s" % (status or "no answer", seconds)
-    return line + ": " + escape_log(message)[:ERROR_TEXT_CHARS] if message else line
+def short_reason(text):
+    """The first clause of text, one line without brackets, at most FAILURE_REASON_CHARS."""
+    text = re.split(r"\s+-\s+|[.;]\s|\n", text.strip(), maxsplit=1)[0]
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f<>]", " ", text).split()).rstrip(".")
+    if len(text) > FAILURE_REASON_CHARS:
+        text = text[:FAILURE_REASON_CHARS - 3].rstrip() + "..."
+    return text
 
 
-def readable_time(seconds):
-    """A time.time() value as local time a person reads, with its UTC offset."""
-    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))
+def retry_headers(status):
+    """The headers that tell Claude Code not to retry an error status a retry cannot fix."""
+    return [] if status in RETRYABLE_STATUSES else [("x-should-retry", "false")]
 
 
-def normalize_path(path):
-    """Return path normalised (RFC 3986 6.2.2), or None when it has an encoded slash or backslash.
+def overflow_error(text, estimated_input, context_length):
+    """Anthropic's "prompt is too long" envelope if text reports a context overflow, else None."""
+    for pattern, order in OVERFLOW_PATTERNS:
+        match = re.search(pattern, text, re.IGNORECASE | re.DOTALL)
+        if match:
+            numbers = dict(zip(order, map(int, match.groups())))
+            if numbers.get("m", 0) - numbers.get("n", float("inf")) >= MIN_OUTPUT_TOKENS:
+                # The prompt fits with room to answer: the server refused max_tokens, and
+                # compacting the conversation would not help (it fails the same way).
+                return None
+            limit = numbers.get("m") or context_length or estimated_input
+            tokens = max(numbers.get("n") or estimated_input, limit + 1)
+            return anthropic_error(
+                400, "prompt is too long: %d tokens > %d maximum" % (tokens, limit))
+    return None
 
-    Unreserved characters are decoded, so %2e is a dot; then dot segments are resolved
-    and empty ones dropped. What the router routes is then what the upstream sees."""
-    def decode(match):
-        char = chr(int(match[0][1:], 16))
-        return char if char in UNRESERVED else match[0]
 
-    path = re.sub(r"%[0-9A-Fa-f]{2}", decode, path)
-    if re.search(r"%(2[Ff]|5[Cc])", path):
+def opening_error(head):
+    """The text of the error event a stream opens with, or None.
+
+    LM Studio answers a streamed request it cannot serve with 200 and the reason as
+    the first SSE frame, an error event (thane-ai-agent#1395, lmstudio-bug-tracker#2322)."""
+    name, event = parse_sse_event(head.replace(b"\r\n", b"\n").split(b"\n\n")[0])
+    if name != "error" and not (isinstance(event, dict) and event.get("type") == "error"):
         return None
-    segments = []
-    for segment in path.split("/"):
-        if segment == "..":
-            segments = segments[:-1]
-        elif segment not in ("", "."):
-            segments.append(segment)
-    tail = "/" if segments and path.endswith(("/", "/.", "/..")) else ""
-    return "/" + "/".join(segments) + tail
+    return json.dumps(event) if event else head.decode("utf-8", "replace")
 
 
-def body_length(headers, method, limit):
-    """Return the length of a request's body; raise ProxyError when it cannot be framed safely.
-
-    Only one plain Content-Length frames a body here (RFC 9112 6.1-6.3): a Transfer-Encoding,
-    or lengths that disagree or are not ASCII digits, could be read otherwise by whatever
-    stands in front of the router, and the rest of the body smuggled in as a request."""
-    if "transfer-encoding" in headers:
-        raise ProxyError(411, "request bodies need Content-Length; Transfer-Encoding is not "
-                              "supported")
-    values = {v.strip(" \t") for v in headers.get_all("content-length") or ()}
-    if not values:
-        if method == "POST":
-            raise ProxyError(411, "Content-Length is required")
-        return 0
-    value = values.pop()
-    if values or not re.fullmatch("[0-9]+", value):
-        raise ProxyError(400, "Content-Length must be one number")
-    digits = value.lstrip("0") or "0"
-    if len(digits) > 15 or int(digits) > limit:
-        raise ProxyError(413, "request body of %s bytes is over the %d byte limit"
-                         % (digits[:20], limit))
-    return int(digits)
+def stream_overflow(head, estimated_input, context_length):
+    """The "prompt is too long" envelope if a stream opens with an overflow error event, else None."""
+    text = opening_error(head)
+    return overflow_error(text, estimated_input, context_length) if text else None
 
 
-def is_loopback_host(host):
-    """True when host (a Host header value or address) names this machine's loopback."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:
-        host = host.split(":")[0]
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+################ Model listings
 
+# What the server says it has: LM Studio's, llama-server's, vLLM's and Ollama's lists.
 
 def models_from_listing(listing):
     """Return {model id: {"loaded", "context_length", "vision"}} from a server's model list.
