@@ -2268,9 +2268,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ProxyError as e:
             return self.vision_failure(route, e)
         del data
-        learn = None
-        if route == "vision":
-            def learn(reply):
+        def finish(reply):
+            # Before the response ends: a /status read (the status line) right after the
+            # turn finds its figures, and the next turn finds the description.
+            self.note_usage(model, reply.usage)
+            if route == "vision":
                 server.learn(reply.description(), model, new_keys)
         try:
             if resp.status >= 400 and route == "vision":
@@ -2287,15 +2289,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             overflow = overflow_error(opening, estimate, context_length) if opening else None
             if overflow:
                 return self.send_overflow(overflow)
-            reply = self.relay(resp, upstream, learn, head)
-            self.note_usage(model, reply.usage)
+            reply = self.relay(resp, upstream, finish, head, keep_text=route == "vision")
+            if not reply.complete or reply.failed:      # finish was not called
+                self.note_usage(model, reply.usage)
         finally:
             conn.close()
-        if learn and reply.failed:
+        if route == "vision" and reply.failed:
             # Its answer had begun, so the coder cannot take this turn over; remembering the
             # failure sends Claude Code's retry to the coder instead of failing the same way.
             server.vision_failed(new_keys, short_reason(reply.failed))
-        if learn and reply.complete and not reply.failed and not reply.description():
+        if route == "vision" and reply.complete and not reply.failed and not reply.description():
             # A bare tool call describes nothing: describe each image on its own, so the
             # coder never loses sight of it, once the client has its answer.
             self.end_response()
@@ -2410,9 +2413,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(status, anthropic_error(status, self.outcome),
                        retry_headers(resp.status) + ([("Retry-After", wait)] if wait else []))
 
-    def relay(self, resp, url, learn=None, head=b""):
+    def relay(self, resp, url, learn=None, head=b"", keep_text=False):
         """Relay the upstream's response: an event stream as it arrives, anything else whole;
-        return the reply as a ReplyCapture (its text only if learn is given).
+        return the reply as a ReplyCapture (a stream's text only with keep_text).
 
         learn, if given, gets that capture once a complete successful reply is in and
         before the response ends, so the next turn finds what it says in the cache.
@@ -2439,9 +2442,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_upstream_headers(resp, ("Content-Length", str(len(data))))
             self.write_client(data)
             return reply
-        return self.relay_stream(resp, learn, head)
+        return self.relay_stream(resp, learn, head, keep_text)
 
-    def relay_stream(self, resp, learn=None, head=b""):
+    def relay_stream(self, resp, learn=None, head=b"", keep_text=False):
         """Relay an SSE stream as it arrives: per upstream read, one chunk in one write.
 
         Each chunk holds the events that read completed; the bytes of an event still
@@ -2452,7 +2455,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True    # HTTP/1.0: the end of the body is the close
         self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
         self.stream_frame = encode_chunk if chunked else bytes
-        capture = ReplyCapture(keep_text=learn is not None)
+        capture = ReplyCapture(keep_text=keep_text)
         chunks = upstream_chunks(resp, head, lambda: self.await_upstream(resp))
         partial = b""
         while True:
