@@ -1100,7 +1100,12 @@ class ReplyCapture:
         """Take the next bytes of the stream."""
         self.pending += data
         if b"\r" in self.pending:
-            self.pending = self.pending.replace(b"\r\n", b"\n")
+            # CRLF and a lone CR end lines too. A CR that ends the data may be half a CRLF,
+            # unless a CR comes before it: then the event has ended either way.
+            held = b"\r" if self.pending.endswith(b"\r") and not self.pending.endswith(
+                b"\r\r") else b""
+            body = self.pending[:-1] if held else self.pending
+            self.pending = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
         *events, self.pending = self.pending.split(b"\n\n")
         for raw in events:
             if not self.keep_text and b"message_" not in raw and b"error" not in raw:
@@ -2457,29 +2462,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.stream_frame = encode_chunk if chunked else bytes
         capture = ReplyCapture(keep_text=keep_text)
         chunks = upstream_chunks(resp, head, lambda: self.await_upstream(resp))
-        partial = b""
+        partial, broken, gone = b"", None, False
         while True:
             try:
                 data = next(chunks, b"")
             except (OSError, http.client.HTTPException) as e:
                 what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
-                self.stream_failed(what, type(e).__name__)
-                capture.failed = "its answer %s" % what
-                return capture
+                broken = what, type(e).__name__
+                break
             if not data:
+                if partial.strip():
+                    broken = "broke off", "it ended inside an event"
                 break
             capture.feed(data)
             data, partial = split_events(partial + data)
             if data and not self.write_client(self.stream_frame(data)):
                 log("client went away mid-stream; closed the upstream request")
-                return capture
-        if partial.strip():
-            self.stream_failed("broke off", "it ended inside an event")
-            capture.failed = "its answer broke off"
-            return capture
+                gone = True
+                break
+        if broken:
+            self.stream_failed(*broken)
+        if not capture.complete and not capture.failed and not gone and keep_text:
+            # Its answer is not whole (cut, stalled, or ended before message_stop): a
+            # failure of the model, which Claude Code's retry must not meet again.
+            capture.failed = "its answer %s" % (broken[0] if broken else "ended early")
         if learn and capture.complete and not capture.failed:
-            learn(capture)
-        self.end_stream()
+            learn(capture)      # before the response ends: the next turn finds it
+        if not broken and not gone:
+            self.end_stream()
         return capture
 
     def stream_failed(self, what, why):

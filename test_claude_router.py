@@ -1734,6 +1734,39 @@ class VisionFailureTest(RouterTestCase):
                 self.assertEqual(upstream.posts()[-1]["messages"], [user(text("look"), text(
                     "<<IMAGE: could not be read by the vision model: %s>>" % reason))])
 
+    def test_a_whole_vision_answer_is_learned_however_its_stream_ends(self):
+        # A stream cut after message_stop holds a complete answer; a stream with CR line
+        # ends (RFC-valid SSE) is one too. Neither may cost the image its description.
+        def whole_then(cut, newline):
+            def reply(handler):
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/event-stream")
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for event in text_events("a red square"):
+                    write_chunk(handler, sse(event).replace(b"\n", newline))
+                if cut:
+                    handler.close_connection = True
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                else:
+                    handler.wfile.write(b"0\r\n\r\n")
+            return reply
+
+        for cut, newline in ((True, b"\n"), (False, b"\r"), (False, b"\r\n")):
+            with self.subTest(cut=cut, newline=newline):
+                upstream = FakeUpstream(self, [whole_then(cut, newline)])
+                router = self.start(upstream)
+                turn = [user(text("look"), image(PNG_C))]
+                status, _, _ = self.post(request(*turn, stream=True))
+                self.assertEqual(status, 200)
+                self.post(request(*turn, assistant(text("a red square")), user(text("and?"))))
+                self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+                self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
+                                 text("<<IMAGE DESCRIPTION: a red square>>"))
+                self.assertEqual(router.memory.failures, {})
+                shutil.rmtree(self.cache_dir)
+                os.mkdir(self.cache_dir)
+
     def test_one_server_down_for_both_models_is_529_and_not_remembered(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -2946,8 +2979,8 @@ class LauncherTest(RouterTestCase):
         router = self.start(FakeUpstream(self), token="sekret")
         done = self.run_launcher(router.server_port, ["claude"])
         self.assertEqual((done.returncode, done.stdout), (1, ""))
-        self.assertEqual(done.stderr, "claude-local: the router on :%d wants a token: set "
-                                      "CLAUDE_ROUTER_TOKEN\n" % router.server_port)
+        self.assertEqual(done.stderr, "claude-local: the router on :%d wants its token: set "
+                                      "CLAUDE_ROUTER_TOKEN to its --token\n" % router.server_port)
         done = self.run_launcher(router.server_port, ["claude"], {"CLAUDE_ROUTER_TOKEN": "sekret"})
         self.assertEqual((done.returncode, done.stderr), (0, ""))
 
