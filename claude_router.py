@@ -589,10 +589,13 @@ def clean_block(block):
 
 
 def clean_message(message):
-    """Return message with only role and cleaned content, or None when nothing is left."""
-    content = message.get("content", "")
-    if isinstance(content, list):
-        content = [b for b in map(clean_block, content) if b is not None]
+    """Return message with only role and cleaned content (always blocks), or None when
+    nothing is left.
+
+    Claude Code sends some messages as a string on one turn and as blocks on the next
+    (the first user message of a --bare follow-up): one form keeps the bytes sent for
+    that message, and so the prompt's head, the same."""
+    content = [b for b in map(clean_block, content_blocks(message.get("content", ""))) if b]
     if not content:
         return None
     return {"role": message["role"], "content": content}

@@ -222,9 +222,12 @@ class CleanRequestTest(unittest.TestCase):
             ("tool_reference to text", user(tool_result("t1", {"type": "tool_reference",
                                                                "tool_name": "WebFetch"})),
              user(tool_result("t1", text("Tool loaded: WebFetch")))),
-            ("message-level output_config dropped",
+            ("message-level output_config dropped, string content as blocks",
              {"role": "user", "content": "hi", "output_config": {"effort": "high"}},
-             {"role": "user", "content": "hi"}),
+             user(text("hi"))),
+            # The same message as a string on one turn and as blocks on the next (a --bare
+            # follow-up) must go upstream the same way both times, or the prefix moves.
+            ("blocks stay blocks", user(text("hi")), user(text("hi"))),
         ]
         for name, message, expected in rows:
             with self.subTest(name):
