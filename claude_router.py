@@ -1339,6 +1339,12 @@ def model_report(role, model, kind, models):
 
 ################ Cache
 
+def drop_oldest(entries, bound):
+    """Drop the oldest entries of a dict (its insertion order) past bound. Caller holds its lock."""
+    while len(entries) > bound:
+        del entries[next(iter(entries))]
+
+
 class DescriptionCache:
     """Image descriptions by image hash: a bounded dict, kept in a JSON-lines file.
 
@@ -1416,7 +1422,7 @@ class DescriptionCache:
             for key, text, _ in records:
                 self.entries.pop(key, None)
                 self.entries[key] = text
-            self.evict()
+            drop_oldest(self.entries, self.max_entries)
             if (self.file, self.offset) == (seen, offset):  # no other thread read on meanwhile
                 self.lines = self.lines + lines if same else lines
                 self.file, self.offset = file, end
@@ -1434,11 +1440,6 @@ class DescriptionCache:
         if bad:
             log("! description cache: skipped %d unreadable line(s) in %s" % (bad, self.path))
         return len(self)
-
-    def evict(self):
-        """Drop the oldest entries past the bound. Caller holds the lock."""
-        while len(self.entries) > self.max_entries:
-            del self.entries[next(iter(self.entries))]
 
     def lookup(self, keys):
         """Return {key: description} for the keys that have one, counting hits and misses.
@@ -1470,7 +1471,7 @@ class DescriptionCache:
             for key, text in descriptions.items():
                 self.entries.pop(key, None)
                 self.entries[key] = text
-            self.evict()
+            drop_oldest(self.entries, self.max_entries)
         if not self.path:
             return
         now = round(time.time(), 3)
@@ -1777,8 +1778,7 @@ class TurnMemory:
         with self.lock:
             previous = self.prompts.pop((conversation, model), None)
             self.prompts[(conversation, model)] = (digests, sum(sizes))
-            while len(self.prompts) > self.max_entries:
-                del self.prompts[next(iter(self.prompts))]
+            drop_oldest(self.prompts, self.max_entries)
         reuse = None
         if previous is not None:
             same = unchanged_parts(previous[0], digests)
@@ -1850,8 +1850,7 @@ class TurnMemory:
             for k in keys:
                 first = self.failures.pop(k, (now, reason))[1]
                 self.failures[k] = (now, first)
-            while len(self.failures) > self.max_entries:
-                del self.failures[next(iter(self.failures))]
+            drop_oldest(self.failures, self.max_entries)
 
     def failure_reasons(self, keys):
         """{key: reason} for the keys the vision model could not read."""
