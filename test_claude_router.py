@@ -1151,6 +1151,15 @@ class RouterTestCase(unittest.TestCase):
     def post(self, body, **kwargs):
         return self.call("POST", "/v1/messages?beta=true", body, **kwargs)
 
+    def post_raw(self, body):
+        """Send body to /v1/messages on a raw socket, for a test that hangs up; return it."""
+        data = json.dumps(body).encode()
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(data), data))
+        return sock
+
     def assertEnvelope(self, status, reply, expected_status, error_type=None):
         self.assertEqual(status, expected_status, reply)
         self.assertEqual(reply["type"], "error")
@@ -1683,10 +1692,7 @@ class VisionFailureTest(RouterTestCase):
         self.addCleanup(first.join, TIMEOUT)
         self.addCleanup(gate.set)
         self.assertTrue(v_arrived.wait(TIMEOUT))
-        body = json.dumps(request(user(text("b"), image(PNG_A)))).encode()
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        sock = self.post_raw(request(user(text("b"), image(PNG_A))))
         self.assertTrue(waiting.wait(TIMEOUT))
         sock.close()
         self.assertTrue(gone.wait(TIMEOUT), "the router kept waiting for a client that left")
@@ -2407,9 +2413,7 @@ class FaultTest(RouterTestCase):
         upstream.replies.append(stream_reply(text_events("long answer"), gate=gate, gate_after=1,
                                              until_closed=upstream))
         self.start(upstream)
-        body = json.dumps(request(user(text("go")), stream=True)).encode()
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = self.post_raw(request(user(text("go")), stream=True))
         got = b""
         while b"message_start" not in got:
             got += sock.recv(65536)
@@ -2444,10 +2448,7 @@ class FaultTest(RouterTestCase):
                 arrived, closed = threading.Event(), threading.Event()
                 upstream = FakeUpstream(self, [silent(stream, phase, arrived, closed)])
                 self.start(upstream)
-                body = json.dumps(request(user(text("go")), stream=stream)).encode()
-                sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
+                sock = self.post_raw(request(user(text("go")), stream=stream))
                 self.assertTrue(arrived.wait(TIMEOUT))
                 sock.close()
                 self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
