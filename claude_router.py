@@ -104,13 +104,13 @@ STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
-SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
-USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "output_tokens")
 VISION_RETRY_AFTER = 600.0                  # s before an image the vision model failed on is retried
 HANGUP_CHECK = 0.5                          # s between looks at a client waiting for a description
 DESCRIPTION_WAIT = 600.0                    # s a turn waits for a description another one is making
 FAILURE_REASON_CHARS = 60                   # chars of the upstream's reason in a failed image's marker
 REPEAT_MAX_UNITS = 64                       # longest loop, in sentences, trimmed off a description
+LISTED_IDS = 12                             # model ids named when a configured one is missing
+ERROR_TEXT_CHARS = 300                      # chars of an upstream's error message kept and logged
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
 BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
@@ -130,37 +130,10 @@ SYNTHETIC_USER_TEXT = "Here are the image(s) from the tool result above."
 INJECTED_TEXTS = (LIFTED_IMAGE_TEXT, SYNTHETIC_ASSISTANT_TEXT, SYNTHETIC_USER_TEXT)
 MARKER_PATTERN = r"<<IMAGE( DESCRIPTION)?: .*?>>"
 
-# Why a vision request failed, in the words of the marker, for what the router saw itself.
-FAILURE_WORDS = {502: "its server sent a broken response", 504: "no answer in time",
-                 529: "its server is not reachable"}
 
-# Request fields a local server understands; everything else Claude Code sends
-# (thinking, context_management, output_config, metadata, safeguards, ...) is dropped.
-REQUEST_FIELDS = frozenset({
-    "model", "messages", "system", "max_tokens", "stop_sequences", "stream",
-    "temperature", "top_p", "top_k", "tools", "tool_choice"})
-COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice"})
-HEAD_FIELDS = ("model", "system", "tools", "tool_choice")   # sent before the messages
-TOOL_FIELDS = ("name", "description", "input_schema")
-BILLING_PREFIX = "x-anthropic-billing-header"
-BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-ROLES = frozenset({"user", "assistant", "system"})
+################ Errors and logging
 
-# Headers: RFC 9110 7.6.1 hop-by-hop, plus what http.client or we set ourselves,
-# what local servers must not see (credentials, betas), and what would make gzip.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-    "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
-DROP_REQUEST_HEADERS = HOP_BY_HOP | {
-    "host", "content-length", "accept-encoding", "x-api-key", "authorization",
-    "anthropic-beta", "origin", "cookie"}
-DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
-
-# Error statuses a retry may fix: a model loading, a server busy or briefly away. Claude Code
-# 2.1.332 retries 5xx, 401, 408, 409 and 429 ten times over about three minutes (README,
-# "When something fails"); every other error goes out with x-should-retry: false, which
-# stops that after one request, so what cannot succeed reaches the user at once.
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 502, 503, 504, 529})
+# What the client and the log are told, in one shape each.
 
 # Anthropic's error type for each status we send.
 ERROR_TYPES = {
@@ -169,79 +142,10 @@ ERROR_TYPES = {
     413: "request_too_large", 500: "api_error", 502: "api_error",
     504: "timeout_error", 529: "overloaded_error"}
 
-# Upstream texts that mean "the prompt does not fit the loaded context", with the group
-# order of (prompt tokens, context tokens) when the text carries them. Claude Code
-# compacts on "prompt is too long" and gives up on every other wording. They are
-# looked for in every error status: LM Studio says some of them with a 500.
-OVERFLOW_PATTERNS = (
-    # llama.cpp llama-server (b10434, seen here)
-    (r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", "nm"),
-    (r"exceeds the available context size", ""),
-    # LM Studio (lmstudio-bug-tracker #546, #237, #2205; the 500 of its MLX engine, #2339)
-    (r"keep the first (\d+) tokens when context the overflows.*?length of only (\d+) tokens", "nm"),
-    (r"n_keep: (\d+) ?>= ?n_ctx: (\d+)", "nm"),
-    (r"tokens to keep from the initial prompt is greater than the context length", ""),
-    (r"n_keep \((\d+)\) >= n_ctx \((\d+)\)", "nm"),
-    (r"context size has been exceeded", ""),
-    # vLLM (vllm #12165, #36197; serving_engine.py up to v0.17, renderers/params.py since
-    # v0.18). Most of its wordings also fit a refused max_tokens beside a prompt that
-    # fits; overflow_error tells those apart by the numbers.
-    (r"maximum context length is (\d+) tokens\. However, you requested (?:\d+ tokens \()?"
-     r"(\d+) (?:tokens )?in the messages", "mn"),
-    (r"maximum context length is (\d+) tokens\. However, your (?:request has|messages "
-     r"resulted in) (\d+) (?:input )?tokens", "mn"),
-    (r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens and "
-     r"your prompt contains (?:at least )?(\d+) input tokens", "mn"),
-    (r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens and "
-     r"your prompt contains \d+ characters", "m"),
-    (r"total length (\d+)\) is too long to fit into the model \(context length (\d+)\)", "nm"),
-    (r"maximum context length is (\d+) tokens and your request has (\d+) input tokens", "mn"),
-    # Ollama
-    (r"exceeds the context length|exceeded max context length", ""),
-    # already in Anthropic's words
-    (r"prompt is too long: (\d+) tokens > (\d+)", "nm"),
-    (r"prompt is too long", ""),
-)
-
 # What a socket timeout raises: socket.timeout became an alias of TimeoutError only in
 # Python 3.10 (bpo-42413); before that a read timeout is an OSError that is no TimeoutError.
 TIMEOUT_ERRORS = (TimeoutError, socket.timeout)
 
-# Advice for what the startup check finds, per (problem, kind of server); "" is any other.
-FIXES = {
-    ("missing", "lmstudio"): "lms get {model}, or set --{role}-model to one of those",
-    ("missing", "ollama"): "ollama pull {model}, or set --{role}-model to one of those",
-    ("missing", ""): "set --{role}-model to one of those",
-    ("unloaded", "lmstudio"): "lms load {model} --gpu max (or start the router with --preload)",
-    ("unloaded", ""): "load it on the model server",
-    ("blind", "llama.cpp"): "restart llama-server with --mmproj <the model's mmproj .gguf>, "
-                            "or point --vision-upstream at a server whose model has vision",
-    ("blind", ""): "set --vision-model to a model with vision",
-    ("small", "lmstudio"): "lms unload {model} && "
-                           "lms load {model} --context-length 32768 --gpu max",
-    ("small", "llama.cpp"): "restart llama-server with -c 32768",
-    ("small", "vllm"): "restart vLLM with --max-model-len 32768",
-    ("small", "ollama"): "restart Ollama with OLLAMA_CONTEXT_LENGTH=32768",
-    ("small", ""): "load it with 32768 tokens of context",
-}
-LISTED_IDS = 12                             # model ids named when a configured one is missing
-ERROR_TEXT_CHARS = 300                      # chars of an upstream's error message kept and logged
-
-# An SSE event ends at a blank line; a line ends with CRLF, LF or CR (WHATWG HTML 9.2.6).
-SSE_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-
-# The HTTP/1.1 request head we accept (RFC 9112 3, 5; RFC 3986 3.3, 3.4): a token method,
-# an origin-form target of URI characters, a 1.x version; header lines of a token name, a
-# colon, and a value without control characters other than tab. Nothing else is read as
-# HTTP: no obs-fold, NUL, bare CR, absolute-form target or space before the colon.
-TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-URI_CHARS = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})"
-REQUEST_LINE = re.compile(rb"(%s) (/%s*)((?:\?(?:%s|\?)*)?) HTTP/1\.([0-9])\r?\n"
-                          % (TOKEN, URI_CHARS, URI_CHARS))
-HEADER_LINE = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*\r?\n" % TOKEN)
-UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
 
 
@@ -261,10 +165,6 @@ class ClientGone(Exception):
     failure of the model server."""
 
 
-################ Envelopes and log lines
-
-# What the client and the log are told, in one shape each.
-
 def error_type(status):
     """Anthropic's error type for an HTTP status."""
     return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
@@ -273,6 +173,12 @@ def error_type(status):
 def anthropic_error(status, message, kind=None):
     """Return Anthropic's error envelope for status."""
     return {"type": "error", "error": {"type": kind or error_type(status), "message": message}}
+
+
+def log(line):
+    """Write one line to stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def escape_log(text):
@@ -291,9 +197,25 @@ def outcome_line(status, seconds, message=None):
     return line + ": " + escape_log(message)[:ERROR_TEXT_CHARS] if message else line
 
 
-################ Requests and headers
+################ Reading requests
 
-# The HTTP head of a request, checked before any body is read (RFC 9112).
+# The HTTP head of a request, checked before any body is read (RFC 9112); then its body:
+# everything the later transforms index into is checked here first, so a malformed
+# request becomes one 400 naming the bad field instead of a traceback.
+
+# The HTTP/1.1 request head we accept (RFC 9112 3, 5; RFC 3986 3.3, 3.4): a token method,
+# an origin-form target of URI characters, a 1.x version; header lines of a token name, a
+# colon, and a value without control characters other than tab. Nothing else is read as
+# HTTP: no obs-fold, NUL, bare CR, absolute-form target or space before the colon.
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+URI_CHARS = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})"
+REQUEST_LINE = re.compile(rb"(%s) (/%s*)((?:\?(?:%s|\?)*)?) HTTP/1\.([0-9])\r?\n"
+                          % (TOKEN, URI_CHARS, URI_CHARS))
+HEADER_LINE = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*\r?\n" % TOKEN)
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
 
 def is_loopback_host(host):
     """True when host (a Host header value or address) names this machine's loopback."""
@@ -356,16 +278,13 @@ def body_length(headers, method, limit):
     return int(digits)
 
 
-def filter_headers(headers, drop):
-    """Return [(name, value)] without the drop set and without headers named in Connection."""
-    named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
-    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
+def reject_constant(name):
+    """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
+    raise ValueError(name)
 
+ROLES = frozenset({"user", "assistant", "system"})
+BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
-################ Validation
-
-# Everything the later transforms index into is checked here first, so a malformed
-# request becomes one 400 naming the bad field instead of a traceback.
 
 def validate_request(body):
     """Raise ProxyError unless body has the shape of a messages request."""
@@ -467,7 +386,7 @@ def is_base64(data):
     return rest in (b"", b"=", b"==") and data.endswith(rest.decode())
 
 
-################ Hygiene
+################ Request transforms
 
 # What every request loses or has repaired before a local server sees it.
 #
@@ -479,6 +398,17 @@ def is_base64(data):
 # is the system messages before the first assistant message: they go to the start of
 # the first user message, and they all come with the first request and never change.
 # test_claude_router's PrefixReplayTest replays a growing conversation to hold us to it.
+
+# Request fields a local server understands; everything else Claude Code sends
+# (thinking, context_management, output_config, metadata, safeguards, ...) is dropped.
+REQUEST_FIELDS = frozenset({
+    "model", "messages", "system", "max_tokens", "stop_sequences", "stream",
+    "temperature", "top_p", "top_k", "tools", "tool_choice"})
+COUNT_TOKENS_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice"})
+HEAD_FIELDS = ("model", "system", "tools", "tool_choice")   # sent before the messages
+TOOL_FIELDS = ("name", "description", "input_schema")
+BILLING_PREFIX = "x-anthropic-billing-header"
+
 
 def text_block(text):
     """A text content block."""
@@ -642,11 +572,9 @@ def fix_message_alternation(messages):
             out.append(message)
     return out
 
+# Images: descriptions in place of images for the coder; images lifted out of tool results
+# for the vision model.
 
-################ Images
-
-# Descriptions in place of images for the coder; images lifted out of tool results for
-# the vision model; what a vision reply leaves as a description.
 
 def is_image(block):
     """True for an image content block."""
@@ -820,88 +748,11 @@ def rewrite_for_vision(messages):
     return out
 
 
-def describe_request(block, context, model):
-    """The request that asks the vision model to describe one image."""
-    content = ([text_block(context)] if context else []) + [
-        {k: v for k, v in block.items() if k != "cache_control"}]
-    return {"model": model, "max_tokens": DESCRIBE_MAX_TOKENS, "temperature": 0,
-            "stream": False, "system": DESCRIBE_PROMPT,
-            "messages": [{"role": "user", "content": content}]}
-
-
-def image_contexts(messages, keys, wanted):
-    """Return {key: (image block, context text)} for the wanted images of the user's turn.
-
-    The context is the user's own words in that turn (not the reminders Claude Code
-    or the router add), or the tool the image came from."""
-    found = {}
-    tools = {b["id"]: b["name"] for m in messages if m["role"] == "assistant"
-             for b in content_blocks(m["content"]) if b.get("type") == "tool_use"}
-    turn = [m for m in messages[current_turn_start(messages):] if m["role"] == "user"]
-    said = " ".join(b["text"] for m in turn for b in content_blocks(m["content"])
-                    if b.get("type") == "text" and not b["text"].startswith("<system-reminder>"))
-    said = said.strip()[:DESCRIBE_CONTEXT_CHARS]
-    for message in turn:
-        for block in content_blocks(message["content"]):
-            inner = [block]
-            context = "The user wrote: %s" % said if said else ""
-            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-                inner = block["content"]
-                context = "This image is the result of the tool %s." % tools.get(
-                    block["tool_use_id"], "call")
-            for item in inner:
-                if is_image(item) and keys[image_data(item)] in wanted:
-                    found.setdefault(keys[image_data(item)], (item, context))
-    return found
-
-
-def reply_text(message):
-    """The text of an Anthropic message object, text blocks joined."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, list):
-        return ""
-    return "".join(b.get("text", "") for b in content
-                   if isinstance(b, dict) and b.get("type") == "text"
-                   and isinstance(b.get("text"), str))
-
-
-def description_text(text, cut_off=False, context=""):
-    """A vision reply's text as an image's description.
-
-    Text the router put in the vision request (its synthetic turns, markers of
-    other images, a describe request's context) is dropped when the model echoes
-    it. A reply that max_tokens cut off loses its repetition (a small model
-    looping), or says that it is cut off, so it is never kept as if it were complete."""
-    for injected in (*INJECTED_TEXTS, context):
-        text = text.replace(injected, "") if injected else text
-    text = re.sub(r"\n{3,}", "\n\n", re.sub(MARKER_PATTERN, "", text)).strip()
-    if cut_off and text:
-        trimmed = trim_repetition(text)
-        text = trimmed if trimmed != text else "%s %s" % (text, CUT_OFF_NOTE)
-    return text
-
-
-def trim_repetition(text):
-    """text up to the end of the first copy of a sentence or line run it repeats to its end."""
-    spans = [m.span() for m in re.finditer(r"[^.!?\n]+[.!?]*", text)]
-    units = [text[a:b].strip() for a, b in spans]
-    n, best = len(units), None
-    for period in range(1, min(n // 3, REPEAT_MAX_UNITS) + 1):
-        start = n - period          # the repeating tail begins here; its last unit may be cut
-        while start > 0 and (units[start - 1] == units[start - 1 + period] or (
-                start - 1 + period == n - 1 and units[start - 1].startswith(units[-1]))):
-            start -= 1
-        if n - start >= 3 * period and (best is None or start < best[0]):
-            best = (start, period)
-    if best is None:
-        return text
-    return text[:spans[best[0] + best[1] - 1][1]].rstrip()
-
-
 ################ Encoding and estimates
 
 # The body as sent, what it costs in tokens, and how much of it the last turn sent too:
 # a prompt as parts, compared with the last one by hash.
+
 
 def encode_request(body):
     """Return (length, pieces): body as JSON bytes in pieces, image data spliced in as is.
@@ -1021,6 +872,8 @@ def reuse_note(sent, reuse):
         note += ", changed from %s on" % changed
     return note
 
+USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "output_tokens")
+
 
 def usage_numbers(usage):
     """The token counts of an Anthropic usage object that are numbers."""
@@ -1032,6 +885,10 @@ def usage_numbers(usage):
 ################ Event streams
 
 # Server-sent events: relayed as they come, read on the side, never held back.
+
+# An SSE event ends at a blank line; a line ends with CRLF, LF or CR (WHATWG HTML 9.2.6).
+SSE_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
 
 def is_event_stream(resp):
     """True when an upstream response is an SSE stream."""
@@ -1158,9 +1015,239 @@ def sse_error_event(message, kind="api_error"):
     return b"event: error\ndata: %s\n\n" % json.dumps(anthropic_error(500, message, kind)).encode()
 
 
-################ Upstream errors
+################ Upstream
+
+# Opening a request to a model server, waiting for it while watching the client, what its
+# refusals mean, and what it says it has.
+
+# Headers: RFC 9110 7.6.1 hop-by-hop, plus what http.client or we set ourselves,
+# what local servers must not see (credentials, betas), and what would make gzip.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+DROP_REQUEST_HEADERS = HOP_BY_HOP | {
+    "host", "content-length", "accept-encoding", "x-api-key", "authorization",
+    "anthropic-beta", "origin", "cookie"}
+DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
+
+
+def filter_headers(headers, drop):
+    """Return [(name, value)] without the drop set and without headers named in Connection."""
+    named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
+
+
+def upstream_failure(error, url, connecting=False):
+    """The ProxyError that tells the client why the upstream at url failed.
+
+    A timeout while connecting means nothing accepted the connection (a machine
+    asleep, a full backlog): that is "not reachable", like a refused connection,
+    and not a model that is slow to answer."""
+    timed_out = isinstance(error, TIMEOUT_ERRORS)
+    if timed_out and not connecting:
+        return ProxyError(504, "upstream %s did not answer in time" % url)
+    if isinstance(error, http.client.HTTPException):
+        return ProxyError(502, "upstream %s sent a broken response (%s)"
+                          % (url, type(error).__name__))
+    why = "no answer to connect" if timed_out else error.strerror or type(error).__name__
+    return ProxyError(529, "upstream %s is not reachable (%s); is the model server running?"
+                      % (url, why))
+
+
+def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
+                  connect_timeout=CONNECT_TIMEOUT, client=None, key=""):
+    """Send one request to the server at url; return (conn, resp) once its headers are in.
+
+    The only place that opens upstream connections and knows their timeouts. One
+    connection per request: nothing pooled can go stale and fail the next
+    getresponse() with RemoteDisconnected. The connect timeout is short; the read
+    timeout bounds each wait for bytes, not the whole answer, so a long generation
+    streams on while a dead server is noticed.
+    With client (its socket), raise ClientGone if it hangs up before the headers.
+    key, if set, goes as a Bearer token (LM Studio's "Require Authentication",
+    llama-server's and vLLM's --api-key); the client's own credentials never do."""
+    if key:
+        headers = [*dict(headers).items(), ("Authorization", "Bearer " + key)]
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
+    try:
+        conn.connect()
+    except OSError as e:
+        conn.close()
+        raise upstream_failure(e, url, connecting=True) from None
+    try:
+        conn.sock.settimeout(read_timeout)
+        conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
+        if client is not None:
+            await_upstream(conn.sock, client, read_timeout)
+        sock = conn.sock
+        resp = conn.getresponse()
+        # http.client drops conn.sock when the response will close the connection
+        # (Connection: close, HTTP/1.0): keep ours for waiting on the body.
+        resp.upstream_sock = sock
+        while 100 <= resp.status < 200:
+            # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
+            # begin() reads the next response when the headers are unset.
+            resp.headers = None
+            resp.begin()
+        return conn, resp
+    except (OSError, http.client.HTTPException) as e:
+        conn.close()
+        raise upstream_failure(e, url) from None
+    except ClientGone:
+        conn.close()
+        raise
+
+
+def has_buffered_bytes(resp, sock):
+    """True when resp has body bytes at hand, so reading it now will not wait for the upstream."""
+    if resp.fp is None or resp.length == 0:
+        return True         # its body is all read: the next read returns b"" at once
+    timeout = sock.gettimeout()
+    sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
+    try:
+        pending = resp.fp.peek(1)
+    except OSError:
+        return True         # let the read itself report what is wrong
+    finally:
+        sock.settimeout(timeout)
+    if resp.chunked and resp.chunk_left == 0:
+        # http.client leaves the CRLF that ends a chunk (RFC 9112 7.1) unread until the
+        # next read, so a stream paused between events has just those two bytes here.
+        pending = pending[2:]
+    return bool(pending)
+
+
+def has_hung_up(client):
+    """True when the client's side of the connection is closed (it is readable: so we peek)."""
+    try:
+        return client.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def has_left(client):
+    """True when the client has hung up, asked without waiting."""
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    return bool(poller.poll(0)) and has_hung_up(client)
+
+
+def await_upstream(sock, client, timeout, resp=None):
+    """Return once the upstream has bytes for us; raise ClientGone if the client hangs up first.
+
+    A local model reads a long prompt for seconds to minutes before its first byte.
+    When the user presses Esc meanwhile, Claude Code closes its connection; closing
+    ours at once stops the model, where waiting for its next write (or, for a
+    non-streamed request, its whole answer) keeps a one-slot server busy for nobody
+    and queues the user's next prompt behind it. timeout bounds the silence, as the
+    socket timeout would (socket.timeout, which upstream_failure reports as a 504)."""
+    if resp is not None and has_buffered_bytes(resp, sock):
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # poll, not selectors: this runs between reads of every stream, and a poll object
+    # costs one system call where an epoll selector costs four.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(client, select.POLLIN)
+    while True:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
+        ready = {fd for fd, _ in poller.poll(left)}
+        if sock.fileno() in ready:
+            return
+        if not ready:
+            raise socket.timeout("timed out")
+        if has_hung_up(client):
+            # Said before the upstream is closed, so the log never lags the close.
+            log("client went away while the model was silent; closed the upstream request")
+            raise ClientGone()
+        # The client sent bytes (a pipelined request): it is there; stop watching it.
+        poller.unregister(client)
+
+
+def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
+               connect_timeout=CONNECT_TIMEOUT, key=""):
+    """Return (status, parsed JSON or None) of one small upstream request."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json"} if data is not None else {}
+    conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
+                               key=key)
+    try:
+        raw = resp.read(MAX_ERROR_BODY_BYTES)
+    except (OSError, http.client.HTTPException) as e:
+        raise upstream_failure(e, url) from None
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except ValueError:
+        return resp.status, None
+
+
+def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
+    """Return (kind of server, {model id: info}) from the server at url, LM Studio's API first.
+
+    (None, None) when it is down; kind "needs-key" when it refused the listing."""
+    found, kind = None, None
+    for path in ("/api/v1/models", "/v1/models"):
+        try:
+            status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
+                                         connect_timeout=timeout, key=key)
+        except ProxyError:
+            return None, None
+        if status in (401, 403):
+            return "needs-key", {}
+        if status == 200:
+            found = {**models_from_listing(listing), **(found or {})}
+            kind = kind or server_kind(path, listing)
+            if found and path == "/api/v1/models":
+                break
+    return kind or "other", found if found is not None else {}
 
 # What a model server's refusal means, and how Claude Code should take it.
+
+# Error statuses a retry may fix: a model loading, a server busy or briefly away. Claude Code
+# 2.1.332 retries 5xx, 401, 408, 409 and 429 ten times over about three minutes (README,
+# "When something fails"); every other error goes out with x-should-retry: false, which
+# stops that after one request, so what cannot succeed reaches the user at once.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 502, 503, 504, 529})
+
+# Upstream texts that mean "the prompt does not fit the loaded context", with the group
+# order of (prompt tokens, context tokens) when the text carries them. Claude Code
+# compacts on "prompt is too long" and gives up on every other wording. They are
+# looked for in every error status: LM Studio says some of them with a 500.
+OVERFLOW_PATTERNS = (
+    # llama.cpp llama-server (b10434, seen here)
+    (r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", "nm"),
+    (r"exceeds the available context size", ""),
+    # LM Studio (lmstudio-bug-tracker #546, #237, #2205; the 500 of its MLX engine, #2339)
+    (r"keep the first (\d+) tokens when context the overflows.*?length of only (\d+) tokens", "nm"),
+    (r"n_keep: (\d+) ?>= ?n_ctx: (\d+)", "nm"),
+    (r"tokens to keep from the initial prompt is greater than the context length", ""),
+    (r"n_keep \((\d+)\) >= n_ctx \((\d+)\)", "nm"),
+    (r"context size has been exceeded", ""),
+    # vLLM (vllm #12165, #36197; serving_engine.py up to v0.17, renderers/params.py since
+    # v0.18). Most of its wordings also fit a refused max_tokens beside a prompt that
+    # fits; overflow_error tells those apart by the numbers.
+    (r"maximum context length is (\d+) tokens\. However, you requested (?:\d+ tokens \()?"
+     r"(\d+) (?:tokens )?in the messages", "mn"),
+    (r"maximum context length is (\d+) tokens\. However, your (?:request has|messages "
+     r"resulted in) (\d+) (?:input )?tokens", "mn"),
+    (r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens and "
+     r"your prompt contains (?:at least )?(\d+) input tokens", "mn"),
+    (r"maximum context length is (\d+) tokens\. However, you requested \d+ output tokens and "
+     r"your prompt contains \d+ characters", "m"),
+    (r"total length (\d+)\) is too long to fit into the model \(context length (\d+)\)", "nm"),
+    (r"maximum context length is (\d+) tokens and your request has (\d+) input tokens", "mn"),
+    # Ollama
+    (r"exceeds the context length|exceeded max context length", ""),
+    # already in Anthropic's words
+    (r"prompt is too long: (\d+) tokens > (\d+)", "nm"),
+    (r"prompt is too long", ""),
+)
+
 
 def upstream_message(raw):
     """The message of an upstream error body, on one line: JSON in any server's shape, or text."""
@@ -1223,10 +1310,26 @@ def stream_overflow(head, estimated_input, context_length):
     text = opening_error(head)
     return overflow_error(text, estimated_input, context_length) if text else None
 
-
-################ Model listings
-
 # What the server says it has: LM Studio's, llama-server's, vLLM's and Ollama's lists.
+
+# Advice for what the startup check finds, per (problem, kind of server); "" is any other.
+FIXES = {
+    ("missing", "lmstudio"): "lms get {model}, or set --{role}-model to one of those",
+    ("missing", "ollama"): "ollama pull {model}, or set --{role}-model to one of those",
+    ("missing", ""): "set --{role}-model to one of those",
+    ("unloaded", "lmstudio"): "lms load {model} --gpu max (or start the router with --preload)",
+    ("unloaded", ""): "load it on the model server",
+    ("blind", "llama.cpp"): "restart llama-server with --mmproj <the model's mmproj .gguf>, "
+                            "or point --vision-upstream at a server whose model has vision",
+    ("blind", ""): "set --vision-model to a model with vision",
+    ("small", "lmstudio"): "lms unload {model} && "
+                           "lms load {model} --context-length 32768 --gpu max",
+    ("small", "llama.cpp"): "restart llama-server with -c 32768",
+    ("small", "vllm"): "restart vLLM with --max-model-len 32768",
+    ("small", "ollama"): "restart Ollama with OLLAMA_CONTEXT_LENGTH=32768",
+    ("small", ""): "load it with 32768 tokens of context",
+}
+
 
 def models_from_listing(listing):
     """Return {model id: {"loaded", "context_length", "vision"}} from a server's model list.
@@ -1337,7 +1440,110 @@ def model_report(role, model, kind, models):
     return line, problems
 
 
-################ Cache
+################ Vision
+
+# Asking the vision model to describe an image, what its reply leaves as a description,
+# the description cache, and what the router remembers between turns.
+
+# Why a vision request failed, in the words of the marker, for what the router saw itself.
+FAILURE_WORDS = {502: "its server sent a broken response", 504: "no answer in time",
+                 529: "its server is not reachable"}
+
+
+def describe_request(block, context, model):
+    """The request that asks the vision model to describe one image."""
+    content = ([text_block(context)] if context else []) + [
+        {k: v for k, v in block.items() if k != "cache_control"}]
+    return {"model": model, "max_tokens": DESCRIBE_MAX_TOKENS, "temperature": 0,
+            "stream": False, "system": DESCRIBE_PROMPT,
+            "messages": [{"role": "user", "content": content}]}
+
+
+def image_contexts(messages, keys, wanted):
+    """Return {key: (image block, context text)} for the wanted images of the user's turn.
+
+    The context is the user's own words in that turn (not the reminders Claude Code
+    or the router add), or the tool the image came from."""
+    found = {}
+    tools = {b["id"]: b["name"] for m in messages if m["role"] == "assistant"
+             for b in content_blocks(m["content"]) if b.get("type") == "tool_use"}
+    turn = [m for m in messages[current_turn_start(messages):] if m["role"] == "user"]
+    said = " ".join(b["text"] for m in turn for b in content_blocks(m["content"])
+                    if b.get("type") == "text" and not b["text"].startswith("<system-reminder>"))
+    said = said.strip()[:DESCRIBE_CONTEXT_CHARS]
+    for message in turn:
+        for block in content_blocks(message["content"]):
+            inner = [block]
+            context = "The user wrote: %s" % said if said else ""
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                inner = block["content"]
+                context = "This image is the result of the tool %s." % tools.get(
+                    block["tool_use_id"], "call")
+            for item in inner:
+                if is_image(item) and keys[image_data(item)] in wanted:
+                    found.setdefault(keys[image_data(item)], (item, context))
+    return found
+
+
+def reply_text(message):
+    """The text of an Anthropic message object, text blocks joined."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return ""
+    return "".join(b.get("text", "") for b in content
+                   if isinstance(b, dict) and b.get("type") == "text"
+                   and isinstance(b.get("text"), str))
+
+
+def description_text(text, cut_off=False, context=""):
+    """A vision reply's text as an image's description.
+
+    Text the router put in the vision request (its synthetic turns, markers of
+    other images, a describe request's context) is dropped when the model echoes
+    it. A reply that max_tokens cut off loses its repetition (a small model
+    looping), or says that it is cut off, so it is never kept as if it were complete."""
+    for injected in (*INJECTED_TEXTS, context):
+        text = text.replace(injected, "") if injected else text
+    text = re.sub(r"\n{3,}", "\n\n", re.sub(MARKER_PATTERN, "", text)).strip()
+    if cut_off and text:
+        trimmed = trim_repetition(text)
+        text = trimmed if trimmed != text else "%s %s" % (text, CUT_OFF_NOTE)
+    return text
+
+
+def trim_repetition(text):
+    """text up to the end of the first copy of a sentence or line run it repeats to its end."""
+    spans = [m.span() for m in re.finditer(r"[^.!?\n]+[.!?]*", text)]
+    units = [text[a:b].strip() for a, b in spans]
+    n, best = len(units), None
+    for period in range(1, min(n // 3, REPEAT_MAX_UNITS) + 1):
+        start = n - period          # the repeating tail begins here; its last unit may be cut
+        while start > 0 and (units[start - 1] == units[start - 1 + period] or (
+                start - 1 + period == n - 1 and units[start - 1].startswith(units[-1]))):
+            start -= 1
+        if n - start >= 3 * period and (best is None or start < best[0]):
+            best = (start, period)
+    if best is None:
+        return text
+    return text[:spans[best[0] + best[1] - 1][1]].rstrip()
+
+
+def describe_image(url, block, context, model, key=""):
+    """Return (description or "", prompt bytes, None or why it failed) from the vision model."""
+    request = describe_request(block, context, model)
+    try:
+        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key)
+    except ProxyError as e:
+        log("! describe failed: %s" % e)
+        return "", 0, FAILURE_WORDS.get(e.status, "error %d" % e.status)
+    sent = len(json.dumps(request))
+    if status != 200:
+        log("! describe failed: upstream status %d" % status)
+        return "", sent, short_reason(upstream_message(json.dumps(reply).encode())) or \
+            "error %d" % status
+    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
+    return text, sent, None if text else "it gave no description"
+
 
 def drop_oldest(entries, bound):
     """Drop the oldest entries of a dict (its insertion order) past bound. Caller holds its lock."""
@@ -1548,208 +1754,6 @@ class FileLock:
         os.close(self.fd)
 
 
-################ Upstream
-
-def upstream_failure(error, url, connecting=False):
-    """The ProxyError that tells the client why the upstream at url failed.
-
-    A timeout while connecting means nothing accepted the connection (a machine
-    asleep, a full backlog): that is "not reachable", like a refused connection,
-    and not a model that is slow to answer."""
-    timed_out = isinstance(error, TIMEOUT_ERRORS)
-    if timed_out and not connecting:
-        return ProxyError(504, "upstream %s did not answer in time" % url)
-    if isinstance(error, http.client.HTTPException):
-        return ProxyError(502, "upstream %s sent a broken response (%s)"
-                          % (url, type(error).__name__))
-    why = "no answer to connect" if timed_out else error.strerror or type(error).__name__
-    return ProxyError(529, "upstream %s is not reachable (%s); is the model server running?"
-                      % (url, why))
-
-
-def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
-                  connect_timeout=CONNECT_TIMEOUT, client=None, key=""):
-    """Send one request to the server at url; return (conn, resp) once its headers are in.
-
-    The only place that opens upstream connections and knows their timeouts. One
-    connection per request: nothing pooled can go stale and fail the next
-    getresponse() with RemoteDisconnected. The connect timeout is short; the read
-    timeout bounds each wait for bytes, not the whole answer, so a long generation
-    streams on while a dead server is noticed.
-    With client (its socket), raise ClientGone if it hangs up before the headers.
-    key, if set, goes as a Bearer token (LM Studio's "Require Authentication",
-    llama-server's and vLLM's --api-key); the client's own credentials never do."""
-    if key:
-        headers = [*dict(headers).items(), ("Authorization", "Bearer " + key)]
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
-    try:
-        conn.connect()
-    except OSError as e:
-        conn.close()
-        raise upstream_failure(e, url, connecting=True) from None
-    try:
-        conn.sock.settimeout(read_timeout)
-        conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
-        if client is not None:
-            await_upstream(conn.sock, client, read_timeout)
-        sock = conn.sock
-        resp = conn.getresponse()
-        # http.client drops conn.sock when the response will close the connection
-        # (Connection: close, HTTP/1.0): keep ours for waiting on the body.
-        resp.upstream_sock = sock
-        while 100 <= resp.status < 200:
-            # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
-            # begin() reads the next response when the headers are unset.
-            resp.headers = None
-            resp.begin()
-        return conn, resp
-    except (OSError, http.client.HTTPException) as e:
-        conn.close()
-        raise upstream_failure(e, url) from None
-    except ClientGone:
-        conn.close()
-        raise
-
-
-def has_buffered_bytes(resp, sock):
-    """True when resp has body bytes at hand, so reading it now will not wait for the upstream."""
-    if resp.fp is None or resp.length == 0:
-        return True         # its body is all read: the next read returns b"" at once
-    timeout = sock.gettimeout()
-    sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
-    try:
-        pending = resp.fp.peek(1)
-    except OSError:
-        return True         # let the read itself report what is wrong
-    finally:
-        sock.settimeout(timeout)
-    if resp.chunked and resp.chunk_left == 0:
-        # http.client leaves the CRLF that ends a chunk (RFC 9112 7.1) unread until the
-        # next read, so a stream paused between events has just those two bytes here.
-        pending = pending[2:]
-    return bool(pending)
-
-
-def has_hung_up(client):
-    """True when the client's side of the connection is closed (it is readable: so we peek)."""
-    try:
-        return client.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def has_left(client):
-    """True when the client has hung up, asked without waiting."""
-    poller = select.poll()
-    poller.register(client, select.POLLIN)
-    return bool(poller.poll(0)) and has_hung_up(client)
-
-
-def await_upstream(sock, client, timeout, resp=None):
-    """Return once the upstream has bytes for us; raise ClientGone if the client hangs up first.
-
-    A local model reads a long prompt for seconds to minutes before its first byte.
-    When the user presses Esc meanwhile, Claude Code closes its connection; closing
-    ours at once stops the model, where waiting for its next write (or, for a
-    non-streamed request, its whole answer) keeps a one-slot server busy for nobody
-    and queues the user's next prompt behind it. timeout bounds the silence, as the
-    socket timeout would (socket.timeout, which upstream_failure reports as a 504)."""
-    if resp is not None and has_buffered_bytes(resp, sock):
-        return
-    deadline = None if timeout is None else time.monotonic() + timeout
-    # poll, not selectors: this runs between reads of every stream, and a poll object
-    # costs one system call where an epoll selector costs four.
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    poller.register(client, select.POLLIN)
-    while True:
-        left = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
-        ready = {fd for fd, _ in poller.poll(left)}
-        if sock.fileno() in ready:
-            return
-        if not ready:
-            raise socket.timeout("timed out")
-        if has_hung_up(client):
-            # Said before the upstream is closed, so the log never lags the close.
-            log("client went away while the model was silent; closed the upstream request")
-            raise ClientGone()
-        # The client sent bytes (a pipelined request): it is there; stop watching it.
-        poller.unregister(client)
-
-
-def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
-               connect_timeout=CONNECT_TIMEOUT, key=""):
-    """Return (status, parsed JSON or None) of one small upstream request."""
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"content-type": "application/json"} if data is not None else {}
-    conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
-                               key=key)
-    try:
-        raw = resp.read(MAX_ERROR_BODY_BYTES)
-    except (OSError, http.client.HTTPException) as e:
-        raise upstream_failure(e, url) from None
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except ValueError:
-        return resp.status, None
-
-
-def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
-    """Return (kind of server, {model id: info}) from the server at url, LM Studio's API first.
-
-    (None, None) when it is down; kind "needs-key" when it refused the listing."""
-    found, kind = None, None
-    for path in ("/api/v1/models", "/v1/models"):
-        try:
-            status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
-                                         connect_timeout=timeout, key=key)
-        except ProxyError:
-            return None, None
-        if status in (401, 403):
-            return "needs-key", {}
-        if status == 200:
-            found = {**models_from_listing(listing), **(found or {})}
-            kind = kind or server_kind(path, listing)
-            if found and path == "/api/v1/models":
-                break
-    return kind or "other", found if found is not None else {}
-
-
-def describe_image(url, block, context, model, key=""):
-    """Return (description or "", prompt bytes, None or why it failed) from the vision model."""
-    request = describe_request(block, context, model)
-    try:
-        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key)
-    except ProxyError as e:
-        log("! describe failed: %s" % e)
-        return "", 0, FAILURE_WORDS.get(e.status, "error %d" % e.status)
-    sent = len(json.dumps(request))
-    if status != 200:
-        log("! describe failed: upstream status %d" % status)
-        return "", sent, short_reason(upstream_message(json.dumps(reply).encode())) or \
-            "error %d" % status
-    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
-    return text, sent, None if text else "it gave no description"
-
-
-################ Server
-
-def log(line):
-    """Write one line to stderr."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def reject_constant(name):
-    """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
-    raise ValueError(name)
-
-
 class TurnMemory:
     """What the router remembers between requests besides descriptions: bounded, one lock.
 
@@ -1863,6 +1867,11 @@ class TurnMemory:
         with self.lock:
             return {k for k in keys
                     if k in self.failures and now - self.failures[k][0] < self.retry_after}
+
+
+################ Handler
+
+SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -2522,6 +2531,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.verbose:
             log(escape_log("%s %s" % (self.address_string(), format % args)))
 
+
+################ Relay
+
+# One upstream response relayed to the client: for now Handler.relay, relay_stream and
+# relay_error.
+
+
+################ Turn
+
+# One /v1/messages turn: for now Handler.messages and send_turn.
+
+
+################ Server
 
 class Server(http.server.ThreadingHTTPServer):
     """The router: settings, the description cache and counters live here."""
