@@ -282,68 +282,105 @@ def reject_constant(name):
     """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
     raise ValueError(name)
 
+
 ROLES = frozenset({"user", "assistant", "system"})
+TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
 BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+NUMBER = (int, float)
+TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", bool: "true or false",
+              int: "an integer", float: "a number"}
+
+# The fields each object must or may have, and their JSON types: {name: (types, required)}.
+# A block's or tool_choice's own fields are looked up by its type; a block of a type not
+# named here goes on as sent, for the upstream to judge.
+REQUEST_SHAPE = {
+    "messages": ((list,), True), "model": ((str,), False), "system": ((str, list), False),
+    "max_tokens": ((int,), False), "stream": ((bool,), False), "temperature": (NUMBER, False),
+    "top_p": (NUMBER, False), "top_k": ((int,), False), "stop_sequences": ((list,), False),
+    "tools": ((list,), False), "tool_choice": ((dict,), False)}
+MESSAGE_SHAPE = {"role": ((str,), True), "content": ((str, list), False)}
+TOOL_SHAPE = {"name": ((str,), True), "description": ((str,), False),
+              "input_schema": ((dict,), False), "type": ((str,), False)}
+TYPED_SHAPES = {
+    None: {"type": ((str,), True)},
+    "text": {"text": ((str,), True)},
+    "image": {"source": ((dict,), True)},
+    "tool_use": {"id": ((str,), True), "name": ((str,), True), "input": ((dict,), True)},
+    "tool_result": {"tool_use_id": ((str,), True), "content": ((str, list), False),
+                    "is_error": ((bool,), False)},
+    "thinking": {"thinking": ((str,), True)},
+    "redacted_thinking": {"data": ((str,), True)},
+    "tool_reference": {"tool_name": ((str,), True)},
+    "tool": {"name": ((str,), True)},       # a tool_choice naming its tool
+}
+
+
+def check_fields(obj, shape, where):
+    """Raise ProxyError naming the first field of obj that shape wants and obj lacks or mistypes.
+
+    where is obj's path in the request ("messages.3.content.0"; "" for the body)."""
+    if type(obj) is not dict:
+        raise ProxyError(400, "%s: must be an object" % (where or "the request body"))
+    for name, (types, required) in shape.items():
+        field = "%s.%s" % (where, name) if where else name
+        if name not in obj:
+            if required:
+                raise ProxyError(400, "%s: is required" % field)
+        elif type(obj[name]) not in types:   # type, not isinstance: True is no integer here
+            raise ProxyError(400, "%s: must be %s" % (field, "a number" if float in types
+                                                      else " or ".join(map(TYPE_NAMES.get, types))))
+
+
+def check_typed(obj, where):
+    """Raise ProxyError unless obj (a content block or a tool_choice) has its type's fields."""
+    check_fields(obj, TYPED_SHAPES[None], where)
+    check_fields(obj, TYPED_SHAPES.get(obj["type"], {}), where)
 
 
 def validate_request(body):
-    """Raise ProxyError unless body has the shape of a messages request."""
-    if not isinstance(body, dict):
-        raise ProxyError(400, "request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ProxyError(400, "messages: must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ProxyError(400, "messages.%d: needs a role of user, assistant or system" % i)
-        content = message.get("content", "")
-        if isinstance(content, list):
-            for j, block in enumerate(content):
-                validate_block(block, "messages.%d.content.%d" % (i, j))
-        elif not isinstance(content, str):
-            raise ProxyError(400, "messages.%d.content: must be a string or a list" % i)
-    system = body.get("system", "")
-    if not isinstance(system, str) and not (
-            isinstance(system, list) and all(
-                isinstance(b, dict) and isinstance(b.get("text"), str) for b in system)):
-        raise ProxyError(400, "system: must be a string or a list of text blocks")
-    tools = body.get("tools", [])
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ProxyError(400, "tools: must be a list of objects")
-    max_tokens = body.get("max_tokens")
-    if "max_tokens" in body and not (
-            type(max_tokens) is int and max_tokens > 0):
+    """Raise ProxyError unless body has the shape of a messages request.
+
+    Every field a transform reads is checked here, by the tables above, before any
+    transform runs: a wrong type is one 400 naming the field, never a traceback."""
+    check_fields(body, REQUEST_SHAPE, "")
+    if not body["messages"]:
+        raise ProxyError(400, "messages: must not be empty")
+    for i, message in enumerate(body["messages"]):
+        where = "messages.%d" % i
+        check_fields(message, MESSAGE_SHAPE, where)
+        if message["role"] not in ROLES:
+            raise ProxyError(400, "%s.role: must be user, assistant or system" % where)
+        for j, block in enumerate(content_blocks(message.get("content", ""))):
+            validate_block(block, "%s.content.%d" % (where, j))
+    for i, block in enumerate(content_blocks(body.get("system", ""))):
+        check_typed(block, "system.%d" % i)
+        if block["type"] != "text":
+            raise ProxyError(400, "system.%d.type: must be text" % i)
+    for i, tool in enumerate(body.get("tools", [])):
+        check_fields(tool, TOOL_SHAPE, "tools.%d" % i)
+    if "tool_choice" in body:
+        check_typed(body["tool_choice"], "tool_choice")
+        if body["tool_choice"]["type"] not in TOOL_CHOICES:
+            raise ProxyError(400, "tool_choice.type: must be auto, any, tool or none")
+    if not all(type(s) is str for s in body.get("stop_sequences", [])):
+        raise ProxyError(400, "stop_sequences: must be a list of strings")
+    if body.get("max_tokens", 1) <= 0:
         raise ProxyError(400, "max_tokens: must be a positive integer")
-    if not isinstance(body.get("stream", False), bool):
-        raise ProxyError(400, "stream: must be true or false")
-    if not isinstance(body.get("model", ""), str):
-        raise ProxyError(400, "model: must be a string")
 
 
 def validate_block(block, where, nested=False):
     """Raise ProxyError unless block is a content block the transforms can handle."""
-    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-        raise ProxyError(400, "%s: must be an object with a string type" % where)
+    check_typed(block, where)
     kind = block["type"]
-    if kind == "text" and not isinstance(block.get("text"), str):
-        raise ProxyError(400, "%s: text block needs a string text" % where)
     if kind == "image":
-        problem = image_source_problem(block.get("source"))
+        problem = image_source_problem(block["source"])
         if problem:
             raise ProxyError(400, "%s.source: %s" % (where, problem))
-    if kind == "tool_use" and not (isinstance(block.get("id"), str)
-                                   and isinstance(block.get("name"), str)
-                                   and isinstance(block.get("input"), dict)):
-        raise ProxyError(400, "%s: tool_use needs string id and name and an object input" % where)
     if kind == "tool_result":
-        if nested or not isinstance(block.get("tool_use_id"), str):
-            raise ProxyError(400, "%s: misplaced tool_result or missing tool_use_id" % where)
-        inner = block.get("content", "")
-        if isinstance(inner, list):
-            for j, item in enumerate(inner):
-                validate_block(item, "%s.content.%d" % (where, j), nested=True)
-        elif not isinstance(inner, str):
-            raise ProxyError(400, "%s: tool_result content must be a string or a list" % where)
+        if nested:
+            raise ProxyError(400, "%s: a tool_result cannot hold a tool_result" % where)
+        for j, item in enumerate(content_blocks(block.get("content", ""))):
+            validate_block(item, "%s.content.%d" % (where, j), nested=True)
 
 
 def image_source_problem(source):
@@ -2123,9 +2160,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             text = raw.decode("utf-8")
             del raw
-            return json.loads(text, parse_constant=reject_constant), size
+            body = json.loads(text, parse_constant=reject_constant)
         except (ValueError, RecursionError):
             raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
+        return body, size
 
     def send_response(self, code, message=None):
         """Start the response (http.server's), noting that its status is now out, and which."""

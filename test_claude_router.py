@@ -1994,6 +1994,34 @@ def malformed_requests():
         post("stream %r" % (stream,), {**message("hi"), "stream": stream})
     for model in (5, [], {}):
         post("model %r" % (model,), {**message("hi"), "model": model})
+    # Issue 14, section 2: a field's type is checked before anything uses it (a list or
+    # an object as a role was a 500), on both endpoints that read messages.
+    typed = [("role list", {"messages": [{"role": ["user"], "content": "hi"}]}),
+             ("role object", {"messages": [{"role": {"a": 1}, "content": "hi"}]}),
+             ("message list", {"messages": [["user", "hi"]]}),
+             ("type list", message([{"type": ["text"], "text": "x"}])),
+             ("thinking without text", message([{"type": "thinking"}], "assistant")),
+             ("thinking number", message([{"type": "thinking", "thinking": 5}], "assistant")),
+             ("redacted_thinking without data", message([{"type": "redacted_thinking"}],
+                                                        "assistant")),
+             ("tool_reference without name", message([{"type": "tool_reference"}])),
+             ("tool_reference name list", message([{"type": "tool_reference", "tool_name": []}])),
+             ("system block not text", {**message("hi"), "system": [{"type": "image", "text": "x"}]}),
+             ("tool name", {**message("hi"), "tools": [{"name": 5, "input_schema": {}}]}),
+             ("tool schema", {**message("hi"), "tools": [{"name": "x", "input_schema": 5}]}),
+             ("tool description", {**message("hi"), "tools": [
+                 {"name": "x", "description": [], "input_schema": {}}]}),
+             ("tool_choice string", {**message("hi"), "tool_choice": "auto"}),
+             ("tool_choice type", {**message("hi"), "tool_choice": {"type": 5}}),
+             ("tool_choice tool without name", {**message("hi"), "tool_choice": {"type": "tool"}}),
+             ("temperature", {**message("hi"), "temperature": "hot"}),
+             ("top_p", {**message("hi"), "top_p": [1]}),
+             ("top_k", {**message("hi"), "top_k": 1.5}),
+             ("stop_sequences string", {**message("hi"), "stop_sequences": "END"}),
+             ("stop_sequences number", {**message("hi"), "stop_sequences": [5]})]
+    for name, body in typed:
+        post("typed: %s" % name, body)
+        post("typed, count_tokens: %s" % name, body, path=b"/v1/messages/count_tokens")
     post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
     post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
     post("unknown path", {"a": 1}, path=b"/v2/messages")
