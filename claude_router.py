@@ -491,6 +491,17 @@ def clean_request(body, fields=REQUEST_FIELDS):
     return clean
 
 
+def checked_request(body, fields=REQUEST_FIELDS):
+    """Return body validated and cleaned; raise ProxyError when it is malformed, or when
+    no message is left to send (each was empty, or only thinking): never messages: []."""
+    validate_request(body)
+    clean = clean_request(body, fields)
+    if not clean["messages"]:
+        raise ProxyError(400, "messages: none is left to send once empty messages and "
+                              "thinking blocks are dropped")
+    return clean
+
+
 def system_reminder(message):
     """A role "system" message as user text wrapped in <system-reminder>, or None if empty.
 
@@ -2231,8 +2242,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """POST /v1/messages/count_tokens: the upstream's count, else a local estimate."""
         server = self.server
         body, _ = self.read_json()
-        validate_request(body)
-        clean = clean_request(body, COUNT_TOKENS_FIELDS)
+        clean = checked_request(body, COUNT_TOKENS_FIELDS)
         keys = image_keys(clean["messages"])
         _, _, clean["messages"], _ = route_request(
             clean, keys, server.cache.lookup(keys.values()), "", "", [])
@@ -2272,8 +2282,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         when the vision model fails."""
         server = self.server
         body, _ = self.read_json()
-        validate_request(body)
-        clean = clean_request(body)
+        clean = checked_request(body)
         del body
         keys = image_keys(clean["messages"])
         descriptions, claimed = server.settle_images(clean["messages"], keys, self.connection)

@@ -2018,7 +2018,15 @@ def malformed_requests():
              ("top_p", {**message("hi"), "top_p": [1]}),
              ("top_k", {**message("hi"), "top_k": 1.5}),
              ("stop_sequences string", {**message("hi"), "stop_sequences": "END"}),
-             ("stop_sequences number", {**message("hi"), "stop_sequences": [5]})]
+             ("stop_sequences number", {**message("hi"), "stop_sequences": [5]}),
+             # everything cleans away: never messages: [] upstream
+             ("empty string", message("")), ("empty list", message([])),
+             ("only thinking", message([{"type": "thinking", "thinking": "x", "signature": "s"}],
+                                       "assistant")),
+             ("only an empty system message", message("", "system")),
+             ("only empty messages", {"messages": [{"role": "user", "content": ""},
+                                                   {"role": "assistant", "content": []},
+                                                   {"role": "system", "content": [text("")]}]})]
     for name, body in typed:
         post("typed: %s" % name, body)
         post("typed, count_tokens: %s" % name, body, path=b"/v1/messages/count_tokens")
