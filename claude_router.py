@@ -38,6 +38,7 @@ import http.server
 import io
 import ipaddress
 import json
+import math
 import os
 import re
 import select
@@ -281,6 +282,22 @@ def body_length(headers, method, limit):
 def reject_constant(name):
     """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
     raise ValueError(name)
+
+
+def read_float(text):
+    """json.loads hook: a number beyond double range (1e400) would go upstream as Infinity."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ProxyError(400, "the number %s is out of range" % text[:20])
+    return number
+
+
+def read_int(text):
+    """json.loads hook: an integer beyond 64 bits is no number a model server reads."""
+    number = int(text) if len(text) <= 20 else None     # int() of a long text is slow
+    if number is None or not -2 ** 63 <= number < 2 ** 63:
+        raise ProxyError(400, "the number %s... is out of range" % text[:20])
+    return number
 
 
 ROLES = frozenset({"user", "assistant", "system"})
@@ -2171,7 +2188,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             text = raw.decode("utf-8")
             del raw
-            body = json.loads(text, parse_constant=reject_constant)
+            body = json.loads(text, parse_constant=reject_constant, parse_float=read_float,
+                              parse_int=read_int)
         except (ValueError, RecursionError):
             raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
         return body, size

@@ -2030,6 +2030,19 @@ def malformed_requests():
     for name, body in typed:
         post("typed: %s" % name, body)
         post("typed, count_tokens: %s" % name, body, path=b"/v1/messages/count_tokens")
+    # Numbers beyond double range were sent upstream as Infinity; integers beyond 64 bits
+    # are no number a model server reads either.
+    for name, data in [("1e400", b"1e400"), ("-1e400", b"-1e400"), ("max_tokens 1e400", None),
+                       ("2**64", b"18446744073709551616"), ("-2**70", b"-%d" % 2 ** 70)]:
+        number = data or b"1e400"
+        field = b"max_tokens" if data is None else b"temperature"
+        for place, body in [("field", b'{"%s": %s, "messages": [{"role": "user", "content": "x"}]}'
+                             % (field, number)),
+                            ("tool input", b'{"messages": [{"role": "assistant", "content": [{"type": '
+                             b'"tool_use", "id": "t", "name": "n", "input": {"a": [%s]}}]}]}' % number)]:
+            post("number %s in %s" % (name, place), body)
+            post("number %s in %s, count_tokens" % (name, place), body,
+                 path=b"/v1/messages/count_tokens")
     post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
     post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
     post("unknown path", {"a": 1}, path=b"/v2/messages")
