@@ -112,6 +112,7 @@ FAILURE_REASON_CHARS = 60                   # chars of the upstream's reason in 
 REPEAT_MAX_UNITS = 64                       # longest loop, in sentences, trimmed off a description
 LISTED_IDS = 12                             # model ids named when a configured one is missing
 ERROR_TEXT_CHARS = 300                      # chars of an upstream's error message kept and logged
+MAX_JSON_DEPTH = 100                        # lists and objects nested in a request body
 
 # Token estimates (no tokenizer here): they err high, so clamps and counts stay safe.
 BYTES_PER_TOKEN = 3                         # JSON bytes per token, rounded down
@@ -298,6 +299,16 @@ def read_int(text):
     if number is None or not -2 ** 63 <= number < 2 ** 63:
         raise ProxyError(400, "the number %s... is out of range" % text[:20])
     return number
+
+
+def json_depth(value):
+    """How deeply value's lists and objects nest (a scalar: 0), measured without recursion."""
+    deepest, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        deepest += 1
+        level = [v for item in level for v in (item.values() if type(item) is dict else item)
+                 if isinstance(v, (dict, list))]
+    return deepest
 
 
 ROLES = frozenset({"user", "assistant", "system"})
@@ -2192,6 +2203,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                               parse_int=read_int)
         except (ValueError, RecursionError):
             raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
+        # Python 3.9-3.11 parse nesting up to about the recursion limit, then fail on it in
+        # json.dumps or any recursive walk further on: bound it while the answer is a 400.
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise ProxyError(400, "request body nests lists and objects more than %d deep"
+                             % MAX_JSON_DEPTH)
         return body, size
 
     def send_response(self, code, message=None):

@@ -1996,6 +1996,7 @@ def malformed_requests():
         post("model %r" % (model,), {**message("hi"), "model": model})
     # Issue 14, section 2: a field's type is checked before anything uses it (a list or
     # an object as a role was a 500), on both endpoints that read messages.
+    deep = 900      # under the JSON parser's limit, so it parsed, then a 500 on 3.9-3.11
     typed = [("role list", {"messages": [{"role": ["user"], "content": "hi"}]}),
              ("role object", {"messages": [{"role": {"a": 1}, "content": "hi"}]}),
              ("message list", {"messages": [["user", "hi"]]}),
@@ -2043,6 +2044,19 @@ def malformed_requests():
             post("number %s in %s" % (name, place), body)
             post("number %s in %s, count_tokens" % (name, place), body,
                  path=b"/v1/messages/count_tokens")
+    # Nesting: a body nested just under the parser's limit parsed, then failed in json.dumps.
+    nest = b"[" * deep + b"]" * deep
+    for place, body in [("tool input", b'{"messages": [{"role": "assistant", "content": [{"type": '
+                         b'"tool_use", "id": "t", "name": "n", "input": {"a": %s}}]}]}' % nest),
+                        ("text block", b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                         b'"text": "x", "extra": %s}]}]}' % nest),
+                        ("tool schema", b'{"messages": [{"role": "user", "content": "x"}], "tools": '
+                         b'[{"name": "n", "input_schema": {"a": %s}}]}' % nest),
+                        ("dropped field", b'{"messages": [{"role": "user", "content": "x"}], '
+                         b'"metadata": %s}' % nest)]:
+        post("nested %d deep in %s" % (deep, place), body)
+        post("nested %d deep in %s, count_tokens" % (deep, place), body,
+             path=b"/v1/messages/count_tokens")
     post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
     post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
     post("unknown path", {"a": 1}, path=b"/v2/messages")
