@@ -37,6 +37,7 @@ import http.client
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -635,17 +636,19 @@ def normalize_assistant_messages(messages):
 def fix_message_alternation(messages):
     """Return messages with consecutive same-role messages merged into one.
 
-    In a merged user message tool_result blocks go first, as Anthropic's API wants."""
+    In a merged user message tool_result blocks go first, as Anthropic's API wants.
+    Each run is merged once, so a run of n messages costs n, not n squared."""
     out = []
-    for message in messages:
-        if out and out[-1]["role"] == message["role"]:
-            blocks = content_blocks(out[-1]["content"]) + content_blocks(message["content"])
-            if message["role"] == "user":
-                blocks = ([b for b in blocks if b.get("type") == "tool_result"]
-                          + [b for b in blocks if b.get("type") != "tool_result"])
-            out[-1] = {**out[-1], "content": blocks}
-        else:
-            out.append(message)
+    for role, run in itertools.groupby(messages, lambda m: m["role"]):
+        run = list(run)
+        if len(run) == 1:
+            out.append(run[0])
+            continue
+        blocks = [b for m in run for b in content_blocks(m["content"])]
+        if role == "user":
+            blocks = ([b for b in blocks if b.get("type") == "tool_result"]
+                      + [b for b in blocks if b.get("type") != "tool_result"])
+        out.append({**run[0], "content": blocks})
     return out
 
 # Images: descriptions in place of images for the coder; images lifted out of tool results
@@ -697,16 +700,16 @@ def current_turn_start(messages):
 
 def new_image_keys(messages, keys, descriptions):
     """Keys of the images in the current user turn that have no description, in order."""
-    found = []
+    found = {}      # a dict: in order, and a look-up is not a scan of the list
     for message in messages[current_turn_start(messages):]:
         if message.get("role") != "user":
             continue
         for block in iter_blocks(message):
             if is_image(block):
                 key = keys[image_data(block)]
-                if key not in descriptions and key not in found:
-                    found.append(key)
-    return found
+                if key not in descriptions:
+                    found[key] = True
+    return list(found)
 
 
 def route_request(body, keys, descriptions, vision_model, coder_model, new_keys, failures=None):
