@@ -728,7 +728,9 @@ def route_request(body, keys, descriptions, vision_model, coder_model, new_keys,
         messages, substituted = substitute_images_with_descriptions(
             messages, keys, descriptions, (), failures)
         route, model = "coder", coder_model
-    messages = fix_message_alternation(normalize_assistant_messages(messages))
+    # Merged first: two assistant messages in a row become one, whose text is then folded
+    # before its tool calls as a single message's is.
+    messages = normalize_assistant_messages(fix_message_alternation(messages))
     return route, model, messages, substituted
 
 

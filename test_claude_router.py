@@ -1188,6 +1188,20 @@ class RoutingTest(RouterTestCase):
         self.assertEqual(lower["anthropic-version"], "2023-06-01")
         self.assertIn("→ coder [CODER]", self.log.getvalue())
 
+    def test_two_assistant_messages_in_a_row_reach_the_upstream_folded(self):
+        # They were merged after folding, so Devstral's template met [text, tool_use, text,
+        # tool_use] (issue 14, section 2).
+        upstream = FakeUpstream(self, strict=True)
+        self.start(upstream)
+        second = {"type": "tool_use", "id": "t2", "name": "Grep", "input": {"pattern": "x"}}
+        history = [user(text("go")), assistant(text("first"), tool_use("t1")),
+                   assistant(text("second"), second),
+                   user(tool_result("t1", text("r1")), tool_result("t2", text("r2")))]
+        self.assertEqual(self.post(request(*history))[0], 200)
+        self.assertEqual(upstream.posts()[-1]["messages"], [
+            user(text("go")), assistant(text("first\n\nsecond"), tool_use("t1"), second),
+            user(tool_result("t1", text("r1")), tool_result("t2", text("r2")))])
+
     def test_pasted_image_goes_to_vision_and_json_reply_becomes_its_description(self):
         upstream = FakeUpstream(self, [json_reply(message_json("A red square."))])
         self.start(upstream)
