@@ -30,6 +30,7 @@ Design and settings: README.md beside this file.
 
 import argparse
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -233,6 +234,28 @@ def is_loopback_host(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_access(headers, token, own_host):
+    """Raise ProxyError for a client that may not use the router (headers: its request's).
+
+    Without a token, a Host that is neither loopback nor our own name means a
+    DNS-rebinding page: 403 (a token is what such a page cannot send, so with one,
+    LAN clients may name this machine as they like). An Origin that is not loopback
+    is a browser tab of some web site: 403."""
+    host = headers.get("host", "")
+    if not token and host and not is_loopback_host(host) and host.rsplit(":", 1)[0] != own_host:
+        raise ProxyError(403, "host %s is not allowed" % escape_log(host[:100]))
+    origin = headers.get("origin")
+    if origin and not is_loopback_host(urllib.parse.urlsplit(origin).netloc or "-"):
+        raise ProxyError(403, "cross-origin requests are not allowed")
+    if token:
+        given = headers.get("x-api-key") or ""
+        bearer = headers.get("authorization") or ""
+        if not given and bearer[:7].lower() == "bearer ":
+            given = bearer[7:].strip()
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
+            raise ProxyError(401, "missing or wrong token (x-api-key or Authorization: Bearer)")
 
 
 def normalize_path(path):
@@ -963,6 +986,65 @@ def usage_numbers(usage):
     return {k: usage[k] for k in USAGE_FIELDS if type(usage.get(k)) is int}
 
 
+def drop_oldest(entries, bound):
+    """Drop the oldest entries of a dict (its insertion order) past bound. Caller holds its lock."""
+    while len(entries) > bound:
+        del entries[next(iter(entries))]
+
+
+class PromptMemory:
+    """What the router remembers of the prompts it sent: bounded, one lock.
+
+    prompts: per conversation and model, hashes of the last prompt sent, to tell how
+    much of it the next turn sends again; prompt_stats: per model, what that came to
+    and what the server said it read from its cache (one entry per model)."""
+
+    def __init__(self, max_entries=MEMORY_MAX_ENTRIES):
+        self.lock = threading.Lock()    # guards prompts and prompt_stats
+        self.max_entries = max_entries  # bound of prompts; the oldest entry goes first
+        self.prompts = {}               # (conversation, model) -> hashes of the last prompt
+        self.prompt_stats = {}          # model -> its last turn's figures and running totals
+
+    def note_prompt(self, conversation, model, names, digests, sizes, length):
+        """Remember a prompt sent to model in a body of length bytes; return (last prompt's
+        bytes, bytes of it sent again unchanged, the first part that differs or None), or
+        None on a first turn. Prompt bytes are those of its parts (prompt_parts)."""
+        with self.lock:
+            previous = self.prompts.pop((conversation, model), None)
+            self.prompts[(conversation, model)] = (digests, sum(sizes))
+            drop_oldest(self.prompts, self.max_entries)
+        reuse = None
+        if previous is not None:
+            same = unchanged_parts(previous[0], digests)
+            reuse = previous[1], sum(sizes[:same]), names[same] if same < len(names) else None
+        last = {"bytes": length, "unchanged_bytes": reuse[1] if reuse else 0,
+                "first_change": reuse[2] if reuse else "first turn"}
+        with self.lock:
+            stats = self.prompt_stats.setdefault(model, {"last_turn": {}, "totals": {
+                "turns": 0, "bytes": 0, "unchanged_bytes": 0}})
+            stats["last_turn"] = last
+            totals = stats["totals"]
+            totals["turns"] += 1
+            totals["bytes"] += last["bytes"]
+            totals["unchanged_bytes"] += last["unchanged_bytes"]
+        return reuse
+
+    def note_usage(self, model, usage):
+        """Keep the token counts the server reported for model's last turn, and add them up."""
+        with self.lock:
+            stats = self.prompt_stats.get(model)
+            if stats is None:
+                return
+            stats["last_turn"].update(usage)
+            for name, number in usage.items():
+                stats["totals"][name] = stats["totals"].get(name, 0) + number
+
+    def prompt_status(self):
+        """{model: last turn's figures and running totals}, for /status."""
+        with self.lock:
+            return json.loads(json.dumps(self.prompt_stats))
+
+
 ################ Event streams
 
 # Server-sent events: relayed as they come, read on the side, never held back.
@@ -1249,12 +1331,14 @@ def await_upstream(sock, client, timeout, resp=None):
 
 
 def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
-               connect_timeout=CONNECT_TIMEOUT, key=""):
-    """Return (status, parsed JSON or None) of one small upstream request."""
+               connect_timeout=CONNECT_TIMEOUT, key="", client=None):
+    """Return (status, parsed JSON or None) of one small upstream request.
+
+    With client (its socket), raise ClientGone if it hangs up before the answer."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if data is not None else {}
     conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
-                               key=key)
+                               client, key)
     try:
         raw = resp.read(MAX_ERROR_BODY_BYTES)
     except (OSError, http.client.HTTPException) as e:
@@ -1609,11 +1693,13 @@ def trim_repetition(text):
     return text[:spans[best[0] + best[1] - 1][1]].rstrip()
 
 
-def describe_image(url, block, context, model, key=""):
-    """Return (description or "", prompt bytes, None or why it failed) from the vision model."""
+def describe_image(url, block, context, model, key="", client=None):
+    """Return (description or "", prompt bytes, None or why it failed) from the vision model.
+
+    With client (its socket), raise ClientGone if it hangs up first."""
     request = describe_request(block, context, model)
     try:
-        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key)
+        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key, client=client)
     except ProxyError as e:
         log("! describe failed: %s" % e)
         return "", 0, FAILURE_WORDS.get(e.status, "error %d" % e.status)
@@ -1624,12 +1710,6 @@ def describe_image(url, block, context, model, key=""):
             "error %d" % status
     text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
     return text, sent, None if text else "it gave no description"
-
-
-def drop_oldest(entries, bound):
-    """Drop the oldest entries of a dict (its insertion order) past bound. Caller holds its lock."""
-    while len(entries) > bound:
-        del entries[next(iter(entries))]
 
 
 class DescriptionCache:
@@ -1750,6 +1830,12 @@ class DescriptionCache:
         with self.lock:
             return len(self.entries)
 
+    def status(self):
+        """The cache's part of /status."""
+        with self.lock:
+            return {"entries": len(self.entries), "hits": self.hits, "misses": self.misses,
+                    "file": self.path}
+
     def store(self, descriptions, model):
         """Remember {key: description} and append them to the file before returning."""
         if not descriptions:
@@ -1792,9 +1878,15 @@ class DescriptionCache:
         if size and os.pread(fd, 1, size - 1) != b"\n":
             os.write(fd, b"\n")
 
+    @contextlib.contextmanager
     def file_lock(self):
-        """An exclusive flock() on the lock file, as a context manager."""
-        return FileLock(os.path.join(self.directory, CACHE_LOCK_FILE))
+        """Hold an exclusive flock() on the lock file for a with block."""
+        fd = os.open(os.path.join(self.directory, CACHE_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)    # which releases the flock()
 
     def rewrite(self):
         """Rewrite the file with its newest max_entries lines, as they were written (model
@@ -1820,104 +1912,145 @@ class DescriptionCache:
             self.file, self.offset = (info.st_dev, info.st_ino), info.st_size
 
 
-class FileLock:
-    """flock() held for a with block; released when the file closes."""
+class Vision:
+    """The vision model's side of the router, one per Server: the description cache, the
+    images being described now (claims), those it failed on, describing and learning.
 
-    def __init__(self, path):
-        self.path = path
+    settle() gives a turn the descriptions of its images and claims the new ones it is to
+    send to the vision model, waiting for those another turn is describing; describe()
+    asks for each claimed image's description (describe mode, and the fallback);
+    learn() keeps a vision answer as the description of a turn's images; failed()
+    remembers images it could not read; release() ends a claim. Below them: claim(),
+    wait() and resolve() keep a Future per image being described, resolving to
+    (description, failure); note_failure(), failure_reasons() and recent_failures()
+    keep the failures."""
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-
-class TurnMemory:
-    """What the router remembers between requests besides descriptions: bounded, one lock.
-
-    prompts: per conversation and model, hashes of the last prompt sent, to tell how
-    much of it the next turn sends again; prompt_stats: per model, what that came to
-    and what the server said it read from its cache (one entry per model). pending:
-    descriptions being made now, so a turn that needs one waits for it instead of
-    asking the vision model again.
-    failures: images the vision model could not read, and why, for a while."""
-
-    def __init__(self, max_entries=MEMORY_MAX_ENTRIES):
-        self.lock = threading.Lock()    # guards prompts, prompt_stats, pending and failures
-        self.max_entries = max_entries  # bound of each dict; the oldest entry goes first
-        self.prompts = {}               # (conversation, model) -> hashes of the last prompt
-        self.prompt_stats = {}          # model -> its last turn's figures and running totals
-        self.pending = {}               # image key -> threading.Event set once it is done
+    def __init__(self, server, cache_dir, max_entries=MEMORY_MAX_ENTRIES):
+        self.server = server            # its settings (models, upstream, key) and counters
+        self.cache = DescriptionCache(cache_dir)
+        self.lock = threading.Lock()    # guards pending and failures
+        self.max_entries = max_entries  # bound of failures; the oldest entry goes first
+        self.pending = {}               # image key -> Future of (description, failure)
         self.failures = {}              # image key -> (time.monotonic() of failure, reason)
         self.retry_after = VISION_RETRY_AFTER   # s before a failed image goes to the model again
 
-    # Prompts.
+    def settle(self, messages, keys, client):
+        """Return (descriptions, claimed): the descriptions of the request's images, and the
+        new images of the user's turn that this request is now the one to send to the
+        vision model.
 
-    def note_prompt(self, conversation, model, names, digests, sizes, length):
-        """Remember a prompt sent to model in a body of length bytes; return (last prompt's
-        bytes, bytes of it sent again unchanged, the first part that differs or None), or
-        None on a first turn. Prompt bytes are those of its parts (prompt_parts)."""
-        with self.lock:
-            previous = self.prompts.pop((conversation, model), None)
-            self.prompts[(conversation, model)] = (digests, sum(sizes))
-            drop_oldest(self.prompts, self.max_entries)
-        reuse = None
-        if previous is not None:
-            same = unchanged_parts(previous[0], digests)
-            reuse = previous[1], sum(sizes[:same]), names[same] if same < len(names) else None
-        last = {"bytes": length, "unchanged_bytes": reuse[1] if reuse else 0,
-                "first_change": reuse[2] if reuse else "first turn"}
-        with self.lock:
-            stats = self.prompt_stats.setdefault(model, {"last_turn": {}, "totals": {
-                "turns": 0, "bytes": 0, "unchanged_bytes": 0}})
-            stats["last_turn"] = last
-            totals = stats["totals"]
-            totals["turns"] += 1
-            totals["bytes"] += last["bytes"]
-            totals["unchanged_bytes"] += last["unchanged_bytes"]
-        return reuse
+        An image another request is describing is waited for (at most DESCRIPTION_WAIT),
+        so no image goes to the vision model twice; one it failed on recently is not
+        sent again and stays a marker saying why. Raise ClientGone if the client (its
+        socket) hangs up while it waits."""
+        deadline = time.monotonic() + DESCRIPTION_WAIT
+        descriptions = self.cache.lookup(keys.values())
+        while True:
+            unknown = [k for k in keys.values() if k not in descriptions]
+            failed = self.recent_failures(unknown)
+            wanted = [k for k in new_image_keys(messages, keys, descriptions) if k not in failed]
+            claimed, busy = self.claim(wanted, unknown)
+            if not busy or time.monotonic() >= deadline:
+                return descriptions, claimed
+            log("waiting for the description of %d image(s) being made" % len(busy))
+            descriptions.update(self.wait(busy, deadline, client))
 
-    def note_usage(self, model, usage):
-        """Keep the token counts the server reported for model's last turn, and add them up."""
-        with self.lock:
-            stats = self.prompt_stats.get(model)
-            if stats is None:
-                return
-            stats["last_turn"].update(usage)
-            for name, number in usage.items():
-                stats["totals"][name] = stats["totals"].get(name, 0) + number
+    def describe(self, messages, keys, wanted, mode, client=None):
+        """Ask the vision model to describe each wanted image; store and return {key: text}.
 
-    def prompt_status(self):
-        """{model: last turn's figures and running totals}, for /status."""
-        with self.lock:
-            return json.loads(json.dumps(self.prompt_stats))
+        One request per image keeps each description tied to its image; a few run at
+        once, since local servers serve several requests in parallel. An image it
+        cannot describe is remembered as failed. With client (its socket), the requests
+        end if it hangs up, and so does the turn: ClientGone, once the others are in."""
+        server = self.server
+        found = image_contexts(messages, keys, wanted)
+        with concurrent.futures.ThreadPoolExecutor(min(DESCRIBE_CONCURRENCY, len(found) or 1)) \
+                as pool:
+            jobs = {key: pool.submit(describe_image, server.vision_upstream_url, block, context,
+                                     server.vision_model, server.upstream_key, client)
+                    for key, (block, context) in found.items()}
+        described, failed, gone = {}, {}, False
+        for key, job in jobs.items():
+            try:
+                text, sent, failure = job.result()
+            except ClientGone:
+                gone = True
+                continue
+            server.count_vision_call(mode, sent)
+            if text:
+                described[key] = text
+            else:
+                failed.setdefault(failure, []).append(key)
+        self.keep(described, server.vision_model)
+        if described:
+            log("described %d image(s) with %s [%s]" % (len(described), mode, server.vision_model))
+        for reason, failed_keys in failed.items():
+            self.failed(failed_keys, reason)
+        if gone:
+            raise ClientGone()
+        return described
 
-    # Vision.
+    def learn(self, text, model, keys):
+        """Keep a vision reply's text (a description, see description_text) for the new images."""
+        if text:
+            self.keep(dict.fromkeys(keys, text), model)
+
+    def keep(self, descriptions, model):
+        """Store {key: description} made by model, count them, and hand them to whoever waits."""
+        self.cache.store(descriptions, model)
+        self.server.count_described(len(descriptions))
+        for key, text in descriptions.items():
+            self.resolve([key], text)
+
+    def failed(self, keys, reason):
+        """Remember that the vision model could not read these images; say so in the log."""
+        self.note_failure(keys, reason)
+        log("! the vision model could not read %d image(s): %s; not sent to it again for %ds"
+            % (len(keys), reason, self.retry_after))
+        self.resolve(keys, failure=reason)
+
+    def release(self, keys):
+        """End the caller's claim on keys, waking whoever still waits for them."""
+        self.resolve(keys)
+
+    # Claims.
 
     def claim(self, keys, watched):
-        """Mark keys as being described by the caller and return (keys, []); or, while any
+        """Mark keys as being described by the caller and return (keys, {}); or, while any
         of watched is being described by another request, claim nothing and return
-        ([], the Events to wait for).
+        ([], {key: its Future}).
 
         All or nothing, so two requests never wait for each other. pending holds only
         the images of requests in flight (each releases its claim), so it needs no bound."""
         with self.lock:
-            busy = [self.pending[k] for k in dict.fromkeys(watched) if k in self.pending]
+            busy = {k: self.pending[k] for k in watched if k in self.pending}
             if busy:
                 return [], busy
             for k in keys:
-                self.pending[k] = threading.Event()
-            return list(keys), []
+                self.pending[k] = concurrent.futures.Future()
+            return list(keys), {}
 
-    def release(self, keys):
-        """End the caller's claim on keys, waking whoever waits for them."""
+    def resolve(self, keys, description=None, failure=None):
+        """End the claim on keys with what came of it, (None, None) for nothing: the Future of
+        each resolves to (description, failure)."""
         with self.lock:
             done = [self.pending.pop(k) for k in keys if k in self.pending]
-        for event in done:
-            event.set()
+        for future in done:
+            future.set_result((description, failure))
+
+    def wait(self, busy, deadline, client):
+        """Wait for the busy {key: Future} until deadline; return {key: description} of those
+        described. Raise ClientGone if the client hangs up meanwhile."""
+        waiting = set(busy.values())
+        while waiting and time.monotonic() < deadline:
+            _, waiting = concurrent.futures.wait(
+                waiting, min(HANGUP_CHECK, max(deadline - time.monotonic(), 0)))
+            if waiting and has_left(client):
+                log("client went away while waiting for a description")
+                raise ClientGone()
+        return {k: f.result()[0] for k, f in busy.items() if f.done() and f.result()[0]}
+
+    # Failures.
 
     def note_failure(self, keys, reason):
         """Remember that the vision model could not read these images, and why.
@@ -1952,11 +2085,19 @@ class TurnMemory:
 
 ################ Handler
 
-SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
-
-
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One client connection: Claude Code's requests, relayed to the model server."""
+    """One client connection: the HTTP protocol, reading each request, dispatch, and the
+    endpoints the router answers itself. A /v1/messages turn is a Turn; the upstream's
+    response to any request is relayed by a Relay.
+
+    Protocol: handle() serves the connection; handle_one_request() waits for a request
+    (await_request), reads its head (read_head, read_line) and dispatches it;
+    handle_request() checks access, reads the body (receive_body) and routes it;
+    handle_routed() counts and times /v1/messages. refuse() answers a ProxyError,
+    answer_unexpected() a bug; finish() and linger() close after a refused request.
+    Answers: send_response, send_json, write_client, end_stream and end_response.
+    Endpoints (routes): probe, status, models, count_tokens, messages (a Turn), and
+    forward for any other /v1/ or /api/ path."""
 
     protocol_version = "HTTP/1.1"       # keep-alive; so every response must be framed
     disable_nagle_algorithm = True      # each event goes out at once, no 40 ms Nagle delay
@@ -2121,7 +2262,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Server.handle_error, which logs its traceback once."""
         path = urllib.parse.urlsplit(self.path).path
         try:
-            self.check_access()
+            check_access(self.headers, self.server.token, self.server.host)
             self.receive_body()
             route = self.routes.get((method, path))
             if route:
@@ -2165,29 +2306,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             log(outcome_line(self.sent_status, server.request_ended(started, self.sent_status),
                              self.outcome))
-
-    def check_access(self):
-        """Raise ProxyError for clients that may not use the router.
-
-        Without a token, a Host that is neither loopback nor our own name means a
-        DNS-rebinding page: 403 (a token is what such a page cannot send, so with one,
-        LAN clients may name this machine as they like). An Origin that is not loopback
-        is a browser tab of some web site: 403."""
-        host = self.headers.get("host", "")
-        if not self.server.token and host and not is_loopback_host(host) \
-                and host.rsplit(":", 1)[0] != self.server.host:
-            raise ProxyError(403, "host %s is not allowed" % escape_log(host[:100]))
-        origin = self.headers.get("origin")
-        if origin and not is_loopback_host(urllib.parse.urlsplit(origin).netloc or "-"):
-            raise ProxyError(403, "cross-origin requests are not allowed")
-        token = self.server.token
-        if token:
-            given = self.headers.get("x-api-key") or ""
-            bearer = self.headers.get("authorization") or ""
-            if not given and bearer[:7].lower() == "bearer ":
-                given = bearer[7:].strip()
-            if not hmac.compare_digest(given.encode("utf-8", "replace"), token.encode()):
-                raise ProxyError(401, "missing or wrong token (x-api-key or Authorization: Bearer)")
 
     def read_body(self):
         """Return the request body (read before dispatch), letting go of it here."""
@@ -2244,19 +2362,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return False
 
-    def send_upstream_headers(self, resp, framing=None):
-        """Send the upstream's status and headers, with our own framing header.
+    def end_stream(self, event=b""):
+        """End the SSE body, after event if given, in one write."""
+        data = self.stream_frame(event) if event else b""
+        if self.stream_frame is encode_chunk:
+            data += b"0\r\n\r\n"
+        self.stream_frame = None
+        if data:
+            self.write_client(data)
 
-        Hop-by-hop headers stay behind (RFC 9110 7.6.1), and so do the upstream's
-        Content-Length and Transfer-Encoding: http.client has undone its framing."""
-        self.send_response(resp.status)
-        for name, value in filter_headers(resp.headers, DROP_RESPONSE_HEADERS):
-            self.send_header(name, value)
-        if framing:
-            self.send_header(*framing)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
+    def end_response(self):
+        """Let the client go before slow work: its response is complete; close the
+        connection, so that its next request does not wait behind this thread."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     # Endpoints the router answers itself.
 
@@ -2284,7 +2406,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         clean = checked_request(body, COUNT_TOKENS_FIELDS)
         keys = image_keys(clean["messages"])
         _, _, clean["messages"], _ = route_request(
-            clean, keys, server.cache.lookup(keys.values()), "", "", [])
+            clean, keys, server.vision.cache.lookup(keys.values()), "", "", [])
         clean["model"] = server.coder_model
         if server.upstream_counts_tokens is not False:
             try:
@@ -2302,309 +2424,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length, _ = encode_request(clean)
         self.send_json(200, {"input_tokens": request_tokens(length, clean["messages"])})
 
-    # Relaying.
+    def messages(self):
+        """POST /v1/messages: one turn, routed to a model (see Turn)."""
+        Turn(self).run()
 
     def forward(self, method):
         """Pass any other /v1/ or /api/ request through to the upstream as it is."""
         body = self.read_body() if method == "POST" else None
         headers = filter_headers(self.headers, DROP_REQUEST_HEADERS)
-        conn, resp = self.open_upstream(self.server.upstream_url, method, self.path, body,
-                                        headers)
-        try:
-            self.relay(resp, self.server.upstream_url)
-        finally:
-            conn.close()
-
-    def messages(self):
-        """POST /v1/messages: clean, settle what is known of the images, then the vision
-        model answers a turn with new images and the coder every other, or the coder
-        when the vision model fails."""
-        server = self.server
-        body, _ = self.read_json()
-        clean = checked_request(body)
-        del body
-        keys = image_keys(clean["messages"])
-        descriptions, claimed = server.settle_images(clean["messages"], keys, self.connection)
-        try:
-            if claimed and server.vision_mode == "describe":
-                descriptions.update(server.describe_images(clean["messages"], keys, claimed,
-                                                           "describe"))
-            elif claimed:
-                failure = self.send_turn(clean, keys, descriptions, claimed)
-                if failure is None:
-                    return
-                server.vision_failed(claimed, failure)
-                log("the coder answers instead")
-        finally:
-            # Described, or failed and remembered: a turn waiting for these images need not
-            # wait for our coder turn too.
-            server.memory.release(claimed)
-        self.send_turn(clean, keys, descriptions, [])
-
-    def send_turn(self, clean, keys, descriptions, new_keys):
-        """Send the turn to the vision model (new_keys: the images it is to see) or the coder,
-        and relay the answer. Return None; or, when the vision model failed before any
-        of its answer reached the client, a few words saying why."""
-        server = self.server
-        route, model, messages, substituted = route_request(
-            clean, keys, descriptions, server.vision_model, server.coder_model, new_keys,
-            server.memory.failure_reasons(keys.values()))
-        upstream = server.vision_upstream_url if route == "vision" else server.upstream_url
-        context_length = server.model_info(model, upstream).get("context_length")
-        outgoing = {**clean, "model": model, "messages": messages}
-        length, data = encode_request(outgoing)
-        estimate = request_tokens(length, messages)
-        clamped = clamp_max_tokens(outgoing, estimate, context_length)
-        if clamped is not outgoing:
-            length, data = encode_request(clamped)
-        log("→ %s [%s]%s" % (route, model, self.note_prompt(model, outgoing, keys, length)))
-        if substituted:
-            log("cached description for %d image(s)" % substituted)
-        del outgoing, clamped, messages
-        server.count(route, model, upstream, length)
-        headers = [(k, v) for k, v in filter_headers(self.headers, DROP_REQUEST_HEADERS)
-                   if k.lower() != "content-type"] + [("Content-Type", "application/json"),
-                                                      ("Content-Length", str(length))]
-        try:
-            conn, resp = self.open_upstream(upstream, "POST", "/v1/messages", data, headers)
-        except ProxyError as e:
-            return self.vision_failure(route, e)
-        del data
-        def finish(reply):
-            # Before the response ends: a /status read (the status line) right after the
-            # turn finds its figures, and the next turn finds the description.
-            self.note_usage(model, reply.usage)
-            if route == "vision":
-                server.learn(reply.description(), model, new_keys)
-        try:
-            if resp.status >= 400 and route == "vision":
-                return self.vision_error(resp.status, self.read_error_body(resp))
-            if resp.status >= 400:
-                return self.relay_error(resp, estimate, context_length)
-            try:
-                head = self.read_stream_head(resp, upstream)
-            except ProxyError as e:
-                return self.vision_failure(route, e)
-            opening = opening_error(head) if head else None
-            if opening and route == "vision":
-                return self.vision_error(resp.status, opening.encode())
-            overflow = overflow_error(opening, estimate, context_length) if opening else None
-            if overflow:
-                return self.send_overflow(overflow)
-            reply = self.relay(resp, upstream, finish, head, keep_text=route == "vision")
-            if not reply.complete or reply.failed:      # finish was not called
-                self.note_usage(model, reply.usage)
-        finally:
-            conn.close()
-        if route == "vision" and reply.failed:
-            # Its answer had begun, so the coder cannot take this turn over; remembering the
-            # failure sends Claude Code's retry to the coder instead of failing the same way.
-            server.vision_failed(new_keys, short_reason(reply.failed))
-        if route == "vision" and reply.complete and not reply.failed and not reply.description():
-            # A bare tool call describes nothing: describe each image on its own, so the
-            # coder never loses sight of it, once the client has its answer.
-            self.end_response()
-            server.describe_images(clean["messages"], keys, new_keys, "fallback")
-
-    def vision_error(self, status, raw):
-        """A few words for the vision model's error answer (raw: its body or error event)."""
-        self.server.note_error(upstream_message(raw), status)
-        return short_reason(upstream_message(raw)) or "error %d" % status
-
-    def vision_failure(self, route, error):
-        """A few words for a ProxyError of the vision model's request; raise it again for the
-        coder's, and when the vision model shares the coder's server and that is down."""
-        server = self.server
-        if route != "vision" or (error.status == 529
-                                 and server.vision_upstream_url == server.upstream_url):
-            raise error
-        server.note_error(str(error), error.status)
-        return FAILURE_WORDS.get(error.status, "error %d" % error.status)
-
-    def end_response(self):
-        """Let the client go before slow work: its response is complete; close the
-        connection, so that its next request does not wait behind this thread."""
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def note_prompt(self, model, body, keys, length):
-        """Remember the prompt sent to model; return the route line's note on what it reuses.
-
-        Claude Code names its conversation in a header; other clients' are told apart
-        by their system text, tools and first message."""
-        names, digests, sizes = prompt_parts(body, keys)
-        conversation = (self.headers.get(SESSION_HEADER, "")[:100]
-                        or digests[:16 * (len(names) - len(body["messages"]) + 1)])
-        return reuse_note(length, self.server.memory.note_prompt(
-            conversation, model, names, digests, sizes, length))
-
-    def note_usage(self, model, usage):
-        """Log and keep the token counts the server reported for this turn, if it did."""
-        if "input_tokens" not in usage:
-            return
-        cached = usage.get("cache_read_input_tokens", 0)
-        log("usage [%s]: %d prompt tokens, %d of them from the server's cache"
-            % (model, usage["input_tokens"] + cached, cached))
-        self.server.memory.note_usage(model, usage)
-
-    def open_upstream(self, url, method, path, body, headers):
-        """open_upstream for this client: the upstream request ends if the client hangs up."""
-        conn, resp = open_upstream(url, method, path, body, headers, self.server.read_timeout,
-                                   self.server.connect_timeout, client=self.connection,
-                                   key=self.server.upstream_key)
-        self.upstream_sock = resp.upstream_sock
-        return conn, resp
-
-    def await_upstream(self, resp):
-        """Return once resp has bytes to read; raise ClientGone if the client hangs up first."""
-        await_upstream(self.upstream_sock, self.connection, self.server.read_timeout, resp)
-
-    def read_stream_head(self, resp, url):
-        """The first bytes of an upstream event stream (b"" for other bodies), read before our
-        status goes out, so what they say can still decide it (a status is sent once).
-
-        Reads until the first event is complete (or STREAM_HEAD_BYTES, or the end): one
-        read1 of a chunked body returns at most one chunk, and an opening error event
-        may come in several."""
-        if not is_event_stream(resp):
-            return b""
-        head = b""
-        try:
-            while len(head) < STREAM_HEAD_BYTES and not has_complete_event(head):
-                self.await_upstream(resp)
-                data = resp.read1(RELAY_BUFFER)
-                if not data:
-                    break
-                head += data
-            return head
-        except (OSError, http.client.HTTPException) as e:
-            raise upstream_failure(e, url) from None
-
-    def send_overflow(self, error):
-        """Answer a context overflow with Anthropic's "prompt is too long" (Claude Code compacts)."""
-        log("! context overflow upstream; answered %r" % error["error"]["message"])
-        self.outcome = error["error"]["message"]
-        self.send_json(400, error)
-
-    def read_error_body(self, resp):
-        """The first MAX_ERROR_BODY_BYTES of an upstream error's body (b"" if it breaks off)."""
-        try:
-            return resp.read(MAX_ERROR_BODY_BYTES)
-        except (OSError, http.client.HTTPException):
-            return b""
-
-    def relay_error(self, resp, estimate, context_length):
-        """Relay an upstream error in Anthropic's envelope with the server's own words.
-
-        A context overflow becomes Anthropic's "prompt is too long", on which Claude Code
-        compacts the conversation instead of giving up. What a retry cannot fix says so
-        (retry_headers). A 404 (a model the server does not have) goes out as 502: on a
-        404 Claude Code shows its own "issue with the selected model" text instead."""
-        raw = self.read_error_body(resp)
-        error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
-        if error:
-            return self.send_overflow(error)
-        self.outcome = upstream_message(raw)
-        self.server.note_error(self.outcome, resp.status)
-        self.close_connection = self.close_connection or not resp.isclosed()
-        status = 502 if resp.status == 404 else resp.status
-        wait = resp.getheader("retry-after")     # Claude Code honours it on a 429
-        self.send_json(status, anthropic_error(status, self.outcome),
-                       retry_headers(resp.status) + ([("Retry-After", wait)] if wait else []))
-
-    def relay(self, resp, url, learn=None, head=b"", keep_text=False):
-        """Relay the upstream's response: an event stream as it arrives, anything else whole;
-        return the reply as a ReplyCapture (a stream's text only with keep_text).
-
-        learn, if given, gets that capture once a complete successful reply is in and
-        before the response ends, so the next turn finds what it says in the cache.
-        head is what was already read of a stream."""
-        if self.command == "HEAD":
-            # No body, and the length the GET's body would have (RFC 9110 9.3.2).
-            length = resp.getheader("content-length", "")
-            self.send_upstream_headers(resp, ("Content-Length", length)
-                                       if re.fullmatch("[0-9]+", length) else None)
-            return ReplyCapture()
-        if not is_event_stream(resp):
-            try:
-                data = resp.read()
-            except (OSError, http.client.HTTPException) as e:
-                raise upstream_failure(e, url) from None
-            reply = ReplyCapture()
-            if resp.status == 200:
-                try:
-                    reply.feed_message(json.loads(data))
-                except (ValueError, RecursionError):
-                    pass
-            if learn and reply.complete:
-                learn(reply)
-            self.send_upstream_headers(resp, ("Content-Length", str(len(data))))
-            self.write_client(data)
-            return reply
-        return self.relay_stream(resp, learn, head, keep_text)
-
-    def relay_stream(self, resp, learn=None, head=b"", keep_text=False):
-        """Relay an SSE stream as it arrives: per upstream read, one chunk in one write.
-
-        Each chunk holds the events that read completed; the bytes of an event still
-        arriving wait for the next read. So a stream that breaks off hands the client
-        only whole events, then the error event."""
-        chunked = self.request_version == "HTTP/1.1"
-        if not chunked:
-            self.close_connection = True    # HTTP/1.0: the end of the body is the close
-        self.send_upstream_headers(resp, ("Transfer-Encoding", "chunked") if chunked else None)
-        self.stream_frame = encode_chunk if chunked else bytes
-        capture = ReplyCapture(keep_text=keep_text)
-        chunks = upstream_chunks(resp, head, lambda: self.await_upstream(resp))
-        partial, broken, gone = b"", None, False
-        while True:
-            try:
-                data = next(chunks, b"")
-            except (OSError, http.client.HTTPException) as e:
-                what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
-                broken = what, type(e).__name__
-                break
-            if not data:
-                if partial.strip():
-                    broken = "broke off", "it ended inside an event"
-                break
-            capture.feed(data)
-            data, partial = split_events(partial + data)
-            if data and not self.write_client(self.stream_frame(data)):
-                log("client went away mid-stream; closed the upstream request")
-                gone = True
-                break
-        if broken:
-            self.stream_failed(*broken)
-        if not capture.complete and not capture.failed and not gone and keep_text:
-            # Its answer is not whole (cut, stalled, or ended before message_stop): a
-            # failure of the model, which Claude Code's retry must not meet again.
-            capture.failed = "its answer %s" % (broken[0] if broken else "ended early")
-        if learn and capture.complete and not capture.failed:
-            learn(capture)      # before the response ends: the next turn finds it
-        if not broken and not gone:
-            self.end_stream()
-        return capture
-
-    def stream_failed(self, what, why):
-        """End a stream whose upstream failed: headers are out, so say it in band."""
-        log("! upstream stream %s (%s)" % (what, why))
-        self.outcome = "upstream stream %s" % what
-        self.server.note_error(self.outcome)
-        self.end_stream(sse_error_event("the model server's stream %s" % what, "overloaded_error"))
-        self.close_connection = True
-
-    def end_stream(self, event=b""):
-        """End the SSE body, after event if given, in one write."""
-        data = self.stream_frame(event) if event else b""
-        if self.stream_frame is encode_chunk:
-            data += b"0\r\n\r\n"
-        self.stream_frame = None
-        if data:
-            self.write_client(data)
+        with Relay.open(self, self.server.upstream_url, method, self.path, body, headers) as relay:
+            relay.send()
 
     routes = {
         ("GET", "/"): probe, ("HEAD", "/"): probe, ("HEAD", "/api/hello"): probe,
@@ -2620,19 +2449,392 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 ################ Relay
 
-# One upstream response relayed to the client: for now Handler.relay, relay_stream and
-# relay_error.
+class Relay:
+    """One upstream response, relayed to the client of a Handler: whole, as an event stream
+    as it arrives, or as an error in Anthropic's envelope.
+
+    open() sends the request and returns the Relay once the response's headers are in; as
+    a context manager it closes the upstream connection. read_head() and read_error_body()
+    read what may still decide our status (a status is sent once); send() relays the
+    response (send_whole, send_stream, pump, stream_failed); send_error() and
+    send_overflow() answer an upstream's refusal; send_headers() starts our response
+    with the upstream's headers; wait() returns once the upstream has bytes, watching
+    the client meanwhile."""
+
+    def __init__(self, handler, conn, resp, url):
+        self.handler = handler
+        self.conn = conn
+        self.resp = resp
+        self.url = url
+
+    @classmethod
+    def open(cls, handler, url, method, path, body, headers):
+        """Send a request for handler's client, which ends if the client hangs up; return its
+        Relay once the upstream's headers are in."""
+        server = handler.server
+        conn, resp = open_upstream(url, method, path, body, headers, server.read_timeout,
+                                   server.connect_timeout, client=handler.connection,
+                                   key=server.upstream_key)
+        return cls(handler, conn, resp, url)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.close()
+
+    def wait(self):
+        """Return once the response has bytes to read; raise ClientGone if the client hangs up first."""
+        await_upstream(self.resp.upstream_sock, self.handler.connection,
+                       self.handler.server.read_timeout, self.resp)
+
+    def read_head(self):
+        """The first bytes of an upstream event stream (b"" for other bodies), read before our
+        status goes out, so what they say can still decide it (a status is sent once).
+
+        Reads until the first event is complete (or STREAM_HEAD_BYTES, or the end): one
+        read1 of a chunked body returns at most one chunk, and an opening error event
+        may come in several."""
+        if not is_event_stream(self.resp):
+            return b""
+        head = b""
+        try:
+            while len(head) < STREAM_HEAD_BYTES and not has_complete_event(head):
+                self.wait()
+                data = self.resp.read1(RELAY_BUFFER)
+                if not data:
+                    break
+                head += data
+            return head
+        except (OSError, http.client.HTTPException) as e:
+            raise upstream_failure(e, self.url) from None
+
+    def read_error_body(self):
+        """The first MAX_ERROR_BODY_BYTES of an upstream error's body (b"" if it breaks off)."""
+        try:
+            return self.resp.read(MAX_ERROR_BODY_BYTES)
+        except (OSError, http.client.HTTPException):
+            return b""
+
+    def send_headers(self, framing=None):
+        """Send the upstream's status and headers, with our own framing header.
+
+        Hop-by-hop headers stay behind (RFC 9110 7.6.1), and so do the upstream's
+        Content-Length and Transfer-Encoding: http.client has undone its framing."""
+        handler = self.handler
+        handler.send_response(self.resp.status)
+        for name, value in filter_headers(self.resp.headers, DROP_RESPONSE_HEADERS):
+            handler.send_header(name, value)
+        if framing:
+            handler.send_header(*framing)
+        if handler.close_connection:
+            handler.send_header("Connection", "close")
+        handler.end_headers()
+
+    def send(self, learn=None, head=b"", keep_text=False):
+        """Relay the upstream's response: an event stream as it arrives, anything else whole;
+        return the reply as a ReplyCapture (a stream's text only with keep_text).
+
+        learn, if given, gets that capture once a complete successful reply is in and
+        before the response ends, so the next turn finds what it says in the cache.
+        head is what was already read of a stream."""
+        if self.handler.command == "HEAD":
+            # No body, and the length the GET's body would have (RFC 9110 9.3.2).
+            length = self.resp.getheader("content-length", "")
+            self.send_headers(("Content-Length", length) if re.fullmatch("[0-9]+", length)
+                              else None)
+            return ReplyCapture()
+        if not is_event_stream(self.resp):
+            return self.send_whole(learn)
+        return self.send_stream(learn, head, keep_text)
+
+    def send_whole(self, learn=None):
+        """Relay a response that is not an event stream in one write; return its ReplyCapture."""
+        try:
+            data = self.resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise upstream_failure(e, self.url) from None
+        reply = ReplyCapture()
+        if self.resp.status == 200:
+            try:
+                reply.feed_message(json.loads(data))
+            except (ValueError, RecursionError):
+                pass
+        if learn and reply.complete:
+            learn(reply)
+        self.send_headers(("Content-Length", str(len(data))))
+        self.handler.write_client(data)
+        return reply
+
+    def send_stream(self, learn=None, head=b"", keep_text=False):
+        """Relay an SSE stream as it arrives; return its ReplyCapture."""
+        handler = self.handler
+        chunked = handler.request_version == "HTTP/1.1"
+        if not chunked:
+            handler.close_connection = True     # HTTP/1.0: the end of the body is the close
+        self.send_headers(("Transfer-Encoding", "chunked") if chunked else None)
+        handler.stream_frame = encode_chunk if chunked else bytes
+        capture = ReplyCapture(keep_text=keep_text)
+        broken, gone = self.pump(upstream_chunks(self.resp, head, self.wait), capture)
+        if broken:
+            self.stream_failed(*broken)
+        if not capture.complete and not capture.failed and not gone and keep_text:
+            # Its answer is not whole (cut, stalled, or ended before message_stop): a
+            # failure of the model, which Claude Code's retry must not meet again.
+            capture.failed = "its answer %s" % (broken[0] if broken else "ended early")
+        if learn and capture.complete and not capture.failed:
+            learn(capture)      # before the response ends: the next turn finds it
+        if not broken and not gone:
+            handler.end_stream()
+        return capture
+
+    def pump(self, chunks, capture):
+        """Write the stream's events to the client: per upstream read, one chunk in one write.
+        Return (None or (what, why) the upstream's stream failed, whether the client left).
+
+        Each chunk holds the events that read completed; the bytes of an event still
+        arriving wait for the next read. So a stream that breaks off hands the client
+        only whole events, then the error event."""
+        partial = b""
+        while True:
+            try:
+                data = next(chunks, b"")
+            except (OSError, http.client.HTTPException) as e:
+                what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
+                return (what, type(e).__name__), False
+            if not data:
+                return (("broke off", "it ended inside an event") if partial.strip() else None), False
+            capture.feed(data)
+            data, partial = split_events(partial + data)
+            if data and not self.handler.write_client(self.handler.stream_frame(data)):
+                log("client went away mid-stream; closed the upstream request")
+                return None, True
+
+    def stream_failed(self, what, why):
+        """End a stream whose upstream failed: headers are out, so say it in band."""
+        handler = self.handler
+        log("! upstream stream %s (%s)" % (what, why))
+        handler.outcome = "upstream stream %s" % what
+        handler.server.note_error(handler.outcome)
+        handler.end_stream(sse_error_event("the model server's stream %s" % what,
+                                           "overloaded_error"))
+        handler.close_connection = True
+
+    def send_error(self, estimate, context_length):
+        """Relay an upstream error in Anthropic's envelope with the server's own words.
+
+        A context overflow becomes Anthropic's "prompt is too long", on which Claude Code
+        compacts the conversation instead of giving up. What a retry cannot fix says so
+        (retry_headers). A 404 (a model the server does not have) goes out as 502: on a
+        404 Claude Code shows its own "issue with the selected model" text instead."""
+        handler, resp = self.handler, self.resp
+        raw = self.read_error_body()
+        error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
+        if error:
+            return self.send_overflow(error)
+        handler.outcome = upstream_message(raw)
+        handler.server.note_error(handler.outcome, resp.status)
+        handler.close_connection = handler.close_connection or not resp.isclosed()
+        status = 502 if resp.status == 404 else resp.status
+        wait = resp.getheader("retry-after")     # Claude Code honours it on a 429
+        handler.send_json(status, anthropic_error(status, handler.outcome),
+                          retry_headers(resp.status) + ([("Retry-After", wait)] if wait else []))
+
+    def send_overflow(self, error):
+        """Answer a context overflow with Anthropic's "prompt is too long" (Claude Code compacts)."""
+        log("! context overflow upstream; answered %r" % error["error"]["message"])
+        self.handler.outcome = error["error"]["message"]
+        self.handler.send_json(400, error)
 
 
 ################ Turn
 
-# One /v1/messages turn: for now Handler.messages and send_turn.
+SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
+
+
+class Turn:
+    """One POST /v1/messages, read top to bottom in run(): clean the request, settle its
+    images, let the vision model try a turn that brings new ones, and let the coder
+    answer every other turn, and the turns the vision model fails.
+
+    run() is the turn and try_vision() the vision model's go at it; send() sends the turn
+    to one model (prepare) and relays the answer (answer, then after_vision); learn()
+    keeps what a whole reply says; vision_error() and vision_failure() put the vision
+    model's failures in a few words; note_prompt() and note_usage() keep the prompt
+    statistics."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.server = handler.server
+        self.vision = handler.server.vision
+
+    def run(self):
+        """Clean the request and settle what is known of its images; then the vision model
+        answers a turn with new images and the coder every other, or the coder when the
+        vision model fails."""
+        body, _ = self.handler.read_json()
+        self.clean = checked_request(body)
+        del body
+        self.keys = image_keys(self.clean["messages"])
+        self.descriptions, claimed = self.vision.settle(self.clean["messages"], self.keys,
+                                                        self.handler.connection)
+        try:
+            if claimed and not self.try_vision(claimed):
+                return
+        finally:
+            # Described, or failed and remembered: a turn waiting for these images need not
+            # wait for our coder turn too.
+            self.vision.release(claimed)
+        self.send([])
+
+    def try_vision(self, claimed):
+        """Give the vision model the claimed images: described (describe mode), or the turn to
+        answer. Return False when its answer went to the client, True when the coder answers."""
+        if self.server.vision_mode == "describe":
+            self.descriptions.update(self.vision.describe(
+                self.clean["messages"], self.keys, claimed, "describe", self.handler.connection))
+            return True
+        failure = self.send(claimed)
+        if failure is None:
+            return False
+        self.vision.failed(claimed, failure)
+        log("the coder answers instead")
+        return True
+
+    def send(self, new_keys):
+        """Send the turn to the vision model (new_keys: the images it is to see) or the coder,
+        and relay the answer. Return None; or, when the vision model failed before any
+        of its answer reached the client, a few words saying why."""
+        data, length = self.prepare(new_keys)
+        headers = [(k, v) for k, v in filter_headers(self.handler.headers, DROP_REQUEST_HEADERS)
+                   if k.lower() != "content-type"] + [("Content-Type", "application/json"),
+                                                      ("Content-Length", str(length))]
+        try:
+            relay = Relay.open(self.handler, self.upstream, "POST", "/v1/messages", data, headers)
+        except ProxyError as e:
+            return self.vision_failure(e)
+        del data
+        with relay:
+            reply, failure = self.answer(relay)
+        if reply is not None and self.route == "vision":
+            self.after_vision(reply)
+        return failure
+
+    def prepare(self, new_keys):
+        """Route the turn and encode it for its model; return (body bytes, their length).
+        The route, model and upstream are kept; the route line is logged and counted."""
+        server = self.server
+        self.new_keys = new_keys
+        self.route, self.model, messages, substituted = route_request(
+            self.clean, self.keys, self.descriptions, server.vision_model, server.coder_model,
+            new_keys, self.vision.failure_reasons(self.keys.values()))
+        self.upstream = server.vision_upstream_url if self.route == "vision" else server.upstream_url
+        self.context_length = server.model_info(self.model, self.upstream).get("context_length")
+        outgoing = {**self.clean, "model": self.model, "messages": messages}
+        length, data = encode_request(outgoing)
+        self.estimate = request_tokens(length, messages)
+        clamped = clamp_max_tokens(outgoing, self.estimate, self.context_length)
+        if clamped is not outgoing:
+            length, data = encode_request(clamped)
+        log("→ %s [%s]%s" % (self.route, self.model, self.note_prompt(outgoing, length)))
+        if substituted:
+            log("cached description for %d image(s)" % substituted)
+        server.count(self.route, self.model, self.upstream, length)
+        return data, length
+
+    def answer(self, relay):
+        """Relay the model's answer; return (its ReplyCapture, or None when none went out;
+        None, or why the vision model failed before any of its answer reached the client)."""
+        vision, status = self.route == "vision", relay.resp.status
+        if status >= 400 and vision:
+            return None, self.vision_error(status, relay.read_error_body())
+        if status >= 400:
+            relay.send_error(self.estimate, self.context_length)
+            return None, None
+        try:
+            head = relay.read_head()
+        except ProxyError as e:
+            return None, self.vision_failure(e)
+        opening = opening_error(head) if head else None
+        if opening and vision:
+            return None, self.vision_error(status, opening.encode())
+        overflow = overflow_error(opening, self.estimate, self.context_length) if opening else None
+        if overflow:
+            relay.send_overflow(overflow)
+            return None, None
+        reply = relay.send(self.learn, head, keep_text=vision)
+        if not reply.complete or reply.failed:      # learn was not called
+            self.note_usage(reply.usage)
+        return reply, None
+
+    def learn(self, reply):
+        """Keep what a whole reply says: its usage, and a vision answer as the images'
+        description. Called before the response ends: a /status read (the status line)
+        right after the turn finds its figures, and the next turn finds the description."""
+        self.note_usage(reply.usage)
+        if self.route == "vision":
+            self.vision.learn(reply.description(), self.model, self.new_keys)
+
+    def after_vision(self, reply):
+        """Once a vision answer went out: remember it if it failed midway; describe the images
+        if it described nothing."""
+        if reply.failed:
+            # Its answer had begun, so the coder cannot take this turn over; remembering the
+            # failure sends Claude Code's retry to the coder instead of failing the same way.
+            self.vision.failed(self.new_keys, short_reason(reply.failed))
+        elif reply.complete and not reply.description():
+            # A bare tool call describes nothing: describe each image on its own, so the
+            # coder never loses sight of it, once the client has its answer.
+            self.handler.end_response()
+            self.vision.describe(self.clean["messages"], self.keys, self.new_keys, "fallback")
+
+    def vision_error(self, status, raw):
+        """A few words for the vision model's error answer (raw: its body or error event)."""
+        self.server.note_error(upstream_message(raw), status)
+        return short_reason(upstream_message(raw)) or "error %d" % status
+
+    def vision_failure(self, error):
+        """A few words for a ProxyError of the vision model's request; raise it again for the
+        coder's, and when the vision model shares the coder's server and that is down."""
+        server = self.server
+        if self.route != "vision" or (error.status == 529
+                                      and server.vision_upstream_url == server.upstream_url):
+            raise error
+        server.note_error(str(error), error.status)
+        return FAILURE_WORDS.get(error.status, "error %d" % error.status)
+
+    def note_prompt(self, body, length):
+        """Remember the prompt sent to the model; return the route line's note on what it reuses.
+
+        Claude Code names its conversation in a header; other clients' are told apart
+        by their system text, tools and first message."""
+        names, digests, sizes = prompt_parts(body, self.keys)
+        conversation = (self.handler.headers.get(SESSION_HEADER, "")[:100]
+                        or digests[:16 * (len(names) - len(body["messages"]) + 1)])
+        return reuse_note(length, self.server.prompts.note_prompt(
+            conversation, self.model, names, digests, sizes, length))
+
+    def note_usage(self, usage):
+        """Log and keep the token counts the server reported for this turn, if it did."""
+        if "input_tokens" not in usage:
+            return
+        cached = usage.get("cache_read_input_tokens", 0)
+        log("usage [%s]: %d prompt tokens, %d of them from the server's cache"
+            % (self.model, usage["input_tokens"] + cached, cached))
+        self.server.prompts.note_usage(self.model, usage)
 
 
 ################ Server
 
 class Server(http.server.ThreadingHTTPServer):
-    """The router: settings, the description cache and counters live here."""
+    """The router: its settings, counters and /status, and what it knows of the upstreams'
+    models; the vision bookkeeping (vision) and the prompt statistics (prompts).
+
+    server_bind() and handle_error() adapt ThreadingHTTPServer. Counters: count() a routed
+    request, count_vision_call(), count_described(), note_model(), note_error(),
+    request_started() and request_ended(); status() is the /status document. Models:
+    known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
+    model_info() reads them; check_upstream() and preload() run at startup."""
 
     request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
     daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
@@ -2659,8 +2861,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.max_body_bytes = max_body_bytes
         self.models_ttl = models_ttl
         self.upstream_key = upstream_key        # sent to the model server(s); never shown
-        self.cache = DescriptionCache(cache_dir)
-        self.memory = TurnMemory()
+        self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
+        self.prompts = PromptMemory()
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
         self.errors = []                        # the last unexpected exceptions, as text
         self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
@@ -2713,6 +2915,16 @@ class Server(http.server.ThreadingHTTPServer):
             else:
                 self.note_model(upstream, model)
 
+    def count_vision_call(self, mode, prompt_bytes):
+        """Count one request to the vision model, of mode describe or fallback."""
+        with self.stats_lock:
+            self.add_vision_call(mode, prompt_bytes)
+
+    def count_described(self, images):
+        """Count images described, in either mode."""
+        with self.stats_lock:
+            self.stats["images_described"] += images
+
     def add_vision_call(self, mode, prompt_bytes):
         """Count one request to the vision model. Caller holds stats_lock."""
         calls, sent = self.stats["vision_calls"], self.stats["vision_prompt_bytes"]
@@ -2761,16 +2973,14 @@ class Server(http.server.ThreadingHTTPServer):
             startup = json.loads(json.dumps(self.startup))
             activity = {"uptime_s": round(time.monotonic() - self.started),
                         "in_flight": self.in_flight}
-        with self.cache.lock:
-            cache = {"entries": len(self.cache.entries), "hits": self.cache.hits,
-                     "misses": self.cache.misses, "file": self.cache.path}
+        cache = self.vision.cache.status()
         return {"version": VERSION, "pid": os.getpid(), "upstream": self.upstream_url,
                 "vision_upstream": self.vision_upstream_url, "vision_mode": self.vision_mode,
                 "coder": {"model": self.coder_model,
                           **self.model_info(self.coder_model, self.upstream_url)},
                 "vision": {"model": self.vision_model,
                            **self.model_info(self.vision_model, self.vision_upstream_url)},
-                "cache": cache, "prompt_cache": self.memory.prompt_status(), "startup": startup,
+                "cache": cache, "prompt_cache": self.prompts.prompt_status(), "startup": startup,
                 **activity, **stats}
 
     # The upstream's models.
@@ -2860,79 +3070,6 @@ class Server(http.server.ThreadingHTTPServer):
                 status = str(e)
             said.append("preload %s: %s" % (model, "loaded" if status == 200 else status))
         return said
-
-    # Descriptions.
-
-    def settle_images(self, messages, keys, client):
-        """Return (descriptions, claimed): the descriptions of the request's images, and the
-        new images of the user's turn that this request is now the one to send to the
-        vision model.
-
-        An image another request is describing is waited for (at most DESCRIPTION_WAIT),
-        so no image goes to the vision model twice; one it failed on recently is not
-        sent again and stays a marker saying why. Raise ClientGone if the client (its
-        socket) hangs up while it waits."""
-        deadline = time.monotonic() + DESCRIPTION_WAIT
-        while True:
-            descriptions = self.cache.lookup(keys.values())
-            unknown = [k for k in keys.values() if k not in descriptions]
-            failed = self.memory.recent_failures(unknown)
-            wanted = [k for k in new_image_keys(messages, keys, descriptions) if k not in failed]
-            claimed, busy = self.memory.claim(wanted, unknown)
-            if not busy or time.monotonic() >= deadline:
-                return descriptions, claimed
-            log("waiting for the description of %d image(s) being made" % len(busy))
-            for event in busy:
-                while not event.wait(min(HANGUP_CHECK, max(deadline - time.monotonic(), 0))):
-                    if time.monotonic() >= deadline:
-                        break
-                    if has_left(client):
-                        log("client went away while waiting for a description")
-                        raise ClientGone()
-
-    def vision_failed(self, keys, reason):
-        """Remember that the vision model could not read these images; say so in the log."""
-        self.memory.note_failure(keys, reason)
-        log("! the vision model could not read %d image(s): %s; not sent to it again for %ds"
-            % (len(keys), reason, self.memory.retry_after))
-
-    def describe_images(self, messages, keys, wanted, mode):
-        """Ask the vision model to describe each wanted image; store and return {key: text}.
-
-        One request per image keeps each description tied to its image; a few run at
-        once, since local servers serve several requests in parallel. An image it
-        cannot describe is remembered as failed."""
-        found = image_contexts(messages, keys, wanted)
-        with concurrent.futures.ThreadPoolExecutor(min(DESCRIBE_CONCURRENCY, len(found) or 1)) \
-                as pool:
-            jobs = {key: pool.submit(describe_image, self.vision_upstream_url, block, context,
-                                     self.vision_model, self.upstream_key)
-                    for key, (block, context) in found.items()}
-        described, failed = {}, {}
-        for key, job in jobs.items():
-            text, sent, failure = job.result()
-            with self.stats_lock:
-                self.add_vision_call(mode, sent)
-            if text:
-                described[key] = text
-            else:
-                failed.setdefault(failure, []).append(key)
-        with self.stats_lock:
-            self.stats["images_described"] += len(described)
-        self.cache.store(described, self.vision_model)
-        if described:
-            log("described %d image(s) with %s [%s]" % (len(described), mode, self.vision_model))
-        for reason, failed_keys in failed.items():
-            self.vision_failed(failed_keys, reason)
-        return described
-
-    def learn(self, text, model, new_keys):
-        """Keep a vision reply's text (a description, see description_text) for the new images."""
-        if not text:
-            return
-        self.cache.store({key: text for key in new_keys}, model)
-        with self.stats_lock:
-            self.stats["images_described"] += len(new_keys)
 
 
 ################ Main
@@ -3105,12 +3242,12 @@ def main(argv=None, environ=None):
     except OSError as e:
         sys.exit("claude-router: cannot listen on %s:%d: %s" % (args.host, args.port,
                                                                e.strerror or e))
-    loaded = server.cache.load()
+    loaded = server.vision.cache.load()
     log("🔀 claude-router on :%d" % server.server_port)
     log("coder → %s" % server.coder_model)
     log("vision → %s%s" % (server.vision_model, "" if server.vision_mode == "answer"
                            else " (describe mode)"))
-    log("cache: %d description(s) in %s" % (loaded, server.cache.path))
+    log("cache: %d description(s) in %s" % (loaded, server.vision.cache.path))
     for line in server.check_upstream(args.preload):
         log(line)
     with server:

@@ -687,10 +687,10 @@ class SmallTransformTest(unittest.TestCase):
                 self.assertNotRegex(expected, r"[\x00-\x1f<>]")
 
 
-class TurnMemoryTest(unittest.TestCase):
+class VisionMemoryTest(unittest.TestCase):
 
     def test_failures_keep_their_first_reason_are_bounded_and_retried_after_a_while(self):
-        memory = cr.TurnMemory(max_entries=2)
+        memory = cr.Vision(None, None, max_entries=2)
         memory.note_failure(["a"], "first")
         memory.note_failure(["a"], "second")
         self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})
@@ -703,14 +703,24 @@ class TurnMemoryTest(unittest.TestCase):
         self.assertEqual(memory.failure_reasons(["a", "b", "c"]), {"b": "b's", "c": "c's"})
 
     def test_claims_are_all_or_nothing_and_released_with_a_wake_up(self):
-        memory = cr.TurnMemory()
-        self.assertEqual(memory.claim(["a"], ["a"]), (["a"], []))
+        memory = cr.Vision(None, None)
+        self.assertEqual(memory.claim(["a"], ["a"]), (["a"], {}))
         claimed, busy = memory.claim(["b"], ["a", "b"])
         self.assertEqual((claimed, len(busy)), ([], 1))
         self.assertNotIn("b", memory.pending)
         memory.release(["a"])
-        self.assertTrue(busy[0].is_set())
-        self.assertEqual(memory.claim(["b"], ["a", "b"]), (["b"], []))
+        self.assertEqual(busy["a"].result(0), (None, None))     # released, nothing came of it
+        self.assertEqual(memory.claim(["b"], ["a", "b"]), (["b"], {}))
+
+    def test_a_waiting_turn_gets_the_description_or_the_failure_from_its_future(self):
+        memory = cr.Vision(None, None)
+        memory.claim(["a", "b"], ["a", "b"])
+        _, busy = memory.claim([], ["a", "b"])
+        memory.resolve(["a"], "a red square")
+        memory.resolve(["b"], failure="image input is not supported")
+        self.assertEqual({k: f.result(0) for k, f in busy.items()},
+                         {"a": ("a red square", None), "b": (None, "image input is not supported")})
+        self.assertEqual(memory.pending, {})
 
 
 class SettingsTest(unittest.TestCase):
@@ -1119,7 +1129,7 @@ class RouterTestCase(unittest.TestCase):
         url = getattr(upstream, "url", upstream) or "http://127.0.0.1:9"
         router = cr.Server(("127.0.0.1", 0), url, coder_model="CODER", vision_model="VISION",
                            cache_dir=self.cache_dir, **{**self.router_settings, **settings})
-        router.cache.load()
+        router.vision.cache.load()
         router.refresh_models()     # as main() does before it serves
         thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
         thread.start()
@@ -1280,7 +1290,7 @@ class RoutingTest(RouterTestCase):
         upstream = FakeUpstream(self, [stream_reply(text_events("cut"), cut_after=3)])
         self.start(upstream)
         self.post(request(user(image(PNG_A)), stream=True))
-        self.assertEqual(len(self.router.cache), 0)
+        self.assertEqual(len(self.router.vision.cache), 0)
 
     def test_count_tokens_and_models_and_status(self):
         upstream = FakeUpstream(self, listing={"object": "list", "data": [
@@ -1452,7 +1462,7 @@ class EndpointTest(RouterTestCase):
             system=[text("x-anthropic-billing-header: cc_version=1"), text("sys")],
             thinking={"type": "adaptive"}, context_management={}, output_config={},
             metadata={}, stream=False)
-        self.router.cache.store({key(PNG_A): "a chart"}, "VISION")
+        self.router.vision.cache.store({key(PNG_A): "a chart"}, "VISION")
         status, _, reply = self.post(body)
         self.assertEqual(status, 200, reply)
 
@@ -1589,7 +1599,7 @@ class CacheReportTest(RouterTestCase):
         self.assertLess(coder["totals"]["unchanged_bytes"], coder["totals"]["bytes"])
 
     def test_conversations_remembered_are_bounded_oldest_first(self):
-        memory = cr.TurnMemory(max_entries=2)
+        memory = cr.PromptMemory(max_entries=2)
         names, digests, sizes = cr.prompt_parts({"messages": [user(text("q"))]}, {})
         for conversation in ("a", "b", "a", "c", "b", "a"):
                 memory.note_prompt(conversation, "M", names, digests, sizes, 99)
@@ -1606,7 +1616,7 @@ class EstimateTest(RouterTestCase):
         upstream = FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 16384}}]},
                                 count_tokens=(404, {"error": "no"}))
         self.start(upstream)
-        self.router.cache.store({key(shot): "a login form"}, "VISION")
+        self.router.vision.cache.store({key(shot): "a login form"}, "VISION")
         history = [user(text("look"), image(shot)), assistant(text("A login form.")),
                    user(tool_result("t0", text("x")), text("fix it"))]
         self.post(request(*history))
@@ -1662,7 +1672,7 @@ class VisionFailureTest(RouterTestCase):
         for body in upstream.posts()[2:]:
             self.assertEqual(body["messages"][0]["content"][:2], first["messages"][0]["content"])
         # Once retry_after has passed, the image of the user's turn is tried again.
-        self.router.memory.retry_after = 0
+        self.router.vision.retry_after = 0
         self.post(request(*turn))
         self.assertEqual([b["model"] for b in upstream.posts()[5:]], ["VISION", "CODER"])
         self.assertEqual(upstream.posts()[-1]["messages"], first["messages"])
@@ -1786,7 +1796,7 @@ class VisionFailureTest(RouterTestCase):
                 self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
                 self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
                                  text("<<IMAGE DESCRIPTION: a red square>>"))
-                self.assertEqual(router.memory.failures, {})
+                self.assertEqual(router.vision.failures, {})
                 shutil.rmtree(self.cache_dir)
                 os.mkdir(self.cache_dir)
 
@@ -1797,7 +1807,7 @@ class VisionFailureTest(RouterTestCase):
         router = self.start(url)
         status, _, reply = self.post(request(user(image(PNG_B))))
         self.assertEnvelope(status, reply, 529, "overloaded_error")
-        self.assertEqual(router.memory.failures, {})
+        self.assertEqual(router.vision.failures, {})
 
     def test_failed_describe_is_not_followed_by_the_vision_model(self):
         # Describe mode made two calls per retry: the failed describe, then the whole
@@ -2426,7 +2436,7 @@ class FaultTest(RouterTestCase):
         self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
         # Python 3.9: socket.timeout is not TimeoutError, and a stall read as a break.
         self.assertIn("stalled", data["error"]["message"])
-        self.assertEqual(len(self.router.cache), 0)
+        self.assertEqual(len(self.router.vision.cache), 0)
 
     def test_upstream_cut_mid_stream_ends_cleanly_and_caches_nothing(self):
         events = text_events("half a description")
@@ -2435,7 +2445,7 @@ class FaultTest(RouterTestCase):
         status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
         self.assertTrue(raw.startswith(sse(*events[:4])))
         self.assertIn(b"event: error", raw[len(sse(*events[:4])):])
-        self.assertEqual(len(self.router.cache), 0)
+        self.assertEqual(len(self.router.vision.cache), 0)
         self.assertEqual(self.call("GET", "/")[0], 200)
 
     def test_upstream_cut_inside_an_event_never_reaches_the_client_half_sent(self):
@@ -2461,7 +2471,7 @@ class FaultTest(RouterTestCase):
                 event_name, data = cr.parse_sse_event(raw[len(complete):])
                 self.assertEqual((event_name, data["error"]["type"]), ("error", "overloaded_error"))
                 self.assertEqual(raw.count(b"\n\n"), complete.count(b"\n\n") + 1)
-                self.assertEqual(len(self.router.cache), 0)
+                self.assertEqual(len(self.router.vision.cache), 0)
 
     def test_events_that_are_not_objects_do_not_tear_a_vision_stream(self):
         events = [text_events("seen")[0], ("content_block_delta", "a string"),
@@ -2482,7 +2492,7 @@ class FaultTest(RouterTestCase):
         self.start(upstream)
         status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
         self.assertEqual((status, raw), (200, deep + sse(*events)))
-        self.assertEqual(self.router.cache.lookup([key(PNG_A)]), {key(PNG_A): "seen"})
+        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]), {key(PNG_A): "seen"})
 
     def test_client_disconnect_closes_the_upstream(self):
         gate = threading.Event()
@@ -2566,12 +2576,9 @@ class BrokenHandler(cr.Handler):
         raise KeyError("simulated bug")
 
     def fail_mid_stream(self):
-        conn, resp = self.open_upstream(self.server.upstream_url, "POST", "/v1/messages", b"{}",
-                                        {"Content-Type": "application/json"})
-        try:
-            self.relay(resp, self.server.upstream_url, learn=lambda text: {}["simulated bug"])
-        finally:
-            conn.close()
+        with cr.Relay.open(self, self.server.upstream_url, "POST", "/v1/messages", b"{}",
+                           {"Content-Type": "application/json"}) as relay:
+            relay.send(learn=lambda text: {}["simulated bug"])
 
     routes = {**cr.Handler.routes, ("GET", "/fail"): fail,
               ("GET", "/fail-mid-stream"): fail_mid_stream}
@@ -2795,7 +2802,7 @@ class VisionModeTest(RouterTestCase):
                    user(tool_result("t1", image(PNG_A)))]
         self.post(request(*history))
         self.post(request(*history, assistant(text("A login form.")), user(text("fix it"))))
-        self.assertEqual(self.router.cache.lookup([key(PNG_A)]),
+        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]),
                          {key(PNG_A): "A login form. The button is red."})
 
     def test_describe_context_echoed_by_the_vision_model_is_not_stored(self):
@@ -2806,7 +2813,7 @@ class VisionModeTest(RouterTestCase):
         vision = FakeUpstream(self, default=echo)
         self.start(FakeUpstream(self), vision_upstream_url=vision.url, vision_mode="describe")
         self.post(request(user(text("what shape?"), image(PNG_A))))
-        self.assertEqual(self.router.cache.lookup([key(PNG_A)]), {key(PNG_A): "A red square."})
+        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]), {key(PNG_A): "A red square."})
 
     def test_vision_upstream_is_separate_from_the_coder_upstream(self):
         vision = FakeUpstream(self, [json_reply(message_json("A diagram."))])
