@@ -31,6 +31,7 @@ Design and settings: README.md beside this file.
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import fcntl
 import hashlib
 import hmac
@@ -1042,7 +1043,7 @@ class PromptMemory:
     def prompt_status(self):
         """{model: last turn's figures and running totals}, for /status."""
         with self.lock:
-            return json.loads(json.dumps(self.prompt_stats))
+            return copy.deepcopy(self.prompt_stats)
 
 
 ################ Event streams
@@ -2408,21 +2409,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         _, _, clean["messages"], _ = route_request(
             clean, keys, server.vision.cache.lookup(keys.values()), "", "", [])
         clean["model"] = server.coder_model
-        if server.upstream_counts_tokens is not False:
-            try:
-                status, reply = fetch_json(server.upstream_url, "POST",
-                                           "/v1/messages/count_tokens", clean,
-                                           key=server.upstream_key)
-            except ProxyError:
-                status, reply = 0, None
-            if status == 200 and isinstance(reply, dict) and type(reply.get("input_tokens")) is int:
-                server.upstream_counts_tokens = True
-                return self.send_json(200, {"input_tokens": reply["input_tokens"]})
-            if status in (200, 404, 405, 501):
-                # LM Studio answers 200 with an error text, Ollama 404 (backends.md).
-                server.upstream_counts_tokens = False
-        length, _ = encode_request(clean)
-        self.send_json(200, {"input_tokens": request_tokens(length, clean["messages"])})
+        counted = server.upstream_token_count(clean)
+        if counted is None:
+            length, _ = encode_request(clean)
+            counted = request_tokens(length, clean["messages"])
+        self.send_json(200, {"input_tokens": counted})
 
     def messages(self):
         """POST /v1/messages: one turn, routed to a model (see Turn)."""
@@ -2834,7 +2825,8 @@ class Server(http.server.ThreadingHTTPServer):
     request, count_vision_call(), count_described(), note_model(), note_error(),
     request_started() and request_ended(); status() is the /status document. Models:
     known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
-    model_info() reads them; check_upstream() and preload() run at startup."""
+    model_info() reads them; upstream_token_count() asks the coder's server for a count;
+    check_upstream() and preload() run at startup."""
 
     request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
     daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
@@ -2969,8 +2961,8 @@ class Server(http.server.ThreadingHTTPServer):
     def status(self):
         """The /status document."""
         with self.stats_lock:
-            stats = json.loads(json.dumps(self.stats))
-            startup = json.loads(json.dumps(self.startup))
+            stats = copy.deepcopy(self.stats)
+            startup = copy.deepcopy(self.startup)
             activity = {"uptime_s": round(time.monotonic() - self.started),
                         "in_flight": self.in_flight}
         cache = self.vision.cache.status()
@@ -3026,6 +3018,25 @@ class Server(http.server.ThreadingHTTPServer):
         if info is None:
             return {"server": kind} if kind else {}
         return {**info, "server": kind, **({"served_by": served} if served != model else {})}
+
+    def upstream_token_count(self, body):
+        """The coder's server's count of body's input tokens; None when it cannot count them.
+
+        A server that answers without a count is not asked again."""
+        if self.upstream_counts_tokens is False:
+            return None
+        try:
+            status, reply = fetch_json(self.upstream_url, "POST", "/v1/messages/count_tokens",
+                                       body, key=self.upstream_key)
+        except ProxyError:
+            status, reply = 0, None
+        if status == 200 and isinstance(reply, dict) and type(reply.get("input_tokens")) is int:
+            self.upstream_counts_tokens = True
+            return reply["input_tokens"]
+        if status in (200, 404, 405, 501):
+            # LM Studio answers 200 with an error text, Ollama 404 (backends.md).
+            self.upstream_counts_tokens = False
+        return None
 
     def check_upstream(self, preload=False):
         """Look at the upstreams' models now; return the banner lines: what was found, then

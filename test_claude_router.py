@@ -2734,6 +2734,32 @@ class VisionModeTest(RouterTestCase):
             json_reply(message_json(reply))(handler)
         return FakeUpstream(self, default=describe)
 
+    def test_a_client_hanging_up_during_a_describe_closes_the_describe_request(self):
+        # A describe request was sent without watching the client: after Esc, the vision
+        # model went on describing for nobody, and the claim held the next turn back.
+        arrived, closed = threading.Event(), threading.Event()
+
+        def silent(handler):
+            arrived.set()
+            handler.close_connection = True
+            if sees_close(handler.connection):
+                closed.set()
+
+        upstream = FakeUpstream(self, [silent, json_reply(message_json("A red square.")),
+                                       json_reply(message_json("Done."))])
+        router = self.start(upstream, vision_mode="describe")
+        sock = self.post_raw(request(user(text("look"), image(PNG_A))))
+        self.assertTrue(arrived.wait(TIMEOUT))
+        sock.close()
+        self.assertTrue(closed.wait(TIMEOUT), "the describe request stayed open")
+        self.assertIn("client went away", self.log.getvalue())
+        # Neither a failure nor a claim is left: the retry describes the image.
+        status, _, reply = self.post(request(user(text("look"), image(PNG_A))))
+        self.assertEqual((status, reply["content"]), (200, [text("Done.")]))
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(
+            text("look"), text("<<IMAGE DESCRIPTION: A red square.>>"))])
+        self.assertEqual(router.vision.failures, {})
+
     def test_describe_mode_asks_per_image_then_the_coder_answers(self):
         vision = self.describer(self)
         coder = FakeUpstream(self, [stream_reply(text_events("Fixed."))])
