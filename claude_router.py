@@ -24,6 +24,8 @@ Environment (each is the default of the flag of the same name; see --help):
   CLAUDE_ROUTER_TOKEN                          required of clients when set
   CLAUDE_ROUTER_UPSTREAM_KEY                   sent to the model server(s) as a Bearer key
   CLAUDE_ROUTER_PRELOAD, CLAUDE_ROUTER_VERBOSE 1 to load missing models / log requests
+  CLAUDE_ROUTER_WARM                           0 not to warm the coder's prompt cache ahead
+  CLAUDE_ROUTER_SIDE_MODEL, _SIDE_UPSTREAM     where side requests (titles) go (the coder)
 
 Design and settings: README.md beside this file.
 """
@@ -90,6 +92,15 @@ CACHE_FILE = "descriptions.jsonl"           # one JSON object per line, append-o
 CACHE_LOCK_FILE = "descriptions.lock"       # flock()ed by every router sharing the dir
 CACHE_MAX_ENTRIES = 10_000                  # oldest are evicted past this
 CACHE_REWRITE_FACTOR = 2                    # rewrite the file when it holds this many x max
+
+# Warming the coder's prompt cache before the user asks (the Warm-up banner).
+WARM = True                                 # warm the coder at start and after its cache is lost
+HEADS_FILE = "heads.json"                   # coder prompt heads kept for that, in the cache dir
+HEADS_KEPT = 16                             # (model, upstream) pairs whose head is kept
+
+# Side requests (session titles and other auxiliary requests): empty sends them to the coder.
+SIDE_MODEL = ""                             # the model for them; empty: the coder model
+SIDE_UPSTREAM_URL = ""                      # its server; empty: UPSTREAM_URL
 
 # Limits and timeouts.
 MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs with screenshots
@@ -335,6 +346,29 @@ def json_depth(value):
                  if isinstance(v, (dict, list))]
     return deepest
 
+
+# Claude Code's gateway hint headers (sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1, which
+# claude-local sets): what kind of request this is. They are for the router only and never
+# go upstream (a server could take them for part of the request, and they change per turn).
+CLASS_HEADER = "x-claude-code-request-class"        # main, subagent, compaction, auxiliary...
+COMPACTION_HEADER = "x-claude-code-compaction"      # manual, auto or reactive: a summary request
+COMPACTED_HEADER = "x-claude-code-context-compacted"    # the first main turn after a compaction
+HINT_HEADERS = frozenset({
+    CLASS_HEADER, COMPACTION_HEADER, COMPACTED_HEADER, "x-claude-1p-request-class",
+    "x-claude-code-prompt-id", "x-claude-code-prev-tool-durations"})
+
+
+def request_class(headers):
+    """The request's class as Claude Code's hint header names it, lower case; "" without one."""
+    return headers.get(CLASS_HEADER, "").strip().lower()[:40]
+
+
+def is_side_request(headers, body):
+    """True for a side request (a session title, a check): auxiliary by its hint header, or,
+    without one, a request that offers no tools (every main, subagent and compaction
+    turn of Claude Code does)."""
+    klass = request_class(headers)
+    return klass == "auxiliary" if klass else "tools" not in body
 
 ROLES = frozenset({"user", "assistant", "system"})
 TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
@@ -980,6 +1014,38 @@ def reuse_note(sent, reuse):
 USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "output_tokens")
 
 
+# What an auxiliary request is for, by a phrase of its system prompt (Claude Code 2.1.332).
+AUXILIARY_LABELS = (("naming a coding session", "session title"),
+                    ("security monitor for autonomous", "auto mode check"))
+
+
+def conversation_key(session, klass, names, digests, messages):
+    """The key of a prompt's books: its conversation, then its request class.
+
+    A conversation is Claude Code's session id, or else the hashes of its system text,
+    tools and first message. Within one, each class of request (Claude Code's hint
+    header; without it, the system text) is compared only with its own last prompt, so
+    a session-title request between two main turns does not read as the main prompt
+    having changed from the system on."""
+    head = digests[:16 * (len(names) - messages + 1)]
+    system = digests[:16] if names and names[0] == "system" else b""
+    return (session or head, klass or system)
+
+
+def class_note(klass, compaction, compacted, system):
+    """The route line's words on a request that is not a plain main turn ("" for one)."""
+    note = ""
+    if klass and klass != "main":
+        note = ", " + escape_log(klass)
+        label = next((label for phrase, label in AUXILIARY_LABELS
+                      if klass == "auxiliary" and phrase in system), None)
+        if label or compaction:
+            note += ": " + (label or "%s compaction" % escape_log(compaction[:20]))
+    if compacted:
+        note += ", the first turn after a compaction"
+    return note
+
+
 def usage_numbers(usage):
     """The token counts of an Anthropic usage object that are numbers."""
     if not isinstance(usage, dict):
@@ -1189,7 +1255,7 @@ def sse_error_event(message, kind="api_error"):
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
-DROP_REQUEST_HEADERS = HOP_BY_HOP | {
+DROP_REQUEST_HEADERS = HOP_BY_HOP | HINT_HEADERS | {
     "host", "content-length", "accept-encoding", "x-api-key", "authorization",
     "anthropic-beta", "origin", "cookie"}
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
@@ -1219,7 +1285,7 @@ def upstream_failure(error, url, connecting=False):
 
 
 def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
-                  connect_timeout=CONNECT_TIMEOUT, client=None, key=""):
+                  connect_timeout=CONNECT_TIMEOUT, client=None, key="", on_connect=None):
     """Send one request to the server at url; return (conn, resp) once its headers are in.
 
     The only place that opens upstream connections and knows their timeouts. One
@@ -1229,7 +1295,8 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
     streams on while a dead server is noticed.
     With client (its socket), raise ClientGone if it hangs up before the headers.
     key, if set, goes as a Bearer token (LM Studio's "Require Authentication",
-    llama-server's and vLLM's --api-key); the client's own credentials never do."""
+    llama-server's and vLLM's --api-key); the client's own credentials never do.
+    on_connect, if given, gets the connected socket, for another thread to shut down."""
     if key:
         headers = [*dict(headers).items(), ("Authorization", "Bearer " + key)]
     parts = urllib.parse.urlsplit(url)
@@ -1241,6 +1308,8 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
         raise upstream_failure(e, url, connecting=True) from None
     try:
         conn.sock.settimeout(read_timeout)
+        if on_connect:
+            on_connect(conn.sock)
         conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
         if client is not None:
             await_upstream(conn.sock, client, read_timeout)
@@ -1350,6 +1419,25 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
         return resp.status, json.loads(raw)
     except ValueError:
         return resp.status, None
+
+
+def server_start_mark(url, timeout=CONNECT_TIMEOUT, key=""):
+    """A mark of llama-server's /props that is new each time the server starts, "sleeping"
+    while it has unloaded its model, or None when it shows none.
+
+    Its media_marker is drawn at random as the server starts (seen with b10434: a restart
+    changed it); the build and model path are part of the mark too, so a new build or
+    another model in its place counts as a restart."""
+    try:
+        status, props = fetch_json(url, "GET", "/props", read_timeout=timeout,
+                                   connect_timeout=timeout, key=key)
+    except ProxyError:
+        return None
+    if status != 200 or not isinstance(props, dict) or not props.get("media_marker"):
+        return None
+    if props.get("is_sleeping") is True:     # --sleep-idle-seconds: its model is unloaded
+        return "sleeping"
+    return "%s %s %s" % (props["media_marker"], props.get("build_info"), props.get("model_path"))
 
 
 def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
@@ -2301,12 +2389,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.refresh_due = True
             self.close_connection = True
         self.sent_status = self.outcome = None
+        self.rewarm = None      # a Turn sets the conversation whose coder prompt to send again
         started = server.request_started()
         try:
             self.handle_request("POST")
         finally:
             log(outcome_line(self.sent_status, server.request_ended(started, self.sent_status),
                              self.outcome))
+        if self.rewarm is not None:
+            server.warm("after a vision turn", server.warmer.prompt_of(self.rewarm))
 
     def read_body(self):
         """Return the request body (read before dispatch), letting go of it here."""
@@ -2388,7 +2479,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"ok": True, "service": "claude-router", "version": VERSION})
 
     def status(self):
-        """GET /status: what the router knows, without asking the upstream."""
+        """GET /status: what the router knows, without asking the upstream.
+
+        When warm-ups are on, a stale model list is looked at after the answer, on a
+        closed connection: claude-local reads /status as Claude Code starts, so a server
+        restarted since the last look gets its warm-up then."""
+        if self.server.warmer.enabled and self.server.claim_refresh():
+            self.refresh_due = True
+            self.close_connection = True
         self.send_json(200, self.server.status())
 
     def models(self):
@@ -2719,7 +2817,11 @@ class Turn:
         self.route, self.model, messages, substituted = route_request(
             self.clean, self.keys, self.descriptions, server.vision_model, server.coder_model,
             new_keys, self.vision.failure_reasons(self.keys.values()))
-        self.upstream = server.vision_upstream_url if self.route == "vision" else server.upstream_url
+        if self.route == "coder" and server.side_model and is_side_request(self.handler.headers,
+                                                                           self.clean):
+            self.route, self.model = "side", server.side_model
+        self.upstream = {"vision": server.vision_upstream_url,
+                         "side": server.side_upstream_url}.get(self.route, server.upstream_url)
         self.context_length = server.model_info(self.model, self.upstream).get("context_length")
         outgoing = {**self.clean, "model": self.model, "messages": messages}
         length, data = encode_request(outgoing)
@@ -2728,6 +2830,7 @@ class Turn:
         if clamped is not outgoing:
             length, data = encode_request(clamped)
         log("→ %s [%s]%s" % (self.route, self.model, self.note_prompt(outgoing, length)))
+        self.note_warm_up(outgoing)
         if substituted:
             log("cached description for %d image(s)" % substituted)
         server.count(self.route, self.model, self.upstream, length)
@@ -2798,12 +2901,36 @@ class Turn:
         """Remember the prompt sent to the model; return the route line's note on what it reuses.
 
         Claude Code names its conversation in a header; other clients' are told apart
-        by their system text, tools and first message."""
+        by their system text, tools and first message. Within one, each request class
+        keeps its own books (conversation_key)."""
+        headers = self.handler.headers
         names, digests, sizes = prompt_parts(body, self.keys)
-        conversation = (self.handler.headers.get(SESSION_HEADER, "")[:100]
-                        or digests[:16 * (len(names) - len(body["messages"]) + 1)])
+        self.klass = request_class(headers)
+        self.conversation = conversation_key(headers.get(SESSION_HEADER, "")[:100], self.klass,
+                                             names, digests, len(body["messages"]))
+        system = content_text(body.get("system")) if self.klass == "auxiliary" else ""
         return reuse_note(length, self.server.prompts.note_prompt(
-            conversation, self.model, names, digests, sizes, length))
+            self.conversation, self.model, names, digests, sizes, length)) + class_note(
+            self.klass, headers.get(COMPACTION_HEADER, ""), COMPACTED_HEADER in headers, system)
+
+    def note_warm_up(self, body):
+        """Keep what a warm-up needs from a main coder turn: its prompt's head and the prompt;
+        mark a vision turn that swapped the coder out on its server for a warm-up after it."""
+        server = self.server
+        if not server.warmer.enabled:
+            return
+        if self.route == "coder" and self.klass in ("", "main") and "tools" in body:
+            server.warmer.remember(self.model, self.upstream, body)
+            server.warmer.note_prompt(self.conversation, body)
+
+        def served(name):
+            return server.model_info(name, self.upstream).get("served_by", name)
+        # Answer mode on one server: the vision model answered, so on a machine that holds
+        # one model at a time the coder, and its cache, are gone.
+        swapped = self.route == "vision" and server.vision_mode == "answer" and \
+            self.upstream == server.upstream_url and served(self.model) != served(
+                server.coder_model)
+        self.handler.rewarm = self.conversation if swapped else None
 
     def note_usage(self, usage):
         """Log and keep the token counts the server reported for this turn, if it did."""
@@ -2813,6 +2940,231 @@ class Turn:
         log("usage [%s]: %d prompt tokens, %d of them from the server's cache"
             % (self.model, usage["input_tokens"] + cached, cached))
         self.server.prompts.note_usage(self.model, usage)
+
+
+# Warm-ups. A local server reuses its cache only for the unchanged head of a prompt, and
+# Claude Code's first prompt is some 12k tokens of system text, tools and environment
+# that every session sends alike: minutes on a CPU, on every first turn after the server
+# (re)started or (re)loaded the coder. The router sends that head ahead of the user, and
+# after a vision turn swapped the coder out, the conversation's last coder prompt.
+
+WARM_UP_TEXT = "."                          # the user text after the head in a warm-up
+
+
+def prompt_head(body):
+    """The head of a coder prompt as sent: {system, tools, tool_choice (those it has),
+    "reminders": the <system-reminder> blocks that open its first user message}.
+
+    Claude Code's environment (cwd, platform, date) opens the first user message; with
+    it, a warm-up covers all but the user's own words (measured: 11,693 of 11,705 tokens
+    of the next first turn, against 9,417 with system and tools alone)."""
+    head = {k: body[k] for k in ("system", "tools", "tool_choice") if k in body}
+    first = body["messages"][0] if body["messages"] else {}
+    reminders = []
+    for block in first.get("content", []) if first.get("role") == "user" else []:
+        if block.get("type") != "text" or not block["text"].startswith("<system-reminder>"):
+            break
+        reminders.append(block)
+    return {**head, "reminders": reminders}
+
+
+def warm_up_request(model, head):
+    """The warm-up request for a prompt head: encoded as a turn is, one token of answer."""
+    fields = {k: v for k, v in head.items() if k != "reminders"}
+    message = {"role": "user", "content": [*head["reminders"], text_block(WARM_UP_TEXT)]}
+    return {"model": model, **fields, "messages": [message], "max_tokens": 1, "stream": False}
+
+
+class Warmer:
+    """The heads of coder prompts (kept on disk) and the one warm-up that may run.
+
+    remember / head_request: keep a coder prompt's head per (model, upstream), on disk
+    only when it changes; load reads them back at start (a damaged file is ignored
+    with one warning). note_prompt / prompt_of: the last coder prompt, whole, for
+    the warm-up after a vision turn. claim, run, attach, cancel: one warm-up at a
+    time (Server.warm starts it); a turn that arrives cancels it at once. status:
+    /status's warm_up."""
+
+    def __init__(self, directory, enabled):
+        self.enabled = enabled              # False: no warm-ups and no heads file
+        self.path = os.path.join(directory or CACHE_DIR, HEADS_FILE)
+        self.lock = threading.Lock()        # guards heads, last_prompt, and the warm-up fields
+        self.write_lock = threading.Lock()  # one writer of the file at a time, in order
+        self.heads = {}                     # (model, upstream) -> the head as JSON text
+        self.last_prompt = None             # (conversation, the last coder prompt's body)
+        self.running = None                 # the warm-up running: {reason, what, started}
+        self.sock = None                    # its upstream socket, once connected
+        self.cancelled = None               # why a turn cancelled it
+        self.last = None                    # the last warm-up's figures, for /status
+        self.idle = threading.Event()       # set while no warm-up runs
+        self.idle.set()
+
+    # Heads.
+
+    def load(self):
+        """Read the heads file, if any; a damaged one is ignored with one warning line."""
+        if not self.enabled:
+            return 0
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                records = json.load(f, parse_constant=reject_constant)["heads"]
+            heads = {(r["model"], r["upstream"]): json.dumps(r["head"]) for r in records
+                     if isinstance(r["head"], dict) and isinstance(r["head"]["reminders"], list)}
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log("! warm-up: ignored %s, which is damaged (%s); the next turn rewrites it"
+                % (self.path, type(e).__name__))
+            return 0
+        with self.lock:
+            self.heads = heads
+        return len(heads)
+
+    def remember(self, model, upstream, body):
+        """Keep the head of a coder prompt sent to model on upstream; write the file if it changed."""
+        head = json.dumps(prompt_head(body))
+        with self.lock:
+            if self.heads.get((model, upstream)) == head:
+                return
+            self.heads.pop((model, upstream), None)
+            self.heads[(model, upstream)] = head
+            drop_oldest(self.heads, HEADS_KEPT)
+        self.write()
+
+    def write(self):
+        """Write the heads file whole: a new file put in place (os.replace), private (0600).
+
+        Written only when a head changes, which is once per conversation at most."""
+        with self.write_lock:
+            with self.lock:
+                heads = list(self.heads.items())
+            text = json.dumps({"heads": [{"model": m, "upstream": u, "head": json.loads(h)}
+                                         for (m, u), h in heads]})
+            temporary = "%s.%d.tmp" % (self.path, os.getpid())
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(temporary, self.path)
+            except OSError as e:
+                log("! warm-up: cannot write %s: %s" % (self.path, e.strerror or e))
+
+    def head_request(self, model, upstream):
+        """The warm-up request for the head kept for model on upstream, or None."""
+        with self.lock:
+            head = self.heads.get((model, upstream))
+        return warm_up_request(model, json.loads(head)) if head else None
+
+    def note_prompt(self, conversation, body):
+        """Keep the last coder prompt (its body), in case a vision turn swaps the coder out."""
+        with self.lock:
+            self.last_prompt = conversation, body
+
+    def prompt_of(self, conversation):
+        """The last coder prompt of conversation as a warm-up request, or None."""
+        with self.lock:
+            kept, body = self.last_prompt or (None, None)
+        if kept != conversation or body is None:
+            return None
+        return {**body, "max_tokens": 1, "stream": False}
+
+    # The warm-up.
+
+    def claim(self, reason, what):
+        """Mark a warm-up as running and return True, unless one already is."""
+        with self.lock:
+            if self.running:
+                return False
+            self.running = {"reason": reason, "what": what, "started": time.monotonic()}
+            self.sock, self.cancelled = None, None
+            self.idle.clear()
+            return True
+
+    def attach(self, sock):
+        """Note the running warm-up's upstream socket (open_upstream's on_connect)."""
+        with self.lock:
+            self.sock = sock
+            cancelled = self.cancelled
+        if cancelled:
+            shut_down(sock)
+
+    def cancel(self, why):
+        """Stop the running warm-up, if any, by closing its upstream connection.
+
+        llama-server drops the task of a closed connection and keeps in its cache what it
+        had read; a turn then starts at once and reuses that, where waiting would make it
+        queue behind the warm-up (a one-slot server serves one prompt at a time)."""
+        with self.lock:
+            if not self.running or self.cancelled:
+                return
+            self.cancelled = why
+            sock = self.sock
+        if sock is not None:
+            shut_down(sock)
+
+    def run(self, url, body, key, read_timeout, connect_timeout):
+        """Send the claimed warm-up to url and say what it cost (a warm-up thread's target)."""
+        length, data = encode_request(body)
+        headers = {"Content-Type": "application/json", "Content-Length": str(length)}
+        usage, failure = {}, None
+        try:
+            conn, resp = open_upstream(url, "POST", "/v1/messages", data, headers, read_timeout,
+                                       connect_timeout, key=key, on_connect=self.attach)
+            try:
+                raw = resp.read(MAX_ERROR_BODY_BYTES)
+            finally:
+                conn.close()
+            reply = json.loads(raw) if resp.status == 200 else None
+            usage = usage_numbers(reply.get("usage")) if isinstance(reply, dict) else {}
+            if resp.status != 200:
+                failure = short_reason(upstream_message(raw)) or "error %d" % resp.status
+        except (ProxyError, OSError, http.client.HTTPException, ValueError) as e:
+            failure = str(e)
+        self.finish(usage, failure)
+
+    def finish(self, usage, failure):
+        """End the running warm-up: log one line on what it cost and why, keep it for /status."""
+        with self.lock:
+            running, cancelled = self.running, self.cancelled
+            seconds = time.monotonic() - running["started"]
+            tokens, cached = usage.get("input_tokens"), usage.get("cache_read_input_tokens", 0)
+            outcome = ("cancelled: %s" % cancelled if cancelled else
+                       "failed: %s" % failure if failure else "done")
+            self.last = {"reason": running["reason"], "what": running["what"], "tokens": tokens,
+                         "cached": cached, "seconds": round(seconds, 1), "outcome": outcome,
+                         "time": readable_time(time.time())}
+            self.running, self.sock = None, None
+        if cancelled:
+            said = "cancelled after %.1f s (%s); the server keeps what it read" % (seconds, cancelled)
+        elif failure:
+            said = "failed after %.1f s: %s" % (seconds, failure)
+        elif tokens is None:
+            said = "read in %.1f s (the server did not say how many tokens)" % seconds
+        else:
+            said = "%s tokens read in %.1f s" % (short_count(tokens), seconds) + (
+                ", %s more were cached already" % short_count(cached) if cached else "")
+        log("%swarm-up: %s %s (%s)" % ("! " if failure and not cancelled else "",
+                                       running["what"], said, running["reason"]))
+        self.idle.set()
+
+    def status(self):
+        """/status's warm_up: whether one runs now, then the last one's reason, cost and outcome."""
+        none = dict.fromkeys(("reason", "what", "tokens", "cached", "seconds", "outcome"))
+        with self.lock:
+            last = self.last or none
+            if self.running:
+                last = {**none, "reason": self.running["reason"], "what": self.running["what"],
+                        "seconds": round(time.monotonic() - self.running["started"], 1)}
+            return {"enabled": self.enabled, "running": bool(self.running), **last}
+
+
+def shut_down(sock):
+    """Shut a socket down both ways, waking a thread blocked on it; ignore a closed one."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 ################ Server
@@ -2835,7 +3187,8 @@ class Server(http.server.ThreadingHTTPServer):
                  coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
                  cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
                  max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT,
-                 models_ttl=MODELS_TTL, upstream_key=""):
+                 models_ttl=MODELS_TTL, upstream_key="", warm=False, side_model="",
+                 side_upstream_url=""):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -2845,6 +3198,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.coder_model = coder_model
         self.vision_model = vision_model
         self.vision_mode = vision_mode
+        # Side requests go to the coder unless a side model or server is set.
+        side = bool(side_model or side_upstream_url)
+        self.side_model = side_model or coder_model if side else ""
+        self.side_upstream_url = side_upstream_url or upstream_url if side else ""
         self.token = token
         self.verbose = verbose
         self.read_timeout = read_timeout
@@ -2855,6 +3212,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.upstream_key = upstream_key        # sent to the model server(s); never shown
         self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
         self.prompts = PromptMemory()
+        self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
+        self.coder_seen = None                  # (loaded, server start mark) at the last look
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
         self.errors = []                        # the last unexpected exceptions, as text
         self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
@@ -2947,6 +3306,7 @@ class Server(http.server.ThreadingHTTPServer):
         with self.stats_lock:
             self.in_flight += 1
             self.stats["last_request"] = record
+        self.warmer.cancel("a turn arrived")
         return time.monotonic(), record
 
     def request_ended(self, started, status):
@@ -2973,6 +3333,9 @@ class Server(http.server.ThreadingHTTPServer):
                 "vision": {"model": self.vision_model,
                            **self.model_info(self.vision_model, self.vision_upstream_url)},
                 "cache": cache, "prompt_cache": self.prompts.prompt_status(), "startup": startup,
+                "warm_up": self.warmer.status(),
+                **({"side": {"model": self.side_model, "upstream": self.side_upstream_url}}
+                   if self.side_model else {}),
                 **activity, **stats}
 
     # The upstream's models.
@@ -2999,8 +3362,9 @@ class Server(http.server.ThreadingHTTPServer):
         An upstream that does not answer keeps what it said last time."""
         with self.stats_lock:
             self.models_time = time.monotonic()
+        urls = (self.upstream_url, self.vision_upstream_url, self.side_upstream_url)
         answers = {url: list_models(url, self.connect_timeout, self.upstream_key)
-                   for url in dict.fromkeys((self.upstream_url, self.vision_upstream_url))}
+                   for url in dict.fromkeys(filter(None, urls))}
         with self.stats_lock:
             self.listings.update({url: a for url, a in answers.items() if a[1] is not None})
             if self.listings:
@@ -3008,7 +3372,56 @@ class Server(http.server.ThreadingHTTPServer):
                 for url in (self.vision_upstream_url, self.upstream_url):   # the main one wins
                     merged.update(self.listings.get(url, (None, {}))[1])
                 self.models = merged
+        if self.warmer.enabled:
+            self.check_coder()
         return answers
+
+    # Warm-ups.
+
+    def check_coder(self):
+        """Look at whether the coder is loaded and when its server started; warm it when
+        that shows its cache gone: newly loaded (LM Studio's list), or its server restarted
+        (llama-server's /props)."""
+        kind, models = self.listings.get(self.upstream_url, (None, {}))
+        info, _ = find_model(models, kind, self.coder_model)
+        # Ollama's /v1/models lists every model pulled, loaded or not.
+        loaded = bool(info and info.get("loaded")) and kind != "ollama"
+        mark = server_start_mark(self.upstream_url, self.connect_timeout, self.upstream_key) \
+            if loaded and kind == "llama.cpp" else None
+        with self.stats_lock:
+            previous = self.coder_seen
+            if mark is None and previous:
+                mark = previous[1]      # not answering now is no restart
+            loaded = loaded and mark != "sleeping"
+            self.coder_seen = loaded, mark
+        if previous is None or not loaded:
+            return
+        if not previous[0]:
+            self.warm("the coder was loaded")
+        elif previous[1] and mark != previous[1]:
+            self.warm("the model server restarted")
+
+    def warm(self, reason, body=None):
+        """Start a warm-up of the coder: body, or else the head kept for it; True if one started.
+
+        It runs in a thread of its own, the one thread the router starts itself: the
+        point is to read the prompt while Claude Code starts and the user types, before
+        any request comes to wait on. It lives for one request. Never while a turn is in
+        flight, never two at once, and never to a coder the server's list does not show
+        loaded, since warming must not load a model nobody asked for."""
+        if not self.warmer.enabled or not (self.coder_seen and self.coder_seen[0]):
+            return False
+        what = "coder prompt" if body else "coder prefix"
+        body = body or self.warmer.head_request(self.coder_model, self.upstream_url)
+        if body is None:
+            return False
+        with self.stats_lock:   # held across the claim: a turn counted in flight now waits
+            if self.in_flight or not self.warmer.claim(reason, what):
+                return False
+        threading.Thread(target=self.warmer.run, name="warm-up", daemon=True, args=(
+            self.upstream_url, body, self.upstream_key, self.read_timeout,
+            self.connect_timeout)).start()
+        return True
 
     def model_info(self, model, url):
         """What the server at url last said of model ({} if nothing), kind of server included."""
@@ -3147,6 +3560,14 @@ def build_parser(environ):
              "that require one (default: CLAUDE_ROUTER_UPSTREAM_KEY if set; never shown)")
     add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
         help="load missing models through LM Studio's API at startup")
+    add("--no-warm", dest="warm", action="store_false",
+        default=env_flag(env("WARM", "1" if WARM else "0")),
+        help="do not warm the coder's prompt cache ahead of the first turn "
+             "(CLAUDE_ROUTER_WARM=0 does the same)")
+    add("--side-model", default=env("SIDE_MODEL", SIDE_MODEL),
+        help="model for side requests (session titles, checks) (default: the coder)")
+    add("--side-upstream", type=http_url, default=env("SIDE_UPSTREAM", SIDE_UPSTREAM_URL or None),
+        help="the side model's server (default: the upstream)")
     add("--statusline", action="store_true",
         help="print one line on the router running on CLAUDE_ROUTER_PORT (for Claude Code's "
              "statusLine setting; claude-local offers it) and exit")
@@ -3249,7 +3670,9 @@ def main(argv=None, environ=None):
     try:
         server = Server((args.host, args.port), args.upstream, args.vision_upstream or "",
                         args.coder_model, args.vision_model, args.vision_mode, args.cache_dir,
-                        args.token, args.verbose, upstream_key=args.upstream_key)
+                        args.token, args.verbose, upstream_key=args.upstream_key,
+                        warm=args.warm, side_model=args.side_model,
+                        side_upstream_url=args.side_upstream or "")
     except OSError as e:
         sys.exit("claude-router: cannot listen on %s:%d: %s" % (args.host, args.port,
                                                                e.strerror or e))
@@ -3259,8 +3682,12 @@ def main(argv=None, environ=None):
     log("vision → %s%s" % (server.vision_model, "" if server.vision_mode == "answer"
                            else " (describe mode)"))
     log("cache: %d description(s) in %s" % (loaded, server.vision.cache.path))
+    if server.side_model:
+        log("side → %s on %s" % (server.side_model, server.side_upstream_url))
+    server.warmer.load()
     for line in server.check_upstream(args.preload):
         log(line)
+    server.warm("router start")
     with server:
         try:
             server.serve_forever()

@@ -963,6 +963,7 @@ class FakeUpstream:
         self.strict = strict
         self.closed = threading.Event()     # set when a client stopped reading a stream
         self.listing_gate = None            # an Event model listings wait on, when set
+        self.props = None                   # llama-server's /props, when set
         self.key = None                     # when set, requests without it as Bearer get 401
         fake = self
 
@@ -973,6 +974,8 @@ class FakeUpstream:
                 fake.record(self, None)
                 if fake.refuses(self):
                     return send_json(self, 401, {"error": "missing or wrong key"})
+                if self.path == "/props" and fake.props:
+                    return send_json(self, 200, fake.props)
                 if fake.listing_gate and self.path.endswith("/models"):
                     fake.listing_gate.wait(TIMEOUT)
                 # LM Studio's own listing has models[] and no data[] (llama-server has both).
@@ -1130,6 +1133,7 @@ class RouterTestCase(unittest.TestCase):
         router = cr.Server(("127.0.0.1", 0), url, coder_model="CODER", vision_model="VISION",
                            cache_dir=self.cache_dir, **{**self.router_settings, **settings})
         router.vision.cache.load()
+        router.warmer.load()
         router.refresh_models()     # as main() does before it serves
         thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
         thread.start()
@@ -1569,8 +1573,8 @@ class CacheReportTest(RouterTestCase):
         rows = [
             ("first", request(*turn, system="top", stream=True), session, "first turn"),
             ("grown", request(*grown, system="top"), session, "100.0% as last turn"),
-            ("new system text", request(*grown, system="other"), session,
-             "0.0% as last turn, changed from system on"),
+            # Without Claude Code's hint headers, each system text keeps its own books.
+            ("new system text", request(*grown, system="other"), session, "first turn"),
             ("another session", request(*grown, system="other"), {"X-Claude-Code-Session-Id": "s2"},
              "first turn"),
             ("no session header", request(*turn, system="top"), {}, "first turn"),
@@ -1820,6 +1824,252 @@ class VisionFailureTest(RouterTestCase):
         self.assertEqual(upstream.posts()[0]["system"], cr.DESCRIBE_PROMPT)
         self.assertEqual(upstream.posts()[-1]["messages"], [user(text("look"), text(
             "<<IMAGE: could not be read by the vision model: image input is not supported>>"))])
+
+TOOLS = [{"name": "Read", "description": "read a file", "input_schema": {"type": "object"}}]
+TITLE_SYSTEM = [text("You are naming a coding session. Return JSON with a single \"title\" field.")]
+
+
+def lmstudio_listing(coder_loaded=True):
+    """LM Studio's /api/v1/models with the coder loaded or not, and the vision model loaded."""
+    return {"models": [{"key": "CODER", "loaded_instances": [{"id": "CODER"}] if coder_loaded
+                        else []},
+                       {"key": "VISION", "capabilities": {"vision": True},
+                        "loaded_instances": [{"id": "VISION"}]}]}
+
+
+def first_turn(prompt="hi", environment="cwd: /p"):
+    """A first turn as Claude Code sends it, in its key order: its environment and a prompt,
+    system text, tools."""
+    return {"model": "claude-opus-5-5", "messages": [system_message(environment), user(text(prompt))],
+            "system": [text("You are Claude Code.")], "tools": TOOLS, "max_tokens": 32000}
+
+
+class WarmUpTest(RouterTestCase):
+    """The coder's prompt head read ahead of the user, kept on disk, and never in the way."""
+
+    router_settings = {"warm": True}
+
+    def warm_ups(self, upstream):
+        return [b for b in upstream.posts() if b.get("max_tokens") == 1]
+
+    def turn(self, body, headers=None):
+        """Post a turn and wait until the router counts it done (its outcome line)."""
+        done = self.log.when("← 200")
+        self.post(body, headers=headers)
+        self.assertTrue(done.wait(TIMEOUT))
+
+    def held(self, arrived, closed):
+        """A reply that answers nothing and sets closed once the router closes the request."""
+        def reply(handler):
+            arrived.set()
+            if sees_close(handler.connection):
+                closed.set()
+            handler.close_connection = True
+        return reply
+
+    def test_the_head_kept_survives_a_restart_and_is_sent_as_the_turn_sent_it(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        self.start(upstream)
+        self.post(first_turn("first"), headers={"X-Claude-Code-Session-Id": "s1"})
+        path = os.path.join(self.cache_dir, "heads.json")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        written = os.stat(path).st_ino
+        self.post(first_turn("another"), headers={"X-Claude-Code-Session-Id": "s2"})
+        self.assertEqual(os.stat(path).st_ino, written)     # the same head: not rewritten
+        router = self.start(upstream)                       # a restart on the same cache dir
+        self.assertTrue(router.warm("router start"))
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        turn, warm = upstream.raw[0][1], upstream.raw[-1][1]
+        self.assertEqual(json.loads(warm)["messages"], [user(reminder("cwd: /p"), text("."))])
+        self.assertEqual((json.loads(warm)["max_tokens"], json.loads(warm)["stream"]), (1, False))
+        # Byte for byte as the turn sent it, through the environment reminder.
+        end = turn.index(json.dumps(reminder("cwd: /p")).encode()) + len(
+            json.dumps(reminder("cwd: /p")))
+        self.assertEqual(warm[:end], turn[:end])
+        self.assertIn("warm-up: coder prefix 5 tokens read in", self.log.getvalue())
+        _, _, status = self.call("GET", "/status")
+        self.assertEqual({k: status["warm_up"][k] for k in ("running", "reason", "tokens", "outcome")},
+                         {"running": False, "reason": "router start", "tokens": 5, "outcome": "done"})
+
+    def test_a_damaged_head_file_is_ignored_with_one_warning(self):
+        path = os.path.join(self.cache_dir, "heads.json")
+        with open(path, "w") as f:
+            f.write('{"heads": [{"model": "CODER", "upstr')     # torn by a crash
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream)
+        self.assertEqual(self.log.getvalue().count("warm-up: ignored"), 1)
+        self.assertFalse(router.warm("router start"))
+        self.post(first_turn())
+        with open(path) as f:
+            self.assertEqual(len(json.load(f)["heads"]), 1)
+        self.assertEqual(self.warm_ups(upstream), [])
+
+    def test_no_warm_up_while_a_turn_is_in_flight(self):
+        arrived, gate = threading.Event(), threading.Event()
+
+        def held(handler):
+            arrived.set()
+            gate.wait(TIMEOUT)
+            json_reply(message_json("ok"))(handler)
+        upstream = FakeUpstream(self, [json_reply(message_json("ok")), held], listing=LLAMA_LISTING)
+        router = self.start(upstream)
+        self.turn(first_turn())
+        conn = self.connect()
+        conn.request("POST", "/v1/messages", json.dumps(first_turn("second")),
+                     {"Content-Type": "application/json"})
+        self.assertTrue(arrived.wait(TIMEOUT))
+        self.assertFalse(router.warm("test"))
+        answered = self.log.when("← 200")
+        gate.set()
+        self.assertEqual(conn.getresponse().status, 200)
+        self.assertTrue(answered.wait(TIMEOUT))
+        self.assertEqual(self.warm_ups(upstream), [])
+        self.assertTrue(router.warm("test"))         # once it is answered
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertEqual(len(self.warm_ups(upstream)), 1)
+
+    def test_no_warm_up_of_a_coder_the_server_has_not_loaded(self):
+        upstream = FakeUpstream(self, listing=lmstudio_listing(coder_loaded=False))
+        router = self.start(upstream)
+        self.turn(first_turn())
+        self.assertFalse(router.warm("router start"))
+        router.refresh_models()
+        self.assertEqual(self.warm_ups(upstream), [])
+        upstream.listing = lmstudio_listing(coder_loaded=True)     # the user loaded it
+        router.refresh_models()
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertEqual(len(self.warm_ups(upstream)), 1)
+        self.assertIn("(the coder was loaded)", self.log.getvalue())
+
+    def test_a_restarted_llama_server_gets_a_warm_up(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        upstream.props = {"media_marker": "<__media_a__>", "build_info": "b1", "model_path": "/m"}
+        router = self.start(upstream)
+        self.turn(first_turn())
+        router.refresh_models()
+        self.assertEqual(self.warm_ups(upstream), [])
+        upstream.props = {**upstream.props, "media_marker": "<__media_b__>"}   # drawn anew
+        router.refresh_models()
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertEqual(len(self.warm_ups(upstream)), 1)
+        self.assertIn("(the model server restarted)", self.log.getvalue())
+
+    def test_a_turn_arriving_during_a_warm_up_is_answered_without_waiting_for_it(self):
+        arrived, closed = threading.Event(), threading.Event()
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream)
+        self.turn(first_turn())
+        upstream.replies.append(self.held(arrived, closed))   # never answers by itself
+
+        def one_slot(handler):
+            # A one-slot server takes the turn once the warm-up's task is gone.
+            if closed.wait(TIMEOUT):
+                json_reply(message_json("ok"))(handler)
+        upstream.replies.append(one_slot)
+        self.assertTrue(router.warm("router start"))
+        self.assertTrue(arrived.wait(TIMEOUT))
+        status, _, reply = self.post(first_turn("now"))
+        self.assertEqual((status, reply["content"]), (200, [text("ok")]))
+        self.assertTrue(closed.wait(TIMEOUT))                   # the warm-up's request was closed
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertEqual(router.warmer.status()["outcome"], "cancelled: a turn arrived")
+        self.assertIn("warm-up: coder prefix cancelled after", self.log.getvalue())
+
+    def test_after_a_vision_turn_on_one_server_the_last_coder_prompt_is_sent_again(self):
+        upstream = FakeUpstream(self, listing=lmstudio_listing())
+        self.start(upstream)
+        session = {"X-Claude-Code-Session-Id": "s1"}
+        turn = first_turn("look")
+        self.post(turn, headers=session)
+        warmed = self.log.when("warm-up: coder prompt")
+        grown = {**turn, "messages": turn["messages"] + [
+            assistant(text("ok")), user(image(), text("what is this?"))]}
+        self.post(grown, headers=session)
+        self.assertTrue(warmed.wait(TIMEOUT))
+        coder, vision, warm = upstream.posts()
+        self.assertEqual((vision["model"], warm["model"]), ("VISION", "CODER"))
+        self.assertEqual(warm, {**coder, "max_tokens": 1, "stream": False})
+        self.assertIn("(after a vision turn)", self.log.getvalue())
+
+    def test_off_by_default_and_no_heads_file_when_off(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream, warm=False)
+        self.post(first_turn())
+        self.assertFalse(router.warm("router start"))
+        self.assertFalse(os.path.exists(os.path.join(self.cache_dir, "heads.json")))
+        self.assertFalse(cr.parse_settings(["--no-warm"], {}).warm)
+        self.assertFalse(cr.parse_settings([], {"CLAUDE_ROUTER_WARM": "0"}).warm)
+        self.assertTrue(cr.parse_settings([], {}).warm)
+
+
+class RequestClassTest(RouterTestCase):
+    """Claude Code's hint headers: books per request class, the route line, side requests."""
+
+    def route_lines(self):
+        return [l for l in self.log.getvalue().splitlines() if l.startswith("→")]
+
+    def test_hint_headers_are_not_forwarded(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        hints = {"X-Claude-Code-Request-Class": "main", "X-Claude-Code-Compaction": "auto",
+                 "X-Claude-Code-Context-Compacted": "true", "X-Claude-1p-Request-Class": "main",
+                 "X-Claude-Code-Prompt-Id": "p1", "X-Claude-Code-Prev-Tool-Durations": "Bash=37"}
+        self.post(first_turn(), headers=hints)
+        self.call("POST", "/v1/other", {"a": 1}, headers=hints)
+        for method, path, headers, _ in upstream.requests:
+            with self.subTest(path):
+                self.assertEqual({h.lower() for h in headers} & {h.lower() for h in hints}, set())
+
+    def test_each_request_class_keeps_its_own_books(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        turn = first_turn()
+        grown = {**turn, "messages": turn["messages"] + [assistant(text("ok")), user(text("go"))]}
+        title = request(user(text("hi")), system=TITLE_SYSTEM)
+        main = {"X-Claude-Code-Session-Id": "s1", "X-Claude-Code-Request-Class": "main"}
+        rows = [
+            ("main", turn, main, "first turn"),
+            ("title", title, {**main, "X-Claude-Code-Request-Class": "auxiliary"},
+             "first turn, auxiliary: session title"),
+            ("main again", grown, main, "100.0% as last turn"),
+            ("compaction", grown, {**main, "X-Claude-Code-Request-Class": "compaction",
+                                   "X-Claude-Code-Compaction": "manual"},
+             "first turn, compaction: manual compaction"),
+            ("compacted", turn, {**main, "X-Claude-Code-Context-Compacted": "true"},
+             "as last turn, the first turn after a compaction"),
+            ("main system changed", {**grown, "system": [text("Other.")]}, main,
+             "0.0% as last turn, changed from system on"),
+            # Without hint headers, by system text.
+            ("plain main", turn, {"X-Claude-Code-Session-Id": "s2"}, "first turn"),
+            ("plain title", title, {"X-Claude-Code-Session-Id": "s2"}, "first turn"),
+            ("plain main again", grown, {"X-Claude-Code-Session-Id": "s2"}, "100.0% as last turn"),
+        ]
+        for name, body, headers, said in rows:
+            with self.subTest(name):
+                self.post(body, headers=headers)
+                self.assertTrue(self.route_lines()[-1].endswith(said), self.route_lines()[-1])
+
+    def test_side_requests_go_to_the_side_model_when_one_is_set(self):
+        upstream, side = FakeUpstream(self), FakeUpstream(self)
+        self.start(upstream, side_model="SIDE", side_upstream_url=side.url)
+        title = request(user(text("hi")), system=TITLE_SYSTEM)
+        self.post(title, headers={"X-Claude-Code-Request-Class": "auxiliary"})
+        self.post(title)                                        # no tools, no hint headers
+        self.post(first_turn(), headers={"X-Claude-Code-Request-Class": "main"})
+        self.post(first_turn())
+        self.assertEqual([b["model"] for b in side.posts()], ["SIDE", "SIDE"])
+        self.assertEqual([b["model"] for b in upstream.posts()], ["CODER", "CODER"])
+        self.assertTrue(self.route_lines()[0].startswith("→ side [SIDE]"))
+        _, _, status = self.call("GET", "/status")
+        self.assertEqual((status["routes"]["side"], status["side"]),
+                         (2, {"model": "SIDE", "upstream": side.url}))
+
+    def test_side_requests_go_to_the_coder_without_a_side_model(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        self.post(request(user(text("hi")), system=TITLE_SYSTEM),
+                  headers={"X-Claude-Code-Request-Class": "auxiliary"})
+        self.assertEqual(upstream.posts()[0]["model"], "CODER")
 
 
 class StreamingTest(RouterTestCase):
