@@ -2750,7 +2750,7 @@ class Turn:
     to one model (prepare) and relays the answer (answer, then after_vision); learn()
     keeps what a whole reply says; vision_error() and vision_failure() put the vision
     model's failures in a few words; note_prompt() and note_usage() keep the prompt
-    statistics."""
+    statistics, per request class; note_warm_up() keeps what a warm-up needs."""
 
     def __init__(self, handler):
         self.handler = handler
@@ -3178,7 +3178,8 @@ class Server(http.server.ThreadingHTTPServer):
     request_started() and request_ended(); status() is the /status document. Models:
     known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
     model_info() reads them; upstream_token_count() asks the coder's server for a count;
-    check_upstream() and preload() run at startup."""
+    check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
+    coder's cache gone, warm() starts one (see Warmer)."""
 
     request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
     daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
