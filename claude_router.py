@@ -1585,36 +1585,54 @@ FIXES = {
 }
 
 
+def read_typed(obj, name, kind, default=None):
+    """obj[name] when obj is an object and that value has the JSON type kind, else default.
+
+    What a model server lists is read only through this: a field of another type (a
+    string context_length, a list as a key) is as good as absent, never a crash."""
+    value = obj.get(name) if type(obj) is dict else None
+    return value if type(value) is kind else default
+
+
+def read_objects(obj, name):
+    """The objects in the list obj[name]; none when it is no list."""
+    return [e for e in read_typed(obj, name, list, []) if type(e) is dict]
+
+
+def read_id(obj, name):
+    """A model id at obj[name], escaped: it reaches terminals (the log, the status line,
+    claude-local), and an id can carry escape sequences. None when it is no string."""
+    value = read_typed(obj, name, str)
+    return escape_log(value) if value else None
+
+
 def models_from_listing(listing):
     """Return {model id: {"loaded", "context_length", "vision"}} from a server's model list.
 
     Reads LM Studio's /api/v1/models, and the OpenAI or Anthropic /v1/models shape
     (llama-server adds meta.n_ctx, vLLM max_model_len); what a listing does not say is None."""
     found = {}
-    if not isinstance(listing, dict):
-        return found
-    for entry in listing.get("models") or []:
-        if not isinstance(entry, dict) or "key" not in entry:
+    for entry in read_objects(listing, "models"):
+        key = read_id(entry, "key")
+        if key is None:
             continue
-        loaded = [i for i in entry.get("loaded_instances") or [] if isinstance(i, dict)]
-        context = ((loaded[0].get("config") or {}).get("context_length") if loaded else None)
-        capabilities = entry.get("capabilities") or {}
-        found[entry["key"]] = {"loaded": bool(loaded), "context_length": context,
-                               "vision": capabilities.get("vision")
-                               if isinstance(capabilities, dict) else None}
+        loaded = read_objects(entry, "loaded_instances")
+        config = read_typed(loaded[0], "config", dict) if loaded else None
+        found[key] = info = {
+            "loaded": bool(loaded), "context_length": read_typed(config, "context_length", int),
+            "vision": read_typed(read_typed(entry, "capabilities", dict), "vision", bool)}
         for instance in loaded:
-            if instance.get("id") and instance["id"] != entry["key"]:
-                found[instance["id"]] = found[entry["key"]]
-    capabilities = {e.get("model"): e["capabilities"] for e in listing.get("models") or []
-                    if isinstance(e, dict) and isinstance(e.get("capabilities"), list)}
-    for entry in listing.get("data") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-            meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
-            context = meta.get("n_ctx") or entry.get("max_model_len")    # llama-server, vLLM
-            found.setdefault(entry["id"], {"loaded": True, "context_length": context
-                                           if type(context) is int else None,
-                                           "vision": listed_vision(
-                                               entry, capabilities.get(entry["id"]))})
+            if read_id(instance, "id") not in (None, key):
+                found[read_id(instance, "id")] = info
+    capabilities = {read_id(e, "model"): e["capabilities"] for e in read_objects(listing, "models")
+                    if type(e.get("capabilities")) is list}
+    for entry in read_objects(listing, "data"):
+        name = read_id(entry, "id")
+        if name is not None:
+            context = (read_typed(read_typed(entry, "meta", dict), "n_ctx", int)   # llama-server
+                       or read_typed(entry, "max_model_len", int))                # vLLM
+            found.setdefault(name, {"loaded": True, "context_length": context,
+                                    "vision": listed_vision(entry, capabilities.get(name))})
     return found
 
 
@@ -1623,9 +1641,8 @@ def listed_vision(entry, capabilities):
 
     llama-server says it twice: data[].architecture.input_modalities (["text"] without
     an mmproj) and, in its Ollama-style models[], capabilities ("multimodal" with one)."""
-    architecture = entry.get("architecture")
-    modalities = architecture.get("input_modalities") if isinstance(architecture, dict) else None
-    if isinstance(modalities, list):
+    modalities = read_typed(read_typed(entry, "architecture", dict), "input_modalities", list)
+    if modalities is not None:
         return "image" in modalities
     if capabilities is not None:
         return "multimodal" in capabilities or "vision" in capabilities
@@ -1636,9 +1653,8 @@ def server_kind(path, listing):
     """Which server answered a model listing at path: lmstudio, llama.cpp, vllm, ollama or other."""
     if path == "/api/v1/models":
         return "lmstudio"
-    entries = listing.get("data") if isinstance(listing, dict) else None
-    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-    owners = {e.get("owned_by") for e in entries}
+    entries = read_objects(listing, "data")
+    owners = {read_typed(e, "owned_by", str) for e in entries}
     if "llamacpp" in owners or any("meta" in e for e in entries):
         return "llama.cpp"
     if "vllm" in owners:

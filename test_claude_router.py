@@ -2819,6 +2819,55 @@ class FaultTest(RouterTestCase):
             self.assertEqual(raw, sse(*text_events("w%d." % i * 40) * 3))
 
 
+def raw_reply(head, body=b""):
+    """A reply written as raw bytes: a status line and header lines as given, then body."""
+    def reply(handler):
+        handler.close_connection = True
+        handler.wfile.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                            % (head, len(body), body))
+    return reply
+
+
+ESCAPES = "\x1b]52;c;aGk=\x07\x1b[2J\x9b1m\x00\x7f"     # the clipboard, a cleared screen, C1, NUL, DEL
+
+
+def has_controls(data):
+    """True when data (bytes or text) holds a control character other than CR, LF and tab."""
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    return any(ord(c) < 32 and c not in "\r\n\t" or 127 <= ord(c) < 160 for c in text)
+
+
+class UpstreamTrustTest(RouterTestCase):
+    """Issue 14, section 3: what a model server sends is input too."""
+
+    def test_model_listings_of_wrong_types_are_read_for_what_they_say(self):
+        # A string context_length or a list key stopped the router at startup.
+        listings = [
+            ("lmstudio", {"models": [
+                {"key": ["a"]}, {"key": 5}, {"key": "m1", "capabilities": {"vision": "yes"},
+                                             "loaded_instances": [{"id": ["x"], "config": {
+                                                 "context_length": "32768"}}]},
+                {"key": "m2", "loaded_instances": [{"config": []}, 5]},
+                {"key": "m3", "loaded_instances": "all"}, {"key": "m4", "capabilities": []}]}),
+            ("openai", {"data": [{"id": ["x"]}, {"id": "d1", "owned_by": ["llamacpp"],
+                                                 "meta": {"n_ctx": "4096"}},
+                                 {"id": "d2", "meta": [], "max_model_len": 1.5,
+                                  "architecture": {"input_modalities": "image"}}],
+                        "models": [{"model": ["d1"], "capabilities": ["multimodal"]},
+                                   {"model": "d2", "capabilities": "vision"}]}),
+            ("not lists", {"models": {"a": 1}, "data": "x"})]
+        for name, listing in listings:
+            with self.subTest(name):
+                router = self.start(FakeUpstream(self, listing=listing))
+                lines = router.check_upstream()
+                self.assertTrue(all(isinstance(line, str) for line in lines), lines)
+                self.assertEqual(self.call("GET", "/status")[0], 200)
+                self.assertEqual(self.post(request(user(text("hi"))))[0], 200)
+                for info in (router.models or {}).values():
+                    self.assertIn(type(info["context_length"]), (int, type(None)))
+                    self.assertIn(info["vision"], (True, False, None))
+
+
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
 
