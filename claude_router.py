@@ -1262,9 +1262,22 @@ DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
 
 
 def filter_headers(headers, drop):
-    """Return [(name, value)] without the drop set and without headers named in Connection."""
+    """Return [(name, value)] without the drop set, headers named in Connection, and any
+    header that is not a plain field line (see is_plain_field)."""
     named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
-    return [(k, v) for k, v in headers.items() if k.lower() not in drop and k.lower() not in named]
+    return [(k, v) for k, v in headers.items()
+            if k.lower() not in drop and k.lower() not in named and is_plain_field(k, v)]
+
+
+def is_plain_field(name, value):
+    """True when name: value is a header line as read_head accepts one: a token name, a value
+    without control characters but tab (no NUL, ESC, DEL, CR or an obs-fold's line break).
+
+    http.client takes an upstream's headers as they come, and send_header writes them as
+    they are; Claude Code's Node runtime refuses a response with such a header, and its
+    retry of that "connection error" fails the same way."""
+    line = "%s:%s\r\n" % (name, value)
+    return bool(HEADER_LINE.fullmatch(line.encode("latin-1", "replace")))
 
 
 def upstream_failure(error, url, connecting=False):
@@ -2742,8 +2755,9 @@ class Relay:
         handler.close_connection = handler.close_connection or not resp.isclosed()
         status = 502 if resp.status == 404 else resp.status
         wait = resp.getheader("retry-after")     # Claude Code honours it on a 429
+        wait = [("Retry-After", wait)] if wait and is_plain_field("Retry-After", wait) else []
         handler.send_json(status, anthropic_error(status, handler.outcome),
-                          retry_headers(resp.status) + ([("Retry-After", wait)] if wait else []))
+                          retry_headers(resp.status) + wait)
 
     def send_overflow(self, error):
         """Answer a context overflow with Anthropic's "prompt is too long" (Claude Code compacts)."""

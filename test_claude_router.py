@@ -2867,6 +2867,29 @@ class UpstreamTrustTest(RouterTestCase):
                     self.assertIn(type(info["context_length"]), (int, type(None)))
                     self.assertIn(info["vision"], (True, False, None))
 
+    def test_response_headers_with_control_characters_are_not_relayed(self):
+        # Claude Code's Node runtime refuses a response with such a header, and retries it
+        # as a connection error.
+        bad = [b"X-Esc: a\x1b[2Jb", b"X-Nul: a\x00b", b"X-Del: a\x7fb", b"X-Fold: a\r\n b",
+               b"X-Cr: a\rb"]
+        body = json.dumps(message_json("ok")).encode()
+        rows = [("a reply", b"200 OK\r\nContent-Type: application/json\r\nX-Good: fine", 200),
+                ("an error", b"429 Too Many\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 3\x1b[2J\r\nX-Good: fine", 429)]
+        for name, head, status in rows:
+            with self.subTest(name):
+                self.start(FakeUpstream(self, [raw_reply(b"\r\n".join([head] + bad), body)]))
+                sock = self.post_raw(request(user(text("hi"))))
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                head_out = data.split(b"\r\n\r\n")[0]
+                self.assertIn(b"HTTP/1.1 %d" % status, head_out)
+                self.assertFalse(has_controls(head_out), head_out)
+                self.assertNotIn(b"X-Esc", head_out)
+                self.assertNotIn(b"X-Fold", head_out)
+                self.assertEqual(b"X-Good: fine" in head_out, status == 200)
+
 
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
