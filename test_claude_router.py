@@ -2184,16 +2184,17 @@ class StreamingTest(RouterTestCase):
 
 
 def malformed_requests():
-    """Return [(name, raw HTTP request bytes)]: over a hundred requests the router must refuse."""
+    """Return [(name, raw HTTP request bytes, status)]: hundreds of requests the router must
+    refuse, each with the status it must refuse them with (400 unless said)."""
     rows = []
 
-    def raw(name, head, body=b""):
-        rows.append((name, head + b"\r\n" + body))
+    def raw(name, head, body=b"", status=400):
+        rows.append((name, head + b"\r\n" + body, status))
 
-    def post(name, body, path=b"/v1/messages?beta=true", extra=b""):
+    def post(name, body, path=b"/v1/messages?beta=true", extra=b"", status=400):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         raw(name, b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n%s" % (path, len(data), extra), data)
+                  b"Content-Length: %d\r\n%s" % (path, len(data), extra), data, status)
 
     def message(content, role="user"):
         return {"model": "m", "max_tokens": 10, "messages": [{"role": role, "content": content}]}
@@ -2333,45 +2334,47 @@ def malformed_requests():
              path=b"/v1/messages/count_tokens")
     post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
     post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
-    post("unknown path", {"a": 1}, path=b"/v2/messages")
-    post("root post", {"a": 1}, path=b"/")
+    post("unknown path", {"a": 1}, path=b"/v2/messages", status=404)
+    post("root post", {"a": 1}, path=b"/", status=404)
     ok = json.dumps(message("hi")).encode()
-    raw("no content-length", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    raw("no content-length", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n", status=411)
     for length in (b"abc", b"-5", b"1e3", b" ", b"0x10"):
         raw("content-length %r" % length, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Length: %s\r\n" % length, ok)
     raw("chunked body", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
-        b"chunked\r\n", b"%X\r\n%s\r\n0\r\n\r\n" % (len(ok), ok))
+        b"chunked\r\n", b"%X\r\n%s\r\n0\r\n\r\n" % (len(ok), ok), 411)
     raw("over the size limit", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Length: %d\r\n" % (cr.MAX_BODY_BYTES + 1))
+        b"Content-Length: %d\r\n" % (cr.MAX_BODY_BYTES + 1), status=413)
     for method in (b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO", b"BREW"):
         raw("method %s" % method.decode(), b"%s /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Length: 0\r\n" % method)
+            b"Content-Length: 0\r\n" % method, status=405)
     for path in (b"/nope", b"/v2/x", b"/status/x", b"/%00"):
-        raw("get %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path)
+        raw("get %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path, status=404)
     raw("garbage request line", b"GARBAGE\r\n")
     raw("too many words", b"GET / HTTP/1.1 extra\r\n")
     raw("bad version", b"GET / HTTP/x.y\r\n")
-    raw("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n")
-    raw("header too long", b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n")
-    raw("too many headers", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)))
+    raw("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n", status=414)
+    raw("header too long", b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n", status=431)
+    raw("too many headers", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)),
+        status=431)
     # Issue 11, section 1: one rule per class of HTTP defect.
     head = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"    # a 404, if answered
     for method in (b"GET", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO"):
         raw("%s with a request as its body" % method.decode(),
             b"%s /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
-            % (method, len(smuggled)), smuggled)
+            % (method, len(smuggled)), smuggled, 404 if method == b"GET" else 405)
     for length in (b"\xb2", b"1\xb2", b"\xd9\xa1", b"+5", b"5, 5", b"5 5", b"\x005"):
         raw("content-length %r" % length, head + b"Content-Length: %s\r\n" % length, ok)
-    raw("content-length of 5000 digits", head + b"Content-Length: 1%s\r\n" % (b"0" * 5000), ok)
+    raw("content-length of 5000 digits", head + b"Content-Length: 1%s\r\n" % (b"0" * 5000), ok,
+        413)
     raw("two content-lengths", head + b"Content-Length: %d\r\nContent-Length: %d\r\n"
         % (len(ok), len(ok) + 1), ok)
     for coding in (b"gzip", b"chunked, identity", b" chunked", b"identity"):
         raw("transfer-encoding %r with content-length" % coding,
-            head + b"Transfer-Encoding: %s\r\nContent-Length: %d\r\n" % (coding, len(ok)), ok)
+            head + b"Transfer-Encoding: %s\r\nContent-Length: %d\r\n" % (coding, len(ok)), ok, 411)
     raw("over the size limit, with body bytes", head + b"Content-Length: %d\r\n"
-        % (cr.MAX_BODY_BYTES + 1), ok * 100)
+        % (cr.MAX_BODY_BYTES + 1), ok * 100, 413)
     for name, line in [("obs-fold", b"X-A: a\r\n b\r\n"), ("obs-fold by tab", b"X-A: a\r\n\tb\r\n"),
                        ("NUL in a value", b"X-A: a\x00b\r\n"), ("bare CR in a value", b"X-A: a\rb\r\n"),
                        ("bare CR then a header", b"X-A: a\rContent-Length: 1\r\n"),
@@ -2394,7 +2397,7 @@ def malformed_requests():
         raw("request line: %s" % name, line + b"\r\nHost: 127.0.0.1\r\n")
     for path in (b"/v1/../nope", b"/v1/%2e%2e/nope", b"/api/../../etc/passwd", b"/v1/./../x",
                  b"/api/%2E%2e/%2e%2E/x", b"//nope", b"/v1/x/../../../nope"):
-        raw("path %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path)
+        raw("path %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path, status=404)
     return rows
 
 
@@ -2407,19 +2410,25 @@ def read_response(sock):
 
 class MalformedInputTest(RouterTestCase):
 
-    def test_every_malformed_request_gets_a_4xx_envelope_and_the_router_lives_on(self):
+    def assertRefused(self, rows):
+        """Send each (name, request, status) row on a connection of its own (request: raw HTTP
+        bytes, or a body to POST to /v1/messages): each gets its status in Anthropic's envelope,
+        a connection left open still serves a valid request, the router answers the next
+        client and logs no error, and nothing refused reaches the model server."""
         upstream = FakeUpstream(self)
         self.start(upstream)
-        rows = malformed_requests()
         followed = 0
-        self.assertGreaterEqual(len(rows), 100)
         valid = json.dumps(request(user(text("still there?")))).encode()
-        for name, data in rows:
+        for name, data, expected in rows:
+            if not isinstance(data, bytes):
+                data = json.dumps(data).encode()
+                data = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n" \
+                       b"\r\n%s" % (len(data), data)
             with self.subTest(name), socket.create_connection(
                     ("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
                 sock.sendall(data)
                 status, headers, body = read_response(sock)
-                self.assertTrue(400 <= status < 500, (status, body[:200]))
+                self.assertEqual(status, expected, body[:200])
                 reply = json.loads(body)
                 self.assertEqual(reply["type"], "error")
                 self.assertEqual(reply["error"]["type"], cr.error_type(status))
@@ -2430,29 +2439,29 @@ class MalformedInputTest(RouterTestCase):
                     followed += 1
             self.assertEqual(self.call("GET", "/")[0], 200)
         self.assertEqual(self.router.errors, [])
-        # Nothing malformed reached the model server: only the valid requests (and the
+        # Nothing refused reached the model server: only the valid requests (and the
         # router's own look at the model list) did.
         self.assertEqual([(m, p) for m, p, _, _ in upstream.requests if not p.endswith("/models")],
                          [("POST", "/v1/messages")] * followed)
+        return upstream
+
+    def test_every_malformed_request_gets_its_4xx_envelope_and_the_router_lives_on(self):
+        rows = malformed_requests()
+        self.assertGreaterEqual(len(rows), 100)
+        self.assertRefused(rows)
 
     def test_image_data_is_checked_in_every_turn_before_it_is_spliced(self):
         # Base64 data beginning with http: skipped the check and was spliced unescaped,
         # so a client could add fields the upstream parsed; non-ASCII data after http:
         # got no answer at all (issue 11, section 3).
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        rows = [
-            ("injection", request(user(text("look"), image('http:", "injected": true, "x": "')))),
-            ("non-ascii", request(user(image("http:\u00e9")))),
+        upstream = self.assertRefused([
+            ("injection", request(user(text("look"), image('http:", "injected": true, "x": "'))),
+             400),
+            ("non-ascii", request(user(image("http:\u00e9"))), 400),
             ("earlier turn", request(user(image("not base64!")), assistant(text("?")),
-                                     user(text("go on")))),
+                                     user(text("go on"))), 400),
             ("tool_result", request(user(text("q")), assistant(tool_use("t1")),
-                                    user(tool_result("t1", image("https://x/y.png")))))]
-        for name, body in rows:
-            with self.subTest(name):
-                status, _, reply = self.post(body)
-                self.assertEnvelope(status, reply, 400, "invalid_request_error")
-        self.assertEqual(upstream.posts(), [])
+                                    user(tool_result("t1", image("https://x/y.png")))), 400)])
         url = {"type": "image", "source": {"type": "url", "url": 'https://x/"a",%20"b":1.png'}}
         status, _, reply = self.post(request(user(text("see"), url)))
         self.assertEqual(status, 200, reply)
