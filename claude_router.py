@@ -13,12 +13,13 @@ Run:   python3 claude_router.py            (then: claude-local, or point
        ANTHROPIC_BASE_URL at http://127.0.0.1:3000)
 Test:  python3 -m unittest
 Status line for Claude Code: python3 claude_router.py --statusline
+Stop the router on CLAUDE_ROUTER_PORT: python3 claude_router.py --stop
 
 Environment (each is the default of the flag of the same name; see --help):
   CLAUDE_ROUTER_HOST, CLAUDE_ROUTER_PORT       where to listen (127.0.0.1:3000)
   CLAUDE_ROUTER_UPSTREAM                       the model server (http://127.0.0.1:1234)
   CLAUDE_ROUTER_VISION_UPSTREAM                the vision model's server (default: upstream)
-  CLAUDE_ROUTER_CODER_MODEL, _VISION_MODEL     model ids as the server lists them
+  CLAUDE_ROUTER_CODER_MODEL, _VISION_MODEL     model ids as the server lists them (vision: none)
   CLAUDE_ROUTER_VISION_MODE                    answer (the seed's) or describe
   CLAUDE_ROUTER_CACHE_DIR                      where image descriptions are kept
   CLAUDE_ROUTER_TOKEN                          required of clients when set
@@ -47,9 +48,11 @@ import math
 import os
 import re
 import select
+import signal
 import socket
 import socketserver
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -68,7 +71,7 @@ VISION_UPSTREAM_URL = ""                    # empty: the vision model lives on U
 
 # Models, as the server lists them (`lms ps`).
 CODER_MODEL = "qwen/qwen3-coder-next"
-VISION_MODEL = "mistralai/devstral-small-2-2512"
+VISION_MODEL = "mistralai/devstral-small-2-2512"   # "none" (or ""): text only, no vision model
 
 # How the vision model is used. "answer": it answers the turn and its reply becomes the
 # image's description (the seed). "describe": it is asked only to describe each new image,
@@ -108,6 +111,7 @@ MAX_ERROR_BODY_BYTES = 1024 * 1024          # upstream error bodies we read to i
 CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
 STATUSLINE_TIMEOUT = 3.0                    # s --statusline waits for the router's /status
+STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s a begun request may stall (headers or body): 408
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
@@ -2066,7 +2070,8 @@ class Vision:
         while True:
             unknown = [k for k in keys.values() if k not in descriptions]
             failed = self.recent_failures(unknown)
-            wanted = [k for k in new_image_keys(messages, keys, descriptions) if k not in failed]
+            wanted = [k for k in new_image_keys(messages, keys, descriptions) if k not in failed] \
+                if self.server.vision_model else []     # text only: images stay markers
             claimed, busy = self.claim(wanted, unknown)
             if not busy or time.monotonic() >= deadline:
                 return descriptions, claimed
@@ -2521,7 +2526,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def models(self):
         """GET /v1/models: the upstream's models, else the configured two, Anthropic's shape."""
         ids = list(self.server.known_models(refresh=True) or ()) or [
-            self.server.coder_model, self.server.vision_model]
+            m for m in (self.server.coder_model, self.server.vision_model) if m]
         data = [{"type": "model", "id": i, "display_name": i,
                  "created_at": "1970-01-01T00:00:00Z"} for i in ids]
         self.send_json(200, {"data": data, "has_more": False,
@@ -3361,8 +3366,9 @@ class Server(http.server.ThreadingHTTPServer):
                 "vision_upstream": self.vision_upstream_url, "vision_mode": self.vision_mode,
                 "coder": {"model": self.coder_model,
                           **self.model_info(self.coder_model, self.upstream_url)},
-                "vision": {"model": self.vision_model,
-                           **self.model_info(self.vision_model, self.vision_upstream_url)},
+                "vision": {"model": self.vision_model or None,
+                           **(self.model_info(self.vision_model, self.vision_upstream_url)
+                              if self.vision_model else {})},
                 "cache": cache, "prompt_cache": self.prompts.prompt_status(), "startup": startup,
                 "warm_up": self.warmer.status(),
                 **({"side": {"model": self.side_model, "upstream": self.side_upstream_url}}
@@ -3501,7 +3507,7 @@ class Server(http.server.ThreadingHTTPServer):
         for role, model, url in (("coder", self.coder_model, self.upstream_url),
                                  ("vision", self.vision_model, self.vision_upstream_url)):
             kind, models = answers[url]
-            if models:     # a server without a model list (a bare fake) gets no advice
+            if models and model:     # a server without a model list (a bare fake) gets no advice
                 line, found = model_report(role, model, kind, models)
                 lines.append(line)
                 problems += found
@@ -3515,7 +3521,7 @@ class Server(http.server.ThreadingHTTPServer):
         said = []
         for model, url in ((self.coder_model, self.upstream_url),
                            (self.vision_model, self.vision_upstream_url)):
-            info = (self.models or {}).get(model)
+            info = (self.models or {}).get(model) if model else None
             if info is None or info["loaded"]:
                 continue
             try:
@@ -3578,7 +3584,8 @@ def build_parser(environ):
     add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
         help="model for text turns (default: %(default)s)")
     add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
-        help="model for turns with new images (default: %(default)s)")
+        help="model for turns with new images; none (or empty): text only, images reach "
+             "the coder as a marker (default: %(default)s)")
     add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
         help="answer: the vision model answers the turn; describe: it only describes "
              "each new image and the coder answers (default: %(default)s)")
@@ -3599,6 +3606,8 @@ def build_parser(environ):
         help="model for side requests (session titles, checks) (default: the coder)")
     add("--side-upstream", type=http_url, default=env("SIDE_UPSTREAM", SIDE_UPSTREAM_URL or None),
         help="the side model's server (default: the upstream)")
+    add("--stop", action="store_true",
+        help="stop the router running on --port (CLAUDE_ROUTER_PORT) and exit")
     add("--statusline", action="store_true",
         help="print one line on the router running on CLAUDE_ROUTER_PORT (for Claude Code's "
              "statusLine setting; claude-local offers it) and exit")
@@ -3623,6 +3632,8 @@ def parse_settings(argv, environ):
     if args.token and not re.fullmatch(r"[!-~]+", args.token):
         # Clients send it in a header, and header bytes have no agreed encoding beyond ASCII.
         parser.error("the token must be printable ASCII without spaces")
+    if args.vision_model.strip().lower() in ("", "none"):
+        args.vision_model = ""
     return args
 
 
@@ -3668,27 +3679,95 @@ def status_line(status):
     return " · ".join(parts)
 
 
+def fetch_status(port, token):
+    """Return (HTTP status, the /status document or None) of what answers on the loopback port.
+
+    Raise OSError when nothing answers (or what answers does not speak HTTP)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STATUSLINE_TIMEOUT)
+    try:
+        conn.request("GET", "/status", headers={"x-api-key": token} if token else {})
+        resp = conn.getresponse()
+        raw = resp.read(MAX_ERROR_BODY_BYTES)
+    except http.client.HTTPException as e:
+        raise OSError(str(e)) from None
+    finally:
+        conn.close()
+    try:
+        document = json.loads(raw) if resp.status == 200 else None
+    except ValueError:
+        document = None
+    return resp.status, document if isinstance(document, dict) else None
+
+
 def statusline(environ):
     """The status line for the router on CLAUDE_ROUTER_PORT, or a short note when none answers.
 
     It binds nothing and loads no cache; it waits at most STATUSLINE_TIMEOUT seconds."""
     port = environ.get("CLAUDE_ROUTER_PORT", "").strip()
     port = int(port) if port.isdigit() else PORT
-    token = environ.get("CLAUDE_ROUTER_TOKEN", "")
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STATUSLINE_TIMEOUT)
     try:
-        conn.request("GET", "/status", headers={"x-api-key": token} if token else {})
-        resp = conn.getresponse()
-        raw = resp.read(MAX_ERROR_BODY_BYTES)
-        if resp.status == 401:
-            return "router on :%d: set CLAUDE_ROUTER_TOKEN to see it" % port
-        if resp.status != 200:
-            return "router: none on :%d (%d there)" % (port, resp.status)
-        return status_line(json.loads(raw))
-    except (OSError, http.client.HTTPException, ValueError):
+        status, document = fetch_status(port, environ.get("CLAUDE_ROUTER_TOKEN", ""))
+    except OSError:
         return "router: none on :%d" % port
-    finally:
-        conn.close()
+    if status == 401:
+        return "router on :%d: set CLAUDE_ROUTER_TOKEN to see it" % port
+    if document is None:
+        return "router: none on :%d (%d there)" % (port, status)
+    return status_line(document)
+
+
+def is_router_process(pid):
+    """True when process pid runs claude_router.py, as far as this system lets us see.
+
+    A router in a container reports its own pid namespace's number, which here may be
+    anyone's process: only one whose command line names the router is signalled."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                words = f.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            return False
+    else:       # macOS, BSD: ask ps
+        words = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], text=True,
+                               capture_output=True, timeout=STATUSLINE_TIMEOUT).stdout.split()
+    return any(os.path.basename(word) == "claude_router.py" or (before, word) == (
+        "-m", "claude_router") for before, word in zip([""] + words, words))
+
+
+def stop_router(port, token):
+    """Stop the router on the loopback port with SIGTERM; return (exit status, what happened)."""
+    try:
+        status, document = fetch_status(port, token)
+    except OSError:
+        return 1, "no router answers on :%d; nothing to stop" % port
+    if status == 401:
+        return 1, ("the router on :%d wants its token: set CLAUDE_ROUTER_TOKEN to its --token"
+                   % port)
+    pid = (document or {}).get("pid")
+    if not isinstance(pid, int) or "coder" not in document:
+        return 1, "what answers on :%d is not claude-router (HTTP %d to /status); not stopped" % (
+            port, status)
+    if pid == os.getpid() or not is_router_process(pid):
+        return 1, ("the router on :%d says it is process %d, which is not a claude_router.py "
+                   "here (another machine, container or user?); not stopped" % (port, pid))
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError as e:
+        return 1, "cannot stop the router on :%d (pid %d): %s" % (port, pid, e.strerror or e)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            fetch_status(port, token)
+        except OSError:
+            return 0, "stopped the router on :%d (pid %d; upstream %s, coder %s)" % (
+                port, pid, document.get("upstream"), (document.get("coder") or {}).get("model"))
+        time.sleep(0.05)
+    return 1, "sent SIGTERM to the router on :%d (pid %d), but it still answers" % (port, pid)
+
+
+def interrupt(signum, frame):
+    """SIGTERM handler: end serve_forever as Ctrl-C does, so the router closes and exits 0."""
+    raise KeyboardInterrupt
 
 
 def main(argv=None, environ=None):
@@ -3698,6 +3777,10 @@ def main(argv=None, environ=None):
         print(statusline(environ))
         return
     args = parse_settings(argv, environ)
+    if args.stop:
+        code, said = stop_router(args.port, args.token)
+        print("claude-router: " + said, file=sys.stderr if code else sys.stdout)
+        sys.exit(code)
     try:
         server = Server((args.host, args.port), args.upstream, args.vision_upstream or "",
                         args.coder_model, args.vision_model, args.vision_mode, args.cache_dir,
@@ -3710,8 +3793,9 @@ def main(argv=None, environ=None):
     loaded = server.vision.cache.load()
     log("🔀 claude-router on :%d" % server.server_port)
     log("coder → %s" % server.coder_model)
-    log("vision → %s%s" % (server.vision_model, "" if server.vision_mode == "answer"
-                           else " (describe mode)"))
+    log("vision → %s%s" % (server.vision_model or "none (text only: images reach the coder as "
+                           "a marker)", "" if server.vision_mode == "answer" or not
+                           server.vision_model else " (describe mode)"))
     log("cache: %d description(s) in %s" % (loaded, server.vision.cache.path))
     if server.side_model:
         log("side → %s on %s" % (server.side_model, server.side_upstream_url))
@@ -3720,6 +3804,7 @@ def main(argv=None, environ=None):
         log(line)
     server.warm("router start")
     with server:
+        signal.signal(signal.SIGTERM, interrupt)    # --stop, kill, systemd: close and exit 0
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -1130,8 +1131,8 @@ class RouterTestCase(unittest.TestCase):
 
         upstream is a FakeUpstream or a URL."""
         url = getattr(upstream, "url", upstream) or "http://127.0.0.1:9"
-        router = cr.Server(("127.0.0.1", 0), url, coder_model="CODER", vision_model="VISION",
-                           cache_dir=self.cache_dir, **{**self.router_settings, **settings})
+        router = cr.Server(("127.0.0.1", 0), url, cache_dir=self.cache_dir, **{
+            "coder_model": "CODER", "vision_model": "VISION", **self.router_settings, **settings})
         router.vision.cache.load()
         router.warmer.load()
         router.refresh_models()     # as main() does before it serves
@@ -3312,6 +3313,86 @@ class StartupCheckTest(RouterTestCase):
         gate.set()
 
 
+class TextOnlyTest(RouterTestCase):
+    """--vision-model none: no vision model, so images reach the coder as markers."""
+
+    def test_none_or_empty_means_text_only(self):
+        for value in ("none", "None", "", " "):
+            with self.subTest(value=value):
+                self.assertEqual(cr.parse_settings(["--vision-model", value], {}).vision_model, "")
+                self.assertEqual(cr.parse_settings(
+                    [], {"CLAUDE_ROUTER_VISION_MODEL": value}).vision_model, "")
+
+    def test_an_image_turn_goes_to_the_coder_with_the_marker_and_nothing_is_warned(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream, vision_model="")
+        lines = router.check_upstream()
+        self.assertEqual(lines, ["coder CODER (served by qwen2.5-coder-0.5b, the server's only "
+                                 "model): loaded, 32768-token context, text only"])
+        status, _, reply = self.post(request(user(text("what is this?"), image(PNG_A))))
+        self.assertEqual(status, 200, reply)
+        self.assertEqual([(b["model"], b["messages"]) for b in upstream.posts()], [
+            ("CODER", [user(text("what is this?"), text(cr.UNKNOWN_IMAGE_MARKER))])])
+        document = self.call("GET", "/status")[2]
+        self.assertEqual((document["vision"], document["startup"]["problems"]),
+                         ({"model": None}, []))
+        self.assertNotIn("!", cr.status_line(document))
+
+
+class StopTest(RouterTestCase):
+    """python3 claude_router.py --stop, against routers run as their own processes."""
+
+    def script(self):
+        return os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
+
+    def stop(self, port, token=""):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLAUDE_ROUTER_PORT": str(port),
+               "CLAUDE_ROUTER_TOKEN": token, "HOME": self.cache_dir}
+        return subprocess.run([sys.executable, self.script(), "--stop"], env=env,
+                              capture_output=True, text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
+
+    def test_stops_the_router_on_the_port_which_exits_0(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, self.script(), "--port", str(port), "--upstream",
+                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        while "claude-router on" not in proc.stderr.readline():
+            self.assertIsNone(proc.poll())
+        done = self.stop(port)
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
+                                      "http://127.0.0.1:9, coder %s)\n" % (port, proc.pid,
+                                                                          cr.CODER_MODEL))
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertIn("bye", proc.stderr.read())
+        done = self.stop(port)
+        self.assertEqual((done.returncode, done.stderr), (1, "claude-router: no router answers on "
+                                                             ":%d; nothing to stop\n" % port))
+
+    def test_what_is_not_ours_is_left_running_with_a_clear_message(self):
+        upstream = FakeUpstream(self)
+        in_process = self.start(upstream)      # its /status names this test's own process
+        guarded = self.start(upstream, token="sekret")
+        rows = [(upstream.server.server_address[1], "", "what answers on :%d is not claude-router "
+                                                        "(HTTP 404 to /status); not stopped"),
+                (in_process.server_port, "", "the router on :%d says it is process %d, which is "
+                 "not a claude_router.py here (another machine, container or user?); not stopped"),
+                (guarded.server_port, "", "the router on :%d wants its token: set "
+                                          "CLAUDE_ROUTER_TOKEN to its --token"),
+                (guarded.server_port, "sekret", "the router on :%d says it is process %d, which "
+                 "is not a claude_router.py here (another machine, container or user?); not stopped")]
+        for port, token, said in rows:
+            with self.subTest(said=said):
+                done = self.stop(port, token)
+                self.assertEqual((done.returncode, done.stdout), (1, ""))
+                expected = said % ((port, os.getpid()) if "process" in said else port)
+                self.assertEqual(done.stderr, "claude-router: %s\n" % expected)
+        self.assertEqual(self.call("GET", "/status", conn=self.connect(in_process))[0], 200)
+
+
 class StatusLineTest(RouterTestCase):
     """python3 claude_router.py --statusline, run for real as Claude Code runs it."""
 
@@ -3377,24 +3458,45 @@ class StatusLineTest(RouterTestCase):
 class LauncherTest(RouterTestCase):
     """claude-local, run for real with a stand-in `claude` that prints what it was given."""
 
-    def run_launcher(self, port, path_dirs, extra_env=None, args=("-p", "say hi"), cwd=None):
+    # The stand-in's one request, sent as Claude Code would, to where claude-local points it.
+    ASK = ("import http.client, json, os, urllib.parse\n"
+           "url = urllib.parse.urlsplit(os.environ['ANTHROPIC_BASE_URL'])\n"
+           "conn = http.client.HTTPConnection(url.hostname, url.port, timeout=%d)\n"
+           "conn.request('POST', '/v1/messages', json.dumps({'model': 'claude-x', 'max_tokens': 9,"
+           " 'messages': [{'role': 'user', 'content': 'hi'}]}), {'x-api-key': "
+           "os.environ['ANTHROPIC_AUTH_TOKEN'], 'Content-Type': 'application/json'})\n"
+           "print('reply:', conn.getresponse().status)\n" % TIMEOUT)
+
+    def run_launcher(self, port, path_dirs, extra_env=None, args=("-p", "say hi"), cwd=None,
+                     asks=False):
+        """Run claude-local with a stand-in claude that prints its environment and arguments
+        (and, when asks, sends one request); with the settings of self.router, if one runs."""
         bin_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, bin_dir, True)
         with open(os.path.join(bin_dir, "claude"), "w") as f:
             f.write("#!/bin/sh\nenv | grep -E '^(ANTHROPIC|CLAUDE_CODE)' | sort\necho \"args: $*\"\n")
+            if asks:
+                f.write("exec '%s' -c \"%s\"\n" % (sys.executable, self.ASK))
         os.chmod(os.path.join(bin_dir, "claude"), 0o755)
+        router = getattr(self, "router", None)
         env = {"PATH": ":".join(([bin_dir] if "claude" in path_dirs else []) + ["/usr/bin", "/bin",
                                 os.path.dirname(os.path.realpath(sys.executable))]),
                "HOME": self.cache_dir, "CLAUDE_ROUTER_PORT": str(port),
                "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir, "ANTHROPIC_API_KEY": "sk-real-key",
+               **({"CLAUDE_ROUTER_UPSTREAM": router.upstream_url,
+                   "CLAUDE_ROUTER_CODER_MODEL": router.coder_model,
+                   "CLAUDE_ROUTER_VISION_MODEL": router.vision_model or "none"} if router else {}),
                **(extra_env or {})}
         launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
         return subprocess.run(["bash", launcher, *args], env=env, capture_output=True,
                               text=True, timeout=TIMEOUT * 3, cwd=cwd or self.cache_dir)
 
     def settings_given(self, done):
-        """The JSON claude-local passed to claude with --settings, or None; and the other args."""
+        """The JSON claude-local passed to claude with --settings, or None; and the other args
+        (past the permission mode it passes when the user chose none)."""
         args = [l for l in done.stdout.splitlines() if l.startswith("args: ")][0][6:]
+        args = args[len("--permission-mode default "):] \
+            if args.startswith("--permission-mode default ") else args
         if not args.startswith("--settings "):
             return None, args
         settings, end = json.JSONDecoder().raw_decode(args[len("--settings "):])
@@ -3409,11 +3511,14 @@ class LauncherTest(RouterTestCase):
             "ANTHROPIC_AUTH_TOKEN=lmstudio",
             "ANTHROPIC_BASE_URL=http://127.0.0.1:%d" % router.server_port,
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            "CLAUDE_CODE_GATEWAY_HINT_HEADERS=1",
             "CLAUDE_CODE_MAX_CONTEXT_TOKENS=16384",
             "CLAUDE_CODE_TOTAL_TOKENS_REMINDER=off"])
         settings, rest = self.settings_given(done)
         self.assertEqual(rest, "-p say hi")
         self.assertEqual(settings["statusLine"]["type"], "command")
+        # Claude Code re-runs it only when its messages change, unless told to every N seconds.
+        self.assertEqual(settings["statusLine"]["refreshInterval"], 2)
         line = subprocess.run(settings["statusLine"]["command"], shell=True, capture_output=True,
                               text=True, timeout=TIMEOUT, env={
                                   "PATH": os.environ["PATH"],
@@ -3444,7 +3549,7 @@ class LauncherTest(RouterTestCase):
                 self.assertEqual(self.settings_given(done), (None, "-p say hi"))
                 os.remove(os.path.join(where, path))
         done = self.run_launcher(router.server_port, ["claude"], args=("--settings", "{}"))
-        self.assertIn("args: --settings {}\n", done.stdout)     # the user's only
+        self.assertIn("args: --permission-mode default --settings {}\n", done.stdout)  # theirs only
 
     def test_a_router_it_starts_tells_its_problems_and_log_before_claude_starts(self):
         with socket.socket() as s:
@@ -3469,7 +3574,9 @@ class LauncherTest(RouterTestCase):
         router = self.start(FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 8}}]}))
         done = self.run_launcher(router.server_port, ["claude"],
                                  {"CLAUDE_CODE_MAX_CONTEXT_TOKENS": "99",
-                                  "CLAUDE_CODE_TOTAL_TOKENS_REMINDER": "padded-countdown"})
+                                  "CLAUDE_CODE_TOTAL_TOKENS_REMINDER": "padded-countdown",
+                                  "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "0"})
+        self.assertIn("CLAUDE_CODE_GATEWAY_HINT_HEADERS=0", done.stdout)
         self.assertIn("CLAUDE_CODE_MAX_CONTEXT_TOKENS=99", done.stdout)
         self.assertIn("CLAUDE_CODE_TOTAL_TOKENS_REMINDER=padded-countdown", done.stdout)
 
@@ -3488,7 +3595,7 @@ class LauncherTest(RouterTestCase):
         with open(os.path.join(self.cache_dir, "router.log")) as f:
             self.assertIn("claude-router on :%d" % port, f.read())
 
-    def test_an_interactive_user_reads_the_problems_before_claude_clears_the_screen(self):
+    def test_an_interactive_user_reads_the_problems_before_claude_clears_the_screen_once(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -3500,25 +3607,121 @@ class LauncherTest(RouterTestCase):
         env = {"PATH": bin_dir + ":" + os.environ["PATH"], "HOME": self.cache_dir,
                "CLAUDE_ROUTER_PORT": str(port), "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir,
                "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9"}
-        master, slave = pty.openpty()
-        self.addCleanup(os.close, master)
         launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
-        proc = subprocess.Popen(["bash", launcher], stdin=slave, stderr=slave,
-                                stdout=subprocess.PIPE, env=env, cwd=self.cache_dir, text=True)
-        os.close(slave)
-        self.addCleanup(proc.kill)
-        shown = b""
-        while b"Press Enter" not in shown:
-            ready, _, _ = select.select([master], [], [], TIMEOUT * 3)   # it starts a router
-            self.assertTrue(ready, shown)
-            shown += os.read(master, 4096)
+        for run in ("first", "again"):
+            master, slave = pty.openpty()
+            self.addCleanup(os.close, master)
+            proc = subprocess.Popen(["bash", launcher], stdin=slave, stderr=slave,
+                                    stdout=subprocess.PIPE, env=env, cwd=self.cache_dir, text=True)
+            os.close(slave)
+            self.addCleanup(proc.kill)
+            shown = b""
+            while b"Press Enter" not in shown and b"not reachable yet" not in shown:
+                ready, _, _ = select.select([master], [], [], TIMEOUT * 3)   # it starts a router
+                self.assertTrue(ready, shown)
+                shown += os.read(master, 4096)
+            self.stop_later(port)
+            if run == "first":
+                while b"Press Enter" not in shown:
+                    ready, _, _ = select.select([master], [], [], TIMEOUT)
+                    self.assertTrue(ready, shown)
+                    shown += os.read(master, 4096)
+                self.assertIsNone(proc.poll())         # claude waits for the user
+                os.write(master, b"\n")
+            self.assertEqual(proc.communicate(timeout=TIMEOUT)[0], "claude started\n")
+            stop = subprocess.run(["bash", launcher, "--stop"], env=env, capture_output=True,
+                                  text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
+            self.assertEqual(stop.returncode, 0, stop.stderr)
+        self.assertNotIn(b"Press Enter", shown)     # a problem it was paused for once
+
+    def stop_later(self, port):
+        """Make sure the router claude-local started on port is gone when the test ends."""
         status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             "http://127.0.0.1:%d/status" % port, timeout=TIMEOUT).read())
-        os.kill(status["pid"], signal.SIGTERM)
-        self.assertIn(b"not reachable yet", shown)
-        self.assertIsNone(proc.poll())         # claude waits for the user
-        os.write(master, b"\n")
-        self.assertEqual(proc.communicate(timeout=TIMEOUT)[0], "claude started\n")
+        def stop():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(status["pid"], signal.SIGTERM)
+        self.addCleanup(stop)
+        return status
+
+    def test_a_router_with_other_settings_is_not_reused_and_the_users_settings_run(self):
+        # issue 16: a router started with the defaults answered on the port, claude-local
+        # reused it without a word, and every request failed on the wrong upstream.
+        theirs = FakeUpstream(self)
+        router = self.start(theirs)
+        mine = FakeUpstream(self)
+        port = router.server_port
+        wanted = {"CLAUDE_ROUTER_UPSTREAM": mine.url, "CLAUDE_ROUTER_CODER_MODEL": "MINE"}
+        done = self.run_launcher(port, ["claude"], wanted, asks=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        # The next free port: port + 1, unless something else holds that one.
+        spare = int(re.search(r"ANTHROPIC_BASE_URL=http://127.0.0.1:(\d+)", done.stdout)[1])
+        started = self.stop_later(spare)
+        self.assertEqual((started["upstream"], started["coder"]["model"]), (mine.url, "MINE"))
+        self.assertEqual(done.stderr.splitlines(), [
+            "claude-local: the router on :%d runs with other settings than yours:" % port,
+            "  upstream %s (yours: %s)" % (theirs.url, mine.url),
+            "  vision upstream %s (yours: %s)" % (theirs.url, mine.url),
+            "  coder model CODER (yours: MINE)",
+            "claude-local: This session starts a router with yours on :%d (its log: %s/router-%d"
+            ".log)." % (spare, self.cache_dir, spare),
+            "claude-local: To have yours on :%d, stop that one first: claude-local --stop" % port])
+        self.assertIn("reply: 200\n", done.stdout)
+        self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["MINE"], []))
+        again = self.run_launcher(port, ["claude"], wanted, asks=True)      # reused, and said
+        self.assertIn("claude-local: This session uses the router with yours already on :%d.\n"
+                      % spare, again.stderr)
+        self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["MINE"] * 2, []))
+        stop = self.run_launcher(port, ["claude"], args=("--stop",))
+        self.assertEqual(stop.returncode, 1)    # the one on :port is this test, not a router
+        self.assertIn("not a claude_router.py here", stop.stderr)
+        self.assertEqual(stop.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
+                                      "%s, coder MINE)\n" % (spare, started["pid"], mine.url))
+
+    def test_a_router_with_the_same_settings_is_reused_without_a_word(self):
+        for vision_model, env in (("VISION", "VISION"), ("", "none"), ("", "")):
+            with self.subTest(vision_model=vision_model, env=env):
+                upstream = FakeUpstream(self)
+                router = self.start(upstream, vision_model=vision_model)
+                done = self.run_launcher(router.server_port, ["claude"],
+                                         {"CLAUDE_ROUTER_VISION_MODEL": env}, asks=True)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+                self.assertIn("reply: 200\n", done.stdout)
+                self.assertEqual(len(upstream.posts()), 1)
+
+    def test_asks_before_acting_unless_the_user_chose_a_permission_mode(self):
+        # Auto mode's check runs on Anthropic's server, which no local router can answer.
+        router = self.start(FakeUpstream(self))
+        project = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, project, True)
+        mode = {"permissions": {"defaultMode": "acceptEdits"}}
+        rows = [("nobody chose", {}, (), None, True),
+                ("a flag", {}, ("--permission-mode", "plan"), None, False),
+                ("a flag with =", {}, ("--permission-mode=auto",), None, False),
+                ("skip permissions", {}, ("--dangerously-skip-permissions",), None, False),
+                ("allow skipping", {}, ("--allow-dangerously-skip-permissions",), None, False),
+                ("user settings", {}, (), (self.cache_dir, ".claude/settings.json"), False),
+                ("CLAUDE_CONFIG_DIR", {"CLAUDE_CONFIG_DIR": project}, (),
+                 (project, "settings.json"), False),
+                ("project settings", {}, (), (project, ".claude/settings.json"), False),
+                ("local settings", {}, (), (project, ".claude/settings.local.json"), False),
+                ("--settings", {}, ("--settings", json.dumps(mode)), None, False),
+                ("the auto mode check's switch", {"CLAUDE_CODE_AUTO_MODE_SERVER": "0"}, (), None,
+                 False),
+                ("other settings", {}, (), (project, ".claude/settings.json"), True)]
+        for name, env, args, where, passed in rows:
+            with self.subTest(name):
+                if where:
+                    os.makedirs(os.path.dirname(os.path.join(*where)), exist_ok=True)
+                    with open(os.path.join(*where), "w") as f:
+                        json.dump(mode if passed is False else {"permissions": {}}, f)
+                done = self.run_launcher(router.server_port, ["claude"], env,
+                                         args=(*args, "-p", "hi"), cwd=project)
+                given = [l for l in done.stdout.splitlines() if l.startswith("args: ")][0]
+                self.assertEqual(given.startswith("args: --permission-mode default "), passed, given)
+                self.assertTrue(given.endswith(" ".join((*args, "-p", "hi"))), given)
+                if where:
+                    os.remove(os.path.join(*where))
 
     def test_says_so_when_claude_is_missing(self):
         done = self.run_launcher(9, [])
