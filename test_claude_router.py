@@ -3651,7 +3651,8 @@ class LauncherTest(RouterTestCase):
         router = self.start(theirs)
         mine = FakeUpstream(self)
         port = router.server_port
-        wanted = {"CLAUDE_ROUTER_UPSTREAM": mine.url, "CLAUDE_ROUTER_CODER_MODEL": "MINE"}
+        wanted = {"CLAUDE_ROUTER_UPSTREAM": mine.url, "CLAUDE_ROUTER_CODER_MODEL": "MINE",
+                  "CLAUDE_ROUTER_SIDE_MODEL": "SIDE"}
         done = self.run_launcher(port, ["claude"], wanted, asks=True)
         self.assertEqual(done.returncode, 0, done.stderr)
         # The next free port: port + 1, unless something else holds that one.
@@ -3663,15 +3664,17 @@ class LauncherTest(RouterTestCase):
             "  upstream %s (yours: %s)" % (theirs.url, mine.url),
             "  vision upstream %s (yours: %s)" % (theirs.url, mine.url),
             "  coder model CODER (yours: MINE)",
+            "  side model none (yours: SIDE on %s)" % mine.url,
             "claude-local: This session starts a router with yours on :%d (its log: %s/router-%d"
             ".log)." % (spare, self.cache_dir, spare),
             "claude-local: To have yours on :%d, stop that one first: claude-local --stop" % port])
         self.assertIn("reply: 200\n", done.stdout)
-        self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["MINE"], []))
+        # A request without tools is a side request, so it goes to the side model the user named.
+        self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["SIDE"], []))
         again = self.run_launcher(port, ["claude"], wanted, asks=True)      # reused, and said
         self.assertIn("claude-local: This session uses the router with yours already on :%d.\n"
                       % spare, again.stderr)
-        self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["MINE"] * 2, []))
+        self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["SIDE"] * 2, []))
         stop = self.run_launcher(port, ["claude"], args=("--stop",))
         self.assertEqual(stop.returncode, 1)    # the one on :port is this test, not a router
         self.assertIn("not a claude_router.py here", stop.stderr)
