@@ -166,7 +166,7 @@ ERROR_TYPES = {
 # Python 3.10 (bpo-42413); before that a read timeout is an OSError that is no TimeoutError.
 TIMEOUT_ERRORS = (TimeoutError, socket.timeout)
 
-CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), 127)}
+CONTROL_ESCAPES = {c: "\\x%02x" % c for c in (*range(32), *range(127, 160))}   # C0, DEL, C1
 
 
 class ProxyError(Exception):
@@ -1521,7 +1521,9 @@ OVERFLOW_PATTERNS = (
 
 
 def upstream_message(raw):
-    """The message of an upstream error body, on one line: JSON in any server's shape, or text."""
+    """An upstream error body's message as the log, /status and the client are told it: on
+    one line, cut short, control characters escaped (it may reach a terminal). JSON in any
+    server's shape, or text."""
     try:
         body = json.loads(raw)
     except ValueError:
@@ -1531,13 +1533,15 @@ def upstream_message(raw):
         error = error.get("message") or error.get("detail")
     if not isinstance(error, str) or not error.strip():
         error = raw.decode("utf-8", "replace")
-    return " ".join(error.split())[:ERROR_TEXT_CHARS]
+    return escape_log(" ".join(error.split())[:ERROR_TEXT_CHARS])
 
 
 def short_reason(text):
     """The first clause of text, one line without brackets, at most FAILURE_REASON_CHARS."""
     text = re.split(r"\s+-\s+|[.;]\s|\n", text.strip(), maxsplit=1)[0]
-    text = " ".join(re.sub(r"[\x00-\x1f\x7f<>]", " ", text).split()).rstrip(".")
+    # Control characters go, raw or as upstream_message escaped them.
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f<>]|\\x[0-9a-f]{2}", " ", text)
+    text = " ".join(text.split()).rstrip(".")
     if len(text) > FAILURE_REASON_CHARS:
         text = text[:FAILURE_REASON_CHARS - 3].rstrip() + "..."
     return text
@@ -3676,7 +3680,8 @@ def status_line(status):
     if problems:
         more = " (+%d more)" % (len(problems) - 1) if len(problems) > 1 else ""
         parts.append("! %s%s" % (re.split(r"; |\. ", problems[0])[0], more))
-    return " · ".join(parts)
+    # Escaped once more here: the document may come from a router of another version.
+    return escape_log(" · ".join(parts))
 
 
 def fetch_status(port, token):

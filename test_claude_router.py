@@ -2900,6 +2900,24 @@ class UpstreamTrustTest(RouterTestCase):
                 self.assertNotIn(b"X-Fold", head_out)
                 self.assertEqual(b"X-Good: fine" in head_out, status == 200)
 
+    def test_what_an_upstream_says_is_escaped_before_a_terminal_shows_it(self):
+        # A model id can carry escape sequences that clear the screen or write the clipboard.
+        bad_id = "qwen" + ESCAPES
+        listing = {"data": [{"id": bad_id, "owned_by": "llamacpp", "meta": {"n_ctx": 4096}}]}
+        error = {"error": {"message": "no" + ESCAPES}}
+        upstream = FakeUpstream(self, [json_reply(error, 400)], listing=listing)
+        router = self.start(upstream)
+        lines = router.check_upstream()
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEqual(status, 400)
+        _, _, raw_status = self.call("GET", "/status", headers={"Accept": "text/plain"})
+        shown = [*lines, reply["error"]["message"], self.log.getvalue(),
+                 json.dumps(raw_status, ensure_ascii=False), cr.status_line(raw_status)]
+        for text_shown in shown:
+            self.assertFalse(has_controls(text_shown), text_shown)
+        self.assertIn("qwen\\x1b]52;c;aGk=\\x07", cr.status_line(raw_status))
+        self.assertIn("no\\x1b]52", raw_status["last_upstream_error"]["message"])
+
 
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
