@@ -1520,20 +1520,27 @@ OVERFLOW_PATTERNS = (
 )
 
 
-def upstream_message(raw):
-    """An upstream error body's message as the log, /status and the client are told it: on
-    one line, cut short, control characters escaped (it may reach a terminal). JSON in any
-    server's shape, or text."""
+def server_message(raw):
+    """What an upstream error body (bytes or text) says in the server's own words: the message
+    of its JSON, in any server's shape; the body itself when it is not JSON; "" when its
+    JSON has no message. Never the rest of a JSON body, which may echo the conversation."""
     try:
         body = json.loads(raw)
-    except ValueError:
-        body = None
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):
         error = error.get("message") or error.get("detail")
-    if not isinstance(error, str) or not error.strip():
-        error = raw.decode("utf-8", "replace")
-    return escape_log(" ".join(error.split())[:ERROR_TEXT_CHARS])
+    return error if isinstance(error, str) else ""
+
+
+def upstream_message(raw):
+    """An upstream error body's message as the log, /status and the client are told it: on
+    one line, cut short, control characters escaped (it may reach a terminal)."""
+    text = server_message(raw)
+    if not text.strip():
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return escape_log(" ".join(text.split())[:ERROR_TEXT_CHARS])
 
 
 def short_reason(text):
@@ -1552,8 +1559,10 @@ def retry_headers(status):
     return [] if status in RETRYABLE_STATUSES else [("x-should-retry", "false")]
 
 
-def overflow_error(text, estimated_input, context_length):
-    """Anthropic's "prompt is too long" envelope if text reports a context overflow, else None."""
+def overflow_error(raw, estimated_input, context_length):
+    """Anthropic's "prompt is too long" envelope if an upstream error body (or event), bytes or
+    text, reports a context overflow in the server's own message, else None."""
+    text = server_message(raw)
     for pattern, order in OVERFLOW_PATTERNS:
         match = re.search(pattern, text, re.IGNORECASE | re.DOTALL)
         if match:
@@ -2756,7 +2765,7 @@ class Relay:
         404 Claude Code shows its own "issue with the selected model" text instead."""
         handler, resp = self.handler, self.resp
         raw = self.read_error_body()
-        error = overflow_error(raw.decode("utf-8", "replace"), estimate, context_length)
+        error = overflow_error(raw, estimate, context_length)
         if error:
             return self.send_overflow(error)
         handler.outcome = upstream_message(raw)

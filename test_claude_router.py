@@ -2918,6 +2918,29 @@ class UpstreamTrustTest(RouterTestCase):
         self.assertIn("qwen\\x1b]52;c;aGk=\\x07", cr.status_line(raw_status))
         self.assertIn("no\\x1b]52", raw_status["last_upstream_error"]["message"])
 
+    def test_overflow_is_read_in_the_servers_own_message_not_in_an_echo(self):
+        # A refusal that echoes the conversation back was taken for an overflow whenever
+        # the conversation mentioned one, and Claude Code compacted for nothing.
+        said = "we talked about 'prompt is too long: 5 tokens > 4' yesterday"
+        rows = [("json", json_reply({"error": {"message": "tools.0: unknown field",
+                                               "request": {"messages": [user(text(said))]}}}, 400),
+                 "tools.0: unknown field"),
+                ("pydantic detail", json_reply({"object": "error", "message": "invalid request",
+                                                "detail": [{"input": said}]}, 400),
+                 "invalid request")]
+        for name, reply, message in rows:
+            with self.subTest(name):
+                self.start(FakeUpstream(self, [reply]))
+                status, _, answer = self.post(request(user(text(said))))
+                self.assertEnvelope(status, answer, 400)
+                self.assertEqual(answer["error"]["message"], message)
+        opening = ("error", {"type": "error", "error": {"type": "invalid_request_error",
+                                                        "message": "bad tool"}, "echo": said})
+        self.start(FakeUpstream(self, [stream_reply([opening])]))
+        status, _, answer = self.post(request(user(text(said)), stream=True))
+        self.assertEqual(status, 200, answer)      # the stream as the server sent it
+        self.assertIn(b'"message": "bad tool"', answer)
+
 
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
