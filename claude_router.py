@@ -120,6 +120,7 @@ MAX_HEADERS = 100                           # header lines per request
 MODELS_TTL = 30.0                           # s between looks at the upstream's model list
 RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
+MAX_EVENT_BYTES = 1024 * 1024               # one upstream SSE event; past it the stream ends
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
@@ -941,6 +942,113 @@ def swap_image_data(messages, marker):
     return map_image_blocks(messages, swap), found
 
 
+class EncodedRequest:
+    """A request body encoded once, in pieces: its bytes, and what a turn derives from them.
+
+    Each top-level field and each message is encoded on its own and never again: the
+    prompt's parts are hashed from the bytes that are sent, the estimate counts them,
+    and a clamped max_tokens is spliced in. Joined, the pieces are json.dumps(body),
+    except that base64 image data goes in as it is (encode_message)."""
+
+    def __init__(self, body, keys):
+        marker = "@claude-router-image-%s-" % os.urandom(8).hex()
+        self.fields = {name: None if name == "messages" else json.dumps(value).encode()
+                       for name, value in body.items()}
+        self.max_tokens = body.get("max_tokens")
+        self.messages = [encode_message(m, keys, marker) for m in body["messages"]]
+        self.image_bytes = sum(m[2] for m in self.messages)
+        self.images = sum(m[3] for m in self.messages)
+        self.length = sum(map(len, self.pieces()))
+
+    def pieces(self):
+        """The body as pieces: bytes, and base64 image data as the str it came as."""
+        out = [b"{"]
+        for name, value in self.fields.items():
+            out.append(b'%s%s: ' % (b", " if len(out) > 1 else b"", json.dumps(name).encode()))
+            if value is not None:
+                out.append(value)
+                continue
+            out.append(b"[")
+            for i, (pieces, _, _, _) in enumerate(self.messages):
+                out.extend((b", ", *pieces) if i else pieces)
+            out.append(b"]")
+        out.append(b"}")
+        return out
+
+    def data(self):
+        """The body to send: bytes, or with images an iterator of pieces.
+
+        Pieces never hold a second copy of the whole body, and an image's data is
+        encoded to bytes only as it is sent."""
+        pieces = self.pieces()
+        if not self.images:
+            return b"".join(pieces)
+        return (p.encode("ascii") if isinstance(p, str) else p for p in pieces)
+
+    def tokens(self):
+        """Estimated tokens of the request (see estimate_tokens)."""
+        return estimate_tokens(self.length, self.image_bytes, self.images)
+
+    def clamp(self, context_length):
+        """Cut max_tokens so that the estimated input and the output fit context_length."""
+        room = clamped_max_tokens(self.max_tokens, self.tokens(), context_length)
+        if room != self.max_tokens:
+            old, self.fields["max_tokens"] = self.fields["max_tokens"], b"%d" % room
+            self.length += len(self.fields["max_tokens"]) - len(old)
+            self.max_tokens = room
+
+    def prompt_parts(self):
+        """Return (names, digests, sizes) of the prompt's parts in the order templates render
+        them: the system text, the tools and each message; 16 bytes of digest per part."""
+        parts = [(name, [self.fields[name]], [self.fields[name]]) for name in ("system", "tools")
+                 if name in self.fields]
+        parts += [("message %d" % i, m[0], m[1]) for i, m in enumerate(self.messages)]
+        names, digests, sizes = [], [], []
+        for name, pieces, hashed in parts:
+            digest = hashlib.blake2b(name.encode(), digest_size=16)
+            for piece in hashed:
+                digest.update(piece)
+            names.append(name)
+            digests.append(digest.digest())
+            sizes.append(sum(map(len, pieces)))
+        return names, b"".join(digests), sizes
+
+
+def encode_message(message, keys, marker):
+    """Return (pieces, hashed, image bytes, images) of message encoded as JSON.
+
+    pieces are its bytes, base64 image data in between as str: json.dumps would scan
+    and copy every byte of a multi-MB screenshot (2.5 ms per MB here), and validated
+    base64 needs no escaping. hashed is what the prompt-reuse digest reads: the pieces
+    with each image's key in place of its data, so no image is hashed again."""
+    if not keys or not any(is_image(b) for b in iter_blocks(message)):
+        data = json.dumps(message).encode()
+        return [data], [data], 0, 0
+    found, sizes = [], []
+
+    def swap(block):
+        sizes.append(len(image_data(block)))
+        data = block["source"].get("data")
+        # validate_request allows only strict base64 here. This cheaper guard (isascii is
+        # O(1), a quote or a backslash is a memchr) leaves anything that could end the JSON
+        # string to json.dumps, so no body can add JSON fields of its own this way.
+        if block["source"].get("type") != "base64" or not isinstance(data, str) \
+                or not data.isascii() or '"' in data or "\\" in data:
+            return block
+        found.append(data)
+        return {**block, "source": {**block["source"], "data": "%s%d" % (marker, len(found) - 1)}}
+
+    swapped = map_image_blocks([message], swap)[0]
+    first, *rest = json.dumps(swapped).encode().split(marker.encode())
+    pieces, hashed = [first], [first]
+    for part in rest:
+        index, tail = part.split(b'"', 1)     # the marker's number, then the rest of the JSON
+        data = found[int(index)]
+        pieces += [data, b'"' + tail]
+        hashed += [keys[data].encode(), b'"' + tail]
+    return pieces, hashed, sum(sizes), len(sizes)
+
+
 def estimate_tokens(body_bytes, image_bytes=0, images=0):
     """A token count for a request of body_bytes that errs high, images costed apart."""
     return -(-(body_bytes - image_bytes) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
@@ -953,6 +1061,13 @@ def request_tokens(length, messages):
     IMAGE_TOKENS, whatever its size."""
     pixels = [len(image_data(b)) for m in messages for b in iter_blocks(m) if is_image(b)]
     return estimate_tokens(length, sum(pixels), len(pixels))
+
+
+def clamped_max_tokens(asked, estimated_input, context_length):
+    """The max_tokens to send for asked: cut so input plus output fits context_length."""
+    if not context_length or asked is None:
+        return asked
+    return min(asked, max(context_length - estimated_input, MIN_OUTPUT_TOKENS))
 
 
 def clamp_max_tokens(body, estimated_input, context_length):
@@ -1178,6 +1293,69 @@ def has_complete_event(data):
     return b"\n\n" in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
+class EventTooLarge(Exception):
+    """An upstream event passed MAX_EVENT_BYTES before its blank line came."""
+
+
+class EventSplitter:
+    """Whole SSE events out of a stream read in pieces, none held past a bound.
+
+    A line ends with CRLF, LF or CR, and an event at a blank line (WHATWG HTML 9.2.6).
+    Each read is scanned once, with the last three bytes before it, where an event's
+    end may begin: bytes held for an event still arriving are not scanned again, so
+    the cost is linear in the stream. Those three bytes also join a CRLF that two
+    reads cut in half: a CR that ends a read ends no event unless a line end comes
+    just before it, and then that event has ended whatever follows."""
+
+    def __init__(self, limit=MAX_EVENT_BYTES):
+        self.limit = limit      # most bytes of one event
+        self.held = []          # the reads of the event still arriving (its part of them)
+        self.size = 0           # bytes in held
+        self.tail = b""         # held's last three bytes
+
+    def feed(self, data):
+        """Return the bytes, as read, of the events that data completes (b"" if none).
+
+        Raise EventTooLarge once the event still arriving is over the limit."""
+        window = self.tail + data
+        end = last_event_end(window) - len(self.tail)
+        if end > 0:
+            events = b"".join([*self.held, data[:end]]) if self.held else data[:end]
+            data, self.held, self.size, self.tail = data[end:], [], 0, b""
+        else:
+            events = b""
+        if data:
+            self.held.append(data)
+            self.size += len(data)
+            self.tail = (self.tail + data)[-3:]
+        if self.size > self.limit:
+            raise EventTooLarge("an event of over %d bytes" % self.limit)
+        return events
+
+    def has_partial(self):
+        """True when the bytes held are an event begun (more than blank lines)."""
+        return any(piece.strip() for piece in self.held)
+
+
+def last_event_end(data):
+    """Where the last whole SSE event in data ends, past its blank line; 0 if none does."""
+    if b"\r" not in data:
+        end = data.rfind(b"\n\n")     # the usual read
+        return end + 2 if end >= 0 else 0
+    end = 0
+    for match in SSE_EVENT_END.finditer(data):
+        end = match.end()
+    return end
+
+
+def sse_events(data):
+    """The SSE events in data (whole events, as a splitter returns them), each with LF
+    line ends and without its blank line."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return [event.lstrip(b"\n") for event in data.split(b"\n\n") if event.strip(b"\n")]
+
+
 class ReplyCapture:
     """Text and usage of a streamed reply, read from its SSE events on the side of the relay."""
 
@@ -1204,24 +1382,35 @@ class ReplyCapture:
         for raw in events:
             if not self.keep_text and b"message_" not in raw and b"error" not in raw:
                 continue    # a content event: parsing it costs most of the relay's CPU
-            name, event = parse_sse_event(raw)
-            if not isinstance(event, dict):     # any JSON can arrive; only objects carry text
-                event = {}
-            kind = event.get("type", name)
-            delta = event.get("delta")
-            if kind == "content_block_delta" and isinstance(delta, dict) and self.keep_text:
-                if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
-                    self.parts.append(delta["text"])
-            elif kind == "message_start" and isinstance(event.get("message"), dict):
-                self.usage.update(usage_numbers(event["message"].get("usage")))
-            elif kind == "message_delta":
-                self.usage.update(usage_numbers(event.get("usage")))
-                if isinstance(delta, dict):
-                    self.stop_reason = delta.get("stop_reason", self.stop_reason)
-            elif kind == "message_stop":
-                self.complete = True
-            elif kind == "error":
-                self.failed = upstream_message(json.dumps(event).encode()) or "an error event"
+            self.take(*parse_sse_event(raw))
+
+    def feed_events(self, data):
+        """Take the next whole events of the stream, as an EventSplitter returns them."""
+        if not self.keep_text and b"message_" not in data and b"error" not in data:
+            return      # content events only: parsing them costs most of the relay's CPU
+        for raw in sse_events(data):
+            if self.keep_text or b"message_" in raw or b"error" in raw:
+                self.take(*parse_sse_event(raw))
+
+    def take(self, name, event):
+        """Take one event: its name and its parsed data."""
+        if not isinstance(event, dict):     # any JSON can arrive; only objects carry text
+            event = {}
+        kind = event.get("type", name)
+        delta = event.get("delta")
+        if kind == "content_block_delta" and isinstance(delta, dict) and self.keep_text:
+            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                self.parts.append(delta["text"])
+        elif kind == "message_start" and isinstance(event.get("message"), dict):
+            self.usage.update(usage_numbers(event["message"].get("usage")))
+        elif kind == "message_delta":
+            self.usage.update(usage_numbers(event.get("usage")))
+            if isinstance(delta, dict):
+                self.stop_reason = delta.get("stop_reason", self.stop_reason)
+        elif kind == "message_stop":
+            self.complete = True
+        elif kind == "error":
+            self.failed = upstream_message(json.dumps(event).encode()) or "an error event"
 
     def feed_message(self, message):
         """Take a whole reply, a message object (a non-streamed answer)."""

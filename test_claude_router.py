@@ -688,6 +688,131 @@ class SmallTransformTest(unittest.TestCase):
                 self.assertNotRegex(expected, r"[\x00-\x1f<>]")
 
 
+class EncodingTest(unittest.TestCase):
+    """One encode per turn: the body's bytes, the estimate, the clamp and the prompt's parts."""
+
+    def test_the_encoded_body_is_the_json_of_the_body(self):
+        shot = base64.b64encode(os.urandom(3000)).decode()
+        rows = [
+            ("no images", request(user(text("hi \u00e9 \"q\"")), system="s", max_tokens=9), True),
+            ("images everywhere", request(user(image(PNG_A), text("\"quoted\" \u00e9")),
+                                          assistant(tool_use("t1")),
+                                          user(tool_result("t1", image(PNG_B), text("x")),
+                                               image(PNG_A), image(shot))), False),
+            ("url image", request(user({"type": "image", "source": {
+                "type": "url", "url": "https://x/\"y\".png"}})), True),
+            ("data that is not base64 is encoded, not spliced",
+             request(user(image('http:", "injected": true, "x": "')), user(image("\u00e9"))), True),
+        ]
+        for name, body, same_bytes in rows:
+            with self.subTest(name):
+                encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
+                data = joined(encoded.data())
+                self.assertEqual((json.loads(data), len(data)), (body, encoded.length))
+                if same_bytes:
+                    self.assertEqual(data, json.dumps(body).encode())
+
+    def test_a_clamp_splices_max_tokens_into_the_same_bytes(self):
+        body = request(user(text("q " * 3000), image(PNG_A)), max_tokens=32000)
+        encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
+        estimate = encoded.tokens()
+        self.assertEqual(estimate, cr.estimate_tokens(encoded.length, len(PNG_A), 1))
+        encoded.clamp(estimate + 5000)
+        data = joined(encoded.data())
+        self.assertEqual((json.loads(data), len(data)), ({**body, "max_tokens": 5000}, encoded.length))
+        encoded.clamp(None)
+        self.assertEqual(encoded.max_tokens, 5000)
+
+    def test_clamped_max_tokens(self):
+        rows = [(32000, 20000, 32768, 12768), (1000, 20000, 32768, 1000),
+                (32000, 40000, 32768, cr.MIN_OUTPUT_TOKENS), (32000, 100, None, 32000),
+                (None, 100, 200, None)]
+        for asked, estimate, context, expected in rows:
+            with self.subTest(asked=asked, estimate=estimate, context=context):
+                self.assertEqual(cr.clamped_max_tokens(asked, estimate, context), expected)
+
+    def test_prompt_parts_follow_the_prefix_and_know_images_by_their_key(self):
+        def parts(*messages):
+            body = request(*messages, system="s", tools=[{"name": "t"}])
+            return cr.EncodedRequest(body, cr.image_keys(body["messages"])).prompt_parts()
+        first = parts(user(text("q"), image(PNG_A)))
+        again = parts(user(text("q"), image(PNG_A)), assistant(text("a")))
+        other = parts(user(text("q"), image(PNG_B)))
+        self.assertEqual(first[0], ["system", "tools", "message 0"])
+        self.assertEqual(again[0][:3], first[0])
+        self.assertEqual(again[1][:48], first[1])   # the same image, another request
+        self.assertEqual(other[1][:32], first[1][:32])
+        self.assertNotEqual(other[1][32:48], first[1][32:48])
+        self.assertEqual(first[2][2], len(json.dumps(user(text("q"), image(PNG_A)))))
+
+
+class EventStreamTest(unittest.TestCase):
+    """The one splitter every reader of an upstream event stream goes through."""
+
+    STREAMS = [
+        ("LF", b"event: a\ndata: {\"n\": 1}\n\nevent: b\ndata: 2\n\n"),
+        ("CRLF", b"event: a\r\ndata: 1\r\n\r\nevent: b\r\ndata: 2\r\n\r\n"),
+        ("CR", b"event: a\rdata: 1\r\revent: b\rdata: 2\r\r"),
+        ("mixed", b"event: a\r\ndata: 1\n\r\nevent: b\rdata: 2\r\n\revent: c\ndata: 3\r\r\n"
+                  b"data: 4\n\n\n\ndata: 5\r\n\n"),
+    ]
+
+    def split(self, pieces, limit=cr.MAX_EVENT_BYTES):
+        """Feed pieces to one splitter; return (its events, the bytes it returned, the rest)."""
+        splitter = cr.EventSplitter(limit)
+        out = [splitter.feed(p) for p in pieces]
+        return [e for block in out for e in cr.sse_events(block)], b"".join(out), splitter
+
+    def test_line_ends_of_every_kind_give_the_same_events(self):
+        expected = {"LF": [b"event: a\ndata: {\"n\": 1}", b"event: b\ndata: 2"],
+                    "mixed": [b"event: a\ndata: 1", b"event: b\ndata: 2", b"event: c\ndata: 3",
+                              b"data: 4", b"data: 5"]}
+        for name, data in self.STREAMS:
+            with self.subTest(name):
+                events, out, splitter = self.split([data])
+                self.assertEqual(events, expected.get(name, [b"event: a\ndata: 1",
+                                                             b"event: b\ndata: 2"]))
+                self.assertFalse(splitter.has_partial())
+
+    def test_splits_at_every_byte_boundary_give_the_same_events(self):
+        for name, data in self.STREAMS:
+            whole, _, _ = self.split([data])
+            for cut in [*range(len(data) + 1), "bytewise"]:
+                with self.subTest(name, cut=cut):
+                    pieces = ([data[i:i + 1] for i in range(len(data))] if cut == "bytewise"
+                              else [data[:cut], data[cut:]])
+                    events, out, splitter = self.split(pieces)
+                    self.assertEqual(events, whole)
+                    self.assertEqual(out + b"".join(splitter.held), data)
+
+    def test_a_crlf_cut_between_reads_is_one_line_end(self):
+        rows = [([b"data: 1\r", b"\ndata: 2\n\n"], [b"", b"data: 1\r\ndata: 2\n\n"]),
+                ([b"data: 1\r", b"\r"], [b"", b"data: 1\r\r"]),
+                ([b"data: 1\r", b"\n", b"\r", b"\ndata: 2"], [b"", b"", b"data: 1\r\n\r", b""])]
+        for pieces, expected in rows:
+            with self.subTest(pieces):
+                splitter = cr.EventSplitter()
+                self.assertEqual([splitter.feed(p) for p in pieces], expected)
+
+    def test_an_event_past_the_bound_is_refused_not_held(self):
+        splitter = cr.EventSplitter(1000)
+        self.assertEqual(splitter.feed(b"data: 1\n\ndata: " + b"x" * 900), b"data: 1\n\n")
+        with self.assertRaises(cr.EventTooLarge):
+            splitter.feed(b"x" * 101)
+        small = cr.EventSplitter(1000)
+        self.assertEqual(small.feed(b"data: " + b"x" * 990 + b"\n\n"), b"data: " + b"x" * 990 + b"\n\n")
+
+    def test_the_capture_reads_whole_events_from_the_splitter(self):
+        raw = sse(*text_events("Hello world")).replace(b"\n", b"\r\n")
+        for step in (1, 7, len(raw)):
+            with self.subTest(step=step):
+                splitter, capture = cr.EventSplitter(), cr.ReplyCapture()
+                for i in range(0, len(raw), step):
+                    capture.feed_events(splitter.feed(raw[i:i + step]))
+                self.assertEqual(capture.text(), "Hello world")
+                self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
+
+
 class VisionMemoryTest(unittest.TestCase):
 
     def test_failures_keep_their_first_reason_are_bounded_and_retried_after_a_while(self):
