@@ -479,7 +479,7 @@ def image_source_problem(source):
     """Why source is not an image source we can send on, or None.
 
     Every image is checked, whatever turn it is in: base64 data is spliced into the
-    upstream body unescaped (encode_request), so only strict base64 may get there."""
+    upstream body unescaped (encode_message), so only strict base64 may get there."""
     if not isinstance(source, dict) or source.get("type") not in ("base64", "url"):
         return "an image source must be an object of type base64 or url"
     if source["type"] == "url":
@@ -898,50 +898,6 @@ def rewrite_for_vision(messages):
 # a prompt as parts, compared with the last one by hash.
 
 
-def encode_request(body):
-    """Return (length, pieces): body as JSON bytes in pieces, image data spliced in as is.
-
-    json.dumps would scan and copy every byte of each multi-MB screenshot, which
-    needs no escaping (it is validated base64); and sending the pieces one by one
-    never holds a second copy of the whole body."""
-    marker = "@claude-router-image-%s-" % os.urandom(8).hex()
-    messages, images = swap_image_data(body["messages"], marker)
-    skeleton = json.dumps({**body, "messages": messages}).encode()
-    if not images:
-        return len(skeleton), skeleton      # bytes: http.client sends it with the headers
-    # Each marker stands in the skeleton once, as "<marker><index>"; cut there.
-    first, *rest = skeleton.split(b'"%s' % marker.encode())
-    cuts = [(int(index), tail) for index, tail in (part.split(b'"', 1) for part in rest)]
-    length = len(first) + sum(len(images[i]) + 2 + len(tail) for i, tail in cuts)
-
-    def pieces():
-        yield first
-        for i, tail in cuts:
-            yield b'"%s"' % images[i].encode("ascii")
-            yield tail
-    return length, pieces()
-
-
-def swap_image_data(messages, marker):
-    """Return (messages with each base64 image's data replaced by marker + index, [data]).
-
-    validate_request has checked that every image's data is strict base64. This
-    cheaper guard (isascii is O(1), a quote or backslash is a memchr) keeps anything
-    that could close the JSON string for json.dumps to escape, so that even a body
-    that skipped validation can add no JSON fields of its own."""
-    found = []
-
-    def swap(block):
-        data = block["source"].get("data")
-        if block["source"].get("type") != "base64" or not isinstance(data, str) \
-                or not data.isascii() or '"' in data or "\\" in data:
-            return block
-        found.append(data)
-        return {**block, "source": {**block["source"], "data": "%s%d" % (marker, len(found) - 1)}}
-
-    return map_image_blocks(messages, swap), found
-
-
 class EncodedRequest:
     """A request body encoded once, in pieces: its bytes, and what a turn derives from them.
 
@@ -986,7 +942,10 @@ class EncodedRequest:
         return (p.encode("ascii") if isinstance(p, str) else p for p in pieces)
 
     def tokens(self):
-        """Estimated tokens of the request (see estimate_tokens)."""
+        """Estimated tokens of the request as sent (see estimate_tokens).
+
+        Descriptions count as the text they are; each image still sent as pixels costs
+        IMAGE_TOKENS, whatever its size."""
         return estimate_tokens(self.length, self.image_bytes, self.images)
 
     def clamp(self, context_length):
@@ -1054,60 +1013,11 @@ def estimate_tokens(body_bytes, image_bytes=0, images=0):
     return -(-(body_bytes - image_bytes) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
 
 
-def request_tokens(length, messages):
-    """Estimated tokens of a request as sent: length JSON bytes holding messages.
-
-    Descriptions count as the text they are; each image still sent as pixels costs
-    IMAGE_TOKENS, whatever its size."""
-    pixels = [len(image_data(b)) for m in messages for b in iter_blocks(m) if is_image(b)]
-    return estimate_tokens(length, sum(pixels), len(pixels))
-
-
 def clamped_max_tokens(asked, estimated_input, context_length):
     """The max_tokens to send for asked: cut so input plus output fits context_length."""
     if not context_length or asked is None:
         return asked
     return min(asked, max(context_length - estimated_input, MIN_OUTPUT_TOKENS))
-
-
-def clamp_max_tokens(body, estimated_input, context_length):
-    """Return body with max_tokens cut so input plus output fits context_length."""
-    if not context_length or "max_tokens" not in body:
-        return body
-    room = max(context_length - estimated_input, MIN_OUTPUT_TOKENS)
-    if body["max_tokens"] <= room:
-        return body
-    return {**body, "max_tokens": room}
-
-
-def prompt_parts(body, keys):
-    """Return (names, digests, sizes) of body's parts in the order templates render them.
-
-    The parts are the system text, the tools and each message; digests holds 16
-    bytes per part. An image counts by its key and size, so none is hashed again."""
-    parts = [(name, body[name]) for name in ("system", "tools") if name in body]
-    parts += [("message %d" % i, m) for i, m in enumerate(body["messages"])]
-    names, digests, sizes = [], [], []
-    for name, part in parts:
-        pixels = 0
-        if name.startswith("message"):
-            part, pixels = message_by_image_keys(part, keys)
-        data = json.dumps(part).encode()
-        names.append(name)
-        digests.append(hashlib.blake2b(name.encode() + data, digest_size=16).digest())
-        sizes.append(len(data) + pixels)
-    return names, b"".join(digests), sizes
-
-
-def message_by_image_keys(message, keys):
-    """Return (message with each image as its key, the bytes of image data taken out)."""
-    pixels = []
-
-    def by_key(block):
-        pixels.append(len(image_data(block)))
-        return {"type": "image", "key": keys[image_data(block)]}
-
-    return map_image_blocks([message], by_key)[0], sum(pixels)
 
 
 def unchanged_parts(previous, digests):
@@ -1194,7 +1104,7 @@ class PromptMemory:
     def note_prompt(self, conversation, model, names, digests, sizes, length):
         """Remember a prompt sent to model in a body of length bytes; return (last prompt's
         bytes, bytes of it sent again unchanged, the first part that differs or None), or
-        None on a first turn. Prompt bytes are those of its parts (prompt_parts)."""
+        None on a first turn. Prompt bytes are those of its parts (EncodedRequest.prompt_parts)."""
         with self.lock:
             previous = self.prompts.pop((conversation, model), None)
             self.prompts[(conversation, model)] = (digests, sum(sizes))
@@ -1244,30 +1154,10 @@ def is_event_stream(resp):
     return "text/event-stream" in (resp.getheader("content-type") or "")
 
 
-def upstream_chunks(resp, head=b"", wait=None):
-    """Yield head, then each read of resp's body as it arrives.
-
-    read1 returns what one read brings; read(n) would wait for n bytes and hold
-    tokens back (urllib3#2123, btubbs/sseclient#21).
-
-    wait, if given, is called before each read: it returns once there is something
-    to read, or raises."""
-    if head:
-        yield head
-    while True:
-        if wait:
-            wait()
-        data = resp.read1(RELAY_BUFFER)
-        if not data:
-            return
-        yield data
-
-
 def parse_sse_event(raw):
-    """Return (event name, parsed data or None) for one SSE event's bytes."""
+    """Return (event name, parsed data or None) for one SSE event with LF line ends."""
     name, data = "", []
     for line in raw.split(b"\n"):
-        line = line.rstrip(b"\r")
         if line.startswith(b"event:"):
             name = line[6:].strip().decode("utf-8", "replace")
         elif line.startswith(b"data:"):
@@ -1276,21 +1166,6 @@ def parse_sse_event(raw):
         return name, json.loads(b"\n".join(data)) if data else None
     except (ValueError, RecursionError):
         return name, None
-
-
-def split_events(data):
-    """Return (the complete SSE events at the start of data, the bytes after the last one)."""
-    if data.endswith(b"\n\n") and b"\r" not in data:
-        return data, b""    # the usual read: whole events with plain newlines
-    end = 0
-    for match in SSE_EVENT_END.finditer(data):
-        end = match.end()
-    return data[:end], data[end:]
-
-
-def has_complete_event(data):
-    """True when data holds at least one whole SSE event (it ends at a blank line)."""
-    return b"\n\n" in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 class EventTooLarge(Exception):
@@ -1360,7 +1235,6 @@ class ReplyCapture:
     """Text and usage of a streamed reply, read from its SSE events on the side of the relay."""
 
     def __init__(self, keep_text=True):
-        self.pending = b""
         self.keep_text = keep_text
         self.parts = []
         self.usage = {}         # token counts as the server reported them
@@ -1369,22 +1243,6 @@ class ReplyCapture:
         self.stop_reason = None
 
     def feed(self, data):
-        """Take the next bytes of the stream."""
-        self.pending += data
-        if b"\r" in self.pending:
-            # CRLF and a lone CR end lines too. A CR that ends the data may be half a CRLF,
-            # unless a CR comes before it: then the event has ended either way.
-            held = b"\r" if self.pending.endswith(b"\r") and not self.pending.endswith(
-                b"\r\r") else b""
-            body = self.pending[:-1] if held else self.pending
-            self.pending = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
-        *events, self.pending = self.pending.split(b"\n\n")
-        for raw in events:
-            if not self.keep_text and b"message_" not in raw and b"error" not in raw:
-                continue    # a content event: parsing it costs most of the relay's CPU
-            self.take(*parse_sse_event(raw))
-
-    def feed_events(self, data):
         """Take the next whole events of the stream, as an EventSplitter returns them."""
         if not self.keep_text and b"message_" not in data and b"error" not in data:
             return      # content events only: parsing them costs most of the relay's CPU
@@ -1768,14 +1626,15 @@ def overflow_error(raw, estimated_input, context_length):
 
 
 def opening_error(head):
-    """The text of the error event a stream opens with, or None.
+    """The text of the error event a stream opens with (head: its first whole events), or None.
 
     LM Studio answers a streamed request it cannot serve with 200 and the reason as
     the first SSE frame, an error event (thane-ai-agent#1395, lmstudio-bug-tracker#2322)."""
-    name, event = parse_sse_event(head.replace(b"\r\n", b"\n").split(b"\n\n")[0])
+    first = (sse_events(head) or [b""])[0]
+    name, event = parse_sse_event(first)
     if name != "error" and not (isinstance(event, dict) and event.get("type") == "error"):
         return None
-    return json.dumps(event) if event else head.decode("utf-8", "replace")
+    return json.dumps(event) if event else first.decode("utf-8", "replace")
 
 
 def stream_overflow(head, estimated_input, context_length):
@@ -2745,8 +2604,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         clean["model"] = server.coder_model
         counted = server.upstream_token_count(clean)
         if counted is None:
-            length, _ = encode_request(clean)
-            counted = request_tokens(length, clean["messages"])
+            counted = EncodedRequest(clean, keys).tokens()
         self.send_json(200, {"input_tokens": counted})
 
     def messages(self):
@@ -2791,6 +2649,7 @@ class Relay:
         self.conn = conn
         self.resp = resp
         self.url = url
+        self.splitter = EventSplitter()     # an event stream's bytes, as whole events
 
     @classmethod
     def open(cls, handler, url, method, path, body, headers):
@@ -2814,25 +2673,28 @@ class Relay:
                        self.handler.server.read_timeout, self.resp)
 
     def read_head(self):
-        """The first bytes of an upstream event stream (b"" for other bodies), read before our
-        status goes out, so what they say can still decide it (a status is sent once).
+        """The first whole events of an upstream event stream (b"" for other bodies), read
+        before our status goes out, so what they say can still decide it (a status is
+        sent once).
 
-        Reads until the first event is complete (or STREAM_HEAD_BYTES, or the end): one
-        read1 of a chunked body returns at most one chunk, and an opening error event
-        may come in several."""
+        Reads until an event is complete (or STREAM_HEAD_BYTES are held, or the end):
+        one read1 of a chunked body returns at most one chunk, and an opening error
+        event may come in several. What is held stays in the splitter for pump()."""
         if not is_event_stream(self.resp):
             return b""
         head = b""
         try:
-            while len(head) < STREAM_HEAD_BYTES and not has_complete_event(head):
+            while not head and self.splitter.size < STREAM_HEAD_BYTES:
                 self.wait()
                 data = self.resp.read1(RELAY_BUFFER)
                 if not data:
                     break
-                head += data
-            return head
+                head = self.splitter.feed(data)
         except (OSError, http.client.HTTPException) as e:
             raise upstream_failure(e, self.url) from None
+        except EventTooLarge:
+            pass            # pump() meets it again and ends the stream
+        return head
 
     def read_error_body(self):
         """The first MAX_ERROR_BODY_BYTES of an upstream error's body (b"" if it breaks off)."""
@@ -2900,7 +2762,7 @@ class Relay:
         self.send_headers(("Transfer-Encoding", "chunked") if chunked else None)
         handler.stream_frame = encode_chunk if chunked else bytes
         capture = ReplyCapture(keep_text=keep_text)
-        broken, gone = self.pump(upstream_chunks(self.resp, head, self.wait), capture)
+        broken, gone = self.pump(head, capture)
         if broken:
             self.stream_failed(*broken)
         if not capture.complete and not capture.failed and not gone and keep_text:
@@ -2913,27 +2775,35 @@ class Relay:
             handler.end_stream()
         return capture
 
-    def pump(self, chunks, capture):
-        """Write the stream's events to the client: per upstream read, one chunk in one write.
-        Return (None or (what, why) the upstream's stream failed, whether the client left).
+    def pump(self, events, capture):
+        """Write the stream's events to the client, from those already read (events): per
+        upstream read, one chunk in one write. Return (None or (what, why) the upstream's
+        stream failed, whether the client left).
 
         Each chunk holds the events that read completed; the bytes of an event still
         arriving wait for the next read. So a stream that breaks off hands the client
-        only whole events, then the error event."""
-        partial = b""
+        only whole events, then the error event. read1 returns what one read brings;
+        read(n) would wait for n bytes and hold tokens back (urllib3#2123)."""
+        handler = self.handler
         while True:
+            if events:
+                capture.feed(events)
+                if not handler.write_client(handler.stream_frame(events)):
+                    log("client went away mid-stream; closed the upstream request")
+                    return None, True
             try:
-                data = next(chunks, b"")
+                self.wait()
+                data = self.resp.read1(RELAY_BUFFER)
+                events = self.splitter.feed(data)
             except (OSError, http.client.HTTPException) as e:
-                what = "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off"
-                return (what, type(e).__name__), False
+                return ("stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off",
+                        type(e).__name__), False
+            except EventTooLarge as e:
+                # Held whole, it would stall the client and hold the memory: end it here.
+                return ("broke off", str(e)), False
             if not data:
-                return (("broke off", "it ended inside an event") if partial.strip() else None), False
-            capture.feed(data)
-            data, partial = split_events(partial + data)
-            if data and not self.handler.write_client(self.handler.stream_frame(data)):
-                log("client went away mid-stream; closed the upstream request")
-                return None, True
+                partial = self.splitter.has_partial()
+                return (("broke off", "it ended inside an event") if partial else None), False
 
     def stream_failed(self, what, why):
         """End a stream whose upstream failed: headers are out, so say it in band."""
@@ -3061,17 +2931,15 @@ class Turn:
                          "side": server.side_upstream_url}.get(self.route, server.upstream_url)
         self.context_length = server.model_info(self.model, self.upstream).get("context_length")
         outgoing = {**self.clean, "model": self.model, "messages": messages}
-        length, data = encode_request(outgoing)
-        self.estimate = request_tokens(length, messages)
-        clamped = clamp_max_tokens(outgoing, self.estimate, self.context_length)
-        if clamped is not outgoing:
-            length, data = encode_request(clamped)
-        log("→ %s [%s]%s" % (self.route, self.model, self.note_prompt(outgoing, length)))
+        encoded = EncodedRequest(outgoing, self.keys)
+        self.estimate = encoded.tokens()
+        encoded.clamp(self.context_length)
+        log("→ %s [%s]%s" % (self.route, self.model, self.note_prompt(encoded, outgoing)))
         self.note_warm_up(outgoing)
         if substituted:
             log("cached description for %d image(s)" % substituted)
-        server.count(self.route, self.model, self.upstream, length)
-        return data, length
+        server.count(self.route, self.model, self.upstream, encoded.length)
+        return encoded.data(), encoded.length
 
     def answer(self, relay):
         """Relay the model's answer; return (its ReplyCapture, or None when none went out;
@@ -3134,20 +3002,21 @@ class Turn:
         server.note_error(str(error), error.status)
         return FAILURE_WORDS.get(error.status, "error %d" % error.status)
 
-    def note_prompt(self, body, length):
-        """Remember the prompt sent to the model; return the route line's note on what it reuses.
+    def note_prompt(self, encoded, body):
+        """Remember the prompt sent to the model (body, as encoded); return the route line's
+        note on what it reuses.
 
         Claude Code names its conversation in a header; other clients' are told apart
         by their system text, tools and first message. Within one, each request class
         keeps its own books (conversation_key)."""
         headers = self.handler.headers
-        names, digests, sizes = prompt_parts(body, self.keys)
+        names, digests, sizes = encoded.prompt_parts()
         self.klass = request_class(headers)
         self.conversation = conversation_key(headers.get(SESSION_HEADER, "")[:100], self.klass,
                                              names, digests, len(body["messages"]))
         system = content_text(body.get("system")) if self.klass == "auxiliary" else ""
-        return reuse_note(length, self.server.prompts.note_prompt(
-            self.conversation, self.model, names, digests, sizes, length)) + class_note(
+        return reuse_note(encoded.length, self.server.prompts.note_prompt(
+            self.conversation, self.model, names, digests, sizes, encoded.length)) + class_note(
             self.klass, headers.get(COMPACTION_HEADER, ""), COMPACTED_HEADER in headers, system)
 
     def note_warm_up(self, body):
@@ -3342,8 +3211,9 @@ class Warmer:
 
     def run(self, url, body, key, read_timeout, connect_timeout):
         """Send the claimed warm-up to url and say what it cost (a warm-up thread's target)."""
-        length, data = encode_request(body)
-        headers = {"Content-Type": "application/json", "Content-Length": str(length)}
+        encoded = EncodedRequest(body, image_keys(body["messages"]))
+        data = encoded.data()
+        headers = {"Content-Type": "application/json", "Content-Length": str(encoded.length)}
         usage, failure = {}, None
         try:
             conn, resp = open_upstream(url, "POST", "/v1/messages", data, headers, read_timeout,

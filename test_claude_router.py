@@ -132,7 +132,7 @@ def tool_call_events():
 
 
 def joined(data):
-    """encode_request's body as one bytes object (it is bytes, or an iterator of pieces)."""
+    """An encoded request's body as one bytes object (it is bytes, or an iterator of pieces)."""
     return data if isinstance(data, bytes) else b"".join(data)
 
 
@@ -356,7 +356,7 @@ class ImageTransformTest(unittest.TestCase):
         keys = cr.image_keys(clean["messages"])
         for new in ([], [key(PNG_B)]):
             cr.route_request(clean, keys, {key(PNG_A): "d"}, "v", "c", new)
-        cr.clamp_max_tokens(clean, 10, 100)
+        cr.EncodedRequest(clean, keys).clamp(100)
         self.assertEqual(body, before)
 
     def test_transforms_leave_no_reference_cycles(self):
@@ -378,7 +378,7 @@ class ImageTransformTest(unittest.TestCase):
             keys = cr.image_keys(clean["messages"])
             for new in ([], [key(pngs[1])]):
                 route = cr.route_request(clean, keys, {key(pngs[0]): "d"}, "V", "C", new)
-                length, data = cr.encode_request({**clean, "messages": route[2]})
+                data = cr.EncodedRequest({**clean, "messages": route[2]}, keys).data()
                 joined(data)
             del clean, keys, route, data
             gc.collect()
@@ -493,27 +493,9 @@ class SmallTransformTest(unittest.TestCase):
                 got = cr.stream_overflow(head, 100, 200)
                 self.assertEqual(got and got["error"]["message"], expected)
 
-    def test_clamp_max_tokens(self):
-        rows = [(32000, 20000, 32768, 12768), (1000, 20000, 32768, 1000),
-                (32000, 40000, 32768, cr.MIN_OUTPUT_TOKENS), (32000, 100, None, 32000)]
-        for asked, estimate, context, expected in rows:
-            with self.subTest(asked=asked, estimate=estimate, context=context):
-                got = cr.clamp_max_tokens({"max_tokens": asked}, estimate, context)
-                self.assertEqual(got["max_tokens"], expected)
-
     def test_estimate_errs_high_and_costs_images(self):
         self.assertEqual(cr.estimate_tokens(3001), 1001)
         self.assertEqual(cr.estimate_tokens(10_000 + 300, 10_000, 1), 100 + cr.IMAGE_TOKENS)
-
-    def test_reply_capture_across_chunk_boundaries(self):
-        raw = sse(*text_events("Hello world"))
-        for step in (1, 7, len(raw)):
-            with self.subTest(step=step):
-                capture = cr.ReplyCapture()
-                for i in range(0, len(raw), step):
-                    capture.feed(raw[i:i + step].replace(b"\n", b"\r\n"))
-                self.assertEqual(capture.text(), "Hello world")
-                self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
 
     def test_reply_capture_stores_nothing_for_cut_or_failed_streams(self):
         events = text_events("Hello")
@@ -529,24 +511,6 @@ class SmallTransformTest(unittest.TestCase):
         for data, expected in rows:
             with self.subTest(data=data[:10]):
                 self.assertEqual(cr.is_base64(data), expected)
-
-    def test_encoded_request_is_the_json_of_the_body(self):
-        rows = [
-            ("no images", request(user(text("hi")), system="s")),
-            ("images everywhere", request(user(image(PNG_A), text("\"quoted\" \u00e9")),
-                                          assistant(tool_use("t1")),
-                                          user(tool_result("t1", image(PNG_B), text("x")),
-                                               image(PNG_A)))),
-            ("url image", request(user({"type": "image", "source": {
-                "type": "url", "url": "https://x/\"y\".png"}}))),
-            ("data that is not base64 is encoded, not spliced",
-             request(user(image('http:", "injected": true, "x": "')), user(image("\u00e9")))),
-        ]
-        for name, body in rows:
-            with self.subTest(name):
-                length, data = cr.encode_request(body)
-                data = joined(data)
-                self.assertEqual((json.loads(data), len(data)), (body, length))
 
     def test_paths_are_normalised_as_rfc_3986_says(self):
         rows = [("/", "/"), ("/v1/messages", "/v1/messages"), ("/v1/../status", "/status"),
@@ -808,7 +772,7 @@ class EventStreamTest(unittest.TestCase):
             with self.subTest(step=step):
                 splitter, capture = cr.EventSplitter(), cr.ReplyCapture()
                 for i in range(0, len(raw), step):
-                    capture.feed_events(splitter.feed(raw[i:i + step]))
+                    capture.feed(splitter.feed(raw[i:i + step]))
                 self.assertEqual(capture.text(), "Hello world")
                 self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
 
@@ -1525,26 +1489,32 @@ class EndpointTest(RouterTestCase):
 
     def test_overflow_event_split_across_reads_is_still_seen(self):
         # http.client's read1 returns at most one chunk: the router saw only the start of
-        # LM Studio's opening error event and relayed it as a 200 stream.
-        raw = sse(("error", {"type": "error", "error": {
+        # LM Studio's opening error event and relayed it as a 200 stream. With CR line
+        # ends (valid SSE) it read the event as one line and missed it too.
+        event = sse(("error", {"type": "error", "error": {
             "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
             "when context the overflows. However, the model is loaded with context length of "
             "only 32768 tokens, which is not enough."}}))
 
-        def split(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
-            cuts = [0, raw.index(b"Trying"), len(raw) - 1, len(raw)]
-            for start, end in zip(cuts, cuts[1:]):
-                write_chunk(handler, raw[start:end])
-            handler.wfile.write(b"0\r\n\r\n")
+        def split(raw):
+            def reply(handler):
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/event-stream")
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                cuts = [0, raw.index(b"Trying"), len(raw) - 3, len(raw) - 1, len(raw)]
+                for start, end in zip(cuts, cuts[1:]):
+                    write_chunk(handler, raw[start:end])
+                handler.wfile.write(b"0\r\n\r\n")
+            return reply
 
-        self.start(FakeUpstream(self, [split]))
-        status, _, reply = self.post(request(user(text("long")), stream=True))
-        self.assertEnvelope(status, reply, 400, "invalid_request_error")
-        self.assertEqual(reply["error"]["message"], "prompt is too long: 40000 tokens > 32768 maximum")
+        for newline in (b"\n", b"\r\n", b"\r"):
+            with self.subTest(newline=newline):
+                self.start(FakeUpstream(self, [split(event.replace(b"\n", newline))]))
+                status, _, reply = self.post(request(user(text("long")), stream=True))
+                self.assertEnvelope(status, reply, 400, "invalid_request_error")
+                self.assertEqual(reply["error"]["message"],
+                                 "prompt is too long: 40000 tokens > 32768 maximum")
 
     def test_vllm_max_model_len_clamps_max_tokens_and_its_refusal_is_no_overflow(self):
         # vLLM refuses input plus max_tokens over --max-model-len with "'max_tokens' ... is
@@ -1730,7 +1700,7 @@ class CacheReportTest(RouterTestCase):
 
     def test_conversations_remembered_are_bounded_oldest_first(self):
         memory = cr.PromptMemory(max_entries=2)
-        names, digests, sizes = cr.prompt_parts({"messages": [user(text("q"))]}, {})
+        names, digests, sizes = cr.EncodedRequest({"messages": [user(text("q"))]}, {}).prompt_parts()
         for conversation in ("a", "b", "a", "c", "b", "a"):
                 memory.note_prompt(conversation, "M", names, digests, sizes, 99)
         self.assertEqual(list(memory.prompts), [("b", "M"), ("a", "M")])
@@ -1760,10 +1730,10 @@ class EstimateTest(RouterTestCase):
             {k: v for k, v in unclamped.items() if k != "max_tokens"}))))
 
     def test_images_still_sent_as_pixels_cost_a_fixed_amount(self):
-        messages = [user(text("q"), image(PNG_A)), user(tool_result("t", image(PNG_B)))]
-        length = len(json.dumps(messages))
-        self.assertEqual(cr.request_tokens(length, messages), cr.estimate_tokens(
-            length, len(PNG_A) + len(PNG_B), 2))
+        body = request(user(text("q"), image(PNG_A)), user(tool_result("t", image(PNG_B))))
+        encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
+        self.assertEqual(encoded.tokens(), cr.estimate_tokens(
+            len(json.dumps(body)), len(PNG_A) + len(PNG_B), 2))
 
 class VisionFailureTest(RouterTestCase):
     """A vision model that fails leaves the turn to the coder, with a marker saying why."""
@@ -2822,6 +2792,41 @@ class FaultTest(RouterTestCase):
         # Python 3.9: socket.timeout is not TimeoutError, and a stall read as a break.
         self.assertIn("stalled", data["error"]["message"])
         self.assertEqual(len(self.router.vision.cache), 0)
+
+    def test_an_event_past_the_bound_ends_the_stream_instead_of_being_held(self):
+        # 4 MB without a blank line was held whole and scanned again on every read, and
+        # nothing reached the client; now the stream ends at MAX_EVENT_BYTES.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = text_events("never")
+
+        def endless_event(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            write_chunk(handler, sse(events[0]))
+            try:
+                for i in range(32):     # 2 MB, then the upstream waits with its stream open
+                    write_chunk(handler, (b"data: " if i == 0 else b"") + b"x" * 65536)
+                gate.wait(TIMEOUT)
+                for i in range(100):    # until the router closes the connection
+                    write_chunk(handler, b"x" * 65536)
+                handler.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                handler.close_connection = True
+                upstream.closed.set()
+
+        upstream = FakeUpstream(self, [endless_event])
+        self.start(upstream)
+        status, _, raw = self.post(request(user(text("hi")), stream=True))
+        gate.set()
+        self.assertEqual(status, 200)
+        self.assertTrue(raw.startswith(sse(events[0])))
+        name, data = cr.parse_sse_event(raw[len(sse(events[0])):].strip())
+        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
+        self.assertTrue(upstream.closed.wait(TIMEOUT))
+        self.assertIn("an event of over %d bytes" % cr.MAX_EVENT_BYTES, self.log.getvalue())
 
     def test_upstream_cut_mid_stream_ends_cleanly_and_caches_nothing(self):
         events = text_events("half a description")
