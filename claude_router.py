@@ -1481,7 +1481,7 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
         conn.close()
     try:
         return resp.status, json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return resp.status, None
 
 
@@ -1877,7 +1877,8 @@ def trim_repetition(text):
 
 
 def describe_image(url, block, context, model, key="", client=None):
-    """Return (description or "", prompt bytes, None or why it failed) from the vision model.
+    """Return (description or "", prompt bytes, failure) from the vision model; failure is
+    None or (why in a few words, for the marker; what /status is told; a status or None).
 
     With client (its socket), raise ClientGone if it hangs up first."""
     request = describe_request(block, context, model)
@@ -1885,14 +1886,21 @@ def describe_image(url, block, context, model, key="", client=None):
         status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key, client=client)
     except ProxyError as e:
         log("! describe failed: %s" % e)
-        return "", 0, FAILURE_WORDS.get(e.status, "error %d" % e.status)
+        return "", 0, (FAILURE_WORDS.get(e.status, "error %d" % e.status), str(e), e.status)
     sent = len(json.dumps(request))
     if status != 200:
         log("! describe failed: upstream status %d" % status)
-        return "", sent, short_reason(upstream_message(json.dumps(reply).encode())) or \
-            "error %d" % status
+        message = upstream_message(json.dumps(reply).encode())
+        return "", sent, (short_reason(message) or "error %d" % status, message, status)
+    if type(reply) is not dict:
+        # Whatever a server answers, its turn fails with a reason, never with a 500 that
+        # every retry meets again.
+        log("! describe failed: the reply is not a JSON object")
+        return "", sent, (FAILURE_WORDS[502], "describe: the vision model's reply is not a "
+                          "JSON object, so %s" % FAILURE_WORDS[502], 502)
     text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
-    return text, sent, None if text else "it gave no description"
+    return text, sent, None if text else (
+        "it gave no description", "describe: it gave no description", None)
 
 
 class DescriptionCache:
@@ -2164,7 +2172,9 @@ class Vision:
             if text:
                 described[key] = text
             else:
-                failed.setdefault(failure, []).append(key)
+                reason, message, status = failure
+                server.note_error(message, status)      # /status names it, as in answer mode
+                failed.setdefault(reason, []).append(key)
         self.keep(described, server.vision_model)
         if described:
             log("described %d image(s) with %s [%s]" % (len(described), mode, server.vision_model))

@@ -3071,6 +3071,25 @@ class UpstreamTrustTest(RouterTestCase):
         self.assertEqual(status, 200, answer)      # the stream as the server sent it
         self.assertIn(b'"message": "bad tool"', answer)
 
+    def test_a_describe_reply_that_is_no_object_fails_with_a_reason(self):
+        # Every retry was a 500: the reply was read as a dict.
+        for name, reply in [("list", json_reply([1, 2])), ("string", json_reply("a cat")),
+                            ("not json", raw_reply(b"200 OK\r\nContent-Type: application/json",
+                                                   b"<html>")),
+                            ("content not a list", json_reply({"content": "a cat"}))]:
+            with self.subTest(name):
+                vision = FakeUpstream(self, [reply])
+                coder = FakeUpstream(self)
+                self.start(coder, vision_mode="describe", vision_upstream_url=vision.url)
+                status, _, _ = self.post(request(user(text("look"), image(PNG_C))))
+                self.assertEqual(status, 200)
+                content = coder.posts()[-1]["messages"][0]["content"]
+                self.assertTrue(content[1]["text"].startswith(
+                    "<<IMAGE: could not be read by the vision model: "), content)
+                error = self.call("GET", "/status")[2]["last_upstream_error"]
+                self.assertIsNotNone(error)
+                self.assertIn(content[1]["text"][49:-2], error["message"])
+
 
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
