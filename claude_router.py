@@ -1947,10 +1947,11 @@ class DescriptionCache:
             end += len(raw)
             try:
                 record = json.loads(raw)
-                key, text = record["hash"], record["description"]
-                if not (isinstance(key, str) and isinstance(text, str)):
-                    raise ValueError(key)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, RecursionError):     # deep nesting is a RecursionError
+                record = None
+            key = read_typed(record, "hash", str)
+            text = read_typed(record, "description", str)
+            if key is None or text is None:
                 bad += 1
                 continue
             records.append((key, text, raw))

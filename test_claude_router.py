@@ -3090,6 +3090,16 @@ class UpstreamTrustTest(RouterTestCase):
                 self.assertIsNotNone(error)
                 self.assertIn(content[1]["text"][49:-2], error["message"])
 
+    def test_an_unreadable_cache_line_is_skipped_with_a_warning(self):
+        # A line nested past the parser's limit stopped the router at startup.
+        cr.DescriptionCache(self.cache_dir).store({"k1": "one"}, "V")
+        with open(os.path.join(self.cache_dir, cr.CACHE_FILE), "ab") as f:
+            f.write(b'{"hash": ' + b"[" * 100_000 + b"]" * 100_000 + b', "description": "x"}\n')
+            f.write(b'[' * 100_000 + b"\n" + b'{"hash": "k2", "description": "two"}\n')
+        router = self.start(FakeUpstream(self))
+        self.assertEqual(len(router.vision.cache), 2)
+        self.assertIn("skipped 2 unreadable line(s)", self.log.getvalue())
+
 
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
