@@ -3178,11 +3178,11 @@ class Warmer:
         with self.lock:
             self.last_prompt = conversation, body
 
-    def prompt_of(self, conversation):
-        """The last coder prompt of conversation as a warm-up request, or None."""
+    def prompt_of(self, conversation=None):
+        """The last coder prompt (of conversation, if given) as a warm-up request, or None."""
         with self.lock:
             kept, body = self.last_prompt or (None, None)
-        if kept != conversation or body is None:
+        if body is None or conversation not in (None, kept):
             return None
         return {**body, "max_tokens": 1, "stream": False}
 
@@ -3522,17 +3522,26 @@ class Server(http.server.ThreadingHTTPServer):
             self.warm("the model server restarted")
 
     def warm(self, reason, body=None):
-        """Start a warm-up of the coder: body, or else the head kept for it; True if one started.
+        """Start a warm-up of the coder: body, else the last coder prompt, else the head kept
+        for it; True if one started.
 
         It runs in a thread of its own, the one thread the router starts itself: the
         point is to read the prompt while Claude Code starts and the user types, before
         any request comes to wait on. It lives for one request. Never while a turn is in
         flight, never two at once, and never to a coder the server's list does not show
-        loaded, since warming must not load a model nobody asked for."""
+        loaded, since warming must not load a model nobody asked for.
+
+        Once a turn has been sent, the last coder prompt goes whole, not the head: the
+        server may well hold it still (a restart seen only after the turn that followed
+        it, a JIT load made by a turn), and the head alone with a new end would push the
+        conversation out of a one-slot cache, where the whole prompt costs one token."""
         if not self.warmer.enabled or not (self.coder_seen and self.coder_seen[0]):
             return False
-        what = "coder prompt" if body else "coder prefix"
-        body = body or self.warmer.head_request(self.coder_model, self.upstream_url)
+        what = "coder prompt"
+        body = body or self.warmer.prompt_of()
+        if body is None:
+            what = "coder prefix"
+            body = self.warmer.head_request(self.coder_model, self.upstream_url)
         if body is None:
             return False
         with self.stats_lock:   # held across the claim: a turn counted in flight now waits
