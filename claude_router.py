@@ -113,7 +113,7 @@ READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude C
 STATUSLINE_TIMEOUT = 3.0                    # s --statusline waits for the router's /status
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
-REQUEST_TIMEOUT = 30.0                      # s a begun request may stall (headers or body): 408
+REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and per body stall: 408
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
 MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
 MAX_HEADERS = 100                           # header lines per request
@@ -2352,14 +2352,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         as http.server's parse_request does."""
         self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
         self.requestline, self.headers = "", http.client.HTTPMessage()
-        self.connection.settimeout(self.server.request_timeout)
-        line = self.read_line()
+        deadline = time.monotonic() + self.server.request_timeout
+        line = self.read_line(deadline)
         self.requestline = line.rstrip(b"\r\n").decode("latin-1")
         match = REQUEST_LINE.fullmatch(line)
         if not match:
             raise ProxyError(414 if len(line) > MAX_HEAD_LINE else 400, "malformed request line")
         lines = []
-        while (field := self.read_line()) not in (b"\r\n", b"\n"):
+        while (field := self.read_line(deadline)) not in (b"\r\n", b"\n"):
             if len(field) > MAX_HEAD_LINE or len(lines) == MAX_HEADERS:
                 raise ProxyError(431, "request header fields too large")
             if not HEADER_LINE.fullmatch(field):
@@ -2380,16 +2380,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(self.headers.get_all("host") or ()) > 1:
             raise ProxyError(400, "more than one Host header")
 
-    def read_line(self):
-        """One line of the request head (at most MAX_HEAD_LINE + 1 bytes); 408 if it stalls."""
+    def read_line(self, deadline):
+        """One line of the request head (at most MAX_HEAD_LINE + 1 bytes); 408 once the head
+        has taken until deadline (time.monotonic()), however slowly its bytes trickle in.
+
+        A socket timeout bounds each wait for bytes, so readline() under one would let a
+        head sent a byte at a time hold its thread forever: each read gets what is left."""
+        line = bytearray()
         try:
-            line = self.rfile.readline(MAX_HEAD_LINE + 1)
+            while not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("timed out")
+                self.connection.settimeout(left)
+                data = self.rfile.peek(1)      # what is buffered, else one read of the socket
+                if not data:
+                    break
+                room = MAX_HEAD_LINE + 1 - len(line)
+                line += self.rfile.read(min(data.find(b"\n", 0, room) + 1 or len(data), room))
         except TIMEOUT_ERRORS:
             self.unread_input = False   # a stalled client sends nothing more to wait for
-            raise ProxyError(408, "the request stalled before its headers ended") from None
+            raise ProxyError(408, "the request's head did not arrive in time") from None
         if not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
             raise ProxyError(400, "the request ended inside its head")
-        return line
+        return bytes(line)
 
     def receive_body(self):
         """Read the request's body, for any method, once the checks that may refuse it passed.

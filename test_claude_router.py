@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import urllib.request
 
@@ -2717,6 +2718,22 @@ class RequestFramingTest(RouterTestCase):
         self.assertEqual((status, reply), (200, message_json("after the hints")))
         self.assertIsNone(headers["link"])
         self.assertEqual(self.call("GET", "/")[0], 200)
+
+    def test_a_head_trickled_a_byte_at_a_time_gets_408_by_its_deadline(self):
+        # Each byte came before the stall timeout, so such a head held its thread for as long
+        # as the client liked (issue 14, section 4).
+        self.start(FakeUpstream(self))
+        self.router.request_timeout = 0.5
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        # select is the pace: a byte every 0.05 s until the router answers (or TIMEOUT).
+        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() - started < TIMEOUT:
+            sock.sendall(b"a")
+        status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 408)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(headers["connection"], "close")
 
 
 class FaultTest(RouterTestCase):
