@@ -43,6 +43,7 @@ import http.server
 import io
 import ipaddress
 import itertools
+import itertools
 import json
 import math
 import os
@@ -186,6 +187,9 @@ class ClientGone(Exception):
     failure of the model server."""
 
 
+CLIENT_LEFT = "the client went away"        # the outcome of a request whose client hung up
+
+
 def error_type(status):
     """Anthropic's error type for an HTTP status."""
     return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
@@ -196,9 +200,17 @@ def anthropic_error(status, message, kind=None):
     return {"type": "error", "error": {"type": kind or error_type(status), "message": message}}
 
 
+# The id of the request the current thread serves, for its log lines: handler threads
+# serve one request at a time, and the threads that describe images work for one.
+LOG_CONTEXT = threading.local()
+
+
 def log(line):
-    """Write one line to stderr."""
-    sys.stderr.write(line + "\n")
+    """Write one line to stderr: the local time to the second, the id of the request this
+    thread serves (so lines of concurrent requests can be told apart), then line."""
+    request = getattr(LOG_CONTEXT, "request", None)
+    sys.stderr.write("%s %s%s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"),
+                                    "#%s " % request if request else "", line))
     sys.stderr.flush()
 
 
@@ -210,6 +222,19 @@ def escape_log(text):
 def readable_time(seconds):
     """A time.time() value as local time a person reads, with its UTC offset."""
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(seconds))
+
+
+def short_size(n):
+    """A byte count in a few characters: 950 B, 2.3 KB, 1.2 MB."""
+    for size, unit in ((1 << 20, "MB"), (1 << 10, "KB")):
+        if n >= size:
+            return "%.1f %s" % (n / size, unit)
+    return "%d B" % n
+
+
+def set_log_request(request):
+    """Name the request this thread serves now (None: none), for the lines it logs."""
+    LOG_CONTEXT.request = request
 
 
 def outcome_line(status, seconds, message=None):
@@ -1392,6 +1417,8 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
         conn.close()
         raise upstream_failure(e, url) from None
     except ClientGone:
+        # Said before the upstream is closed, so the log never lags the close.
+        log("client went away while the model was silent; closed the upstream request")
         conn.close()
         raise
 
@@ -1457,8 +1484,6 @@ def await_upstream(sock, client, timeout, resp=None):
         if not ready:
             raise socket.timeout("timed out")
         if has_hung_up(client):
-            # Said before the upstream is closed, so the log never lags the close.
-            log("client went away while the model was silent; closed the upstream request")
             raise ClientGone()
         # The client sent bytes (a pipelined request): it is there; stop watching it.
         poller.unregister(client)
@@ -2157,8 +2182,9 @@ class Vision:
         end if it hangs up, and so does the turn: ClientGone, once the others are in."""
         server = self.server
         found = image_contexts(messages, keys, wanted)
-        with concurrent.futures.ThreadPoolExecutor(min(DESCRIBE_CONCURRENCY, len(found) or 1)) \
-                as pool:
+        with concurrent.futures.ThreadPoolExecutor(
+                min(DESCRIBE_CONCURRENCY, len(found) or 1), initializer=set_log_request,
+                initargs=(getattr(LOG_CONTEXT, "request", None),)) as pool:
             jobs = {key: pool.submit(describe_image, server.vision_upstream_url, block, context,
                                      server.vision_model, server.upstream_key, client)
                     for key, (block, context) in found.items()}
@@ -2326,6 +2352,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.await_request():
             self.close_connection = True
             return
+        set_log_request(self.server.next_request_id())
         self.unread_input = True
         try:
             self.read_head()
@@ -2483,7 +2510,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ProxyError(404, "no such endpoint: %s %s" % (method, escape_log(path[:200])))
         except ClientGone:
             self.close_connection = True
-            self.outcome = "the client went away"
+            self.outcome = CLIENT_LEFT
         except ProxyError as e:
             self.outcome = str(e)
             self.refuse(e)
@@ -2510,12 +2537,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         self.sent_status = self.outcome = None
         self.rewarm = None      # a Turn sets the conversation whose coder prompt to send again
-        started = server.request_started()
+        started = server.request_started(self.connection)
+        self.record = started[1]    # the Turn names its route and model in it
         try:
             self.handle_request("POST")
         finally:
-            log(outcome_line(self.sent_status, server.request_ended(started, self.sent_status),
-                             self.outcome))
+            seconds = server.request_ended(started, self.sent_status, self.outcome == CLIENT_LEFT)
+            log(outcome_line(self.sent_status, seconds, self.outcome))
         if self.rewarm is not None:
             server.warm("after a vision turn", server.warmer.prompt_of(self.rewarm))
 
@@ -2675,6 +2703,7 @@ class Relay:
         self.resp = resp
         self.url = url
         self.splitter = EventSplitter()     # an event stream's bytes, as whole events
+        self.relayed = 0        # bytes of the answer's body the client has been sent
 
     @classmethod
     def open(cls, handler, url, method, path, body, headers):
@@ -2694,8 +2723,19 @@ class Relay:
 
     def wait(self):
         """Return once the response has bytes to read; raise ClientGone if the client hangs up first."""
-        await_upstream(self.resp.upstream_sock, self.handler.connection,
-                       self.handler.server.read_timeout, self.resp)
+        try:
+            await_upstream(self.resp.upstream_sock, self.handler.connection,
+                           self.handler.server.read_timeout, self.resp)
+        except ClientGone:
+            self.client_left()      # before the upstream is closed, so the log never lags it
+            raise
+
+    def client_left(self):
+        """Log that the client hung up, and what it had of the answer by then."""
+        self.handler.outcome = CLIENT_LEFT
+        log("client went away %s; closed the upstream request" % (
+            "after %s of the answer was relayed" % short_size(self.relayed) if self.relayed
+            else "while the model was silent"))
 
     def read_head(self):
         """The first whole events of an upstream event stream (b"" for other bodies), read
@@ -2814,8 +2854,9 @@ class Relay:
             if events:
                 capture.feed(events)
                 if not handler.write_client(handler.stream_frame(events)):
-                    log("client went away mid-stream; closed the upstream request")
+                    self.client_left()
                     return None, True
+                self.relayed += len(events)
             try:
                 self.wait()
                 data = self.resp.read1(RELAY_BUFFER)
@@ -2963,7 +3004,7 @@ class Turn:
         self.note_warm_up(outgoing)
         if substituted:
             log("cached description for %d image(s)" % substituted)
-        server.count(self.route, self.model, self.upstream, encoded.length)
+        server.count(self.route, self.model, self.upstream, encoded.length, self.handler.record)
         return encoded.data(), encoded.length
 
     def answer(self, relay):
@@ -3356,6 +3397,8 @@ class Server(http.server.ThreadingHTTPServer):
                       "routes": {"coder": 0, "vision": 0, "describe": 0}, "last_request": None}
         self.started = time.monotonic()
         self.in_flight = 0                      # routed requests being answered now
+        self.turns = {}                         # id(record) -> (start, record, client socket)
+        self.request_ids = itertools.count(1)   # next() is atomic under the GIL
         self.last_model = None                  # the main upstream's last model
         self.models = None                      # {model id: info}, None: never seen
         self.models_time = float("-inf")
@@ -3386,14 +3429,13 @@ class Server(http.server.ThreadingHTTPServer):
 
     # Counters.
 
-    def count(self, route, model, upstream, prompt_bytes):
-        """Count one routed request."""
+    def count(self, route, model, upstream, prompt_bytes, record):
+        """Count one routed request, and name its route and model in its record."""
         with self.stats_lock:
             requests = self.stats["requests"]
             requests[model] = requests.get(model, 0) + 1
             self.stats["routes"][route] = self.stats["routes"].get(route, 0) + 1
-            if self.stats["last_request"]:
-                self.stats["last_request"].update(route=route, model=model)
+            record.update(route=route, model=model)
             if route == "vision":
                 self.add_vision_call("answer", prompt_bytes)    # notes the model too
             else:
@@ -3432,24 +3474,40 @@ class Server(http.server.ThreadingHTTPServer):
             self.stats["last_upstream_error"] = {"message": message, "status": status,
                                                  "time": readable_time(time.time())}
 
-    def request_started(self):
-        """Count a routed request in flight and as the last one; return (start, its record)."""
-        record = {"time": readable_time(time.time()), "route": None, "model": None,
-                  "status": None, "seconds": None}
+    def next_request_id(self):
+        """A short id for the next request, unique while the router runs."""
+        return next(self.request_ids)
+
+    def request_started(self, client):
+        """Count a routed request of client (its socket) in flight and as the last one;
+        return (start, its record)."""
+        record = {"id": getattr(LOG_CONTEXT, "request", None), "time": readable_time(time.time()),
+                  "route": None, "model": None, "status": None, "seconds": None}
+        start = time.monotonic()
         with self.stats_lock:
             self.in_flight += 1
+            self.turns[id(record)] = (start, record, client)
             self.stats["last_request"] = record
         self.warmer.cancel("a turn arrived")
-        return time.monotonic(), record
+        return start, record
 
-    def request_ended(self, started, status):
-        """Count a routed request done; return the seconds it took."""
+    def request_ended(self, started, status, left=False):
+        """Count a routed request done (left: its client hung up first); return its seconds."""
         start, record = started
         seconds = time.monotonic() - start
         with self.stats_lock:
             self.in_flight -= 1
-            record.update(status=status, seconds=round(seconds, 2))
+            del self.turns[id(record)]
+            record.update(status=status, seconds=round(seconds, 2), **({"left": True} if left else {}))
         return seconds
+
+    def turns_status(self):
+        """/status's turns: each routed request in flight, with its seconds so far and whether
+        its client has hung up already (the router sees that only at its next wait or write).
+        Caller holds stats_lock, so no socket here is closed while it is looked at."""
+        now = time.monotonic()
+        return [{**record, "seconds": round(now - start, 1), "client_left": has_left(client)}
+                for start, record, client in self.turns.values()]
 
     def status(self):
         """The /status document."""
@@ -3457,7 +3515,7 @@ class Server(http.server.ThreadingHTTPServer):
             stats = copy.deepcopy(self.stats)
             startup = copy.deepcopy(self.startup)
             activity = {"uptime_s": round(time.monotonic() - self.started),
-                        "in_flight": self.in_flight}
+                        "in_flight": self.in_flight, "turns": self.turns_status()}
         cache = self.vision.cache.status()
         return {"version": VERSION, "pid": os.getpid(), "upstream": self.upstream_url,
                 "vision_upstream": self.vision_upstream_url, "vision_mode": self.vision_mode,
@@ -3751,26 +3809,46 @@ def short_count(n):
     return str(n)
 
 
+def dig(obj, *names):
+    """obj[name][name]..., or None where a level is missing or not an object."""
+    for name in names:
+        obj = obj.get(name) if isinstance(obj, dict) else None
+    return obj
+
+
+def activity_note(status, last):
+    """The status line's word on what the router does now, or how its last turn ended ("")."""
+    turns = dig(status, "turns")
+    turns = [t for t in turns if isinstance(t, dict)] if isinstance(turns, list) else None
+    # A turn whose client has hung up (Esc) is nobody's work any more, even before the
+    # router's next look at it ends it.
+    seconds = [t["seconds"] for t in turns or () if not t.get("client_left")
+               and isinstance(t.get("seconds"), (int, float))]
+    if seconds:
+        return "working %d s" % max(seconds)
+    if turns is None and dig(status, "in_flight"):      # a router from before "turns"
+        return "working"
+    if dig(status, "warm_up", "running"):
+        return "warming"
+    if not last.get("route"):
+        return ""
+    model = "" if last["route"] == "coder" else " " + str(last.get("model"))
+    took = " %.1f s" % last["seconds"] if isinstance(last.get("seconds"), (int, float)) else ""
+    if last.get("left") or any(t.get("client_left") and t.get("id") == last.get("id")
+                               for t in turns or ()):
+        return "last: %s%s interrupted%s" % (last["route"], model, took and " after" + took)
+    outcome = "" if last.get("status") in (200, None) else " (%s)" % last["status"]
+    return "last: %s%s%s%s" % (last["route"], model, outcome, took)
+
+
 def status_line(status):
     """The one short line Claude Code shows as its status line, from a /status document.
 
     Reads what it can and skips the rest: a router of another version may lack a field."""
-    def get(obj, *names):
-        for name in names:
-            obj = obj.get(name) if isinstance(obj, dict) else None
-        return obj
-
-    coder = get(status, "coder", "served_by") or get(status, "coder", "model") or "?"
-    parts = ["router: coder %s" % coder]
-    last = get(status, "last_request") or {}
-    if get(status, "in_flight"):
-        parts.append("working")
-    elif last.get("route"):
-        model = "" if last["route"] == "coder" else " " + str(last.get("model"))
-        outcome = "" if last.get("status") in (200, None) else " (%s)" % last["status"]
-        took = " %.1f s" % last["seconds"] if isinstance(last.get("seconds"), (int, float)) else ""
-        parts.append("last: %s%s%s%s" % (last["route"], model, outcome, took))
-    turn = get(status, "prompt_cache", last.get("model"), "last_turn") or {}
+    coder = dig(status, "coder", "served_by") or dig(status, "coder", "model") or "?"
+    last = dig(status, "last_request") or {}
+    parts = ["router: coder %s" % coder, activity_note(status, last)]
+    turn = dig(status, "prompt_cache", last.get("model"), "last_turn") or {}
     read, new = turn.get("cache_read_input_tokens"), turn.get("input_tokens")
     if isinstance(read, int) and isinstance(new, int):      # Anthropic's: new excludes read
         parts.append("prompt: %s cached, %s new" % (short_count(read), short_count(new)))
@@ -3778,12 +3856,12 @@ def status_line(status):
         parts.append("prompt: %s tokens" % short_count(new))
     # Claude Code clears the screen as it starts, so what the startup check found is
     # shown here too: its first problem, without the fix (the log and /status have it).
-    problems = [p for p in get(status, "startup", "problems") or [] if isinstance(p, str)]
+    problems = [p for p in dig(status, "startup", "problems") or [] if isinstance(p, str)]
     if problems:
         more = " (+%d more)" % (len(problems) - 1) if len(problems) > 1 else ""
         parts.append("! %s%s" % (re.split(r"; |\. ", problems[0])[0], more))
     # Escaped once more here: the document may come from a router of another version.
-    return escape_log(" · ".join(parts))
+    return escape_log(" · ".join(p for p in parts if p))
 
 
 def fetch_status(port, token):

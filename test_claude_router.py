@@ -854,6 +854,14 @@ class SettingsTest(unittest.TestCase):
 
 ################ Cache
 
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (#\d+ )?")     # time, request id
+
+
+def cr_line(line):
+    """A log line without its time and request id, and without the seconds it gives."""
+    return re.sub(r" \d+\.\d\d s", " s", LOG_PREFIX.sub("", line))
+
+
 class WatchedLog(io.StringIO):
     """A StringIO whose writes set Events: a test can wait for a log line, not for time."""
 
@@ -866,6 +874,10 @@ class WatchedLog(io.StringIO):
         event = threading.Event()
         self.watches.append((text, event))
         return event
+
+    def lines(self):
+        """The lines logged, each without its time and request id."""
+        return [LOG_PREFIX.sub("", line) for line in self.getvalue().splitlines()]
 
     def write(self, data):
         written = super().write(data)
@@ -1683,7 +1695,7 @@ class CacheReportTest(RouterTestCase):
         for name, body, headers, said in rows:
             with self.subTest(name):
                 self.post(body, headers=headers)
-                line = [l for l in self.log.getvalue().splitlines() if l.startswith("→")][-1]
+                line = [l for l in self.log.lines() if l.startswith("→")][-1]
                 size = len(upstream.raw[-1][1]) / 1024
                 self.assertRegex(line, r"^→ coder \[CODER\] %.1f KB, " % size)
                 self.assertIn(said, line)
@@ -2107,7 +2119,7 @@ class RequestClassTest(RouterTestCase):
     """Claude Code's hint headers: books per request class, the route line, side requests."""
 
     def route_lines(self):
-        return [l for l in self.log.getvalue().splitlines() if l.startswith("→")]
+        return [l for l in self.log.lines() if l.startswith("→")]
 
     def test_hint_headers_are_not_forwarded(self):
         upstream = FakeUpstream(self)
@@ -2948,9 +2960,17 @@ class FaultTest(RouterTestCase):
                 self.start(upstream)
                 sock = self.post_raw(request(user(text("go")), stream=stream))
                 self.assertTrue(arrived.wait(TIMEOUT))
+                got = b""
+                while phase == "after the first event" and b"message_start" not in got:
+                    got += sock.recv(65536)     # the client has it: it was relayed
                 sock.close()
                 self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
-                self.assertIn("client went away", self.log.getvalue())
+                said = [l for l in self.log.lines() if l.startswith("client went away")][-1]
+                # What it had of the answer: 'silent' only when it had nothing (issue 16).
+                self.assertEqual(said, "client went away %s; closed the upstream request" % (
+                    "after %d B of the answer was relayed" % len(sse(text_events("x")[0]))
+                    if phase == "after the first event"
+                    else "while the model was silent"))
 
     def test_sixty_four_concurrent_streams_arrive_intact(self):
         def echo(handler, body):
@@ -3162,7 +3182,7 @@ class UnexpectedErrorTest(RouterTestCase):
         self.assertEqual(headers["connection"], "close")
         self.assertEqual(headers["x-should-retry"], "false")    # a bug: retrying will not help
         self.assertEqual(router.errors, ["KeyError: 'simulated bug'"])
-        entries = [l for l in self.log.getvalue().splitlines() if l.startswith("! ")]
+        entries = [l for l in self.log.lines() if l.startswith("! ")]
         self.assertEqual(len(entries), 1, entries)
         self.assertIn("KeyError", entries[0])
         self.assertIn(", in fail\n", self.log.getvalue())    # the frame that raised
@@ -3419,7 +3439,7 @@ class ActivityTest(RouterTestCase):
         self.post(request(user(text("hi"))), conn=conn)
         self.post({"messages": []}, conn=conn)
         self.call("GET", "/", conn=conn)    # one connection, one thread: the lines are written
-        lines = self.log.getvalue().splitlines()
+        lines = self.log.lines()
         outcomes = [l for l in lines if l.startswith("← ")]
         self.assertEqual(len(outcomes), 3, lines)
         self.assertRegex(outcomes[0], r"^← 500 in \d+\.\d\d s: image input is not supported - "
@@ -3459,6 +3479,34 @@ class ActivityTest(RouterTestCase):
         self.assertRegex(status["last_request"]["time"], time_pattern)
         self.assertIsInstance(status["uptime_s"], int)
         self.assertEqual(status["startup"]["upstream_reachable"], None)     # no check was run
+
+    def test_every_log_line_has_a_time_and_each_line_of_a_request_its_id(self):
+        # issue 16: lines of concurrent requests interleaved and could not be paired.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        upstream = FakeUpstream(self, [stream_reply(text_events("slow"), gate=gate)])
+        self.start(upstream)
+        slow = self.connect()
+        slow.request("POST", "/v1/messages", json.dumps(request(user(text("slow")), stream=True)))
+        resp = slow.getresponse()
+        self.assertIn(b"message_start", resp.read1(65536))
+        self.post(request(user(text("quick"))))     # begins and ends inside the slow one
+        gate.set()
+        resp.read()
+        self.call("GET", "/", conn=slow)    # one connection, one thread: its lines are written
+        lines = self.log.getvalue().splitlines()
+        for line in lines:
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d #\d+ ")
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))   # local time
+            self.assertLess(abs(stamp - time.time()), 60)
+        ids = {}
+        for line in lines:
+            ids.setdefault(line.split()[2], []).append(cr_line(line))
+        one = ["→ coder [CODER] 0.1 KB, first turn", "usage [CODER]: 5 prompt tokens, 0 of them "
+                                                     "from the server's cache", "← 200 in s"]
+        self.assertEqual(list(ids.values()), [one, one])
+        self.assertEqual(lines[0].split()[2], lines[-1].split()[2])   # slow's, around quick's
+        self.assertNotEqual(lines[1].split()[2], lines[0].split()[2])
 
     def test_upstream_messages_in_each_servers_shape(self):
         rows = [(b'{"type":"error","error":{"type":"api_error","message":"boom"}}', "boom"),
@@ -3640,8 +3688,22 @@ class StatusLineTest(RouterTestCase):
                                                     "prompt_cache": {"qwen/coder": {"last_turn": {
                                                         "input_tokens": 950}}}},
                  "router: coder qwen/coder · last: coder · prompt: 950 tokens"),
-                ("working", {"in_flight": 1, "last_request": {"route": "coder"}},
+                ("working", {"in_flight": 2, "last_request": {"route": "coder"}, "turns": [
+                    {"seconds": 3.9}, {"seconds": 12.7}]},
+                 "router: coder qwen/coder · working 12 s"),
+                ("a router from before turns", {"in_flight": 1, "last_request": {"route": "coder"}},
                  "router: coder qwen/coder · working"),
+                ("the client hung up, the router has not seen it yet", {
+                    "in_flight": 1, "last_request": {"id": 7, "route": "coder", "seconds": None},
+                    "turns": [{"id": 7, "seconds": 40.2, "client_left": True}]},
+                 "router: coder qwen/coder · last: coder interrupted"),
+                ("the client hung up", {"last_request": {"id": 7, "route": "coder", "status": None,
+                                                         "seconds": 0.94, "left": True},
+                                        "turns": []},
+                 "router: coder qwen/coder · last: coder interrupted after 0.9 s"),
+                ("warming", {"warm_up": {"running": True}, "turns": [],
+                             "last_request": {"route": "coder", "status": 200, "seconds": 2.0}},
+                 "router: coder qwen/coder · warming"),
                 ("served by llama-server's one model", {"coder": {"model": "c", "served_by": "q05"}},
                  "router: coder q05"),
                 ("startup problems", {"startup": {"problems": [
@@ -3666,6 +3728,30 @@ class StatusLineTest(RouterTestCase):
                                       r"prompt: 5 tokens\n$")
         self.assertIn("set CLAUDE_ROUTER_TOKEN", self.statusline(router.server_port).stdout)
         self.assertEqual(os.listdir(self.cache_dir), [])
+
+    def test_working_while_a_turn_is_in_flight_and_not_once_its_client_hangs_up(self):
+        # issue 16: the status line never said working during a cold turn, then stayed on it
+        # after Esc; and a turn the client left read as one that had succeeded.
+        arrived = threading.Event()
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+
+        def silent(handler):        # a model reading a long prompt: nothing comes back yet
+            arrived.set()
+            handler.close_connection = True
+            stall.wait(TIMEOUT)
+        upstream = FakeUpstream(self, [silent])
+        router = self.start(upstream)
+        sock = self.post_raw(request(user(text("go")), stream=True))
+        self.assertTrue(arrived.wait(TIMEOUT))
+        done = self.statusline(router.server_port)
+        self.assertRegex(done.stdout, r"^router: coder CODER · working \d+ s\n$")
+        ended = self.log.when("← no answer in")
+        sock.close()                # Esc
+        self.assertNotIn("working", self.statusline(router.server_port).stdout)
+        self.assertTrue(ended.wait(TIMEOUT))
+        self.assertRegex(self.statusline(router.server_port).stdout,
+                         r"^router: coder CODER · last: coder interrupted after \d+\.\d s\n$")
 
     def test_with_no_router_it_says_so_and_exits_0(self):
         with socket.socket() as s:
