@@ -111,7 +111,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs wi
 MAX_ERROR_BODY_BYTES = 1024 * 1024          # upstream error bodies we read to inspect
 CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
-STATUSLINE_TIMEOUT = 3.0                    # s --statusline waits for the router's /status
+STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status, in all
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and per body stall: 408
@@ -3864,24 +3864,42 @@ def status_line(status):
     return escape_log(" · ".join(p for p in parts if p))
 
 
-def fetch_status(port, token):
-    """Return (HTTP status, the /status document or None) of what answers on the loopback port.
+def fetch_status(port, token, timeout=STATUSLINE_TIMEOUT):
+    """Return (HTTP status, the /status document or None) of what answers on the loopback port,
+    the whole exchange within timeout seconds.
 
-    Raise OSError when nothing answers (or what answers does not speak HTTP)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STATUSLINE_TIMEOUT)
+    Raise OSError when nothing answers in time (or what answers does not speak HTTP). A
+    socket timeout bounds each wait for bytes, not the exchange, and Claude Code runs the
+    status line often: so each read here gets only what is left of one deadline."""
+    deadline = time.monotonic() + timeout
+    request = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    if token:
+        request += b"x-api-key: %s\r\n" % token.encode("latin-1", "replace")
+    raw, length = b"", None
+    with socket.create_connection(("127.0.0.1", port), timeout) as sock:
+        sock.sendall(request + b"\r\n")
+        while length is None or len(raw) < length:
+            left = deadline - time.monotonic()
+            if left <= 0 or len(raw) > MAX_ERROR_BODY_BYTES:
+                raise socket.timeout("no whole answer in time")
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                break
+            raw += data
+            head, blank, _ = raw.partition(b"\r\n\r\n")
+            given = re.search(rb"\r\ncontent-length: *([0-9]{1,9})\r", head + b"\r", re.I)
+            if blank and given:
+                length = len(head) + 4 + int(given[1])
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = re.match(rb"HTTP/1\.[01] ([0-9]{3}) ", head)
+    if not status:
+        raise OSError("what answers on :%d does not speak HTTP" % port)
     try:
-        conn.request("GET", "/status", headers={"x-api-key": token} if token else {})
-        resp = conn.getresponse()
-        raw = resp.read(MAX_ERROR_BODY_BYTES)
-    except http.client.HTTPException as e:
-        raise OSError(str(e)) from None
-    finally:
-        conn.close()
-    try:
-        document = json.loads(raw) if resp.status == 200 else None
+        document = json.loads(body) if status[1] == b"200" else None
     except ValueError:
         document = None
-    return resp.status, document if isinstance(document, dict) else None
+    return int(status[1]), document if isinstance(document, dict) else None
 
 
 def statusline(environ):

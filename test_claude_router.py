@@ -3761,6 +3761,33 @@ class StatusLineTest(RouterTestCase):
         self.assertEqual((done.returncode, done.stdout, done.stderr),
                          (0, "router: none on :%d\n" % port, ""))
 
+    def test_a_router_that_trickles_its_answer_is_given_up_on_within_a_second(self):
+        # Each byte came before the per-read timeout, so the status line waited for as long
+        # as the answer trickled in; the README promises a second (issue 14, section 4).
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def trickle():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                while not done.wait(0.05):      # the pace: a byte every 0.05 s, for the test
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        return
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        self.assertEqual(cr.statusline({"CLAUDE_ROUTER_PORT": str(port)}), "router: none on :%d" % port)
+        self.assertLess(time.monotonic() - started, cr.STATUSLINE_TIMEOUT + 0.5)
+        self.assertLessEqual(cr.STATUSLINE_TIMEOUT, 1.0)
+
 
 class LauncherTest(RouterTestCase):
     """claude-local, run for real with a stand-in `claude` that prints what it was given."""
