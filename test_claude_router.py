@@ -1,4 +1,5 @@
-"""Tests for claude_router: pure transforms first, then the real router on loopback.
+"""Tests for claude_router, in the order of its sections (the same banners), after the
+fixtures: a reader finds the tests of what they change under its section's name.
 
 Run with: python3 -m unittest
 Wire tests start the real router and a real fake upstream (a small http.server),
@@ -31,6 +32,8 @@ import unittest
 import urllib.request
 
 import claude_router as cr
+
+################ Fixtures
 
 TIMEOUT = 5     # seconds for every socket and wait in these tests
 PNG_A = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"A" * 64).decode()
@@ -143,7 +146,710 @@ def message_json(reply):
             "usage": {"input_tokens": 5, "output_tokens": 3}}
 
 
-################ Layer 1: transforms
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (#\d+ )?")     # time, request id
+
+
+def cr_line(line):
+    """A log line without its time and request id, and without the seconds it gives."""
+    return re.sub(r" \d+\.\d\d s", " s", LOG_PREFIX.sub("", line))
+
+
+class WatchedLog(io.StringIO):
+    """A StringIO whose writes set Events: a test can wait for a log line, not for time."""
+
+    def __init__(self):
+        super().__init__()
+        self.watches = []
+
+    def when(self, text):
+        """An Event set once a line holding text is written."""
+        event = threading.Event()
+        self.watches.append((text, event))
+        return event
+
+    def lines(self):
+        """The lines logged, each without its time and request id."""
+        return [LOG_PREFIX.sub("", line) for line in self.getvalue().splitlines()]
+
+    def write(self, data):
+        written = super().write(data)
+        for text, event in self.watches:
+            if text in data:
+                event.set()
+        return written
+
+
+def capture_log(test):
+    """Send the router's log (stderr) to a WatchedLog until the test ends; return it."""
+    log = WatchedLog()
+    redirect = contextlib.redirect_stderr(log)
+    redirect.__enter__()
+    test.addCleanup(redirect.__exit__, None, None, None)
+    return log
+
+
+class NoLog:
+    def log_message(self, *args):
+        pass
+
+
+class FakeServer(http.server.ThreadingHTTPServer):
+    # Like the router's: with the default backlog of 5, the 64-stream test's connects
+    # overflow it on a loaded machine and some come back reset.
+    request_queue_size = 128
+    daemon_threads = True
+
+
+class FakeUpstream:
+    """A real HTTP server playing the model server: scripted replies, recorded requests.
+
+    A reply is a function taking the handler. Replies for POST /v1/messages are used in
+    order, then the default text reply. Every request is recorded as (method, path,
+    headers, body)."""
+
+    def __init__(self, test, replies=(), listing=None, count_tokens=None, strict=False,
+                 default=None):
+        self.requests = []
+        self.raw = []                       # (path, bytes) of each POST body, as received
+        self.default = default or (lambda handler, body: json_reply(message_json("ok"))(handler))
+        self.replies = list(replies)
+        self.listing = listing
+        self.count_tokens = count_tokens
+        self.strict = strict
+        self.closed = threading.Event()     # set when a client stopped reading a stream
+        self.listing_gate = None            # an Event model listings wait on, when set
+        self.props = None                   # llama-server's /props, when set
+        self.key = None                     # when set, requests without it as Bearer get 401
+        fake = self
+
+        class Handler(NoLog, http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                fake.record(self, None)
+                if fake.refuses(self):
+                    return send_json(self, 401, {"error": "missing or wrong key"})
+                if self.path == "/props" and fake.props:
+                    return send_json(self, 200, fake.props)
+                if fake.listing_gate and self.path.endswith("/models"):
+                    fake.listing_gate.wait(TIMEOUT)
+                # LM Studio's own listing has models[] and no data[] (llama-server has both).
+                if self.path == "/api/v1/models" and fake.listing and "models" in fake.listing \
+                        and "data" not in fake.listing:
+                    return send_json(self, 200, fake.listing)
+                if self.path == "/v1/models" and fake.listing and "data" in fake.listing:
+                    return send_json(self, 200, fake.listing)
+                send_json(self, 404, {"error": "not found"})
+
+            def do_HEAD(self):
+                fake.record(self, None)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream" if "stream" in self.path
+                                 else "application/json")
+                self.send_header("Content-Length", "1234")
+                self.end_headers()
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                fake.raw.append((self.path, raw))
+                body = json.loads(raw)
+                fake.record(self, body)
+                if fake.refuses(self):
+                    return send_json(self, 401, {"error": "missing or wrong key"})
+                if self.path.startswith("/v1/messages/count_tokens"):
+                    status, reply = fake.count_tokens or (404, {"error": "Unexpected endpoint"})
+                    return send_json(self, status, reply)
+                if fake.strict:
+                    problem = strict_problem(body)
+                    if problem:
+                        return send_json(self, 400, {"error": problem})
+                if fake.replies:
+                    return fake.replies.pop(0)(self)
+                fake.default(self, body)
+
+        self.server = FakeServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        test.addCleanup(thread.join, TIMEOUT)
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def refuses(self, handler):
+        """True when a key is required and handler's request does not carry it."""
+        return bool(self.key) and handler.headers.get("authorization") != "Bearer " + self.key
+
+    def record(self, handler, body):
+        self.requests.append((handler.command, handler.path, dict(handler.headers), body))
+
+    def posts(self, path="/v1/messages"):
+        return [r[3] for r in self.requests if r[0] == "POST" and r[1] == path]
+
+
+def strict_problem(body):
+    """What a strict server (llmster, Ollama, old vLLM) would reject in body, or None."""
+    extra = set(body) - {"model", "messages", "system", "max_tokens", "stream", "tools",
+                         "tool_choice", "temperature", "stop_sequences"}
+    if extra:
+        return "unknown fields %s" % sorted(extra)
+    for m in body["messages"]:
+        if m["role"] not in ("user", "assistant"):
+            return "unknown variant '%s'" % m["role"]
+        for b in m["content"] if isinstance(m["content"], list) else []:
+            if "cache_control" in b or b["type"] in ("thinking", "tool_reference"):
+                return "unsupported block"
+            if b["type"] == "tool_result" and isinstance(b["content"], list) and any(
+                    x["type"] != "text" for x in b["content"]):
+                return "tool_result content must be text"
+    roles = [m["role"] for m in body["messages"]]
+    if any(a == b for a, b in zip(roles, roles[1:])):
+        return "roles must alternate"
+    return None
+
+
+def send_json(handler, status, obj, headers=()):
+    data = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def json_reply(obj, status=200):
+    return lambda handler: send_json(handler, status, obj)
+
+
+def write_chunk(handler, data):
+    handler.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+
+
+def sees_close(sock):
+    """True when the peer of sock closes the connection within TIMEOUT."""
+    sock.settimeout(TIMEOUT)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def stream_reply(events, gate=None, gate_after=1, stall=None, cut_after=None, until_closed=None):
+    """An SSE reply: events one chunk each; waits on gate after gate_after events.
+
+    stall: an Event waited on after gate_after events instead of going on (a hung
+    model). cut_after: close the socket after that many events. until_closed: a
+    FakeUpstream whose closed event is set once writing fails (client gone)."""
+    def reply(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for i, event in enumerate(events):
+                if i == gate_after and gate is not None:
+                    gate.wait(TIMEOUT)
+                if i == gate_after and stall is not None:
+                    stall.wait(TIMEOUT)
+                if i == cut_after:
+                    handler.close_connection = True
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                write_chunk(handler, sse(event))
+            if until_closed:
+                for i in range(100_000):
+                    write_chunk(handler, sse(("ping", {"type": "ping"})))
+            handler.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, OSError):
+            handler.close_connection = True
+            if until_closed:
+                until_closed.closed.set()
+    return reply
+
+
+def read_response(sock):
+    """Read one HTTP response from sock; return (status, headers, body)."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp.status, resp.headers, resp.read()
+
+
+class RouterTestCase(unittest.TestCase):
+    """Starts the router on loopback against a FakeUpstream; checks no handler crashed."""
+
+    router_settings = {}
+
+    def setUp(self):
+        self.cache_dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.cache_dir, True)
+        self.log = capture_log(self)
+
+    def start(self, upstream=None, **settings):
+        """Start a router (a new one each call, on the same cache dir) and return it.
+
+        upstream is a FakeUpstream or a URL."""
+        url = getattr(upstream, "url", upstream) or "http://127.0.0.1:9"
+        router = cr.Server(("127.0.0.1", 0), url, cache_dir=self.cache_dir, **{
+            "coder_model": "CODER", "vision_model": "VISION", **self.router_settings, **settings})
+        router.vision.cache.load()
+        router.warmer.load()
+        router.refresh_models()     # as main() does before it serves
+        thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        self.addCleanup(lambda: self.assertEqual(router.errors, []))
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(router.server_close)
+        self.addCleanup(router.shutdown)
+        self.router = router
+        return router
+
+    def connect(self, router=None):
+        conn = http.client.HTTPConnection("127.0.0.1", (router or self.router).server_port,
+                                          timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        return conn
+
+    def call(self, method, path, body=None, headers=None, conn=None):
+        """Send one request; return (status, headers, parsed or raw body)."""
+        conn = conn or self.connect()
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, resp.headers, json.loads(raw)
+        except ValueError:
+            return resp.status, resp.headers, raw
+
+    def post(self, body, **kwargs):
+        return self.call("POST", "/v1/messages?beta=true", body, **kwargs)
+
+    def post_raw(self, body):
+        """Send body to /v1/messages on a raw socket, for a test that hangs up; return it."""
+        data = json.dumps(body).encode()
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(data), data))
+        return sock
+
+    def assertEnvelope(self, status, reply, expected_status, error_type=None):
+        self.assertEqual(status, expected_status, reply)
+        self.assertEqual(reply["type"], "error")
+        self.assertIsInstance(reply["error"]["message"], str)
+        if error_type:
+            self.assertEqual(reply["error"]["type"], error_type)
+
+
+################ Errors and logging
+
+class LoggingTest(RouterTestCase):
+    """What the log and the error answers say."""
+
+    def test_logs_hold_no_bodies_images_or_keys_and_escape_client_strings(self):
+        self.start(FakeUpstream(self, [json_reply(message_json("A chart."))]), verbose=True)
+        self.post(request(user(text("my secret prompt"), image(PNG_B))),
+                  headers={"x-api-key": "sk-ant-key-123"})
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"GET /\x1b[31mred HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            read_response(sock)
+        log = self.log.getvalue()
+        for secret in ("my secret prompt", PNG_B[:20], "sk-ant-key-123", "A chart.", "\x1b"):
+            self.assertNotIn(secret, log)
+        self.assertIn("\\x1b[31mred", log)
+
+    def test_routers_own_refusals_say_whether_to_retry(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            down = "http://127.0.0.1:%d" % s.getsockname()[1]
+        self.start(down, token="t")
+        rows = [({"x-api-key": "t"}, 529, None), ({"x-api-key": "wrong"}, 401, "false")]
+        for headers, expected, should_retry in rows:
+            with self.subTest(expected=expected):
+                status, got_headers, reply = self.post(request(user(text("hi"))), headers=headers)
+                self.assertEnvelope(status, reply, expected)
+                self.assertEqual(got_headers["x-should-retry"], should_retry)
+
+
+################ Reading requests
+
+class ReadingRequestsTest(unittest.TestCase):
+    """The pure checks of a request's head and body."""
+
+    def test_base64_check(self):
+        rows = [(PNG_A, True), ("YWJj", True), ("YWI=", True), ("YQ==", True), ("", True),
+                ("abc", False), ("a===", False), ("YW=j", False), ("YWJj\n", False),
+                ("YW Jj", False), ("\u00e9\u00e9\u00e9\u00e9", False), ("YQ=\u00e9", False)]
+        for data, expected in rows:
+            with self.subTest(data=data[:10]):
+                self.assertEqual(cr.is_base64(data), expected)
+
+    def test_paths_are_normalised_as_rfc_3986_says(self):
+        rows = [("/", "/"), ("/v1/messages", "/v1/messages"), ("/v1/../status", "/status"),
+                ("/v1/%2e%2E/x", "/x"), ("/v1/./a/", "/v1/a/"), ("//v1//messages", "/v1/messages"),
+                ("/a/b/..", "/a/"), ("/..", "/"), ("/v1/%41%7e", "/v1/A~"), ("/v1/..%2e/x", "/v1/.../x"),
+                ("/v1/a%20b", "/v1/a%20b"), ("/a/%2F../x", None), ("/a/%5c", None)]
+        for path, expected in rows:
+            with self.subTest(path):
+                self.assertEqual(cr.normalize_path(path), expected)
+
+    def test_loopback_hosts(self):
+        rows = [("127.0.0.1:3000", True), ("localhost", True), ("[::1]:3000", True),
+                ("127.8.9.1", True), ("LOCALHOST:1", True), ("evil.example:3000", False),
+                ("192.168.1.5", False), ("[fe80::1]:80", False), ("", False)]
+        for host, expected in rows:
+            with self.subTest(host):
+                self.assertEqual(cr.is_loopback_host(host), expected)
+
+
+def malformed_requests():
+    """Return [(name, raw HTTP request bytes, status)]: hundreds of requests the router must
+    refuse, each with the status it must refuse them with (400 unless said)."""
+    rows = []
+
+    def raw(name, head, body=b"", status=400):
+        rows.append((name, head + b"\r\n" + body, status))
+
+    def post(name, body, path=b"/v1/messages?beta=true", extra=b"", status=400):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        raw(name, b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n%s" % (path, len(data), extra), data, status)
+
+    def message(content, role="user"):
+        return {"model": "m", "max_tokens": 10, "messages": [{"role": role, "content": content}]}
+
+    for i, data in enumerate([
+            b"", b"{", b"}", b"{'a': 1}", b'{"a":}', b"nul", b"tru", b'{"messages": [}',
+            b"\xff\xfe\x00", b"\x00" * 10, b'"unterminated', b'{"a":1,}', b"[1,2", b"NaN",
+            b'{"max_tokens": NaN, "messages": [{"role": "user", "content": "x"}]}',
+            b'{"x": Infinity}', b"-", b"1e", b'{"a" 1}', b"\xc3\x28", b"<html>",
+            b'{"max_tokens": 1' + b"0" * 5000 + b"}",
+            b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b'{"a": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001]):
+        post("not json %d" % i, data)
+    for body in ([], 1, "s", None, True, 1.5, [{}]):
+        post("not an object %r" % (body,), body)
+    for messages in (None, "x", 5, {}, [], [1], ["x"], [None], [[]]):
+        post("messages %r" % (messages,), {"max_tokens": 5, "messages": messages})
+    for role in ("tool", "bot", None, 5, "USER", ""):
+        post("role %r" % (role,), message("hi", role))
+    post("role missing", {"messages": [{"content": "hi"}]})
+    for content in (5, None, {"a": 1}, True, 1.5):
+        post("content %r" % (content,), message(content))
+    bad_blocks = [
+        5, "str", None, [], {}, {"type": 5}, {"type": "text"}, {"type": "text", "text": 5},
+        {"type": "image"}, {"type": "image", "source": "x"}, {"type": "image", "source": {}},
+        {"type": "image", "source": {"type": "base64"}},
+        {"type": "image", "source": {"type": "base64", "data": 5}},
+        {"type": "image", "source": {"type": "base64", "data": ""}},
+        {"type": "image", "source": {"type": "url"}},
+        {"type": "image", "source": {"type": "file", "file_id": "f"}},
+        {"type": "tool_use", "name": "Read", "input": {}},
+        {"type": "tool_use", "id": "t", "input": {}},
+        {"type": "tool_use", "id": "t", "name": "Read", "input": []},
+        {"type": "tool_result", "content": "x"},
+        {"type": "tool_result", "tool_use_id": 5, "content": "x"},
+        {"type": "tool_result", "tool_use_id": "t", "content": 5},
+        {"type": "tool_result", "tool_use_id": "t", "content": [5]},
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]},
+        {"type": "tool_result", "tool_use_id": "t", "content": [
+            {"type": "tool_result", "tool_use_id": "u", "content": "x"}]},
+    ]
+    for i, block in enumerate(bad_blocks):
+        post("block %d" % i, message([block]))
+    for data in ("not base64!!", "abc", "a===", "====", "YWJj\n", "ab=c", "\u00e9\u00e9\u00e9\u00e9",
+                 "YW Jj"):
+        post("base64 %r" % data, message([text("look"), image(data)]))
+    post("base64 in tool_result", message([tool_result("t", image("%%%%"))]))
+    # Data beginning with http: skipped the base64 check and was spliced into the
+    # upstream body unescaped (issue 11, section 3).
+    for data in ('http:", "injected": true, "x": "', "http:\u00e9", "https://x/y.png"):
+        post("base64 %r" % data, message([image(data)]))
+    post("base64 in an earlier turn", {"model": "m", "max_tokens": 10, "messages": [
+        user(image("%%%%")), assistant(text("?")), user(text("go on"))]})
+    sources = [
+        {"type": "base64", "data": PNG_A}, {"type": "base64", "media_type": 5, "data": PNG_A},
+        {"type": "base64", "media_type": "", "data": PNG_A},
+        {"type": "bytes", "media_type": "image/png", "data": PNG_A}, {"type": None, "data": PNG_A},
+        {"type": "url", "url": 5}, {"type": "url", "url": ""},
+        {"type": "url", "url": "file:///etc/passwd"}, {"type": "url", "url": "javascript:alert(1)"},
+        {"type": "url", "url": "https://"}, {"type": "url", "url": "http://x/a b.png"},
+        {"type": "url", "url": "http://[x/"}, {"type": "url", "url": "//x/y.png"},
+        {"type": "url", "url": "http://x/y.png\n"}, {"type": "url", "url": "http://x:99999/"}]
+    for i, source in enumerate(sources):
+        post("image source %d" % i, message([{"type": "image", "source": source}]))
+    for system in (5, [5], [{"type": "text"}], {"a": 1}, [{"text": 5}]):
+        post("system %r" % (system,), {**message("hi"), "system": system})
+    for tools in (5, "x", [5], ["x"], {"a": 1}):
+        post("tools %r" % (tools,), {**message("hi"), "tools": tools})
+    for max_tokens in (0, -1, "100", 1.5, True, None):
+        post("max_tokens %r" % (max_tokens,), {**message("hi"), "max_tokens": max_tokens})
+    for stream in ("yes", 1, None):
+        post("stream %r" % (stream,), {**message("hi"), "stream": stream})
+    for model in (5, [], {}):
+        post("model %r" % (model,), {**message("hi"), "model": model})
+    # Issue 14, section 2: a field's type is checked before anything uses it (a list or
+    # an object as a role was a 500), on both endpoints that read messages.
+    deep = 900      # under the JSON parser's limit, so it parsed, then a 500 on 3.9-3.11
+    typed = [("role list", {"messages": [{"role": ["user"], "content": "hi"}]}),
+             ("role object", {"messages": [{"role": {"a": 1}, "content": "hi"}]}),
+             ("message list", {"messages": [["user", "hi"]]}),
+             ("type list", message([{"type": ["text"], "text": "x"}])),
+             ("thinking without text", message([{"type": "thinking"}], "assistant")),
+             ("thinking number", message([{"type": "thinking", "thinking": 5}], "assistant")),
+             ("redacted_thinking without data", message([{"type": "redacted_thinking"}],
+                                                        "assistant")),
+             ("tool_reference without name", message([{"type": "tool_reference"}])),
+             ("tool_reference name list", message([{"type": "tool_reference", "tool_name": []}])),
+             ("system block not text", {**message("hi"), "system": [{"type": "image", "text": "x"}]}),
+             ("tool name", {**message("hi"), "tools": [{"name": 5, "input_schema": {}}]}),
+             ("tool schema", {**message("hi"), "tools": [{"name": "x", "input_schema": 5}]}),
+             ("tool description", {**message("hi"), "tools": [
+                 {"name": "x", "description": [], "input_schema": {}}]}),
+             ("tool_choice string", {**message("hi"), "tool_choice": "auto"}),
+             ("tool_choice type", {**message("hi"), "tool_choice": {"type": 5}}),
+             ("tool_choice tool without name", {**message("hi"), "tool_choice": {"type": "tool"}}),
+             ("temperature", {**message("hi"), "temperature": "hot"}),
+             ("top_p", {**message("hi"), "top_p": [1]}),
+             ("top_k", {**message("hi"), "top_k": 1.5}),
+             ("stop_sequences string", {**message("hi"), "stop_sequences": "END"}),
+             ("stop_sequences number", {**message("hi"), "stop_sequences": [5]}),
+             # everything cleans away: never messages: [] upstream
+             ("empty string", message("")), ("empty list", message([])),
+             ("only thinking", message([{"type": "thinking", "thinking": "x", "signature": "s"}],
+                                       "assistant")),
+             ("only an empty system message", message("", "system")),
+             ("only empty messages", {"messages": [{"role": "user", "content": ""},
+                                                   {"role": "assistant", "content": []},
+                                                   {"role": "system", "content": [text("")]}]})]
+    for name, body in typed:
+        post("typed: %s" % name, body)
+        post("typed, count_tokens: %s" % name, body, path=b"/v1/messages/count_tokens")
+    # Numbers beyond double range were sent upstream as Infinity; integers beyond 64 bits
+    # are no number a model server reads either.
+    for name, data in [("1e400", b"1e400"), ("-1e400", b"-1e400"), ("max_tokens 1e400", None),
+                       ("2**64", b"18446744073709551616"), ("-2**70", b"-%d" % 2 ** 70)]:
+        number = data or b"1e400"
+        field = b"max_tokens" if data is None else b"temperature"
+        for place, body in [("field", b'{"%s": %s, "messages": [{"role": "user", "content": "x"}]}'
+                             % (field, number)),
+                            ("tool input", b'{"messages": [{"role": "assistant", "content": [{"type": '
+                             b'"tool_use", "id": "t", "name": "n", "input": {"a": [%s]}}]}]}' % number)]:
+            post("number %s in %s" % (name, place), body)
+            post("number %s in %s, count_tokens" % (name, place), body,
+                 path=b"/v1/messages/count_tokens")
+    # Nesting: a body nested just under the parser's limit parsed, then failed in json.dumps.
+    nest = b"[" * deep + b"]" * deep
+    for place, body in [("tool input", b'{"messages": [{"role": "assistant", "content": [{"type": '
+                         b'"tool_use", "id": "t", "name": "n", "input": {"a": %s}}]}]}' % nest),
+                        ("text block", b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                         b'"text": "x", "extra": %s}]}]}' % nest),
+                        ("tool schema", b'{"messages": [{"role": "user", "content": "x"}], "tools": '
+                         b'[{"name": "n", "input_schema": {"a": %s}}]}' % nest),
+                        ("dropped field", b'{"messages": [{"role": "user", "content": "x"}], '
+                         b'"metadata": %s}' % nest)]:
+        post("nested %d deep in %s" % (deep, place), body)
+        post("nested %d deep in %s, count_tokens" % (deep, place), body,
+             path=b"/v1/messages/count_tokens")
+    post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
+    post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
+    post("unknown path", {"a": 1}, path=b"/v2/messages", status=404)
+    post("root post", {"a": 1}, path=b"/", status=404)
+    ok = json.dumps(message("hi")).encode()
+    raw("no content-length", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n", status=411)
+    for length in (b"abc", b"-5", b"1e3", b" ", b"0x10"):
+        raw("content-length %r" % length, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: %s\r\n" % length, ok)
+    raw("chunked body", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
+        b"chunked\r\n", b"%X\r\n%s\r\n0\r\n\r\n" % (len(ok), ok), 411)
+    raw("over the size limit", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Length: %d\r\n" % (cr.MAX_BODY_BYTES + 1), status=413)
+    for method in (b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO", b"BREW"):
+        raw("method %s" % method.decode(), b"%s /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 0\r\n" % method, status=405)
+    for path in (b"/nope", b"/v2/x", b"/status/x", b"/%00"):
+        raw("get %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path, status=404)
+    raw("garbage request line", b"GARBAGE\r\n")
+    raw("too many words", b"GET / HTTP/1.1 extra\r\n")
+    raw("bad version", b"GET / HTTP/x.y\r\n")
+    raw("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n", status=414)
+    raw("header too long", b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n", status=431)
+    raw("too many headers", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)),
+        status=431)
+    # Issue 11, section 1: one rule per class of HTTP defect.
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"    # a 404, if answered
+    for method in (b"GET", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO"):
+        raw("%s with a request as its body" % method.decode(),
+            b"%s /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+            % (method, len(smuggled)), smuggled, 404 if method == b"GET" else 405)
+    for length in (b"\xb2", b"1\xb2", b"\xd9\xa1", b"+5", b"5, 5", b"5 5", b"\x005"):
+        raw("content-length %r" % length, head + b"Content-Length: %s\r\n" % length, ok)
+    raw("content-length of 5000 digits", head + b"Content-Length: 1%s\r\n" % (b"0" * 5000), ok,
+        413)
+    raw("two content-lengths", head + b"Content-Length: %d\r\nContent-Length: %d\r\n"
+        % (len(ok), len(ok) + 1), ok)
+    for coding in (b"gzip", b"chunked, identity", b" chunked", b"identity"):
+        raw("transfer-encoding %r with content-length" % coding,
+            head + b"Transfer-Encoding: %s\r\nContent-Length: %d\r\n" % (coding, len(ok)), ok, 411)
+    raw("over the size limit, with body bytes", head + b"Content-Length: %d\r\n"
+        % (cr.MAX_BODY_BYTES + 1), ok * 100, 413)
+    for name, line in [("obs-fold", b"X-A: a\r\n b\r\n"), ("obs-fold by tab", b"X-A: a\r\n\tb\r\n"),
+                       ("NUL in a value", b"X-A: a\x00b\r\n"), ("bare CR in a value", b"X-A: a\rb\r\n"),
+                       ("bare CR then a header", b"X-A: a\rContent-Length: 1\r\n"),
+                       ("DEL in a value", b"X-A: a\x7fb\r\n"), ("ESC in a value", b"X-A: \x1b[2J\r\n"),
+                       ("space before the colon", b"X-A : b\r\n"), ("no colon", b"X-A b\r\n"),
+                       ("empty name", b": b\r\n"), ("NUL in a name", b"X\x00A: b\r\n"),
+                       ("leading space", b" X-A: b\r\n"), ("two Host headers", b"Host: evil.example\r\n")]:
+        raw("header: %s" % name, head + line + b"Content-Length: %d\r\n" % len(ok), ok)
+    for name, line in [("NUL in the path", b"GET /v1/\x00 HTTP/1.1"), ("NUL in the method", b"G\x00T / HTTP/1.1"),
+                       ("NUL in the version", b"GET / HTTP/1.1\x00"), ("ESC in the path", b"GET /\x1b HTTP/1.1"),
+                       ("absolute-form", b"GET http://127.0.0.1/v1/models HTTP/1.1"),
+                       ("absolute-form elsewhere", b"GET http://evil.example/api/tags HTTP/1.1"),
+                       ("authority-form", b"CONNECT 127.0.0.1:80 HTTP/1.1"),
+                       ("asterisk-form", b"OPTIONS * HTTP/1.1"), ("bad escape", b"GET /v1/%zz HTTP/1.1"),
+                       ("backslash", b"GET /v1\\..\\x HTTP/1.1"), ("encoded slash", b"GET /v1/..%2F..%2Fx HTTP/1.1"),
+                       ("encoded backslash", b"GET /v1/..%5c..%5cx HTTP/1.1"), ("fragment", b"GET /v1/x#y HTTP/1.1"),
+                       ("tabs", b"GET\t/\tHTTP/1.1"), ("two spaces", b"GET  / HTTP/1.1"),
+                       ("lower-case version", b"GET / http/1.1"), ("HTTP/2", b"GET / HTTP/2.0"),
+                       ("HTTP/0.9", b"GET /")]:
+        raw("request line: %s" % name, line + b"\r\nHost: 127.0.0.1\r\n")
+    for path in (b"/v1/../nope", b"/v1/%2e%2e/nope", b"/api/../../etc/passwd", b"/v1/./../x",
+                 b"/api/%2E%2e/%2e%2E/x", b"//nope", b"/v1/x/../../../nope"):
+        raw("path %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path, status=404)
+    return rows
+
+
+class MalformedInputTest(RouterTestCase):
+
+    def assertRefused(self, rows):
+        """Send each (name, request, status) row on a connection of its own (request: raw HTTP
+        bytes, or a body to POST to /v1/messages): each gets its status in Anthropic's envelope,
+        a connection left open still serves a valid request, the router answers the next
+        client and logs no error, and nothing refused reaches the model server."""
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        followed = 0
+        valid = json.dumps(request(user(text("still there?")))).encode()
+        for name, data, expected in rows:
+            if not isinstance(data, bytes):
+                data = json.dumps(data).encode()
+                data = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n" \
+                       b"\r\n%s" % (len(data), data)
+            with self.subTest(name), socket.create_connection(
+                    ("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+                sock.sendall(data)
+                status, headers, body = read_response(sock)
+                self.assertEqual(status, expected, body[:200])
+                reply = json.loads(body)
+                self.assertEqual(reply["type"], "error")
+                self.assertEqual(reply["error"]["type"], cr.error_type(status))
+                if headers.get("connection", "").lower() != "close":
+                    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(valid), valid))
+                    self.assertEqual(read_response(sock)[0], 200)
+                    followed += 1
+            self.assertEqual(self.call("GET", "/")[0], 200)
+        self.assertEqual(self.router.errors, [])
+        # Nothing refused reached the model server: only the valid requests (and the
+        # router's own look at the model list) did.
+        self.assertEqual([(m, p) for m, p, _, _ in upstream.requests if not p.endswith("/models")],
+                         [("POST", "/v1/messages")] * followed)
+        return upstream
+
+    def test_every_malformed_request_gets_its_4xx_envelope_and_the_router_lives_on(self):
+        rows = malformed_requests()
+        self.assertGreaterEqual(len(rows), 100)
+        self.assertRefused(rows)
+
+    def test_image_data_is_checked_in_every_turn_before_it_is_spliced(self):
+        # Base64 data beginning with http: skipped the check and was spliced unescaped,
+        # so a client could add fields the upstream parsed; non-ASCII data after http:
+        # got no answer at all (issue 11, section 3).
+        upstream = self.assertRefused([
+            ("injection", request(user(text("look"), image('http:", "injected": true, "x": "'))),
+             400),
+            ("non-ascii", request(user(image("http:\u00e9"))), 400),
+            ("earlier turn", request(user(image("not base64!")), assistant(text("?")),
+                                     user(text("go on"))), 400),
+            ("tool_result", request(user(text("q")), assistant(tool_use("t1")),
+                                    user(tool_result("t1", image("https://x/y.png")))), 400)])
+        url = {"type": "image", "source": {"type": "url", "url": 'https://x/"a",%20"b":1.png'}}
+        status, _, reply = self.post(request(user(text("see"), url)))
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("see"), url)])
+
+    def test_body_shorter_than_its_content_length(self):
+        self.start(FakeUpstream(self))
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"a\"")
+            sock.shutdown(socket.SHUT_WR)
+            status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 400, "invalid_request_error")
+
+    def test_oversized_body_is_refused_before_it_is_read(self):
+        self.start(FakeUpstream(self), max_body_bytes=1000)
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 100)
+            status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 413, "request_too_large")
+        self.assertEqual(headers["connection"], "close")
+
+    def test_gigantic_strings_pass(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        status, _, _ = self.post(request(user(text("x" * 5_000_000))))
+        self.assertEqual(status, 200)
+        self.assertEqual(len(upstream.posts()[-1]["messages"][0]["content"][0]["text"]), 5_000_000)
+
+
+class AccessTest(RouterTestCase):
+
+    def test_token_is_required_and_never_forwarded_or_logged(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream, token="s3cret-token")
+        body = request(user(text("hi")))
+        rows = [({}, 401), ({"x-api-key": "wrong"}, 401), ({"Authorization": "Bearer nope"}, 401),
+                ({"x-api-key": "s3cret-token"}, 200),
+                ({"Authorization": "Bearer s3cret-token"}, 200)]
+        for headers, expected in rows:
+            with self.subTest(headers=headers):
+                status, _, reply = self.post(body, headers=headers)
+                self.assertEqual(status, expected)
+                if expected == 401:
+                    self.assertEnvelope(status, reply, 401, "authentication_error")
+        self.assertEqual(len(upstream.posts()), 2)
+        for _, _, headers, _ in upstream.requests:
+            self.assertNotIn("s3cret-token", json.dumps(headers))
+        self.assertNotIn("s3cret-token", self.log.getvalue())
+
+    def test_foreign_host_and_origin_are_refused(self):
+        self.start(FakeUpstream(self))
+        rows = [({"Host": "evil.example:3000"}, 403), ({"Host": "localhost:3000"}, 200),
+                ({"Host": "[::1]:3000"}, 200), ({"Origin": "http://evil.example"}, 403),
+                ({"Origin": "http://127.0.0.1:3000"}, 200), ({"Origin": "null"}, 403)]
+        for headers, expected in rows:
+            with self.subTest(headers=headers):
+                status, _, reply = self.post(request(user(text("hi"))), headers=headers)
+                self.assertEqual(status, expected, reply)
+
+    def test_with_a_token_lan_clients_may_name_the_machine_as_they_like(self):
+        self.start(FakeUpstream(self), token="s3cret")
+        rows = [({"Host": "192.168.1.20:3000", "x-api-key": "s3cret"}, 200),
+                ({"Host": "[fe80::1]:3000", "Authorization": "Bearer s3cret"}, 200),
+                ({"Host": "studio.local:3000", "x-api-key": "s3cret"}, 200),
+                ({"Host": "192.168.1.20:3000"}, 401), ({"Host": "192.168.1.20:3000",
+                                                       "x-api-key": "s3cret\u00e9"}, 401)]
+        for headers, expected in rows:
+            with self.subTest(headers=headers):
+                status, _, reply = self.post(request(user(text("hi"))), headers=headers)
+                self.assertEqual(status, expected, reply)
+
+
+################ Request transforms
 
 class CleanRequestTest(unittest.TestCase):
 
@@ -400,7 +1106,249 @@ class ImageTransformTest(unittest.TestCase):
         self.assertEqual(route[:2] + (route[3],), ("coder", "C", 1))
 
 
-class SmallTransformTest(unittest.TestCase):
+################ Encoding and estimates
+
+class EncodingTest(unittest.TestCase):
+    """One encode per turn: the body's bytes, the estimate, the clamp and the prompt's parts."""
+
+    def test_the_encoded_body_is_the_json_of_the_body(self):
+        shot = base64.b64encode(os.urandom(3000)).decode()
+        rows = [
+            ("no images", request(user(text("hi \u00e9 \"q\"")), system="s", max_tokens=9), True),
+            ("images everywhere", request(user(image(PNG_A), text("\"quoted\" \u00e9")),
+                                          assistant(tool_use("t1")),
+                                          user(tool_result("t1", image(PNG_B), text("x")),
+                                               image(PNG_A), image(shot))), False),
+            ("url image", request(user({"type": "image", "source": {
+                "type": "url", "url": "https://x/\"y\".png"}})), True),
+            ("data that is not base64 is encoded, not spliced",
+             request(user(image('http:", "injected": true, "x": "')), user(image("\u00e9"))), True),
+        ]
+        for name, body, same_bytes in rows:
+            with self.subTest(name):
+                encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
+                data = joined(encoded.data())
+                self.assertEqual((json.loads(data), len(data)), (body, encoded.length))
+                if same_bytes:
+                    self.assertEqual(data, json.dumps(body).encode())
+
+    def test_a_clamp_splices_max_tokens_into_the_same_bytes(self):
+        body = request(user(text("q " * 3000), image(PNG_A)), max_tokens=32000)
+        encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
+        estimate = encoded.tokens()
+        self.assertEqual(estimate, cr.estimate_tokens(encoded.length, len(PNG_A), 1))
+        encoded.clamp(estimate + 5000)
+        data = joined(encoded.data())
+        self.assertEqual((json.loads(data), len(data)), ({**body, "max_tokens": 5000}, encoded.length))
+        encoded.clamp(None)
+        self.assertEqual(encoded.max_tokens, 5000)
+
+    def test_clamped_max_tokens(self):
+        rows = [(32000, 20000, 32768, 12768), (1000, 20000, 32768, 1000),
+                (32000, 40000, 32768, cr.MIN_OUTPUT_TOKENS), (32000, 100, None, 32000),
+                (None, 100, 200, None)]
+        for asked, estimate, context, expected in rows:
+            with self.subTest(asked=asked, estimate=estimate, context=context):
+                self.assertEqual(cr.clamped_max_tokens(asked, estimate, context), expected)
+
+    def test_prompt_parts_follow_the_prefix_and_know_images_by_their_key(self):
+        def parts(*messages):
+            body = request(*messages, system="s", tools=[{"name": "t"}])
+            return cr.EncodedRequest(body, cr.image_keys(body["messages"])).prompt_parts()
+        first = parts(user(text("q"), image(PNG_A)))
+        again = parts(user(text("q"), image(PNG_A)), assistant(text("a")))
+        other = parts(user(text("q"), image(PNG_B)))
+        self.assertEqual(first[0], ["system", "tools", "message 0"])
+        self.assertEqual(again[0][:3], first[0])
+        self.assertEqual(again[1][:48], first[1])   # the same image, another request
+        self.assertEqual(other[1][:32], first[1][:32])
+        self.assertNotEqual(other[1][32:48], first[1][32:48])
+        self.assertEqual(first[2][2], len(json.dumps(user(text("q"), image(PNG_A)))))
+
+    def test_estimate_errs_high_and_costs_images(self):
+        self.assertEqual(cr.estimate_tokens(3001), 1001)
+        self.assertEqual(cr.estimate_tokens(10_000 + 300, 10_000, 1), 100 + cr.IMAGE_TOKENS)
+
+    def test_conversations_remembered_are_bounded_oldest_first(self):
+        memory = cr.PromptMemory(max_entries=2)
+        names, digests, sizes = cr.EncodedRequest({"messages": [user(text("q"))]}, {}).prompt_parts()
+        for conversation in ("a", "b", "a", "c", "b", "a"):
+                memory.note_prompt(conversation, "M", names, digests, sizes, 99)
+        self.assertEqual(list(memory.prompts), [("b", "M"), ("a", "M")])
+        self.assertIsNone(memory.note_prompt("c", "M", names, digests, sizes, 99))
+
+
+class EstimateTest(RouterTestCase):
+
+    def test_a_described_screenshot_in_the_history_leaves_max_tokens_alone(self):
+        # One 1.9 MB screenshot anywhere in the history made every later coder turn's
+        # max_tokens the 1024 floor when the context length was known (issue 10).
+        shot = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(300_000)).decode()
+        upstream = FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 16384}}]},
+                                count_tokens=(404, {"error": "no"}))
+        self.start(upstream)
+        self.router.vision.cache.store({key(shot): "a login form"}, "VISION")
+        history = [user(text("look"), image(shot)), assistant(text("A login form.")),
+                   user(tool_result("t0", text("x")), text("fix it"))]
+        self.post(request(*history))
+        sent = upstream.posts()[-1]
+        unclamped = {**sent, "max_tokens": 32000}
+        self.assertEqual(sent["max_tokens"],
+                         16384 - cr.estimate_tokens(len(json.dumps(unclamped))))
+        self.assertGreater(sent["max_tokens"], 16000)
+        _, _, counted = self.call("POST", "/v1/messages/count_tokens", request(*history))
+        self.assertEqual(counted["input_tokens"], cr.estimate_tokens(len(json.dumps(
+            {k: v for k, v in unclamped.items() if k != "max_tokens"}))))
+
+    def test_images_still_sent_as_pixels_cost_a_fixed_amount(self):
+        body = request(user(text("q"), image(PNG_A)), user(tool_result("t", image(PNG_B))))
+        encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
+        self.assertEqual(encoded.tokens(), cr.estimate_tokens(
+            len(json.dumps(body)), len(PNG_A) + len(PNG_B), 2))
+
+
+class CacheReportTest(RouterTestCase):
+    """What the route line, the usage line and /status say about the server's prefix cache."""
+
+    def test_route_line_says_how_much_of_the_last_prompt_is_sent_again(self):
+        usage = {"input_tokens": 100, "cache_read_input_tokens": 900, "output_tokens": 0}
+        streamed = text_events("ok")
+        streamed[0][1]["message"]["usage"] = usage
+        upstream = FakeUpstream(self, [stream_reply(streamed)])
+        self.start(upstream)
+        turn = [user(text("read a.py")), system_message("cwd: /p")]
+        grown = turn + [assistant(text("done")), user(text("next")),
+                        system_message("<total_tokens>9 tokens left</total_tokens>")]
+        session = {"X-Claude-Code-Session-Id": "s1"}
+        rows = [
+            ("first", request(*turn, system="top", stream=True), session, "first turn"),
+            ("grown", request(*grown, system="top"), session, "100.0% as last turn"),
+            # Without Claude Code's hint headers, each system text keeps its own books.
+            ("new system text", request(*grown, system="other"), session, "first turn"),
+            ("another session", request(*grown, system="other"), {"X-Claude-Code-Session-Id": "s2"},
+             "first turn"),
+            ("no session header", request(*turn, system="top"), {}, "first turn"),
+            ("same conversation by its head", request(*grown, system="top"), {},
+             "100.0% as last turn"),
+            ("history rewritten", request(user(text("read b.py")), *grown[1:], system="other"),
+             session, "changed from message 0 on"),
+        ]
+        for name, body, headers, said in rows:
+            with self.subTest(name):
+                self.post(body, headers=headers)
+                line = [l for l in self.log.lines() if l.startswith("→")][-1]
+                size = len(upstream.raw[-1][1]) / 1024
+                self.assertRegex(line, r"^→ coder \[CODER\] %.1f KB, " % size)
+                self.assertIn(said, line)
+        self.assertIn("usage [CODER]: 1000 prompt tokens, 900 of them from the server's cache",
+                      self.log.getvalue())
+        _, _, status = self.call("GET", "/status")
+        coder = status["prompt_cache"]["CODER"]
+        sent = [len(raw) for _, raw in upstream.raw]
+        self.assertEqual((coder["last_turn"]["bytes"], coder["totals"]["bytes"]),
+                         (sent[-1], sum(sent)))
+        self.assertEqual(coder["totals"]["turns"], 7)
+        self.assertEqual((coder["totals"]["input_tokens"], coder["totals"]["cache_read_input_tokens"],
+                          coder["totals"]["output_tokens"]), (100 + 6 * 5, 900, 6 * 3 + 3))
+        self.assertLess(coder["totals"]["unchanged_bytes"], coder["totals"]["bytes"])
+
+
+################ Event streams
+
+class EventStreamTest(unittest.TestCase):
+    """The one splitter every reader of an upstream event stream goes through."""
+
+    STREAMS = [
+        ("LF", b"event: a\ndata: {\"n\": 1}\n\nevent: b\ndata: 2\n\n"),
+        ("CRLF", b"event: a\r\ndata: 1\r\n\r\nevent: b\r\ndata: 2\r\n\r\n"),
+        ("CR", b"event: a\rdata: 1\r\revent: b\rdata: 2\r\r"),
+        ("mixed", b"event: a\r\ndata: 1\n\r\nevent: b\rdata: 2\r\n\revent: c\ndata: 3\r\r\n"
+                  b"data: 4\n\n\n\ndata: 5\r\n\n"),
+    ]
+
+    def split(self, pieces, limit=cr.MAX_EVENT_BYTES):
+        """Feed pieces to one splitter; return (its events, the bytes it returned, the rest)."""
+        splitter = cr.EventSplitter(limit)
+        out = [splitter.feed(p) for p in pieces]
+        return [e for block in out for e in cr.sse_events(block)], b"".join(out), splitter
+
+    def test_line_ends_of_every_kind_give_the_same_events(self):
+        expected = {"LF": [b"event: a\ndata: {\"n\": 1}", b"event: b\ndata: 2"],
+                    "mixed": [b"event: a\ndata: 1", b"event: b\ndata: 2", b"event: c\ndata: 3",
+                              b"data: 4", b"data: 5"]}
+        for name, data in self.STREAMS:
+            with self.subTest(name):
+                events, out, splitter = self.split([data])
+                self.assertEqual(events, expected.get(name, [b"event: a\ndata: 1",
+                                                             b"event: b\ndata: 2"]))
+                self.assertFalse(splitter.has_partial())
+
+    def test_splits_at_every_byte_boundary_give_the_same_events(self):
+        for name, data in self.STREAMS:
+            whole, _, _ = self.split([data])
+            for cut in [*range(len(data) + 1), "bytewise"]:
+                with self.subTest(name, cut=cut):
+                    pieces = ([data[i:i + 1] for i in range(len(data))] if cut == "bytewise"
+                              else [data[:cut], data[cut:]])
+                    events, out, splitter = self.split(pieces)
+                    self.assertEqual(events, whole)
+                    self.assertEqual(out + b"".join(splitter.held), data)
+
+    def test_a_crlf_cut_between_reads_is_one_line_end(self):
+        rows = [([b"data: 1\r", b"\ndata: 2\n\n"], [b"", b"data: 1\r\ndata: 2\n\n"]),
+                ([b"data: 1\r", b"\r"], [b"", b"data: 1\r\r"]),
+                ([b"data: 1\r", b"\n", b"\r", b"\ndata: 2"], [b"", b"", b"data: 1\r\n\r", b""])]
+        for pieces, expected in rows:
+            with self.subTest(pieces):
+                splitter = cr.EventSplitter()
+                self.assertEqual([splitter.feed(p) for p in pieces], expected)
+
+    def test_an_event_past_the_bound_is_refused_not_held(self):
+        splitter = cr.EventSplitter(1000)
+        self.assertEqual(splitter.feed(b"data: 1\n\ndata: " + b"x" * 900), b"data: 1\n\n")
+        with self.assertRaises(cr.EventTooLarge):
+            splitter.feed(b"x" * 101)
+        small = cr.EventSplitter(1000)
+        self.assertEqual(small.feed(b"data: " + b"x" * 990 + b"\n\n"), b"data: " + b"x" * 990 + b"\n\n")
+
+    def test_the_capture_reads_whole_events_from_the_splitter(self):
+        raw = sse(*text_events("Hello world")).replace(b"\n", b"\r\n")
+        for step in (1, 7, len(raw)):
+            with self.subTest(step=step):
+                splitter, capture = cr.EventSplitter(), cr.ReplyCapture()
+                for i in range(0, len(raw), step):
+                    capture.feed(splitter.feed(raw[i:i + step]))
+                self.assertEqual(capture.text(), "Hello world")
+                self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
+
+    def test_reply_capture_stores_nothing_for_cut_or_failed_streams(self):
+        events = text_events("Hello")
+        cut, failed = cr.ReplyCapture(), cr.ReplyCapture()
+        cut.feed(sse(*events[:4]))
+        failed.feed(sse(*events[:3], ("error", {"type": "error", "error": {}}), events[-1]))
+        self.assertEqual((cut.text(), failed.text()), ("", ""))
+
+
+################ Upstream
+
+class UpstreamTest(unittest.TestCase):
+    """What a model server's refusals and listings mean."""
+
+    def test_failure_reasons_are_short_single_lines(self):
+        rows = [
+            (b'{"error":{"code":500,"message":"image input is not supported - hint: if this '
+             b'is unexpected, you may need to provide the mmproj","type":"server_error"}}',
+             "image input is not supported"),
+            (b'{"type":"error","error":{"type":"invalid_request_error","message":"Model does '
+             b'not support images. Please use a model that does."}}',
+             "Model does not support images"),
+            (b"upstream says\x1b[31m <no>\r\nmore", "upstream says [31m no more"),
+            (b"x" * 500, "x" * (cr.FAILURE_REASON_CHARS - 3) + "..."),
+        ]
+        for raw, expected in rows:
+            with self.subTest(raw[:20]):
+                self.assertEqual(cr.short_reason(cr.upstream_message(raw)), expected)
+                self.assertNotRegex(expected, r"[\x00-\x1f<>]")
 
     def test_overflow_texts_of_each_backend(self):
         rows = [
@@ -494,42 +1442,6 @@ class SmallTransformTest(unittest.TestCase):
                 got = cr.stream_overflow(head, 100, 200)
                 self.assertEqual(got and got["error"]["message"], expected)
 
-    def test_estimate_errs_high_and_costs_images(self):
-        self.assertEqual(cr.estimate_tokens(3001), 1001)
-        self.assertEqual(cr.estimate_tokens(10_000 + 300, 10_000, 1), 100 + cr.IMAGE_TOKENS)
-
-    def test_reply_capture_stores_nothing_for_cut_or_failed_streams(self):
-        events = text_events("Hello")
-        cut, failed = cr.ReplyCapture(), cr.ReplyCapture()
-        cut.feed(sse(*events[:4]))
-        failed.feed(sse(*events[:3], ("error", {"type": "error", "error": {}}), events[-1]))
-        self.assertEqual((cut.text(), failed.text()), ("", ""))
-
-    def test_base64_check(self):
-        rows = [(PNG_A, True), ("YWJj", True), ("YWI=", True), ("YQ==", True), ("", True),
-                ("abc", False), ("a===", False), ("YW=j", False), ("YWJj\n", False),
-                ("YW Jj", False), ("\u00e9\u00e9\u00e9\u00e9", False), ("YQ=\u00e9", False)]
-        for data, expected in rows:
-            with self.subTest(data=data[:10]):
-                self.assertEqual(cr.is_base64(data), expected)
-
-    def test_paths_are_normalised_as_rfc_3986_says(self):
-        rows = [("/", "/"), ("/v1/messages", "/v1/messages"), ("/v1/../status", "/status"),
-                ("/v1/%2e%2E/x", "/x"), ("/v1/./a/", "/v1/a/"), ("//v1//messages", "/v1/messages"),
-                ("/a/b/..", "/a/"), ("/..", "/"), ("/v1/%41%7e", "/v1/A~"), ("/v1/..%2e/x", "/v1/.../x"),
-                ("/v1/a%20b", "/v1/a%20b"), ("/a/%2F../x", None), ("/a/%5c", None)]
-        for path, expected in rows:
-            with self.subTest(path):
-                self.assertEqual(cr.normalize_path(path), expected)
-
-    def test_loopback_hosts(self):
-        rows = [("127.0.0.1:3000", True), ("localhost", True), ("[::1]:3000", True),
-                ("127.8.9.1", True), ("LOCALHOST:1", True), ("evil.example:3000", False),
-                ("192.168.1.5", False), ("[fe80::1]:80", False), ("", False)]
-        for host, expected in rows:
-            with self.subTest(host):
-                self.assertEqual(cr.is_loopback_host(host), expected)
-
     def test_models_from_listings(self):
         lmstudio = {"models": [
             {"key": "qwen/coder", "type": "llm", "capabilities": {"vision": False},
@@ -605,180 +1517,278 @@ class SmallTransformTest(unittest.TestCase):
         self.assertIn("--mmproj", problems[0])
         self.assertNotIn("lms", problems[0])
 
-    def test_describe_request_is_short_and_deterministic(self):
-        got = cr.describe_request(image(PNG_A), "The user wrote: hi", "V")
-        self.assertEqual(got, cr.describe_request(image(PNG_A), "The user wrote: hi", "V"))
-        self.assertEqual(got["messages"], [user(text("The user wrote: hi"), image(PNG_A))])
-        self.assertNotIn("tools", got)
+    def test_upstream_messages_in_each_servers_shape(self):
+        rows = [(b'{"type":"error","error":{"type":"api_error","message":"boom"}}', "boom"),
+                (b'{"error":"model not found"}', "model not found"),
+                (b'{"object":"error","message":"max_tokens is too large"}', "max_tokens is too large"),
+                (b'{"detail":"Not Found"}', "Not Found"),
+                (b"Internal\n  Server Error", "Internal Server Error"),
+                (b'{"error":{"code":1}}', '{"error":{"code":1}}'), (b"x" * 999, "x" * 300)]
+        for raw, message in rows:
+            with self.subTest(raw=raw[:40]):
+                self.assertEqual(cr.upstream_message(raw), message)
 
-    def test_descriptions_keep_only_the_models_own_complete_text(self):
-        rows = [
-            ("as it is", "A cat.", False, "A cat."),
-            ("router text dropped", cr.SYNTHETIC_USER_TEXT + " A chart. <<IMAGE DESCRIPTION: "
-             "old one>> " + cr.LIFTED_IMAGE_TEXT, False, "A chart."),
-            ("looping sentence", "A form. It is red. It is red. It is red. It i", True,
-             "A form. It is red."),
-            ("looping lines", "- a\n- b\n- a\n- b\n- a\n- b\n- a", True, "- a\n- b"),
-            ("cut, no loop", "A form with two fields and a butt", True,
-             "A form with two fields and a butt " + cr.CUT_OFF_NOTE),
-            ("a sentence said twice is no loop", "Red. Red. Blue.", True,
-             "Red. Red. Blue. " + cr.CUT_OFF_NOTE),
-            ("only router text", cr.SYNTHETIC_USER_TEXT, True, ""),
-        ]
-        for name, reply, cut_off, expected in rows:
+class UpstreamFaultTest(RouterTestCase):
+    """A model server that is down, silent, or asks for a key."""
+
+    def test_upstream_down_is_529_naming_it(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        router = self.start("http://127.0.0.1:%d" % port)
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEnvelope(status, reply, 529, "overloaded_error")
+        self.assertIn("127.0.0.1:%d" % port, reply["error"]["message"])
+        self.assertEqual(router.status()["last_upstream_error"]["message"], reply["error"]["message"])
+
+    def test_upstream_that_never_accepts_is_529_within_the_connect_timeout(self):
+        # A LAN box asleep drops SYNs; so does Linux when a listen queue is full
+        # (tcp_conn_request), which listen(0) and one waiting connection make happen.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        waiting = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+        self.addCleanup(waiting.close)
+        self.start("http://127.0.0.1:%d" % port, connect_timeout=0.2, read_timeout=TIMEOUT * 4)
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEnvelope(status, reply, 529, "overloaded_error")
+        self.assertIn("127.0.0.1:%d is not reachable" % port, reply["error"]["message"])
+
+    def test_upstream_silent_before_headers_is_504(self):
+        hang = threading.Event()
+        self.addCleanup(hang.set)
+        upstream = FakeUpstream(self, [lambda handler: hang.wait(TIMEOUT)])
+        self.start(upstream, read_timeout=0.2)
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEnvelope(status, reply, 504, "timeout_error")
+
+    def test_client_hanging_up_while_the_model_is_silent_closes_the_upstream(self):
+        # Esc in Claude Code while a local model reads a long prompt: the router must
+        # give up the upstream request then, not at the model's next write (or, for a
+        # non-streamed request, after its whole answer).
+        def silent(stream, phase, arrived, closed):
+            def reply(handler):
+                if phase != "before headers":
+                    handler.send_response(200)
+                    handler.send_header("Content-Type", "text/event-stream")
+                    handler.send_header("Transfer-Encoding", "chunked")
+                    handler.end_headers()
+                if phase == "after the first event":
+                    write_chunk(handler, sse(text_events("x")[0]))
+                arrived.set()
+                handler.close_connection = True
+                if sees_close(handler.connection):
+                    closed.set()
+            return reply
+
+        for stream, phase in ((False, "before headers"), (True, "before headers"),
+                              (True, "after headers"), (True, "after the first event")):
+            with self.subTest(stream=stream, phase=phase):
+                arrived, closed = threading.Event(), threading.Event()
+                upstream = FakeUpstream(self, [silent(stream, phase, arrived, closed)])
+                self.start(upstream)
+                sock = self.post_raw(request(user(text("go")), stream=stream))
+                self.assertTrue(arrived.wait(TIMEOUT))
+                got = b""
+                while phase == "after the first event" and b"message_start" not in got:
+                    got += sock.recv(65536)     # the client has it: it was relayed
+                sock.close()
+                self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
+                said = [l for l in self.log.lines() if l.startswith("client went away")][-1]
+                # What it had of the answer: 'silent' only when it had nothing (issue 16).
+                self.assertEqual(said, "client went away %s; closed the upstream request" % (
+                    "after %d B of the answer was relayed" % len(sse(text_events("x")[0]))
+                    if phase == "after the first event"
+                    else "while the model was silent"))
+
+    def test_interim_upstream_responses_are_skipped(self):
+        def interim(handler):
+            handler.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+                                b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+            send_json(handler, 200, message_json("after the hints"))
+
+        self.start(FakeUpstream(self, [interim]))
+        status, headers, reply = self.post(request(user(text("hi"))))
+        self.assertEqual((status, reply), (200, message_json("after the hints")))
+        self.assertIsNone(headers["link"])
+        self.assertEqual(self.call("GET", "/")[0], 200)
+
+    def test_upstream_key_goes_on_every_upstream_request_and_is_never_shown(self):
+        upstream = FakeUpstream(self, listing={"models": [
+            {"key": "CODER", "loaded_instances": []},
+            {"key": "VISION", "capabilities": {"vision": True}, "loaded_instances": [{}]}]},
+            count_tokens=(200, {"input_tokens": 7}),
+            default=lambda handler, body: json_reply(message_json("Shows A."))(handler))
+        upstream.key = "up-k3y-9"
+        self.start(upstream, token="client-token", upstream_key="up-k3y-9", vision_mode="describe")
+        client = {"x-api-key": "client-token"}
+        self.router.check_upstream(preload=True)
+        rows = [("POST", "/v1/messages", request(user(text("look"), image(PNG_A)))),
+                ("POST", "/v1/messages/count_tokens", request(user(text("q")))),
+                ("GET", "/v1/models", None), ("GET", "/api/v1/models", None)]
+        for method, path, body in rows:
+            with self.subTest(path=path):
+                status, _, reply = self.call(method, path, body, headers=client)
+                self.assertEqual(status, 200, reply)
+        seen = {(m, p) for m, p, _, _ in upstream.requests}
+        self.assertTrue({("GET", "/api/v1/models"), ("POST", "/api/v1/models/load"),
+                         ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")} <= seen)
+        for method, path, headers, _ in upstream.requests:
+            self.assertEqual(headers.get("Authorization"), "Bearer up-k3y-9", (method, path))
+            self.assertNotIn("client-token", json.dumps(headers))
+        shown = [self.log.getvalue(), json.dumps(self.call("GET", "/status", headers=client)[2]),
+                 cr.build_parser({"CLAUDE_ROUTER_UPSTREAM_KEY": "up-k3y-9"}).format_help()]
+        for text_ in shown:
+            self.assertNotIn("up-k3y-9", text_)
+
+
+def raw_reply(head, body=b""):
+    """A reply written as raw bytes: a status line and header lines as given, then body."""
+    def reply(handler):
+        handler.close_connection = True
+        handler.wfile.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                            % (head, len(body), body))
+    return reply
+
+
+ESCAPES = "\x1b]52;c;aGk=\x07\x1b[2J\x9b1m\x00\x7f"     # the clipboard, a cleared screen, C1, NUL, DEL
+
+
+def has_controls(data):
+    """True when data (bytes or text) holds a control character other than CR, LF and tab."""
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    return any(ord(c) < 32 and c not in "\r\n\t" or 127 <= ord(c) < 160 for c in text)
+
+
+class UpstreamTrustTest(RouterTestCase):
+    """Issue 14, section 3: what a model server sends is input too."""
+
+    def test_model_listings_of_wrong_types_are_read_for_what_they_say(self):
+        # A string context_length or a list key stopped the router at startup.
+        listings = [
+            ("lmstudio", {"models": [
+                {"key": ["a"]}, {"key": 5}, {"key": "m1", "capabilities": {"vision": "yes"},
+                                             "loaded_instances": [{"id": ["x"], "config": {
+                                                 "context_length": "32768"}}]},
+                {"key": "m2", "loaded_instances": [{"config": []}, 5]},
+                {"key": "m3", "loaded_instances": "all"}, {"key": "m4", "capabilities": []}]}),
+            ("openai", {"data": [{"id": ["x"]}, {"id": "d1", "owned_by": ["llamacpp"],
+                                                 "meta": {"n_ctx": "4096"}},
+                                 {"id": "d2", "meta": [], "max_model_len": 1.5,
+                                  "architecture": {"input_modalities": "image"}}],
+                        "models": [{"model": ["d1"], "capabilities": ["multimodal"]},
+                                   {"model": "d2", "capabilities": "vision"}]}),
+            ("not lists", {"models": {"a": 1}, "data": "x"})]
+        for name, listing in listings:
             with self.subTest(name):
-                self.assertEqual(cr.description_text(reply, cut_off), expected)
+                router = self.start(FakeUpstream(self, listing=listing))
+                lines = router.check_upstream()
+                self.assertTrue(all(isinstance(line, str) for line in lines), lines)
+                self.assertEqual(self.call("GET", "/status")[0], 200)
+                self.assertEqual(self.post(request(user(text("hi"))))[0], 200)
+                for info in (router.models or {}).values():
+                    self.assertIn(type(info["context_length"]), (int, type(None)))
+                    self.assertIn(info["vision"], (True, False, None))
 
-    def test_a_describe_requests_context_is_not_kept_when_echoed(self):
-        # The real OCR vision server answered "[Image: ...]\n\nThe user wrote: <prompt>".
-        context = "The user wrote: Look at @shape.png again."
-        reply = "[Image: a red square.]\n\n%s\n\n[Image: a red square.]" % context
-        self.assertEqual(cr.description_text(reply, False, context),
-                         "[Image: a red square.]\n\n[Image: a red square.]")
-
-    def test_failure_reasons_are_short_single_lines(self):
-        rows = [
-            (b'{"error":{"code":500,"message":"image input is not supported - hint: if this '
-             b'is unexpected, you may need to provide the mmproj","type":"server_error"}}',
-             "image input is not supported"),
-            (b'{"type":"error","error":{"type":"invalid_request_error","message":"Model does '
-             b'not support images. Please use a model that does."}}',
-             "Model does not support images"),
-            (b"upstream says\x1b[31m <no>\r\nmore", "upstream says [31m no more"),
-            (b"x" * 500, "x" * (cr.FAILURE_REASON_CHARS - 3) + "..."),
-        ]
-        for raw, expected in rows:
-            with self.subTest(raw[:20]):
-                self.assertEqual(cr.short_reason(cr.upstream_message(raw)), expected)
-                self.assertNotRegex(expected, r"[\x00-\x1f<>]")
-
-
-class EncodingTest(unittest.TestCase):
-    """One encode per turn: the body's bytes, the estimate, the clamp and the prompt's parts."""
-
-    def test_the_encoded_body_is_the_json_of_the_body(self):
-        shot = base64.b64encode(os.urandom(3000)).decode()
-        rows = [
-            ("no images", request(user(text("hi \u00e9 \"q\"")), system="s", max_tokens=9), True),
-            ("images everywhere", request(user(image(PNG_A), text("\"quoted\" \u00e9")),
-                                          assistant(tool_use("t1")),
-                                          user(tool_result("t1", image(PNG_B), text("x")),
-                                               image(PNG_A), image(shot))), False),
-            ("url image", request(user({"type": "image", "source": {
-                "type": "url", "url": "https://x/\"y\".png"}})), True),
-            ("data that is not base64 is encoded, not spliced",
-             request(user(image('http:", "injected": true, "x": "')), user(image("\u00e9"))), True),
-        ]
-        for name, body, same_bytes in rows:
+    def test_response_headers_with_control_characters_are_not_relayed(self):
+        # Claude Code's Node runtime refuses a response with such a header, and retries it
+        # as a connection error.
+        bad = [b"X-Esc: a\x1b[2Jb", b"X-Nul: a\x00b", b"X-Del: a\x7fb", b"X-Fold: a\r\n b",
+               b"X-Cr: a\rb"]
+        body = json.dumps(message_json("ok")).encode()
+        rows = [("a reply", b"200 OK\r\nContent-Type: application/json\r\nX-Good: fine", 200),
+                ("an error", b"429 Too Many\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 3\x1b[2J\r\nX-Good: fine", 429)]
+        for name, head, status in rows:
             with self.subTest(name):
-                encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
-                data = joined(encoded.data())
-                self.assertEqual((json.loads(data), len(data)), (body, encoded.length))
-                if same_bytes:
-                    self.assertEqual(data, json.dumps(body).encode())
+                self.start(FakeUpstream(self, [raw_reply(b"\r\n".join([head] + bad), body)]))
+                sock = self.post_raw(request(user(text("hi"))))
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                head_out = data.split(b"\r\n\r\n")[0]
+                self.assertIn(b"HTTP/1.1 %d" % status, head_out)
+                self.assertFalse(has_controls(head_out), head_out)
+                self.assertNotIn(b"X-Esc", head_out)
+                self.assertNotIn(b"X-Fold", head_out)
+                self.assertEqual(b"X-Good: fine" in head_out, status == 200)
 
-    def test_a_clamp_splices_max_tokens_into_the_same_bytes(self):
-        body = request(user(text("q " * 3000), image(PNG_A)), max_tokens=32000)
-        encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
-        estimate = encoded.tokens()
-        self.assertEqual(estimate, cr.estimate_tokens(encoded.length, len(PNG_A), 1))
-        encoded.clamp(estimate + 5000)
-        data = joined(encoded.data())
-        self.assertEqual((json.loads(data), len(data)), ({**body, "max_tokens": 5000}, encoded.length))
-        encoded.clamp(None)
-        self.assertEqual(encoded.max_tokens, 5000)
+    def test_what_an_upstream_says_is_escaped_before_a_terminal_shows_it(self):
+        # A model id can carry escape sequences that clear the screen or write the clipboard.
+        bad_id = "qwen" + ESCAPES
+        listing = {"data": [{"id": bad_id, "owned_by": "llamacpp", "meta": {"n_ctx": 4096}}]}
+        error = {"error": {"message": "no" + ESCAPES}}
+        upstream = FakeUpstream(self, [json_reply(error, 400)], listing=listing)
+        router = self.start(upstream)
+        lines = router.check_upstream()
+        status, _, reply = self.post(request(user(text("hi"))))
+        self.assertEqual(status, 400)
+        _, _, raw_status = self.call("GET", "/status", headers={"Accept": "text/plain"})
+        shown = [*lines, reply["error"]["message"], self.log.getvalue(),
+                 json.dumps(raw_status, ensure_ascii=False), cr.status_line(raw_status)]
+        for text_shown in shown:
+            self.assertFalse(has_controls(text_shown), text_shown)
+        self.assertIn("qwen\\x1b]52;c;aGk=\\x07", cr.status_line(raw_status))
+        self.assertIn("no\\x1b]52", raw_status["last_upstream_error"]["message"])
 
-    def test_clamped_max_tokens(self):
-        rows = [(32000, 20000, 32768, 12768), (1000, 20000, 32768, 1000),
-                (32000, 40000, 32768, cr.MIN_OUTPUT_TOKENS), (32000, 100, None, 32000),
-                (None, 100, 200, None)]
-        for asked, estimate, context, expected in rows:
-            with self.subTest(asked=asked, estimate=estimate, context=context):
-                self.assertEqual(cr.clamped_max_tokens(asked, estimate, context), expected)
-
-    def test_prompt_parts_follow_the_prefix_and_know_images_by_their_key(self):
-        def parts(*messages):
-            body = request(*messages, system="s", tools=[{"name": "t"}])
-            return cr.EncodedRequest(body, cr.image_keys(body["messages"])).prompt_parts()
-        first = parts(user(text("q"), image(PNG_A)))
-        again = parts(user(text("q"), image(PNG_A)), assistant(text("a")))
-        other = parts(user(text("q"), image(PNG_B)))
-        self.assertEqual(first[0], ["system", "tools", "message 0"])
-        self.assertEqual(again[0][:3], first[0])
-        self.assertEqual(again[1][:48], first[1])   # the same image, another request
-        self.assertEqual(other[1][:32], first[1][:32])
-        self.assertNotEqual(other[1][32:48], first[1][32:48])
-        self.assertEqual(first[2][2], len(json.dumps(user(text("q"), image(PNG_A)))))
-
-
-class EventStreamTest(unittest.TestCase):
-    """The one splitter every reader of an upstream event stream goes through."""
-
-    STREAMS = [
-        ("LF", b"event: a\ndata: {\"n\": 1}\n\nevent: b\ndata: 2\n\n"),
-        ("CRLF", b"event: a\r\ndata: 1\r\n\r\nevent: b\r\ndata: 2\r\n\r\n"),
-        ("CR", b"event: a\rdata: 1\r\revent: b\rdata: 2\r\r"),
-        ("mixed", b"event: a\r\ndata: 1\n\r\nevent: b\rdata: 2\r\n\revent: c\ndata: 3\r\r\n"
-                  b"data: 4\n\n\n\ndata: 5\r\n\n"),
-    ]
-
-    def split(self, pieces, limit=cr.MAX_EVENT_BYTES):
-        """Feed pieces to one splitter; return (its events, the bytes it returned, the rest)."""
-        splitter = cr.EventSplitter(limit)
-        out = [splitter.feed(p) for p in pieces]
-        return [e for block in out for e in cr.sse_events(block)], b"".join(out), splitter
-
-    def test_line_ends_of_every_kind_give_the_same_events(self):
-        expected = {"LF": [b"event: a\ndata: {\"n\": 1}", b"event: b\ndata: 2"],
-                    "mixed": [b"event: a\ndata: 1", b"event: b\ndata: 2", b"event: c\ndata: 3",
-                              b"data: 4", b"data: 5"]}
-        for name, data in self.STREAMS:
+    def test_overflow_is_read_in_the_servers_own_message_not_in_an_echo(self):
+        # A refusal that echoes the conversation back was taken for an overflow whenever
+        # the conversation mentioned one, and Claude Code compacted for nothing.
+        said = "we talked about 'prompt is too long: 5 tokens > 4' yesterday"
+        rows = [("json", json_reply({"error": {"message": "tools.0: unknown field",
+                                               "request": {"messages": [user(text(said))]}}}, 400),
+                 "tools.0: unknown field"),
+                ("pydantic detail", json_reply({"object": "error", "message": "invalid request",
+                                                "detail": [{"input": said}]}, 400),
+                 "invalid request")]
+        for name, reply, message in rows:
             with self.subTest(name):
-                events, out, splitter = self.split([data])
-                self.assertEqual(events, expected.get(name, [b"event: a\ndata: 1",
-                                                             b"event: b\ndata: 2"]))
-                self.assertFalse(splitter.has_partial())
+                self.start(FakeUpstream(self, [reply]))
+                status, _, answer = self.post(request(user(text(said))))
+                self.assertEnvelope(status, answer, 400)
+                self.assertEqual(answer["error"]["message"], message)
+        opening = ("error", {"type": "error", "error": {"type": "invalid_request_error",
+                                                        "message": "bad tool"}, "echo": said})
+        self.start(FakeUpstream(self, [stream_reply([opening])]))
+        status, _, answer = self.post(request(user(text(said)), stream=True))
+        self.assertEqual(status, 200, answer)      # the stream as the server sent it
+        self.assertIn(b'"message": "bad tool"', answer)
 
-    def test_splits_at_every_byte_boundary_give_the_same_events(self):
-        for name, data in self.STREAMS:
-            whole, _, _ = self.split([data])
-            for cut in [*range(len(data) + 1), "bytewise"]:
-                with self.subTest(name, cut=cut):
-                    pieces = ([data[i:i + 1] for i in range(len(data))] if cut == "bytewise"
-                              else [data[:cut], data[cut:]])
-                    events, out, splitter = self.split(pieces)
-                    self.assertEqual(events, whole)
-                    self.assertEqual(out + b"".join(splitter.held), data)
+    def test_a_describe_reply_that_is_no_object_fails_with_a_reason(self):
+        # Every retry was a 500: the reply was read as a dict.
+        for name, reply in [("list", json_reply([1, 2])), ("string", json_reply("a cat")),
+                            ("not json", raw_reply(b"200 OK\r\nContent-Type: application/json",
+                                                   b"<html>")),
+                            ("content not a list", json_reply({"content": "a cat"}))]:
+            with self.subTest(name):
+                vision = FakeUpstream(self, [reply])
+                coder = FakeUpstream(self)
+                self.start(coder, vision_mode="describe", vision_upstream_url=vision.url)
+                status, _, _ = self.post(request(user(text("look"), image(PNG_C))))
+                self.assertEqual(status, 200)
+                content = coder.posts()[-1]["messages"][0]["content"]
+                self.assertTrue(content[1]["text"].startswith(
+                    "<<IMAGE: could not be read by the vision model: "), content)
+                error = self.call("GET", "/status")[2]["last_upstream_error"]
+                self.assertIsNotNone(error)
+                self.assertIn(content[1]["text"][49:-2], error["message"])
 
-    def test_a_crlf_cut_between_reads_is_one_line_end(self):
-        rows = [([b"data: 1\r", b"\ndata: 2\n\n"], [b"", b"data: 1\r\ndata: 2\n\n"]),
-                ([b"data: 1\r", b"\r"], [b"", b"data: 1\r\r"]),
-                ([b"data: 1\r", b"\n", b"\r", b"\ndata: 2"], [b"", b"", b"data: 1\r\n\r", b""])]
-        for pieces, expected in rows:
-            with self.subTest(pieces):
-                splitter = cr.EventSplitter()
-                self.assertEqual([splitter.feed(p) for p in pieces], expected)
-
-    def test_an_event_past_the_bound_is_refused_not_held(self):
-        splitter = cr.EventSplitter(1000)
-        self.assertEqual(splitter.feed(b"data: 1\n\ndata: " + b"x" * 900), b"data: 1\n\n")
-        with self.assertRaises(cr.EventTooLarge):
-            splitter.feed(b"x" * 101)
-        small = cr.EventSplitter(1000)
-        self.assertEqual(small.feed(b"data: " + b"x" * 990 + b"\n\n"), b"data: " + b"x" * 990 + b"\n\n")
-
-    def test_the_capture_reads_whole_events_from_the_splitter(self):
-        raw = sse(*text_events("Hello world")).replace(b"\n", b"\r\n")
-        for step in (1, 7, len(raw)):
-            with self.subTest(step=step):
-                splitter, capture = cr.EventSplitter(), cr.ReplyCapture()
-                for i in range(0, len(raw), step):
-                    capture.feed(splitter.feed(raw[i:i + step]))
-                self.assertEqual(capture.text(), "Hello world")
-                self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
+    def test_an_unreadable_cache_line_is_skipped_with_a_warning(self):
+        # A line nested past the parser's limit stopped the router at startup.
+        cr.DescriptionCache(self.cache_dir).store({"k1": "one"}, "V")
+        with open(os.path.join(self.cache_dir, cr.CACHE_FILE), "ab") as f:
+            f.write(b'{"hash": ' + b"[" * 100_000 + b"]" * 100_000 + b', "description": "x"}\n')
+            f.write(b'[' * 100_000 + b"\n" + b'{"hash": "k2", "description": "two"}\n')
+        router = self.start(FakeUpstream(self))
+        self.assertEqual(len(router.vision.cache), 2)
+        self.assertIn("skipped 2 unreadable line(s)", self.log.getvalue())
 
 
-class VisionMemoryTest(unittest.TestCase):
+################ Vision
+
+class VisionTest(unittest.TestCase):
 
     def test_failures_keep_their_first_reason_are_bounded_and_retried_after_a_while(self):
         memory = cr.Vision(None, None, max_entries=2)
@@ -813,87 +1823,36 @@ class VisionMemoryTest(unittest.TestCase):
                          {"a": ("a red square", None), "b": (None, "image input is not supported")})
         self.assertEqual(memory.pending, {})
 
+    def test_describe_request_is_short_and_deterministic(self):
+        got = cr.describe_request(image(PNG_A), "The user wrote: hi", "V")
+        self.assertEqual(got, cr.describe_request(image(PNG_A), "The user wrote: hi", "V"))
+        self.assertEqual(got["messages"], [user(text("The user wrote: hi"), image(PNG_A))])
+        self.assertNotIn("tools", got)
 
-class SettingsTest(unittest.TestCase):
+    def test_descriptions_keep_only_the_models_own_complete_text(self):
+        rows = [
+            ("as it is", "A cat.", False, "A cat."),
+            ("router text dropped", cr.SYNTHETIC_USER_TEXT + " A chart. <<IMAGE DESCRIPTION: "
+             "old one>> " + cr.LIFTED_IMAGE_TEXT, False, "A chart."),
+            ("looping sentence", "A form. It is red. It is red. It is red. It i", True,
+             "A form. It is red."),
+            ("looping lines", "- a\n- b\n- a\n- b\n- a\n- b\n- a", True, "- a\n- b"),
+            ("cut, no loop", "A form with two fields and a butt", True,
+             "A form with two fields and a butt " + cr.CUT_OFF_NOTE),
+            ("a sentence said twice is no loop", "Red. Red. Blue.", True,
+             "Red. Red. Blue. " + cr.CUT_OFF_NOTE),
+            ("only router text", cr.SYNTHETIC_USER_TEXT, True, ""),
+        ]
+        for name, reply, cut_off, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.description_text(reply, cut_off), expected)
 
-    def parse(self, argv, environ=None):
-        return cr.parse_settings(argv, environ or {})
-
-    def test_precedence_flag_over_environment_over_constant(self):
-        self.assertEqual(self.parse([]).port, cr.PORT)
-        self.assertEqual(self.parse([], {"CLAUDE_ROUTER_PORT": "4000"}).port, 4000)
-        self.assertEqual(self.parse(["--port", "5000"], {"CLAUDE_ROUTER_PORT": "4000"}).port, 5000)
-        env = {"CLAUDE_ROUTER_CODER_MODEL": "c", "CLAUDE_ROUTER_VISION_MODEL": "v",
-               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9/", "CLAUDE_ROUTER_CACHE_DIR": "/d",
-               "CLAUDE_ROUTER_VISION_MODE": "describe", "CLAUDE_ROUTER_VERBOSE": "1"}
-        args = self.parse([], env)
-        self.assertEqual((args.coder_model, args.vision_model, args.upstream, args.cache_dir,
-                          args.vision_mode, args.verbose),
-                         ("c", "v", "http://127.0.0.1:9", "/d", "describe", True))
-
-    def test_bad_values_exit_with_one_line(self):
-        rows = [(["--port", "x"], {}), ([], {"CLAUDE_ROUTER_PORT": "http"}),
-                (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
-                ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
-                (["--host", "0.0.0.0"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM_KEY": "s3cr et"}),
-                (["--upstream-key", "k\r\nX-Evil: 1"], {}),
-                ([], {"CLAUDE_ROUTER_TOKEN": "p\u00e4sswort"}), (["--token", "two words"], {})]
-        for argv, environ in rows:
-            with self.subTest(argv=argv, environ=environ):
-                err = io.StringIO()
-                with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(err):
-                    self.parse(argv, environ)
-                message = str(ctx.exception.code) + err.getvalue()
-                self.assertTrue(message.startswith("claude-router: "), message)
-                self.assertEqual(message.strip().count("\n"), 0, message)
-                self.assertNotIn("s3cr", message)
-
-    def test_other_hosts_need_a_token(self):
-        self.assertEqual(self.parse(["--host", "0.0.0.0", "--token", "t"]).token, "t")
-
-
-################ Cache
-
-LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (#\d+ )?")     # time, request id
-
-
-def cr_line(line):
-    """A log line without its time and request id, and without the seconds it gives."""
-    return re.sub(r" \d+\.\d\d s", " s", LOG_PREFIX.sub("", line))
-
-
-class WatchedLog(io.StringIO):
-    """A StringIO whose writes set Events: a test can wait for a log line, not for time."""
-
-    def __init__(self):
-        super().__init__()
-        self.watches = []
-
-    def when(self, text):
-        """An Event set once a line holding text is written."""
-        event = threading.Event()
-        self.watches.append((text, event))
-        return event
-
-    def lines(self):
-        """The lines logged, each without its time and request id."""
-        return [LOG_PREFIX.sub("", line) for line in self.getvalue().splitlines()]
-
-    def write(self, data):
-        written = super().write(data)
-        for text, event in self.watches:
-            if text in data:
-                event.set()
-        return written
-
-
-def capture_log(test):
-    """Send the router's log (stderr) to a WatchedLog until the test ends; return it."""
-    log = WatchedLog()
-    redirect = contextlib.redirect_stderr(log)
-    redirect.__enter__()
-    test.addCleanup(redirect.__exit__, None, None, None)
-    return log
+    def test_a_describe_requests_context_is_not_kept_when_echoed(self):
+        # The real OCR vision server answered "[Image: ...]\n\nThe user wrote: <prompt>".
+        context = "The user wrote: Look at @shape.png again."
+        reply = "[Image: a red square.]\n\n%s\n\n[Image: a red square.]" % context
+        self.assertEqual(cr.description_text(reply, False, context),
+                         "[Image: a red square.]\n\n[Image: a red square.]")
 
 
 class CacheTest(unittest.TestCase):
@@ -1034,719 +1993,132 @@ class CacheTest(unittest.TestCase):
         self.assertEqual(open(path, "rb").read(), before)
 
 
-################ Layer 2: the real router and a fake upstream on loopback
+class VisionModeTest(RouterTestCase):
 
-class NoLog:
-    def log_message(self, *args):
-        pass
+    def describer(self, vision):
+        """A vision server that describes each image by the first letters of its data."""
+        def describe(handler, body):
+            images = [b for b in body["messages"][-1]["content"] if b["type"] == "image"]
+            reply = "Shows %s." % base64.b64decode(images[0]["source"]["data"])[8:11].decode()
+            json_reply(message_json(reply))(handler)
+        return FakeUpstream(self, default=describe)
 
+    def test_a_client_hanging_up_during_a_describe_closes_the_describe_request(self):
+        # A describe request was sent without watching the client: after Esc, the vision
+        # model went on describing for nobody, and the claim held the next turn back.
+        arrived, closed = threading.Event(), threading.Event()
 
-class FakeServer(http.server.ThreadingHTTPServer):
-    # Like the router's: with the default backlog of 5, the 64-stream test's connects
-    # overflow it on a loaded machine and some come back reset.
-    request_queue_size = 128
-    daemon_threads = True
-
-
-class FakeUpstream:
-    """A real HTTP server playing the model server: scripted replies, recorded requests.
-
-    A reply is a function taking the handler. Replies for POST /v1/messages are used in
-    order, then the default text reply. Every request is recorded as (method, path,
-    headers, body)."""
-
-    def __init__(self, test, replies=(), listing=None, count_tokens=None, strict=False,
-                 default=None):
-        self.requests = []
-        self.raw = []                       # (path, bytes) of each POST body, as received
-        self.default = default or (lambda handler, body: json_reply(message_json("ok"))(handler))
-        self.replies = list(replies)
-        self.listing = listing
-        self.count_tokens = count_tokens
-        self.strict = strict
-        self.closed = threading.Event()     # set when a client stopped reading a stream
-        self.listing_gate = None            # an Event model listings wait on, when set
-        self.props = None                   # llama-server's /props, when set
-        self.key = None                     # when set, requests without it as Bearer get 401
-        fake = self
-
-        class Handler(NoLog, http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                fake.record(self, None)
-                if fake.refuses(self):
-                    return send_json(self, 401, {"error": "missing or wrong key"})
-                if self.path == "/props" and fake.props:
-                    return send_json(self, 200, fake.props)
-                if fake.listing_gate and self.path.endswith("/models"):
-                    fake.listing_gate.wait(TIMEOUT)
-                # LM Studio's own listing has models[] and no data[] (llama-server has both).
-                if self.path == "/api/v1/models" and fake.listing and "models" in fake.listing \
-                        and "data" not in fake.listing:
-                    return send_json(self, 200, fake.listing)
-                if self.path == "/v1/models" and fake.listing and "data" in fake.listing:
-                    return send_json(self, 200, fake.listing)
-                send_json(self, 404, {"error": "not found"})
-
-            def do_HEAD(self):
-                fake.record(self, None)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream" if "stream" in self.path
-                                 else "application/json")
-                self.send_header("Content-Length", "1234")
-                self.end_headers()
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["content-length"]))
-                fake.raw.append((self.path, raw))
-                body = json.loads(raw)
-                fake.record(self, body)
-                if fake.refuses(self):
-                    return send_json(self, 401, {"error": "missing or wrong key"})
-                if self.path.startswith("/v1/messages/count_tokens"):
-                    status, reply = fake.count_tokens or (404, {"error": "Unexpected endpoint"})
-                    return send_json(self, status, reply)
-                if fake.strict:
-                    problem = strict_problem(body)
-                    if problem:
-                        return send_json(self, 400, {"error": problem})
-                if fake.replies:
-                    return fake.replies.pop(0)(self)
-                fake.default(self, body)
-
-        self.server = FakeServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
-        thread.start()
-        test.addCleanup(thread.join, TIMEOUT)
-        test.addCleanup(self.server.server_close)
-        test.addCleanup(self.server.shutdown)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-
-    def refuses(self, handler):
-        """True when a key is required and handler's request does not carry it."""
-        return bool(self.key) and handler.headers.get("authorization") != "Bearer " + self.key
-
-    def record(self, handler, body):
-        self.requests.append((handler.command, handler.path, dict(handler.headers), body))
-
-    def posts(self, path="/v1/messages"):
-        return [r[3] for r in self.requests if r[0] == "POST" and r[1] == path]
-
-
-def strict_problem(body):
-    """What a strict server (llmster, Ollama, old vLLM) would reject in body, or None."""
-    extra = set(body) - {"model", "messages", "system", "max_tokens", "stream", "tools",
-                         "tool_choice", "temperature", "stop_sequences"}
-    if extra:
-        return "unknown fields %s" % sorted(extra)
-    for m in body["messages"]:
-        if m["role"] not in ("user", "assistant"):
-            return "unknown variant '%s'" % m["role"]
-        for b in m["content"] if isinstance(m["content"], list) else []:
-            if "cache_control" in b or b["type"] in ("thinking", "tool_reference"):
-                return "unsupported block"
-            if b["type"] == "tool_result" and isinstance(b["content"], list) and any(
-                    x["type"] != "text" for x in b["content"]):
-                return "tool_result content must be text"
-    roles = [m["role"] for m in body["messages"]]
-    if any(a == b for a, b in zip(roles, roles[1:])):
-        return "roles must alternate"
-    return None
-
-
-def send_json(handler, status, obj, headers=()):
-    data = json.dumps(obj).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    for name, value in headers:
-        handler.send_header(name, value)
-    handler.end_headers()
-    handler.wfile.write(data)
-
-
-def json_reply(obj, status=200):
-    return lambda handler: send_json(handler, status, obj)
-
-
-def write_chunk(handler, data):
-    handler.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-
-
-def sees_close(sock):
-    """True when the peer of sock closes the connection within TIMEOUT."""
-    sock.settimeout(TIMEOUT)
-    try:
-        return sock.recv(1) == b""
-    except socket.timeout:
-        return False
-    except OSError:
-        return True
-
-
-def stream_reply(events, gate=None, gate_after=1, stall=None, cut_after=None, until_closed=None):
-    """An SSE reply: events one chunk each; waits on gate after gate_after events.
-
-    stall: an Event waited on after gate_after events instead of going on (a hung
-    model). cut_after: close the socket after that many events. until_closed: a
-    FakeUpstream whose closed event is set once writing fails (client gone)."""
-    def reply(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-        try:
-            for i, event in enumerate(events):
-                if i == gate_after and gate is not None:
-                    gate.wait(TIMEOUT)
-                if i == gate_after and stall is not None:
-                    stall.wait(TIMEOUT)
-                if i == cut_after:
-                    handler.close_connection = True
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                write_chunk(handler, sse(event))
-            if until_closed:
-                for i in range(100_000):
-                    write_chunk(handler, sse(("ping", {"type": "ping"})))
-            handler.wfile.write(b"0\r\n\r\n")
-        except (ConnectionError, OSError):
+        def silent(handler):
+            arrived.set()
             handler.close_connection = True
-            if until_closed:
-                until_closed.closed.set()
-    return reply
+            if sees_close(handler.connection):
+                closed.set()
 
+        upstream = FakeUpstream(self, [silent, json_reply(message_json("A red square.")),
+                                       json_reply(message_json("Done."))])
+        router = self.start(upstream, vision_mode="describe")
+        sock = self.post_raw(request(user(text("look"), image(PNG_A))))
+        self.assertTrue(arrived.wait(TIMEOUT))
+        sock.close()
+        self.assertTrue(closed.wait(TIMEOUT), "the describe request stayed open")
+        self.assertIn("client went away", self.log.getvalue())
+        # Neither a failure nor a claim is left: the retry describes the image.
+        status, _, reply = self.post(request(user(text("look"), image(PNG_A))))
+        self.assertEqual((status, reply["content"]), (200, [text("Done.")]))
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(
+            text("look"), text("<<IMAGE DESCRIPTION: A red square.>>"))])
+        self.assertEqual(router.vision.failures, {})
 
-class RouterTestCase(unittest.TestCase):
-    """Starts the router on loopback against a FakeUpstream; checks no handler crashed."""
+    def test_describe_mode_asks_per_image_then_the_coder_answers(self):
+        vision = self.describer(self)
+        coder = FakeUpstream(self, [stream_reply(text_events("Fixed."))])
+        self.start(coder, vision_mode="describe", vision_upstream_url=vision.url)
+        history = [user(text("compare"), image(PNG_A), text("and"), image(PNG_B))]
+        status, _, raw = self.post(request(*history, stream=True, tools=[
+            {"name": "Read", "input_schema": {}}], system="You are Claude Code. " * 200))
+        self.assertEqual(raw, sse(*text_events("Fixed.")))
+        asked = vision.posts()
+        self.assertEqual(len(asked), 2)
+        for body in asked:
+            self.assertEqual((body["model"], body["system"], "tools" in body),
+                             ("VISION", cr.DESCRIBE_PROMPT, False))
+            self.assertEqual(sum(b["type"] == "image" for b in body["messages"][0]["content"]), 1)
+            self.assertLess(len(json.dumps(body)), 2000)
+        sent = coder.posts()[-1]
+        self.assertEqual(sent["model"], "CODER")
+        self.assertEqual(sent["messages"], [user(
+            text("compare"), text("<<IMAGE DESCRIPTION: Shows AAA.>>"), text("and"),
+            text("<<IMAGE DESCRIPTION: Shows BBB.>>"))])
+        status = self.router.status()
+        self.assertEqual((status["vision_calls"], status["images_described"]), ({"describe": 2}, 2))
+        self.assertEqual(status["routes"], {"coder": 1, "vision": 0, "describe": 2})
+        self.assertEqual(status["model_switches"], 0)
 
-    router_settings = {}
+    def test_answer_mode_fallback_describes_after_the_response_and_once(self):
+        # The describe fallback ran before the response ended, so the client waited as long
+        # as the vision model took; and a turn could ask for the same image again (issue 10).
+        describing, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
 
-    def setUp(self):
-        self.cache_dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.cache_dir, True)
-        self.log = capture_log(self)
+        def describe(handler, body):
+            describing.set()
+            gate.wait(TIMEOUT)
+            json_reply(message_json("Shows CCC."))(handler)
 
-    def start(self, upstream=None, **settings):
-        """Start a router (a new one each call, on the same cache dir) and return it.
-
-        upstream is a FakeUpstream or a URL."""
-        url = getattr(upstream, "url", upstream) or "http://127.0.0.1:9"
-        router = cr.Server(("127.0.0.1", 0), url, cache_dir=self.cache_dir, **{
-            "coder_model": "CODER", "vision_model": "VISION", **self.router_settings, **settings})
-        router.vision.cache.load()
-        router.warmer.load()
-        router.refresh_models()     # as main() does before it serves
-        thread = threading.Thread(target=router.serve_forever, args=(0.01,), daemon=True)
+        vision = FakeUpstream(self, [stream_reply(tool_call_events())], default=describe)
+        coder = FakeUpstream(self)
+        self.start(coder, vision_upstream_url=vision.url)
+        history = [user(text("what is on screen"), image(PNG_C))]
+        status, _, raw = self.post(request(*history, stream=True))     # the describe is held
+        self.assertEqual(raw, sse(*tool_call_events()))
+        self.assertTrue(describing.wait(TIMEOUT))
+        waiting = self.log.when("waiting for the description of 1 image(s)")
+        answers = []
+        later = request(*history, assistant(tool_use("t9")), user(tool_result("t9", text("a"))))
+        thread = threading.Thread(target=lambda: answers.append(self.post(later)))
         thread.start()
-        self.addCleanup(lambda: self.assertEqual(router.errors, []))
-        self.addCleanup(thread.join, TIMEOUT)
-        self.addCleanup(router.server_close)
-        self.addCleanup(router.shutdown)
-        self.router = router
-        return router
+        self.assertTrue(waiting.wait(TIMEOUT))
+        gate.set()
+        thread.join(TIMEOUT)
+        self.assertEqual(answers[0][0], 200)
+        self.assertEqual(coder.posts()[-1]["messages"][0]["content"][1],
+                         text("<<IMAGE DESCRIPTION: Shows CCC.>>"))
+        self.assertEqual(len(vision.posts()), 2)
+        self.assertEqual(self.router.status()["vision_calls"], {"answer": 1, "fallback": 1})
 
-    def connect(self, router=None):
-        conn = http.client.HTTPConnection("127.0.0.1", (router or self.router).server_port,
-                                          timeout=TIMEOUT)
-        self.addCleanup(conn.close)
-        return conn
-
-    def call(self, method, path, body=None, headers=None, conn=None):
-        """Send one request; return (status, headers, parsed or raw body)."""
-        conn = conn or self.connect()
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, resp.headers, json.loads(raw)
-        except ValueError:
-            return resp.status, resp.headers, raw
-
-    def post(self, body, **kwargs):
-        return self.call("POST", "/v1/messages?beta=true", body, **kwargs)
-
-    def post_raw(self, body):
-        """Send body to /v1/messages on a raw socket, for a test that hangs up; return it."""
-        data = json.dumps(body).encode()
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        self.addCleanup(sock.close)
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(data), data))
-        return sock
-
-    def assertEnvelope(self, status, reply, expected_status, error_type=None):
-        self.assertEqual(status, expected_status, reply)
-        self.assertEqual(reply["type"], "error")
-        self.assertIsInstance(reply["error"]["message"], str)
-        if error_type:
-            self.assertEqual(reply["error"]["type"], error_type)
-
-
-class RoutingTest(RouterTestCase):
-
-    def test_text_goes_to_the_coder_cleaned(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        status, _, reply = self.post(
-            request(user(text("hi")), {"role": "system", "content": "env"}, thinking={"type": "adaptive"}),
-            headers={"anthropic-beta": "claude-code-20250219", "x-api-key": "secret-key",
-                     "anthropic-version": "2023-06-01"})
-        self.assertEqual((status, reply["content"]), (200, [text("ok")]))
-        _, path, headers, body = upstream.requests[-1]
-        self.assertEqual(path, "/v1/messages")
-        self.assertEqual(body, {"model": "CODER", "max_tokens": 32000,
-                                "messages": [user(reminder("env"), text("hi"))]})
-        lower = {k.lower(): v for k, v in headers.items()}
-        self.assertNotIn("anthropic-beta", lower)
-        self.assertNotIn("x-api-key", lower)
-        self.assertEqual(lower["anthropic-version"], "2023-06-01")
-        self.assertIn("→ coder [CODER]", self.log.getvalue())
-
-    def test_two_assistant_messages_in_a_row_reach_the_upstream_folded(self):
-        # They were merged after folding, so Devstral's template met [text, tool_use, text,
-        # tool_use] (issue 14, section 2).
-        upstream = FakeUpstream(self, strict=True)
-        self.start(upstream)
-        second = {"type": "tool_use", "id": "t2", "name": "Grep", "input": {"pattern": "x"}}
-        history = [user(text("go")), assistant(text("first"), tool_use("t1")),
-                   assistant(text("second"), second),
-                   user(tool_result("t1", text("r1")), tool_result("t2", text("r2")))]
-        self.assertEqual(self.post(request(*history))[0], 200)
-        self.assertEqual(upstream.posts()[-1]["messages"], [
-            user(text("go")), assistant(text("first\n\nsecond"), tool_use("t1"), second),
-            user(tool_result("t1", text("r1")), tool_result("t2", text("r2")))])
-
-    def test_pasted_image_goes_to_vision_and_json_reply_becomes_its_description(self):
-        upstream = FakeUpstream(self, [json_reply(message_json("A red square."))])
-        self.start(upstream)
-        first = request(user(text("what is this"), image(PNG_A)))
-        self.assertEqual(self.post(first)[0], 200)
-        self.assertEqual(upstream.posts()[-1]["model"], "VISION")
-        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("what is this"), image(PNG_A))])
-        second = request(*first["messages"], assistant(text("A red square.")), user(text("bigger?")))
-        self.post(second)
-        coder = upstream.posts()[-1]
-        self.assertEqual(coder["model"], "CODER")
-        self.assertEqual(coder["messages"][0], user(text("what is this"),
-                                                     text("<<IMAGE DESCRIPTION: A red square.>>")))
-        self.assertIn("→ vision [VISION]", self.log.getvalue())
-        self.assertIn("cached description for 1 image(s)", self.log.getvalue())
-
-    def test_tool_result_image_goes_to_vision_lifted_and_sse_reply_is_captured(self):
-        upstream = FakeUpstream(self, [stream_reply(text_events("A login form with an error."))])
-        self.start(upstream)
-        history = [user(text("check shot.png")), assistant(text("Reading."), tool_use("t1")),
-                   user(tool_result("t1", image(PNG_B)))]
-        status, _, raw = self.post(request(*history, stream=True))
-        self.assertEqual(raw, sse(*text_events("A login form with an error.")))
-        vision = upstream.posts()[-1]
-        self.assertEqual((vision["model"], vision["messages"][2:]), ("VISION", [
-            user(tool_result("t1", text(cr.LIFTED_IMAGE_TEXT))),
-            assistant(text(cr.SYNTHETIC_ASSISTANT_TEXT)),
-            user(image(PNG_B), text(cr.SYNTHETIC_USER_TEXT))]))
-        self.post(request(*history, assistant(text("A login form with an error.")),
-                          user(text("fix it")), stream=True))
-        coder = upstream.posts()[-1]
-        self.assertEqual(coder["model"], "CODER")
-        self.assertEqual(coder["messages"][2], user(tool_result("t1", text(
-            "<<IMAGE DESCRIPTION: A login form with an error.>>"))))
-
-    def test_same_image_after_a_restart_goes_to_the_coder(self):
-        upstream = FakeUpstream(self, [json_reply(message_json("A cat."))])
-        first = self.start(upstream)
-        self.post(request(user(image(PNG_C))))
-        first.shutdown()
-        self.start(upstream)
-        self.post(request(user(text("again"), image(PNG_C))))
-        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
-        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
-                         text("<<IMAGE DESCRIPTION: A cat.>>"))
-
-    def test_routers_sharing_a_cache_dir_never_describe_an_image_twice(self):
-        upstream = FakeUpstream(self, [json_reply(message_json("A cat."))])
-        first = self.start(upstream)
-        second = self.start(upstream)       # both running, both loaded an empty cache
-        self.post(request(user(image(PNG_C))), conn=self.connect(first))
-        self.post(request(user(text("again"), image(PNG_C))), conn=self.connect(second))
-        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
-        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
-                         text("<<IMAGE DESCRIPTION: A cat.>>"))
-
-    def test_unknown_images_of_earlier_turns_become_markers(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        self.post(request(user(image(PNG_A)), assistant(text("?")), user(text("go on"))))
-        self.assertEqual(upstream.posts()[-1]["messages"][0],
-                         user(text(cr.UNKNOWN_IMAGE_MARKER)))
-
-    def test_vision_request_carries_descriptions_of_older_images(self):
-        upstream = FakeUpstream(self, [json_reply(message_json("old one")),
-                                       json_reply(message_json("new one"))])
-        self.start(upstream)
-        self.post(request(user(image(PNG_A))))
-        self.post(request(user(image(PNG_A)), assistant(text("old one")), user(image(PNG_B))))
-        vision = upstream.posts()[-1]
-        self.assertEqual(vision["model"], "VISION")
-        self.assertEqual(vision["messages"][0], user(text("<<IMAGE DESCRIPTION: old one>>")))
-        self.assertEqual(vision["messages"][2], user(image(PNG_B)))
-
-    def test_cut_vision_reply_stores_nothing(self):
-        upstream = FakeUpstream(self, [stream_reply(text_events("cut"), cut_after=3)])
-        self.start(upstream)
-        self.post(request(user(image(PNG_A)), stream=True))
-        self.assertEqual(len(self.router.vision.cache), 0)
-
-    def test_count_tokens_and_models_and_status(self):
-        upstream = FakeUpstream(self, listing={"object": "list", "data": [
-            {"id": "CODER", "meta": {"n_ctx": 8192}}, {"id": "VISION"}]})
-        self.start(upstream)
-        status, _, reply = self.call("GET", "/v1/models?limit=1000")
-        self.assertEqual([m["id"] for m in reply["data"]], ["CODER", "VISION"])
-        self.post(request(user(text("hi"))))
-        status, _, reply = self.call("GET", "/status")
-        self.assertEqual((reply["coder"]["context_length"], reply["requests"]), (8192, {"CODER": 1}))
-        sent = {"model": "CODER", "max_tokens": 32000, "messages": [user(text("hi"))]}
-        self.assertEqual(upstream.posts()[-1]["max_tokens"],
-                         8192 - cr.estimate_tokens(len(json.dumps(sent))))
-
-
-class EndpointTest(RouterTestCase):
-
-    def test_probes_answer_200(self):
-        self.start()
-        for method, path in (("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello")):
-            with self.subTest(method=method, path=path):
-                self.assertEqual(self.call(method, path)[0], 200)
-
-    def test_models_fall_back_to_the_configured_two(self):
-        self.start()
-        status, _, reply = self.call("GET", "/v1/models")
-        self.assertEqual((status, [m["id"] for m in reply["data"]]), (200, ["CODER", "VISION"]))
-
-    def test_count_tokens_is_forwarded_when_the_upstream_counts(self):
-        upstream = FakeUpstream(self, count_tokens=(200, {"input_tokens": 42}))
-        self.start(upstream)
-        body = request(user(text("q"), image(PNG_A)), {"role": "system", "content": "s"},
-                       thinking={"type": "adaptive"})
-        status, _, reply = self.call("POST", "/v1/messages/count_tokens?beta=true", body)
-        self.assertEqual((status, reply), (200, {"input_tokens": 42}))
-        sent = upstream.posts("/v1/messages/count_tokens")[0]
-        self.assertEqual(sent, {"model": "CODER", "messages": [
-            user(reminder("s"), text("q"), text(cr.UNKNOWN_IMAGE_MARKER))]})
-
-    def test_count_tokens_is_estimated_when_the_upstream_cannot(self):
-        for count_tokens in ((200, {"error": "Unexpected endpoint or method."}), None):
-            with self.subTest(count_tokens=count_tokens):
-                upstream = FakeUpstream(self, count_tokens=count_tokens)
-                self.start(upstream)
-                body = request(user(text("q" * 3000)))
-                for _ in range(2):
-                    status, _, reply = self.call("POST", "/v1/messages/count_tokens", body)
-                    self.assertEqual(status, 200)
-                    self.assertGreater(reply["input_tokens"], 1000)
-                self.assertEqual(len(upstream.posts("/v1/messages/count_tokens")), 1)
-
-    def test_preload_loads_only_the_missing_model(self):
-        upstream = FakeUpstream(self, listing={"models": [
-            {"key": "CODER", "loaded_instances": []},
-            {"key": "VISION", "capabilities": {"vision": True},
-             "loaded_instances": [{"id": "VISION", "config": {"context_length": 32768}}]}]})
-        router = self.start(upstream)
-        router.known_models()
-        self.assertEqual(router.preload(), ["preload CODER: loaded"])
-        self.assertEqual(upstream.posts("/api/v1/models/load"), [{"model": "CODER"}])
-
-    def test_context_overflow_becomes_prompt_is_too_long(self):
-        llama = {"error": {"code": 400, "message": "request (80030 tokens) exceeds the available "
-                           "context size (32768 tokens), try increasing it",
-                           "type": "exceed_context_size_error"}}
-        upstream = FakeUpstream(self, [json_reply(llama, 400), json_reply({"error": "nope"}, 400)])
-        self.start(upstream)
-        status, _, reply = self.post(request(user(text("long")), stream=True))
-        self.assertEnvelope(status, reply, 400, "invalid_request_error")
-        self.assertEqual(reply["error"]["message"], "prompt is too long: 80030 tokens > 32768 maximum")
-        status, _, reply = self.post(request(user(text("x"))))
-        self.assertEqual((status, reply), (400, cr.anthropic_error(400, "nope")))
-
-    def test_overflow_as_the_first_event_of_a_stream_becomes_prompt_is_too_long(self):
-        lmstudio = ("error", {"type": "error", "error": {
-            "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
-            "when context the overflows. However, the model is loaded with context length of "
-            "only 32768 tokens, which is not enough."}})
-        other = ("error", {"type": "error", "error": {"type": "api_error", "message": "boom"}})
-        upstream = FakeUpstream(self, [stream_reply([lmstudio]), stream_reply([other])])
-        self.start(upstream)
-        status, _, reply = self.post(request(user(text("long")), stream=True))
-        self.assertEnvelope(status, reply, 400, "invalid_request_error")
-        self.assertEqual(reply["error"]["message"], "prompt is too long: 40000 tokens > 32768 maximum")
-        status, _, raw = self.post(request(user(text("x")), stream=True))
-        self.assertEqual((status, raw), (200, sse(other)))
-
-    def test_overflow_as_http_500_becomes_prompt_is_too_long(self):
-        # LM Studio's Anthropic path answers some overflows with 500 api_error, which Claude
-        # Code retries for three minutes (wording: lmstudio-bug-tracker#2339).
-        lmstudio = {"type": "error", "error": {"type": "api_error",
-                                               "message": "Context size has been exceeded."}}
-        crash = {"type": "error", "error": {"type": "api_error", "message": "The model has "
-                                            "crashed without additional information."}}
-        upstream = FakeUpstream(self, [json_reply(lmstudio, 500), json_reply(crash, 500)])
-        self.start(upstream)
-        status, _, reply = self.post(request(user(text("long"))))
-        self.assertEnvelope(status, reply, 400, "invalid_request_error")
-        self.assertTrue(reply["error"]["message"].startswith("prompt is too long: "), reply)
-        status, _, reply = self.post(request(user(text("x"))))
-        self.assertNotIn("prompt is too long", json.dumps(reply))
-
-    def test_overflow_event_split_across_reads_is_still_seen(self):
-        # http.client's read1 returns at most one chunk: the router saw only the start of
-        # LM Studio's opening error event and relayed it as a 200 stream. With CR line
-        # ends (valid SSE) it read the event as one line and missed it too.
-        event = sse(("error", {"type": "error", "error": {
-            "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
-            "when context the overflows. However, the model is loaded with context length of "
-            "only 32768 tokens, which is not enough."}}))
-
-        def split(raw):
-            def reply(handler):
-                handler.send_response(200)
-                handler.send_header("Content-Type", "text/event-stream")
-                handler.send_header("Transfer-Encoding", "chunked")
-                handler.end_headers()
-                cuts = [0, raw.index(b"Trying"), len(raw) - 3, len(raw) - 1, len(raw)]
-                for start, end in zip(cuts, cuts[1:]):
-                    write_chunk(handler, raw[start:end])
-                handler.wfile.write(b"0\r\n\r\n")
-            return reply
-
-        for newline in (b"\n", b"\r\n", b"\r"):
-            with self.subTest(newline=newline):
-                self.start(FakeUpstream(self, [split(event.replace(b"\n", newline))]))
-                status, _, reply = self.post(request(user(text("long")), stream=True))
-                self.assertEnvelope(status, reply, 400, "invalid_request_error")
-                self.assertEqual(reply["error"]["message"],
-                                 "prompt is too long: 40000 tokens > 32768 maximum")
-
-    def test_vllm_max_model_len_clamps_max_tokens_and_its_refusal_is_no_overflow(self):
-        # vLLM refuses input plus max_tokens over --max-model-len with "'max_tokens' ... is
-        # too large" (up to v0.17). Read as an overflow, a 12k-token prompt at 32k context
-        # became "prompt is too long": Claude Code compacted, and the compaction failed the
-        # same way.
-        def vllm(handler, body):
-            tokens = len(json.dumps(body)) // 4     # fewer than the router's estimate
-            if tokens + body["max_tokens"] <= 32768:
-                return json_reply(message_json("fits"))(handler)
-            message = ("'max_tokens' or 'max_completion_tokens' is too large: %d. This model's "
-                       "maximum context length is 32768 tokens and your request has %d input "
-                       "tokens (%d > 32768 - %d)." % (body["max_tokens"], tokens,
-                                                      body["max_tokens"], tokens))
-            send_json(handler, 400, {"error": {"message": message, "type": "BadRequestError",
-                                               "param": None, "code": 400}})
-
-        listing = {"object": "list", "data": [{"id": "CODER", "object": "model",
-                                               "owned_by": "vllm", "max_model_len": 32768}]}
-        upstream = FakeUpstream(self, listing=listing, default=vllm)
-        self.start(upstream).known_models()
-        body = request(user(text("x " * 24000)))   # 12k tokens by the fake's count
-        status, _, reply = self.post(body)
-        self.assertEqual(status, 200, reply)
-        self.assertLessEqual(upstream.posts()[-1]["max_tokens"], 32768 - 12000)
-        # Where the context is not known, vLLM's refusal reaches Claude Code as it is.
-        self.start(FakeUpstream(self, default=vllm))
-        status, _, reply = self.post(body)
-        self.assertEqual(status, 400)
-        self.assertIn("is too large: 32000", reply["error"]["message"])
-        self.assertNotIn("prompt is too long", json.dumps(reply))
-
-    def test_strict_backend_gets_only_what_it_accepts(self):
-        upstream = FakeUpstream(self, strict=True)
-        self.start(upstream)
-        body = request(
-            user(text("<system-reminder>r</system-reminder>"), text("read a.png")),
-            {"role": "system", "content": [{"type": "text", "text": "env",
-                                            "cache_control": {"type": "ephemeral"}}]},
-            assistant({"type": "thinking", "thinking": "t", "signature": ""}, text("ok"),
-                      tool_use("t1"), text("and"), tool_use("t2", "ToolSearch")),
-            user(tool_result("t1", image(PNG_A)),
-                 tool_result("t2", {"type": "tool_reference", "tool_name": "WebFetch"})),
-            {"role": "user", "content": "continue", "output_config": {"effort": "high"}},
-            system=[text("x-anthropic-billing-header: cc_version=1"), text("sys")],
-            thinking={"type": "adaptive"}, context_management={}, output_config={},
-            metadata={}, stream=False)
-        self.router.vision.cache.store({key(PNG_A): "a chart"}, "VISION")
-        status, _, reply = self.post(body)
-        self.assertEqual(status, 200, reply)
-
-
-class PrefixReplayTest(RouterTestCase):
-    """A growing Claude Code conversation, replayed turn by turn through the router."""
-
-    def test_each_coder_prompt_starts_with_the_last_one_byte_for_byte(self):
-        # Folding mid-session system messages into the top-level system made the server
-        # re-read two thirds of all prompt characters in an 8-step tool session (issue 10).
-        def reply(handler, body):
-            if body["model"] == "VISION" and PNG_C in json.dumps(body):
-                return json_reply({"error": "cannot read"}, 500)(handler)
-            json_reply(message_json("a chart" if body["model"] == "VISION" else "ok"))(handler)
-
-        upstream = FakeUpstream(self, default=reply)
-        self.start(upstream)
-        tools = [{"name": "Read", "description": "read", "input_schema": {"type": "object"},
-                  "cache_control": {"type": "ephemeral"}},
-                 {"name": "Bash", "description": "run", "input_schema": {}},
-                 {"name": "WebFetch", "input_schema": {}, "defer_loading": True}]
-
-        def system(suffix):
-            return [text("x-anthropic-billing-header: cc_version=2.1.332.%s;" % suffix),
-                    text("You are Claude Code."),
-                    text("<total_tokens>15000000 tokens left</total_tokens>")]
-
-        def countdown(n):
-            return system_message("<total_tokens>%d tokens left</total_tokens>" % n)
-
-        thinking = {"type": "thinking", "thinking": "hm", "signature": ""}
-        env = {"role": "system", "output_config": {"effort": "high"}, "content": [
-            {"type": "text", "text": "cwd: /p", "cache_control": {"type": "ephemeral"}}]}
-        first = [user(text("<system-reminder>attribution</system-reminder>"), text("read a.py")),
-                 env]
-        then = [
-            [assistant(thinking, text("Reading."), tool_use("t1")),
-             user(tool_result("t1", text("1\tprint()"))), countdown(14990000)],
-            [assistant(thinking, tool_use("t2")), user(tool_result("t2", image(PNG_A))),
-             countdown(14980000)],                                      # vision describes it
-            [assistant(text("It shows a chart.")), user(text("make it bigger"))],
-            [assistant(tool_use("t3")), user(tool_result("t3", image(PNG_C))),
-             countdown(14970000)],                                      # vision fails
-            [assistant(text("I could not see it.")), user(text("go on")),
-             system_message("## Exited Auto Mode")],
-            [user(text("and also this"))],                              # same user turn grows
-            [assistant(text("a"), tool_use("t4"), text("b"), tool_use("t5", "Bash")),
-             user(tool_result("t5", text("ok")), tool_result("t4", text("x"))),
-             countdown(14960000)],
-            "compaction",
-            [assistant(thinking, tool_use("t6")), user(tool_result("t6", text("y"))),
-             countdown(14950000)],
-            [assistant(text("done")), user(text("thanks"), image(PNG_B))],   # vision
-            [assistant(text("a chart")), user(text("bye"))],
-        ]
-        sent = [(first, "abc")]
-        history = [first[0], dict(env, content="cwd: /p")]     # later turns: a plain string
-        for step in then:
-            if step == "compaction":
-                history = [{"role": "user", "content": "Summary: a.py read."},
-                           system_message("Today's date is 2026-12-02."),
-                           assistant(text("Continuing.")), user(text("next")),
-                           system_message("cwd: /p")]
-            else:
-                history = history + step
-            sent.append((history, "def" if len(sent) > 8 else "abc"))
-        for i, (history, suffix) in enumerate(sent):
-            status, _, reply_body = self.post(request(*history, system=system(suffix), tools=tools,
-                                                      thinking={"type": "adaptive"},
-                                                      stream=i % 2 == 1))
-            self.assertIn(status, (200, 500), reply_body)
-        coder = [raw for path, raw in upstream.raw if json.loads(raw)["model"] == "CODER"]
-        self.assertEqual(len(coder), 10)     # the failed vision turn falls back to the coder
-        for previous, current in zip(coder, coder[1:]):
-            # Templates render system, tools, then messages: the body keeps that order,
-            # so a byte prefix of the body is a prefix of the prompt.
-            self.assertLess(current.index(b'"tools": ['), current.index(b'"messages": ['))
-            self.assertLess(current.index(b'"system": ['), current.index(b'"tools": ['))
-            last = json.loads(previous)["messages"][-1]
-            cut = previous.rindex(json.dumps(last).encode())
-            if b"Summary: a.py read." in current and b"Summary: a.py read." not in previous:
-                cut = previous.index(b'"messages": [') + len(b'"messages": [')
-            else:
-                grown = json.loads(current)["messages"][len(json.loads(previous)["messages"]) - 1]
-                self.assertEqual(grown["content"][:len(last["content"])], last["content"])
-            self.assertEqual(current[:cut], previous[:cut])
-        self.assertNotIn(b'"system"', b"".join(json.dumps(m["role"]).encode() for c in coder
-                                             for m in json.loads(c)["messages"]))
-
-
-class CacheReportTest(RouterTestCase):
-    """What the route line, the usage line and /status say about the server's prefix cache."""
-
-    def test_route_line_says_how_much_of_the_last_prompt_is_sent_again(self):
-        usage = {"input_tokens": 100, "cache_read_input_tokens": 900, "output_tokens": 0}
-        streamed = text_events("ok")
-        streamed[0][1]["message"]["usage"] = usage
-        upstream = FakeUpstream(self, [stream_reply(streamed)])
-        self.start(upstream)
-        turn = [user(text("read a.py")), system_message("cwd: /p")]
-        grown = turn + [assistant(text("done")), user(text("next")),
-                        system_message("<total_tokens>9 tokens left</total_tokens>")]
-        session = {"X-Claude-Code-Session-Id": "s1"}
-        rows = [
-            ("first", request(*turn, system="top", stream=True), session, "first turn"),
-            ("grown", request(*grown, system="top"), session, "100.0% as last turn"),
-            # Without Claude Code's hint headers, each system text keeps its own books.
-            ("new system text", request(*grown, system="other"), session, "first turn"),
-            ("another session", request(*grown, system="other"), {"X-Claude-Code-Session-Id": "s2"},
-             "first turn"),
-            ("no session header", request(*turn, system="top"), {}, "first turn"),
-            ("same conversation by its head", request(*grown, system="top"), {},
-             "100.0% as last turn"),
-            ("history rewritten", request(user(text("read b.py")), *grown[1:], system="other"),
-             session, "changed from message 0 on"),
-        ]
-        for name, body, headers, said in rows:
-            with self.subTest(name):
-                self.post(body, headers=headers)
-                line = [l for l in self.log.lines() if l.startswith("→")][-1]
-                size = len(upstream.raw[-1][1]) / 1024
-                self.assertRegex(line, r"^→ coder \[CODER\] %.1f KB, " % size)
-                self.assertIn(said, line)
-        self.assertIn("usage [CODER]: 1000 prompt tokens, 900 of them from the server's cache",
-                      self.log.getvalue())
-        _, _, status = self.call("GET", "/status")
-        coder = status["prompt_cache"]["CODER"]
-        sent = [len(raw) for _, raw in upstream.raw]
-        self.assertEqual((coder["last_turn"]["bytes"], coder["totals"]["bytes"]),
-                         (sent[-1], sum(sent)))
-        self.assertEqual(coder["totals"]["turns"], 7)
-        self.assertEqual((coder["totals"]["input_tokens"], coder["totals"]["cache_read_input_tokens"],
-                          coder["totals"]["output_tokens"]), (100 + 6 * 5, 900, 6 * 3 + 3))
-        self.assertLess(coder["totals"]["unchanged_bytes"], coder["totals"]["bytes"])
-
-    def test_conversations_remembered_are_bounded_oldest_first(self):
-        memory = cr.PromptMemory(max_entries=2)
-        names, digests, sizes = cr.EncodedRequest({"messages": [user(text("q"))]}, {}).prompt_parts()
-        for conversation in ("a", "b", "a", "c", "b", "a"):
-                memory.note_prompt(conversation, "M", names, digests, sizes, 99)
-        self.assertEqual(list(memory.prompts), [("b", "M"), ("a", "M")])
-        self.assertIsNone(memory.note_prompt("c", "M", names, digests, sizes, 99))
-
-
-class EstimateTest(RouterTestCase):
-
-    def test_a_described_screenshot_in_the_history_leaves_max_tokens_alone(self):
-        # One 1.9 MB screenshot anywhere in the history made every later coder turn's
-        # max_tokens the 1024 floor when the context length was known (issue 10).
-        shot = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(300_000)).decode()
-        upstream = FakeUpstream(self, listing={"data": [{"id": "CODER", "meta": {"n_ctx": 16384}}]},
-                                count_tokens=(404, {"error": "no"}))
-        self.start(upstream)
-        self.router.vision.cache.store({key(shot): "a login form"}, "VISION")
-        history = [user(text("look"), image(shot)), assistant(text("A login form.")),
-                   user(tool_result("t0", text("x")), text("fix it"))]
+    def test_descriptions_lose_injected_text_and_looping_tails(self):
+        # A small model looped until max_tokens, echoing the router's own synthetic turn.
+        looping = dict(message_json(cr.SYNTHETIC_USER_TEXT + " A login form. The button is "
+                                    "red. The button is red. The button is red. The butt"),
+                       stop_reason="max_tokens")
+        vision = FakeUpstream(self, [json_reply(looping)])
+        self.start(FakeUpstream(self), vision_upstream_url=vision.url)
+        history = [user(text("check")), assistant(tool_use("t1")),
+                   user(tool_result("t1", image(PNG_A)))]
         self.post(request(*history))
-        sent = upstream.posts()[-1]
-        unclamped = {**sent, "max_tokens": 32000}
-        self.assertEqual(sent["max_tokens"],
-                         16384 - cr.estimate_tokens(len(json.dumps(unclamped))))
-        self.assertGreater(sent["max_tokens"], 16000)
-        _, _, counted = self.call("POST", "/v1/messages/count_tokens", request(*history))
-        self.assertEqual(counted["input_tokens"], cr.estimate_tokens(len(json.dumps(
-            {k: v for k, v in unclamped.items() if k != "max_tokens"}))))
+        self.post(request(*history, assistant(text("A login form.")), user(text("fix it"))))
+        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]),
+                         {key(PNG_A): "A login form. The button is red."})
 
-    def test_images_still_sent_as_pixels_cost_a_fixed_amount(self):
-        body = request(user(text("q"), image(PNG_A)), user(tool_result("t", image(PNG_B))))
-        encoded = cr.EncodedRequest(body, cr.image_keys(body["messages"]))
-        self.assertEqual(encoded.tokens(), cr.estimate_tokens(
-            len(json.dumps(body)), len(PNG_A) + len(PNG_B), 2))
+    def test_describe_context_echoed_by_the_vision_model_is_not_stored(self):
+        def echo(handler, body):
+            said = body["messages"][0]["content"][0]["text"]
+            json_reply(message_json("%s\n\nA red square." % said))(handler)
+
+        vision = FakeUpstream(self, default=echo)
+        self.start(FakeUpstream(self), vision_upstream_url=vision.url, vision_mode="describe")
+        self.post(request(user(text("what shape?"), image(PNG_A))))
+        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]), {key(PNG_A): "A red square."})
+
+    def test_vision_upstream_is_separate_from_the_coder_upstream(self):
+        vision = FakeUpstream(self, [json_reply(message_json("A diagram."))])
+        coder = FakeUpstream(self)
+        self.start(coder, vision_upstream_url=vision.url)
+        self.post(request(user(image(PNG_A))))
+        self.post(request(user(image(PNG_A)), assistant(text("A diagram.")), user(text("ok"))))
+        self.assertEqual([b["model"] for b in vision.posts()], ["VISION"])
+        self.assertEqual([b["model"] for b in coder.posts()], ["CODER"])
+
 
 class VisionFailureTest(RouterTestCase):
     """A vision model that fails leaves the turn to the coder, with a marker saying why."""
@@ -1933,6 +2305,887 @@ class VisionFailureTest(RouterTestCase):
         self.assertEqual(upstream.posts()[0]["system"], cr.DESCRIBE_PROMPT)
         self.assertEqual(upstream.posts()[-1]["messages"], [user(text("look"), text(
             "<<IMAGE: could not be read by the vision model: image input is not supported>>"))])
+
+
+class TextOnlyTest(RouterTestCase):
+    """--vision-model none: no vision model, so images reach the coder as markers."""
+
+    def test_none_or_empty_means_text_only(self):
+        for value in ("none", "None", "", " "):
+            with self.subTest(value=value):
+                self.assertEqual(cr.parse_settings(["--vision-model", value], {}).vision_model, "")
+                self.assertEqual(cr.parse_settings(
+                    [], {"CLAUDE_ROUTER_VISION_MODEL": value}).vision_model, "")
+
+    def test_an_image_turn_goes_to_the_coder_with_the_marker_and_nothing_is_warned(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream, vision_model="")
+        lines = router.check_upstream()
+        self.assertEqual(lines, ["coder CODER (served by qwen2.5-coder-0.5b, the server's only "
+                                 "model): loaded, 32768-token context, text only"])
+        status, _, reply = self.post(request(user(text("what is this?"), image(PNG_A))))
+        self.assertEqual(status, 200, reply)
+        self.assertEqual([(b["model"], b["messages"]) for b in upstream.posts()], [
+            ("CODER", [user(text("what is this?"), text(cr.UNKNOWN_IMAGE_MARKER))])])
+        document = self.call("GET", "/status")[2]
+        self.assertEqual((document["vision"], document["startup"]["problems"]),
+                         ({"model": None}, []))
+        self.assertNotIn("!", cr.status_line(document))
+
+
+################ Handler
+
+class HandlerTest(RouterTestCase):
+    """The endpoints the router answers itself, and keep-alive."""
+
+    def test_probes_answer_200(self):
+        self.start()
+        for method, path in (("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello")):
+            with self.subTest(method=method, path=path):
+                self.assertEqual(self.call(method, path)[0], 200)
+
+    def test_models_fall_back_to_the_configured_two(self):
+        self.start()
+        status, _, reply = self.call("GET", "/v1/models")
+        self.assertEqual((status, [m["id"] for m in reply["data"]]), (200, ["CODER", "VISION"]))
+
+    def test_count_tokens_is_forwarded_when_the_upstream_counts(self):
+        upstream = FakeUpstream(self, count_tokens=(200, {"input_tokens": 42}))
+        self.start(upstream)
+        body = request(user(text("q"), image(PNG_A)), {"role": "system", "content": "s"},
+                       thinking={"type": "adaptive"})
+        status, _, reply = self.call("POST", "/v1/messages/count_tokens?beta=true", body)
+        self.assertEqual((status, reply), (200, {"input_tokens": 42}))
+        sent = upstream.posts("/v1/messages/count_tokens")[0]
+        self.assertEqual(sent, {"model": "CODER", "messages": [
+            user(reminder("s"), text("q"), text(cr.UNKNOWN_IMAGE_MARKER))]})
+
+    def test_count_tokens_is_estimated_when_the_upstream_cannot(self):
+        for count_tokens in ((200, {"error": "Unexpected endpoint or method."}), None):
+            with self.subTest(count_tokens=count_tokens):
+                upstream = FakeUpstream(self, count_tokens=count_tokens)
+                self.start(upstream)
+                body = request(user(text("q" * 3000)))
+                for _ in range(2):
+                    status, _, reply = self.call("POST", "/v1/messages/count_tokens", body)
+                    self.assertEqual(status, 200)
+                    self.assertGreater(reply["input_tokens"], 1000)
+                self.assertEqual(len(upstream.posts("/v1/messages/count_tokens")), 1)
+
+    def test_count_tokens_and_models_and_status(self):
+        upstream = FakeUpstream(self, listing={"object": "list", "data": [
+            {"id": "CODER", "meta": {"n_ctx": 8192}}, {"id": "VISION"}]})
+        self.start(upstream)
+        status, _, reply = self.call("GET", "/v1/models?limit=1000")
+        self.assertEqual([m["id"] for m in reply["data"]], ["CODER", "VISION"])
+        self.post(request(user(text("hi"))))
+        status, _, reply = self.call("GET", "/status")
+        self.assertEqual((reply["coder"]["context_length"], reply["requests"]), (8192, {"CODER": 1}))
+        sent = {"model": "CODER", "max_tokens": 32000, "messages": [user(text("hi"))]}
+        self.assertEqual(upstream.posts()[-1]["max_tokens"],
+                         8192 - cr.estimate_tokens(len(json.dumps(sent))))
+
+    def test_keep_alive_two_requests_one_connection(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("one"))])
+        self.start(upstream)
+        conn = self.connect()
+        self.post(request(user(text("a")), stream=True), conn=conn)
+        sock = conn.sock
+        status, _, reply = self.post(request(user(text("b"))), conn=conn)
+        self.assertEqual((status, conn.sock), (200, sock))
+
+    def test_pass_through_forwards_only_the_normalised_path(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        rows = [("/api/v0/../tags?name=a/../b", "/api/tags?name=a/../b"),
+                ("/v1/./x/%2e%2E/y/", "/v1/y/"), ("/v1//a///b", "/v1/a/b"),
+                ("/api/%7Euser/%41", "/api/~user/A")]
+        for path, forwarded in rows:
+            with self.subTest(path):
+                self.call("GET", path, headers={"Host": "localhost:1"})
+                method, seen, headers, _ = upstream.requests[-1]
+                self.assertEqual((method, seen), ("GET", forwarded))
+                self.assertEqual(headers["Host"], upstream.url[len("http://"):])
+        for path in ("/v1/../../etc/passwd", "/api/%2e%2e/status/x"):
+            with self.subTest(path):
+                count = len(upstream.requests)
+                status, _, reply = self.call("GET", path)
+                self.assertEnvelope(status, reply, 404, "not_found_error")
+                self.assertEqual(len(upstream.requests), count)
+
+
+class RequestFramingTest(RouterTestCase):
+    """Issue 11, section 1: every body is consumed or the connection closes; refusals arrive."""
+
+    def raw_socket(self):
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_a_get_whose_body_is_a_request_gets_one_response(self):
+        self.start(FakeUpstream(self))
+        smuggled = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock = self.raw_socket()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(smuggled), smuggled))
+        self.assertEqual(json.loads(read_response(sock)[2])["service"], "claude-router")
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _, body = read_response(sock)     # the models, not the smuggled /status
+        self.assertIn("data", json.loads(body))
+
+    def test_a_refusal_before_the_body_reaches_a_client_still_sending_it(self):
+        body = b"x" * (8 << 20)
+        rows = [("wrong token", {"token": "s3cret"}, b"x-api-key: wrong\r\n", 401),
+                ("foreign host", {}, b"Host: evil.example\r\n", 403),
+                ("over the limit", {"max_body_bytes": 1000}, b"", 413),
+                ("chunked", {}, b"Transfer-Encoding: chunked\r\n", 411)]
+        for name, settings, extra, expected in rows:
+            with self.subTest(name):
+                self.start(FakeUpstream(self), **settings)
+                sock = self.raw_socket()
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n"
+                             % (extra, len(body)) + body)
+                status, headers, reply = read_response(sock)
+                self.assertEnvelope(status, json.loads(reply), expected)
+                self.assertEqual(headers["connection"], "close")
+
+    def test_100_continue_comes_only_after_the_access_and_size_checks(self):
+        self.start(FakeUpstream(self), token="s3cret", max_body_bytes=100_000)
+        ok = json.dumps(request(user(text("hi")))).encode()
+        rows = [("wrong token", b"wrong", len(ok), 401), ("too big", b"s3cret", 200_000, 413)]
+        for name, token, length, expected in rows:
+            with self.subTest(name):
+                sock = self.raw_socket()
+                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: %s\r\nContent-Length: %d"
+                             b"\r\nExpect: 100-continue\r\n\r\n" % (token, length))
+                first = b""
+                while len(first) < 12:
+                    first += sock.recv(12 - len(first)) or b"(closed)"
+                self.assertEqual(first, b"HTTP/1.1 %d" % expected)    # no 100 Continue first
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: s3cret\r\nContent-Length: %d"
+                     b"\r\nExpect: 100-continue\r\n\r\n" % len(ok))
+        continued = b""
+        while not continued.endswith(b"\r\n\r\n"):      # before any byte of the body
+            continued += sock.recv(1)
+        self.assertEqual(continued, b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(ok)
+        self.assertEqual(read_response(sock)[0], 200)
+
+    def test_a_request_that_stalls_gets_408_and_an_idle_connection_does_not(self):
+        self.start(FakeUpstream(self))
+        self.router.request_timeout = 0.2
+        idle = self.raw_socket()
+        ok = json.dumps(request(user(text("hi")))).encode()
+        rows = [("headers", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"),
+                ("body", b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(ok), ok[:10])),
+                ("request line", b"POST /v1/mess")]
+        for name, data in rows:
+            with self.subTest(name):
+                sock = self.raw_socket()
+                sock.sendall(data)
+                status, headers, body = read_response(sock)
+                self.assertEnvelope(status, json.loads(body), 408)
+                self.assertEqual(headers["connection"], "close")
+        # idle has waited through three stalls, each longer than request_timeout
+        idle.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
+        self.assertEqual(read_response(idle)[0], 200)
+
+    def test_head_pass_through_has_no_body_and_keeps_the_upstreams_length(self):
+        self.start(FakeUpstream(self))
+        for path in (b"/v1/stream", b"/api/show"):
+            with self.subTest(path):
+                sock = self.raw_socket()
+                sock.sendall(b"HEAD %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
+                # One buffer for both responses, as they are pipelined: a "socket" whose
+                # makefile is always the same file.
+                fp = sock.makefile("rb")
+                shared = type("Shared", (), {"makefile": lambda self, mode: fp})()
+                resp = http.client.HTTPResponse(shared, method="HEAD")
+                resp.begin()
+                self.assertEqual((resp.status, resp.getheader("content-length")), (200, "1234"))
+                self.assertIsNone(resp.getheader("transfer-encoding"))
+                status, _, body = read_response(shared)     # the next starts right there
+                self.assertEqual((status, json.loads(body)["service"]), (200, "claude-router"))
+
+    def test_a_head_trickled_a_byte_at_a_time_gets_408_by_its_deadline(self):
+        # Each byte came before the stall timeout, so such a head held its thread for as long
+        # as the client liked (issue 14, section 4).
+        self.start(FakeUpstream(self))
+        self.router.request_timeout = 0.5
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        # select is the pace: a byte every 0.05 s until the router answers (or TIMEOUT).
+        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() - started < TIMEOUT:
+            sock.sendall(b"a")
+        status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 408)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(headers["connection"], "close")
+
+
+class BrokenHandler(cr.Handler):
+    """The router's Handler with two more routes, each failing the way a bug would."""
+
+    def fail(self):
+        raise KeyError("simulated bug")
+
+    def fail_mid_stream(self):
+        with cr.Relay.open(self, self.server.upstream_url, "POST", "/v1/messages", b"{}",
+                           {"Content-Type": "application/json"}) as relay:
+            relay.send(learn=lambda text: {}["simulated bug"])
+
+    routes = {**cr.Handler.routes, ("GET", "/fail"): fail,
+              ("GET", "/fail-mid-stream"): fail_mid_stream}
+
+
+class UnexpectedErrorTest(RouterTestCase):
+    """A bug in a route still gets an answer, one log entry, and a bounded record."""
+
+    def start_broken(self, upstream=None):
+        router = self.start(upstream)
+        router.RequestHandlerClass = BrokenHandler
+        self.addCleanup(router.errors.clear)    # runs before the no-errors check
+        return router
+
+    def get_until_closed(self, path):
+        """GET path on a raw socket; return (status, headers, body) once the router closed it,
+        which it does after its handle_error has run."""
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
+            status, headers, body = read_response(sock)
+            self.assertEqual(sock.recv(1), b"")
+        return status, headers, body
+
+    def test_an_exception_gets_a_500_envelope_and_the_connection_closes(self):
+        router = self.start_broken()
+        status, headers, body = self.get_until_closed(b"/fail")
+        self.assertEnvelope(status, json.loads(body), 500, "api_error")
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(headers["x-should-retry"], "false")    # a bug: retrying will not help
+        self.assertEqual(router.errors, ["KeyError: 'simulated bug'"])
+        entries = [l for l in self.log.lines() if l.startswith("! ")]
+        self.assertEqual(len(entries), 1, entries)
+        self.assertIn("KeyError", entries[0])
+        self.assertIn(", in fail\n", self.log.getvalue())    # the frame that raised
+
+    def test_the_record_of_exceptions_is_bounded(self):
+        router = self.start_broken()
+        for i in range(cr.ERRORS_KEPT * 3):
+            self.assertEqual(self.get_until_closed(b"/fail")[0], 500)
+        self.assertEqual(len(router.errors), cr.ERRORS_KEPT)
+
+    def test_an_exception_mid_stream_ends_the_stream_with_an_error_event(self):
+        events = text_events("answered, then a bug")
+        self.start_broken(FakeUpstream(self, [stream_reply(events)]))
+        status, headers, raw = self.get_until_closed(b"/fail-mid-stream")
+        self.assertEqual(status, 200)
+        self.assertTrue(raw.startswith(sse(*events)), raw)
+        name, data = cr.parse_sse_event(raw[len(sse(*events)):])
+        self.assertEqual((name, data["error"]["type"]), ("error", "api_error"))
+        self.assertEqual(len(self.router.errors), 1)
+
+
+################ Relay
+
+class StreamingTest(RouterTestCase):
+
+    def test_events_are_relayed_before_the_upstream_finishes(self):
+        gate = threading.Event()
+        events = text_events("streamed text")
+        upstream = FakeUpstream(self, [stream_reply(events, gate=gate, gate_after=1)])
+        self.start(upstream)
+        conn = self.connect()
+        conn.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.getheader("transfer-encoding"), "chunked")
+        first = sse(events[0])
+        got = b""
+        while len(got) < len(first):    # arrives while the upstream waits on the gate
+            got += resp.read1(65536)
+        self.assertEqual(got, first)
+        gate.set()
+        self.assertEqual(got + resp.read(), sse(*events))
+
+    def test_a_stream_that_closes_its_connection_is_relayed_whole(self):
+        # http.client drops its socket when the response will close the connection;
+        # waiting on the upstream must not depend on it (a 500 on every such stream).
+        def closing_reply(chunked):
+            def reply(handler):
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/event-stream")
+                handler.send_header("Connection", "close")
+                if chunked:
+                    handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for event in events:
+                    if chunked:
+                        write_chunk(handler, sse(event))
+                    else:
+                        handler.wfile.write(sse(event))
+                if chunked:
+                    handler.wfile.write(b"0\r\n\r\n")
+                handler.close_connection = True
+            return reply
+
+        events = text_events("closing")
+        for chunked in (True, False):
+            with self.subTest(chunked=chunked):
+                self.start(FakeUpstream(self, [closing_reply(chunked)]))
+                status, _, body = self.post(request(user(text("hi")), stream=True))
+                self.assertEqual((status, body), (200, sse(*events)))
+
+    def test_an_event_split_across_reads_is_held_back_until_complete(self):
+        gate = threading.Event()
+        events = text_events("split")
+        first, second = sse(events[0]), sse(events[1])
+
+        def reply(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            write_chunk(handler, first + second[:20])
+            gate.wait(TIMEOUT)
+            write_chunk(handler, second[20:])
+            handler.wfile.write(b"0\r\n\r\n")
+
+        self.start(FakeUpstream(self, [reply]))
+        conn = self.connect()
+        conn.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)))
+        resp = conn.getresponse()
+        got = b""
+        while len(got) < len(first):    # the whole first event, and nothing of the second
+            got += resp.read1(65536)
+        self.assertEqual(got, first)
+        gate.set()
+        self.assertEqual(got + resp.read(), first + second)
+
+    def test_http10_client_gets_raw_stream_and_close(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("old client"))])
+        self.start(upstream)
+        body = json.dumps(request(user(text("a")), stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as s:
+            s.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(payload, sse(*text_events("old client")))
+
+    def test_chunk_framing_is_exact(self):
+        events = text_events("framing")
+        upstream = FakeUpstream(self, [stream_reply(events)])
+        self.start(upstream)
+        body = json.dumps(request(user(text("a")), stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as s:
+            s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                      b"Connection: close\r\n\r\n%s" % (len(body), body))
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        payload = raw.partition(b"\r\n\r\n")[2]
+        self.assertEqual(payload, b"".join(cr.encode_chunk(sse(e)) for e in events) + b"0\r\n\r\n")
+
+class RelayFaultTest(RouterTestCase):
+    """A relayed response that breaks, stalls, or loses its client."""
+
+    def test_what_a_retry_cannot_fix_says_so_with_the_servers_words(self):
+        # Claude Code 2.1.332 retried a llama-server 500 ("image input is not supported")
+        # ten times over three minutes, and a 404 showed its own text, not the server's.
+        rows = [(400, {}, 400, "false"), (401, {}, 401, "false"), (404, {}, 502, "false"),
+                (413, {}, 413, "false"), (429, {"Retry-After": "3"}, 429, None),
+                (500, {}, 500, "false"), (503, {}, 503, None), (529, {}, 529, None)]
+        for status, headers, expected, should_retry in rows:
+            with self.subTest(status=status):
+                body = {"error": {"code": status, "message": "words of %d" % status}}
+                reply = lambda h, s=status, b=body, hs=headers: send_json(h, s, b, hs.items())
+                self.start(FakeUpstream(self, [reply]))
+                got, got_headers, answer = self.post(request(user(text("hi"))))
+                self.assertEnvelope(got, answer, expected)
+                self.assertEqual(answer["error"]["message"], "words of %d" % status)
+                self.assertEqual(got_headers["x-should-retry"], should_retry)
+                self.assertEqual(got_headers["retry-after"], headers.get("Retry-After"))
+
+    def test_upstream_stall_mid_stream_ends_with_an_error_event(self):
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+        events = text_events("never finished")
+        upstream = FakeUpstream(self, [stream_reply(events, stall=stall, gate_after=3)])
+        self.start(upstream, read_timeout=0.2)
+        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+        self.assertTrue(raw.startswith(sse(*events[:3])))
+        name, data = cr.parse_sse_event(raw[len(sse(*events[:3])):].strip())
+        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
+        # Python 3.9: socket.timeout is not TimeoutError, and a stall read as a break.
+        self.assertIn("stalled", data["error"]["message"])
+        self.assertEqual(len(self.router.vision.cache), 0)
+
+    def test_upstream_cut_mid_stream_ends_cleanly_and_caches_nothing(self):
+        events = text_events("half a description")
+        upstream = FakeUpstream(self, [stream_reply(events, cut_after=4)])
+        self.start(upstream)
+        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+        self.assertTrue(raw.startswith(sse(*events[:4])))
+        self.assertIn(b"event: error", raw[len(sse(*events[:4])):])
+        self.assertEqual(len(self.router.vision.cache), 0)
+        self.assertEqual(self.call("GET", "/")[0], 200)
+
+    def test_upstream_cut_inside_an_event_never_reaches_the_client_half_sent(self):
+        events = text_events("cut inside the second event")
+
+        def cut_inside(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            write_chunk(handler, sse(events[0]) + sse(events[1])[:30])
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+        rows = [("cut", cut_inside), ("ended", lambda handler: send_json(
+            handler, 200, {}, [("Content-Type", "text/event-stream")]))]
+        for name, reply in rows:
+            with self.subTest(name):
+                self.start(FakeUpstream(self, [reply]))
+                status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+                complete = sse(events[0]) if name == "cut" else b""
+                self.assertEqual(raw[:len(complete)], complete)
+                event_name, data = cr.parse_sse_event(raw[len(complete):])
+                self.assertEqual((event_name, data["error"]["type"]), ("error", "overloaded_error"))
+                self.assertEqual(raw.count(b"\n\n"), complete.count(b"\n\n") + 1)
+                self.assertEqual(len(self.router.vision.cache), 0)
+
+    def test_events_that_are_not_objects_do_not_tear_a_vision_stream(self):
+        events = [text_events("seen")[0], ("content_block_delta", "a string"),
+                  ("content_block_delta", [1]), ("content_block_delta", None),
+                  ("content_block_delta", {"type": "content_block_delta", "delta": [1]}),
+                  ("content_block_delta", {"type": "content_block_delta", "delta": "x"}),
+                  *text_events("seen")[1:]]
+        deep = b"event: content_block_delta\ndata: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
+
+        def reply_with_deep(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Content-Length", str(len(deep + sse(*events))))
+            handler.end_headers()
+            handler.wfile.write(deep + sse(*events))
+
+        upstream = FakeUpstream(self, [reply_with_deep])
+        self.start(upstream)
+        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
+        self.assertEqual((status, raw), (200, deep + sse(*events)))
+        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]), {key(PNG_A): "seen"})
+
+    def test_client_disconnect_closes_the_upstream(self):
+        gate = threading.Event()
+        upstream = FakeUpstream(self)
+        upstream.replies.append(stream_reply(text_events("long answer"), gate=gate, gate_after=1,
+                                             until_closed=upstream))
+        self.start(upstream)
+        sock = self.post_raw(request(user(text("go")), stream=True))
+        got = b""
+        while b"message_start" not in got:
+            got += sock.recv(65536)
+        sock.close()
+        gate.set()
+        self.assertTrue(upstream.closed.wait(TIMEOUT))
+        self.assertIn("client went away", self.log.getvalue())
+        self.assertNotIn("Traceback", self.log.getvalue())
+
+    def test_an_event_past_the_bound_ends_the_stream_instead_of_being_held(self):
+        # 4 MB without a blank line was held whole and scanned again on every read, and
+        # nothing reached the client; now the stream ends at MAX_EVENT_BYTES.
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = text_events("never")
+
+        def endless_event(handler):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            write_chunk(handler, sse(events[0]))
+            try:
+                for i in range(32):     # 2 MB, then the upstream waits with its stream open
+                    write_chunk(handler, (b"data: " if i == 0 else b"") + b"x" * 65536)
+                gate.wait(TIMEOUT)
+                for i in range(100):    # until the router closes the connection
+                    write_chunk(handler, b"x" * 65536)
+                handler.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                handler.close_connection = True
+                upstream.closed.set()
+
+        upstream = FakeUpstream(self, [endless_event])
+        self.start(upstream)
+        status, _, raw = self.post(request(user(text("hi")), stream=True))
+        gate.set()
+        self.assertEqual(status, 200)
+        self.assertTrue(raw.startswith(sse(events[0])))
+        name, data = cr.parse_sse_event(raw[len(sse(events[0])):].strip())
+        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
+        self.assertTrue(upstream.closed.wait(TIMEOUT))
+        self.assertIn("an event of over %d bytes" % cr.MAX_EVENT_BYTES, self.log.getvalue())
+
+    def test_sixty_four_concurrent_streams_arrive_intact(self):
+        def echo(handler, body):
+            word = body["messages"][-1]["content"][0]["text"]
+            stream_reply(text_events(word * 40) * 3)(handler)
+
+        upstream = FakeUpstream(self, default=echo)
+        self.start(upstream)
+        results = {}
+        start = threading.Barrier(64)
+
+        def client(i):
+            conn = http.client.HTTPConnection("127.0.0.1", self.router.server_port, timeout=TIMEOUT)
+            start.wait(TIMEOUT)
+            conn.request("POST", "/v1/messages", json.dumps(request(user(text("w%d." % i)),
+                                                                     stream=True)))
+            results[i] = conn.getresponse().read()
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        self.assertEqual(len(results), 64)
+        for i, raw in results.items():
+            self.assertEqual(raw, sse(*text_events("w%d." % i * 40) * 3))
+
+class OverflowTest(RouterTestCase):
+    """A prompt too long for the loaded context, in any server's words."""
+
+    def test_context_overflow_becomes_prompt_is_too_long(self):
+        llama = {"error": {"code": 400, "message": "request (80030 tokens) exceeds the available "
+                           "context size (32768 tokens), try increasing it",
+                           "type": "exceed_context_size_error"}}
+        upstream = FakeUpstream(self, [json_reply(llama, 400), json_reply({"error": "nope"}, 400)])
+        self.start(upstream)
+        status, _, reply = self.post(request(user(text("long")), stream=True))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(reply["error"]["message"], "prompt is too long: 80030 tokens > 32768 maximum")
+        status, _, reply = self.post(request(user(text("x"))))
+        self.assertEqual((status, reply), (400, cr.anthropic_error(400, "nope")))
+
+    def test_overflow_as_the_first_event_of_a_stream_becomes_prompt_is_too_long(self):
+        lmstudio = ("error", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
+            "when context the overflows. However, the model is loaded with context length of "
+            "only 32768 tokens, which is not enough."}})
+        other = ("error", {"type": "error", "error": {"type": "api_error", "message": "boom"}})
+        upstream = FakeUpstream(self, [stream_reply([lmstudio]), stream_reply([other])])
+        self.start(upstream)
+        status, _, reply = self.post(request(user(text("long")), stream=True))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(reply["error"]["message"], "prompt is too long: 40000 tokens > 32768 maximum")
+        status, _, raw = self.post(request(user(text("x")), stream=True))
+        self.assertEqual((status, raw), (200, sse(other)))
+
+    def test_overflow_as_http_500_becomes_prompt_is_too_long(self):
+        # LM Studio's Anthropic path answers some overflows with 500 api_error, which Claude
+        # Code retries for three minutes (wording: lmstudio-bug-tracker#2339).
+        lmstudio = {"type": "error", "error": {"type": "api_error",
+                                               "message": "Context size has been exceeded."}}
+        crash = {"type": "error", "error": {"type": "api_error", "message": "The model has "
+                                            "crashed without additional information."}}
+        upstream = FakeUpstream(self, [json_reply(lmstudio, 500), json_reply(crash, 500)])
+        self.start(upstream)
+        status, _, reply = self.post(request(user(text("long"))))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertTrue(reply["error"]["message"].startswith("prompt is too long: "), reply)
+        status, _, reply = self.post(request(user(text("x"))))
+        self.assertNotIn("prompt is too long", json.dumps(reply))
+
+    def test_overflow_event_split_across_reads_is_still_seen(self):
+        # http.client's read1 returns at most one chunk: the router saw only the start of
+        # LM Studio's opening error event and relayed it as a 200 stream. With CR line
+        # ends (valid SSE) it read the event as one line and missed it too.
+        event = sse(("error", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Trying to keep the first 40000 tokens "
+            "when context the overflows. However, the model is loaded with context length of "
+            "only 32768 tokens, which is not enough."}}))
+
+        def split(raw):
+            def reply(handler):
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/event-stream")
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                cuts = [0, raw.index(b"Trying"), len(raw) - 3, len(raw) - 1, len(raw)]
+                for start, end in zip(cuts, cuts[1:]):
+                    write_chunk(handler, raw[start:end])
+                handler.wfile.write(b"0\r\n\r\n")
+            return reply
+
+        for newline in (b"\n", b"\r\n", b"\r"):
+            with self.subTest(newline=newline):
+                self.start(FakeUpstream(self, [split(event.replace(b"\n", newline))]))
+                status, _, reply = self.post(request(user(text("long")), stream=True))
+                self.assertEnvelope(status, reply, 400, "invalid_request_error")
+                self.assertEqual(reply["error"]["message"],
+                                 "prompt is too long: 40000 tokens > 32768 maximum")
+
+    def test_vllm_max_model_len_clamps_max_tokens_and_its_refusal_is_no_overflow(self):
+        # vLLM refuses input plus max_tokens over --max-model-len with "'max_tokens' ... is
+        # too large" (up to v0.17). Read as an overflow, a 12k-token prompt at 32k context
+        # became "prompt is too long": Claude Code compacted, and the compaction failed the
+        # same way.
+        def vllm(handler, body):
+            tokens = len(json.dumps(body)) // 4     # fewer than the router's estimate
+            if tokens + body["max_tokens"] <= 32768:
+                return json_reply(message_json("fits"))(handler)
+            message = ("'max_tokens' or 'max_completion_tokens' is too large: %d. This model's "
+                       "maximum context length is 32768 tokens and your request has %d input "
+                       "tokens (%d > 32768 - %d)." % (body["max_tokens"], tokens,
+                                                      body["max_tokens"], tokens))
+            send_json(handler, 400, {"error": {"message": message, "type": "BadRequestError",
+                                               "param": None, "code": 400}})
+
+        listing = {"object": "list", "data": [{"id": "CODER", "object": "model",
+                                               "owned_by": "vllm", "max_model_len": 32768}]}
+        upstream = FakeUpstream(self, listing=listing, default=vllm)
+        self.start(upstream).known_models()
+        body = request(user(text("x " * 24000)))   # 12k tokens by the fake's count
+        status, _, reply = self.post(body)
+        self.assertEqual(status, 200, reply)
+        self.assertLessEqual(upstream.posts()[-1]["max_tokens"], 32768 - 12000)
+        # Where the context is not known, vLLM's refusal reaches Claude Code as it is.
+        self.start(FakeUpstream(self, default=vllm))
+        status, _, reply = self.post(body)
+        self.assertEqual(status, 400)
+        self.assertIn("is too large: 32000", reply["error"]["message"])
+        self.assertNotIn("prompt is too long", json.dumps(reply))
+
+
+################ Turn
+
+class RoutingTest(RouterTestCase):
+
+    def test_text_goes_to_the_coder_cleaned(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        status, _, reply = self.post(
+            request(user(text("hi")), {"role": "system", "content": "env"}, thinking={"type": "adaptive"}),
+            headers={"anthropic-beta": "claude-code-20250219", "x-api-key": "secret-key",
+                     "anthropic-version": "2023-06-01"})
+        self.assertEqual((status, reply["content"]), (200, [text("ok")]))
+        _, path, headers, body = upstream.requests[-1]
+        self.assertEqual(path, "/v1/messages")
+        self.assertEqual(body, {"model": "CODER", "max_tokens": 32000,
+                                "messages": [user(reminder("env"), text("hi"))]})
+        lower = {k.lower(): v for k, v in headers.items()}
+        self.assertNotIn("anthropic-beta", lower)
+        self.assertNotIn("x-api-key", lower)
+        self.assertEqual(lower["anthropic-version"], "2023-06-01")
+        self.assertIn("→ coder [CODER]", self.log.getvalue())
+
+    def test_two_assistant_messages_in_a_row_reach_the_upstream_folded(self):
+        # They were merged after folding, so Devstral's template met [text, tool_use, text,
+        # tool_use] (issue 14, section 2).
+        upstream = FakeUpstream(self, strict=True)
+        self.start(upstream)
+        second = {"type": "tool_use", "id": "t2", "name": "Grep", "input": {"pattern": "x"}}
+        history = [user(text("go")), assistant(text("first"), tool_use("t1")),
+                   assistant(text("second"), second),
+                   user(tool_result("t1", text("r1")), tool_result("t2", text("r2")))]
+        self.assertEqual(self.post(request(*history))[0], 200)
+        self.assertEqual(upstream.posts()[-1]["messages"], [
+            user(text("go")), assistant(text("first\n\nsecond"), tool_use("t1"), second),
+            user(tool_result("t1", text("r1")), tool_result("t2", text("r2")))])
+
+    def test_pasted_image_goes_to_vision_and_json_reply_becomes_its_description(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("A red square."))])
+        self.start(upstream)
+        first = request(user(text("what is this"), image(PNG_A)))
+        self.assertEqual(self.post(first)[0], 200)
+        self.assertEqual(upstream.posts()[-1]["model"], "VISION")
+        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("what is this"), image(PNG_A))])
+        second = request(*first["messages"], assistant(text("A red square.")), user(text("bigger?")))
+        self.post(second)
+        coder = upstream.posts()[-1]
+        self.assertEqual(coder["model"], "CODER")
+        self.assertEqual(coder["messages"][0], user(text("what is this"),
+                                                     text("<<IMAGE DESCRIPTION: A red square.>>")))
+        self.assertIn("→ vision [VISION]", self.log.getvalue())
+        self.assertIn("cached description for 1 image(s)", self.log.getvalue())
+
+    def test_tool_result_image_goes_to_vision_lifted_and_sse_reply_is_captured(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("A login form with an error."))])
+        self.start(upstream)
+        history = [user(text("check shot.png")), assistant(text("Reading."), tool_use("t1")),
+                   user(tool_result("t1", image(PNG_B)))]
+        status, _, raw = self.post(request(*history, stream=True))
+        self.assertEqual(raw, sse(*text_events("A login form with an error.")))
+        vision = upstream.posts()[-1]
+        self.assertEqual((vision["model"], vision["messages"][2:]), ("VISION", [
+            user(tool_result("t1", text(cr.LIFTED_IMAGE_TEXT))),
+            assistant(text(cr.SYNTHETIC_ASSISTANT_TEXT)),
+            user(image(PNG_B), text(cr.SYNTHETIC_USER_TEXT))]))
+        self.post(request(*history, assistant(text("A login form with an error.")),
+                          user(text("fix it")), stream=True))
+        coder = upstream.posts()[-1]
+        self.assertEqual(coder["model"], "CODER")
+        self.assertEqual(coder["messages"][2], user(tool_result("t1", text(
+            "<<IMAGE DESCRIPTION: A login form with an error.>>"))))
+
+    def test_same_image_after_a_restart_goes_to_the_coder(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("A cat."))])
+        first = self.start(upstream)
+        self.post(request(user(image(PNG_C))))
+        first.shutdown()
+        self.start(upstream)
+        self.post(request(user(text("again"), image(PNG_C))))
+        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
+                         text("<<IMAGE DESCRIPTION: A cat.>>"))
+
+    def test_routers_sharing_a_cache_dir_never_describe_an_image_twice(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("A cat."))])
+        first = self.start(upstream)
+        second = self.start(upstream)       # both running, both loaded an empty cache
+        self.post(request(user(image(PNG_C))), conn=self.connect(first))
+        self.post(request(user(text("again"), image(PNG_C))), conn=self.connect(second))
+        self.assertEqual([b["model"] for b in upstream.posts()], ["VISION", "CODER"])
+        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1],
+                         text("<<IMAGE DESCRIPTION: A cat.>>"))
+
+    def test_unknown_images_of_earlier_turns_become_markers(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        self.post(request(user(image(PNG_A)), assistant(text("?")), user(text("go on"))))
+        self.assertEqual(upstream.posts()[-1]["messages"][0],
+                         user(text(cr.UNKNOWN_IMAGE_MARKER)))
+
+    def test_vision_request_carries_descriptions_of_older_images(self):
+        upstream = FakeUpstream(self, [json_reply(message_json("old one")),
+                                       json_reply(message_json("new one"))])
+        self.start(upstream)
+        self.post(request(user(image(PNG_A))))
+        self.post(request(user(image(PNG_A)), assistant(text("old one")), user(image(PNG_B))))
+        vision = upstream.posts()[-1]
+        self.assertEqual(vision["model"], "VISION")
+        self.assertEqual(vision["messages"][0], user(text("<<IMAGE DESCRIPTION: old one>>")))
+        self.assertEqual(vision["messages"][2], user(image(PNG_B)))
+
+    def test_cut_vision_reply_stores_nothing(self):
+        upstream = FakeUpstream(self, [stream_reply(text_events("cut"), cut_after=3)])
+        self.start(upstream)
+        self.post(request(user(image(PNG_A)), stream=True))
+        self.assertEqual(len(self.router.vision.cache), 0)
+
+    def test_strict_backend_gets_only_what_it_accepts(self):
+        upstream = FakeUpstream(self, strict=True)
+        self.start(upstream)
+        body = request(
+            user(text("<system-reminder>r</system-reminder>"), text("read a.png")),
+            {"role": "system", "content": [{"type": "text", "text": "env",
+                                            "cache_control": {"type": "ephemeral"}}]},
+            assistant({"type": "thinking", "thinking": "t", "signature": ""}, text("ok"),
+                      tool_use("t1"), text("and"), tool_use("t2", "ToolSearch")),
+            user(tool_result("t1", image(PNG_A)),
+                 tool_result("t2", {"type": "tool_reference", "tool_name": "WebFetch"})),
+            {"role": "user", "content": "continue", "output_config": {"effort": "high"}},
+            system=[text("x-anthropic-billing-header: cc_version=1"), text("sys")],
+            thinking={"type": "adaptive"}, context_management={}, output_config={},
+            metadata={}, stream=False)
+        self.router.vision.cache.store({key(PNG_A): "a chart"}, "VISION")
+        status, _, reply = self.post(body)
+        self.assertEqual(status, 200, reply)
+
+
+class PrefixReplayTest(RouterTestCase):
+    """A growing Claude Code conversation, replayed turn by turn through the router."""
+
+    def test_each_coder_prompt_starts_with_the_last_one_byte_for_byte(self):
+        # Folding mid-session system messages into the top-level system made the server
+        # re-read two thirds of all prompt characters in an 8-step tool session (issue 10).
+        def reply(handler, body):
+            if body["model"] == "VISION" and PNG_C in json.dumps(body):
+                return json_reply({"error": "cannot read"}, 500)(handler)
+            json_reply(message_json("a chart" if body["model"] == "VISION" else "ok"))(handler)
+
+        upstream = FakeUpstream(self, default=reply)
+        self.start(upstream)
+        tools = [{"name": "Read", "description": "read", "input_schema": {"type": "object"},
+                  "cache_control": {"type": "ephemeral"}},
+                 {"name": "Bash", "description": "run", "input_schema": {}},
+                 {"name": "WebFetch", "input_schema": {}, "defer_loading": True}]
+
+        def system(suffix):
+            return [text("x-anthropic-billing-header: cc_version=2.1.332.%s;" % suffix),
+                    text("You are Claude Code."),
+                    text("<total_tokens>15000000 tokens left</total_tokens>")]
+
+        def countdown(n):
+            return system_message("<total_tokens>%d tokens left</total_tokens>" % n)
+
+        thinking = {"type": "thinking", "thinking": "hm", "signature": ""}
+        env = {"role": "system", "output_config": {"effort": "high"}, "content": [
+            {"type": "text", "text": "cwd: /p", "cache_control": {"type": "ephemeral"}}]}
+        first = [user(text("<system-reminder>attribution</system-reminder>"), text("read a.py")),
+                 env]
+        then = [
+            [assistant(thinking, text("Reading."), tool_use("t1")),
+             user(tool_result("t1", text("1\tprint()"))), countdown(14990000)],
+            [assistant(thinking, tool_use("t2")), user(tool_result("t2", image(PNG_A))),
+             countdown(14980000)],                                      # vision describes it
+            [assistant(text("It shows a chart.")), user(text("make it bigger"))],
+            [assistant(tool_use("t3")), user(tool_result("t3", image(PNG_C))),
+             countdown(14970000)],                                      # vision fails
+            [assistant(text("I could not see it.")), user(text("go on")),
+             system_message("## Exited Auto Mode")],
+            [user(text("and also this"))],                              # same user turn grows
+            [assistant(text("a"), tool_use("t4"), text("b"), tool_use("t5", "Bash")),
+             user(tool_result("t5", text("ok")), tool_result("t4", text("x"))),
+             countdown(14960000)],
+            "compaction",
+            [assistant(thinking, tool_use("t6")), user(tool_result("t6", text("y"))),
+             countdown(14950000)],
+            [assistant(text("done")), user(text("thanks"), image(PNG_B))],   # vision
+            [assistant(text("a chart")), user(text("bye"))],
+        ]
+        sent = [(first, "abc")]
+        history = [first[0], dict(env, content="cwd: /p")]     # later turns: a plain string
+        for step in then:
+            if step == "compaction":
+                history = [{"role": "user", "content": "Summary: a.py read."},
+                           system_message("Today's date is 2026-12-02."),
+                           assistant(text("Continuing.")), user(text("next")),
+                           system_message("cwd: /p")]
+            else:
+                history = history + step
+            sent.append((history, "def" if len(sent) > 8 else "abc"))
+        for i, (history, suffix) in enumerate(sent):
+            status, _, reply_body = self.post(request(*history, system=system(suffix), tools=tools,
+                                                      thinking={"type": "adaptive"},
+                                                      stream=i % 2 == 1))
+            self.assertIn(status, (200, 500), reply_body)
+        coder = [raw for path, raw in upstream.raw if json.loads(raw)["model"] == "CODER"]
+        self.assertEqual(len(coder), 10)     # the failed vision turn falls back to the coder
+        for previous, current in zip(coder, coder[1:]):
+            # Templates render system, tools, then messages: the body keeps that order,
+            # so a byte prefix of the body is a prefix of the prompt.
+            self.assertLess(current.index(b'"tools": ['), current.index(b'"messages": ['))
+            self.assertLess(current.index(b'"system": ['), current.index(b'"tools": ['))
+            last = json.loads(previous)["messages"][-1]
+            cut = previous.rindex(json.dumps(last).encode())
+            if b"Summary: a.py read." in current and b"Summary: a.py read." not in previous:
+                cut = previous.index(b'"messages": [') + len(b'"messages": [')
+            else:
+                grown = json.loads(current)["messages"][len(json.loads(previous)["messages"]) - 1]
+                self.assertEqual(grown["content"][:len(last["content"])], last["content"])
+            self.assertEqual(current[:cut], previous[:cut])
+        self.assertNotIn(b'"system"', b"".join(json.dumps(m["role"]).encode() for c in coder
+                                             for m in json.loads(c)["messages"]))
+
 
 TOOLS = [{"name": "Read", "description": "read a file", "input_schema": {"type": "object"}}]
 TITLE_SYSTEM = [text("You are naming a coding session. Return JSON with a single \"title\" field.")]
@@ -2185,1244 +3438,7 @@ class RequestClassTest(RouterTestCase):
         self.assertEqual(upstream.posts()[0]["model"], "CODER")
 
 
-class StreamingTest(RouterTestCase):
-
-    def test_events_are_relayed_before_the_upstream_finishes(self):
-        gate = threading.Event()
-        events = text_events("streamed text")
-        upstream = FakeUpstream(self, [stream_reply(events, gate=gate, gate_after=1)])
-        self.start(upstream)
-        conn = self.connect()
-        conn.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        self.assertEqual(resp.getheader("transfer-encoding"), "chunked")
-        first = sse(events[0])
-        got = b""
-        while len(got) < len(first):    # arrives while the upstream waits on the gate
-            got += resp.read1(65536)
-        self.assertEqual(got, first)
-        gate.set()
-        self.assertEqual(got + resp.read(), sse(*events))
-
-    def test_a_stream_that_closes_its_connection_is_relayed_whole(self):
-        # http.client drops its socket when the response will close the connection;
-        # waiting on the upstream must not depend on it (a 500 on every such stream).
-        def closing_reply(chunked):
-            def reply(handler):
-                handler.send_response(200)
-                handler.send_header("Content-Type", "text/event-stream")
-                handler.send_header("Connection", "close")
-                if chunked:
-                    handler.send_header("Transfer-Encoding", "chunked")
-                handler.end_headers()
-                for event in events:
-                    if chunked:
-                        write_chunk(handler, sse(event))
-                    else:
-                        handler.wfile.write(sse(event))
-                if chunked:
-                    handler.wfile.write(b"0\r\n\r\n")
-                handler.close_connection = True
-            return reply
-
-        events = text_events("closing")
-        for chunked in (True, False):
-            with self.subTest(chunked=chunked):
-                self.start(FakeUpstream(self, [closing_reply(chunked)]))
-                status, _, body = self.post(request(user(text("hi")), stream=True))
-                self.assertEqual((status, body), (200, sse(*events)))
-
-    def test_an_event_split_across_reads_is_held_back_until_complete(self):
-        gate = threading.Event()
-        events = text_events("split")
-        first, second = sse(events[0]), sse(events[1])
-
-        def reply(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
-            write_chunk(handler, first + second[:20])
-            gate.wait(TIMEOUT)
-            write_chunk(handler, second[20:])
-            handler.wfile.write(b"0\r\n\r\n")
-
-        self.start(FakeUpstream(self, [reply]))
-        conn = self.connect()
-        conn.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)))
-        resp = conn.getresponse()
-        got = b""
-        while len(got) < len(first):    # the whole first event, and nothing of the second
-            got += resp.read1(65536)
-        self.assertEqual(got, first)
-        gate.set()
-        self.assertEqual(got + resp.read(), first + second)
-
-    def test_keep_alive_two_requests_one_connection(self):
-        upstream = FakeUpstream(self, [stream_reply(text_events("one"))])
-        self.start(upstream)
-        conn = self.connect()
-        self.post(request(user(text("a")), stream=True), conn=conn)
-        sock = conn.sock
-        status, _, reply = self.post(request(user(text("b"))), conn=conn)
-        self.assertEqual((status, conn.sock), (200, sock))
-
-    def test_http10_client_gets_raw_stream_and_close(self):
-        upstream = FakeUpstream(self, [stream_reply(text_events("old client"))])
-        self.start(upstream)
-        body = json.dumps(request(user(text("a")), stream=True)).encode()
-        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as s:
-            s.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            raw = b""
-            while chunk := s.recv(65536):
-                raw += chunk
-        head, _, payload = raw.partition(b"\r\n\r\n")
-        self.assertNotIn(b"chunked", head.lower())
-        self.assertEqual(payload, sse(*text_events("old client")))
-
-    def test_chunk_framing_is_exact(self):
-        events = text_events("framing")
-        upstream = FakeUpstream(self, [stream_reply(events)])
-        self.start(upstream)
-        body = json.dumps(request(user(text("a")), stream=True)).encode()
-        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as s:
-            s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
-                      b"Connection: close\r\n\r\n%s" % (len(body), body))
-            raw = b""
-            while chunk := s.recv(65536):
-                raw += chunk
-        payload = raw.partition(b"\r\n\r\n")[2]
-        self.assertEqual(payload, b"".join(cr.encode_chunk(sse(e)) for e in events) + b"0\r\n\r\n")
-
-
-def malformed_requests():
-    """Return [(name, raw HTTP request bytes, status)]: hundreds of requests the router must
-    refuse, each with the status it must refuse them with (400 unless said)."""
-    rows = []
-
-    def raw(name, head, body=b"", status=400):
-        rows.append((name, head + b"\r\n" + body, status))
-
-    def post(name, body, path=b"/v1/messages?beta=true", extra=b"", status=400):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        raw(name, b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n%s" % (path, len(data), extra), data, status)
-
-    def message(content, role="user"):
-        return {"model": "m", "max_tokens": 10, "messages": [{"role": role, "content": content}]}
-
-    for i, data in enumerate([
-            b"", b"{", b"}", b"{'a': 1}", b'{"a":}', b"nul", b"tru", b'{"messages": [}',
-            b"\xff\xfe\x00", b"\x00" * 10, b'"unterminated', b'{"a":1,}', b"[1,2", b"NaN",
-            b'{"max_tokens": NaN, "messages": [{"role": "user", "content": "x"}]}',
-            b'{"x": Infinity}', b"-", b"1e", b'{"a" 1}', b"\xc3\x28", b"<html>",
-            b'{"max_tokens": 1' + b"0" * 5000 + b"}",
-            b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-            b'{"a": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_001]):
-        post("not json %d" % i, data)
-    for body in ([], 1, "s", None, True, 1.5, [{}]):
-        post("not an object %r" % (body,), body)
-    for messages in (None, "x", 5, {}, [], [1], ["x"], [None], [[]]):
-        post("messages %r" % (messages,), {"max_tokens": 5, "messages": messages})
-    for role in ("tool", "bot", None, 5, "USER", ""):
-        post("role %r" % (role,), message("hi", role))
-    post("role missing", {"messages": [{"content": "hi"}]})
-    for content in (5, None, {"a": 1}, True, 1.5):
-        post("content %r" % (content,), message(content))
-    bad_blocks = [
-        5, "str", None, [], {}, {"type": 5}, {"type": "text"}, {"type": "text", "text": 5},
-        {"type": "image"}, {"type": "image", "source": "x"}, {"type": "image", "source": {}},
-        {"type": "image", "source": {"type": "base64"}},
-        {"type": "image", "source": {"type": "base64", "data": 5}},
-        {"type": "image", "source": {"type": "base64", "data": ""}},
-        {"type": "image", "source": {"type": "url"}},
-        {"type": "image", "source": {"type": "file", "file_id": "f"}},
-        {"type": "tool_use", "name": "Read", "input": {}},
-        {"type": "tool_use", "id": "t", "input": {}},
-        {"type": "tool_use", "id": "t", "name": "Read", "input": []},
-        {"type": "tool_result", "content": "x"},
-        {"type": "tool_result", "tool_use_id": 5, "content": "x"},
-        {"type": "tool_result", "tool_use_id": "t", "content": 5},
-        {"type": "tool_result", "tool_use_id": "t", "content": [5]},
-        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]},
-        {"type": "tool_result", "tool_use_id": "t", "content": [
-            {"type": "tool_result", "tool_use_id": "u", "content": "x"}]},
-    ]
-    for i, block in enumerate(bad_blocks):
-        post("block %d" % i, message([block]))
-    for data in ("not base64!!", "abc", "a===", "====", "YWJj\n", "ab=c", "\u00e9\u00e9\u00e9\u00e9",
-                 "YW Jj"):
-        post("base64 %r" % data, message([text("look"), image(data)]))
-    post("base64 in tool_result", message([tool_result("t", image("%%%%"))]))
-    # Data beginning with http: skipped the base64 check and was spliced into the
-    # upstream body unescaped (issue 11, section 3).
-    for data in ('http:", "injected": true, "x": "', "http:\u00e9", "https://x/y.png"):
-        post("base64 %r" % data, message([image(data)]))
-    post("base64 in an earlier turn", {"model": "m", "max_tokens": 10, "messages": [
-        user(image("%%%%")), assistant(text("?")), user(text("go on"))]})
-    sources = [
-        {"type": "base64", "data": PNG_A}, {"type": "base64", "media_type": 5, "data": PNG_A},
-        {"type": "base64", "media_type": "", "data": PNG_A},
-        {"type": "bytes", "media_type": "image/png", "data": PNG_A}, {"type": None, "data": PNG_A},
-        {"type": "url", "url": 5}, {"type": "url", "url": ""},
-        {"type": "url", "url": "file:///etc/passwd"}, {"type": "url", "url": "javascript:alert(1)"},
-        {"type": "url", "url": "https://"}, {"type": "url", "url": "http://x/a b.png"},
-        {"type": "url", "url": "http://[x/"}, {"type": "url", "url": "//x/y.png"},
-        {"type": "url", "url": "http://x/y.png\n"}, {"type": "url", "url": "http://x:99999/"}]
-    for i, source in enumerate(sources):
-        post("image source %d" % i, message([{"type": "image", "source": source}]))
-    for system in (5, [5], [{"type": "text"}], {"a": 1}, [{"text": 5}]):
-        post("system %r" % (system,), {**message("hi"), "system": system})
-    for tools in (5, "x", [5], ["x"], {"a": 1}):
-        post("tools %r" % (tools,), {**message("hi"), "tools": tools})
-    for max_tokens in (0, -1, "100", 1.5, True, None):
-        post("max_tokens %r" % (max_tokens,), {**message("hi"), "max_tokens": max_tokens})
-    for stream in ("yes", 1, None):
-        post("stream %r" % (stream,), {**message("hi"), "stream": stream})
-    for model in (5, [], {}):
-        post("model %r" % (model,), {**message("hi"), "model": model})
-    # Issue 14, section 2: a field's type is checked before anything uses it (a list or
-    # an object as a role was a 500), on both endpoints that read messages.
-    deep = 900      # under the JSON parser's limit, so it parsed, then a 500 on 3.9-3.11
-    typed = [("role list", {"messages": [{"role": ["user"], "content": "hi"}]}),
-             ("role object", {"messages": [{"role": {"a": 1}, "content": "hi"}]}),
-             ("message list", {"messages": [["user", "hi"]]}),
-             ("type list", message([{"type": ["text"], "text": "x"}])),
-             ("thinking without text", message([{"type": "thinking"}], "assistant")),
-             ("thinking number", message([{"type": "thinking", "thinking": 5}], "assistant")),
-             ("redacted_thinking without data", message([{"type": "redacted_thinking"}],
-                                                        "assistant")),
-             ("tool_reference without name", message([{"type": "tool_reference"}])),
-             ("tool_reference name list", message([{"type": "tool_reference", "tool_name": []}])),
-             ("system block not text", {**message("hi"), "system": [{"type": "image", "text": "x"}]}),
-             ("tool name", {**message("hi"), "tools": [{"name": 5, "input_schema": {}}]}),
-             ("tool schema", {**message("hi"), "tools": [{"name": "x", "input_schema": 5}]}),
-             ("tool description", {**message("hi"), "tools": [
-                 {"name": "x", "description": [], "input_schema": {}}]}),
-             ("tool_choice string", {**message("hi"), "tool_choice": "auto"}),
-             ("tool_choice type", {**message("hi"), "tool_choice": {"type": 5}}),
-             ("tool_choice tool without name", {**message("hi"), "tool_choice": {"type": "tool"}}),
-             ("temperature", {**message("hi"), "temperature": "hot"}),
-             ("top_p", {**message("hi"), "top_p": [1]}),
-             ("top_k", {**message("hi"), "top_k": 1.5}),
-             ("stop_sequences string", {**message("hi"), "stop_sequences": "END"}),
-             ("stop_sequences number", {**message("hi"), "stop_sequences": [5]}),
-             # everything cleans away: never messages: [] upstream
-             ("empty string", message("")), ("empty list", message([])),
-             ("only thinking", message([{"type": "thinking", "thinking": "x", "signature": "s"}],
-                                       "assistant")),
-             ("only an empty system message", message("", "system")),
-             ("only empty messages", {"messages": [{"role": "user", "content": ""},
-                                                   {"role": "assistant", "content": []},
-                                                   {"role": "system", "content": [text("")]}]})]
-    for name, body in typed:
-        post("typed: %s" % name, body)
-        post("typed, count_tokens: %s" % name, body, path=b"/v1/messages/count_tokens")
-    # Numbers beyond double range were sent upstream as Infinity; integers beyond 64 bits
-    # are no number a model server reads either.
-    for name, data in [("1e400", b"1e400"), ("-1e400", b"-1e400"), ("max_tokens 1e400", None),
-                       ("2**64", b"18446744073709551616"), ("-2**70", b"-%d" % 2 ** 70)]:
-        number = data or b"1e400"
-        field = b"max_tokens" if data is None else b"temperature"
-        for place, body in [("field", b'{"%s": %s, "messages": [{"role": "user", "content": "x"}]}'
-                             % (field, number)),
-                            ("tool input", b'{"messages": [{"role": "assistant", "content": [{"type": '
-                             b'"tool_use", "id": "t", "name": "n", "input": {"a": [%s]}}]}]}' % number)]:
-            post("number %s in %s" % (name, place), body)
-            post("number %s in %s, count_tokens" % (name, place), body,
-                 path=b"/v1/messages/count_tokens")
-    # Nesting: a body nested just under the parser's limit parsed, then failed in json.dumps.
-    nest = b"[" * deep + b"]" * deep
-    for place, body in [("tool input", b'{"messages": [{"role": "assistant", "content": [{"type": '
-                         b'"tool_use", "id": "t", "name": "n", "input": {"a": %s}}]}]}' % nest),
-                        ("text block", b'{"messages": [{"role": "user", "content": [{"type": "text", '
-                         b'"text": "x", "extra": %s}]}]}' % nest),
-                        ("tool schema", b'{"messages": [{"role": "user", "content": "x"}], "tools": '
-                         b'[{"name": "n", "input_schema": {"a": %s}}]}' % nest),
-                        ("dropped field", b'{"messages": [{"role": "user", "content": "x"}], '
-                         b'"metadata": %s}' % nest)]:
-        post("nested %d deep in %s" % (deep, place), body)
-        post("nested %d deep in %s, count_tokens" % (deep, place), body,
-             path=b"/v1/messages/count_tokens")
-    post("count_tokens not json", b"{", path=b"/v1/messages/count_tokens")
-    post("count_tokens no messages", {"model": "m"}, path=b"/v1/messages/count_tokens")
-    post("unknown path", {"a": 1}, path=b"/v2/messages", status=404)
-    post("root post", {"a": 1}, path=b"/", status=404)
-    ok = json.dumps(message("hi")).encode()
-    raw("no content-length", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n", status=411)
-    for length in (b"abc", b"-5", b"1e3", b" ", b"0x10"):
-        raw("content-length %r" % length, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Length: %s\r\n" % length, ok)
-    raw("chunked body", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
-        b"chunked\r\n", b"%X\r\n%s\r\n0\r\n\r\n" % (len(ok), ok), 411)
-    raw("over the size limit", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        b"Content-Length: %d\r\n" % (cr.MAX_BODY_BYTES + 1), status=413)
-    for method in (b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO", b"BREW"):
-        raw("method %s" % method.decode(), b"%s /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Length: 0\r\n" % method, status=405)
-    for path in (b"/nope", b"/v2/x", b"/status/x", b"/%00"):
-        raw("get %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path, status=404)
-    raw("garbage request line", b"GARBAGE\r\n")
-    raw("too many words", b"GET / HTTP/1.1 extra\r\n")
-    raw("bad version", b"GET / HTTP/x.y\r\n")
-    raw("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n", status=414)
-    raw("header too long", b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n", status=431)
-    raw("too many headers", b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)),
-        status=431)
-    # Issue 11, section 1: one rule per class of HTTP defect.
-    head = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"    # a 404, if answered
-    for method in (b"GET", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO"):
-        raw("%s with a request as its body" % method.decode(),
-            b"%s /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
-            % (method, len(smuggled)), smuggled, 404 if method == b"GET" else 405)
-    for length in (b"\xb2", b"1\xb2", b"\xd9\xa1", b"+5", b"5, 5", b"5 5", b"\x005"):
-        raw("content-length %r" % length, head + b"Content-Length: %s\r\n" % length, ok)
-    raw("content-length of 5000 digits", head + b"Content-Length: 1%s\r\n" % (b"0" * 5000), ok,
-        413)
-    raw("two content-lengths", head + b"Content-Length: %d\r\nContent-Length: %d\r\n"
-        % (len(ok), len(ok) + 1), ok)
-    for coding in (b"gzip", b"chunked, identity", b" chunked", b"identity"):
-        raw("transfer-encoding %r with content-length" % coding,
-            head + b"Transfer-Encoding: %s\r\nContent-Length: %d\r\n" % (coding, len(ok)), ok, 411)
-    raw("over the size limit, with body bytes", head + b"Content-Length: %d\r\n"
-        % (cr.MAX_BODY_BYTES + 1), ok * 100, 413)
-    for name, line in [("obs-fold", b"X-A: a\r\n b\r\n"), ("obs-fold by tab", b"X-A: a\r\n\tb\r\n"),
-                       ("NUL in a value", b"X-A: a\x00b\r\n"), ("bare CR in a value", b"X-A: a\rb\r\n"),
-                       ("bare CR then a header", b"X-A: a\rContent-Length: 1\r\n"),
-                       ("DEL in a value", b"X-A: a\x7fb\r\n"), ("ESC in a value", b"X-A: \x1b[2J\r\n"),
-                       ("space before the colon", b"X-A : b\r\n"), ("no colon", b"X-A b\r\n"),
-                       ("empty name", b": b\r\n"), ("NUL in a name", b"X\x00A: b\r\n"),
-                       ("leading space", b" X-A: b\r\n"), ("two Host headers", b"Host: evil.example\r\n")]:
-        raw("header: %s" % name, head + line + b"Content-Length: %d\r\n" % len(ok), ok)
-    for name, line in [("NUL in the path", b"GET /v1/\x00 HTTP/1.1"), ("NUL in the method", b"G\x00T / HTTP/1.1"),
-                       ("NUL in the version", b"GET / HTTP/1.1\x00"), ("ESC in the path", b"GET /\x1b HTTP/1.1"),
-                       ("absolute-form", b"GET http://127.0.0.1/v1/models HTTP/1.1"),
-                       ("absolute-form elsewhere", b"GET http://evil.example/api/tags HTTP/1.1"),
-                       ("authority-form", b"CONNECT 127.0.0.1:80 HTTP/1.1"),
-                       ("asterisk-form", b"OPTIONS * HTTP/1.1"), ("bad escape", b"GET /v1/%zz HTTP/1.1"),
-                       ("backslash", b"GET /v1\\..\\x HTTP/1.1"), ("encoded slash", b"GET /v1/..%2F..%2Fx HTTP/1.1"),
-                       ("encoded backslash", b"GET /v1/..%5c..%5cx HTTP/1.1"), ("fragment", b"GET /v1/x#y HTTP/1.1"),
-                       ("tabs", b"GET\t/\tHTTP/1.1"), ("two spaces", b"GET  / HTTP/1.1"),
-                       ("lower-case version", b"GET / http/1.1"), ("HTTP/2", b"GET / HTTP/2.0"),
-                       ("HTTP/0.9", b"GET /")]:
-        raw("request line: %s" % name, line + b"\r\nHost: 127.0.0.1\r\n")
-    for path in (b"/v1/../nope", b"/v1/%2e%2e/nope", b"/api/../../etc/passwd", b"/v1/./../x",
-                 b"/api/%2E%2e/%2e%2E/x", b"//nope", b"/v1/x/../../../nope"):
-        raw("path %r" % path, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % path, status=404)
-    return rows
-
-
-def read_response(sock):
-    """Read one HTTP response from sock; return (status, headers, body)."""
-    resp = http.client.HTTPResponse(sock)
-    resp.begin()
-    return resp.status, resp.headers, resp.read()
-
-
-class MalformedInputTest(RouterTestCase):
-
-    def assertRefused(self, rows):
-        """Send each (name, request, status) row on a connection of its own (request: raw HTTP
-        bytes, or a body to POST to /v1/messages): each gets its status in Anthropic's envelope,
-        a connection left open still serves a valid request, the router answers the next
-        client and logs no error, and nothing refused reaches the model server."""
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        followed = 0
-        valid = json.dumps(request(user(text("still there?")))).encode()
-        for name, data, expected in rows:
-            if not isinstance(data, bytes):
-                data = json.dumps(data).encode()
-                data = b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n" \
-                       b"\r\n%s" % (len(data), data)
-            with self.subTest(name), socket.create_connection(
-                    ("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
-                sock.sendall(data)
-                status, headers, body = read_response(sock)
-                self.assertEqual(status, expected, body[:200])
-                reply = json.loads(body)
-                self.assertEqual(reply["type"], "error")
-                self.assertEqual(reply["error"]["type"], cr.error_type(status))
-                if headers.get("connection", "").lower() != "close":
-                    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(valid), valid))
-                    self.assertEqual(read_response(sock)[0], 200)
-                    followed += 1
-            self.assertEqual(self.call("GET", "/")[0], 200)
-        self.assertEqual(self.router.errors, [])
-        # Nothing refused reached the model server: only the valid requests (and the
-        # router's own look at the model list) did.
-        self.assertEqual([(m, p) for m, p, _, _ in upstream.requests if not p.endswith("/models")],
-                         [("POST", "/v1/messages")] * followed)
-        return upstream
-
-    def test_every_malformed_request_gets_its_4xx_envelope_and_the_router_lives_on(self):
-        rows = malformed_requests()
-        self.assertGreaterEqual(len(rows), 100)
-        self.assertRefused(rows)
-
-    def test_image_data_is_checked_in_every_turn_before_it_is_spliced(self):
-        # Base64 data beginning with http: skipped the check and was spliced unescaped,
-        # so a client could add fields the upstream parsed; non-ASCII data after http:
-        # got no answer at all (issue 11, section 3).
-        upstream = self.assertRefused([
-            ("injection", request(user(text("look"), image('http:", "injected": true, "x": "'))),
-             400),
-            ("non-ascii", request(user(image("http:\u00e9"))), 400),
-            ("earlier turn", request(user(image("not base64!")), assistant(text("?")),
-                                     user(text("go on"))), 400),
-            ("tool_result", request(user(text("q")), assistant(tool_use("t1")),
-                                    user(tool_result("t1", image("https://x/y.png")))), 400)])
-        url = {"type": "image", "source": {"type": "url", "url": 'https://x/"a",%20"b":1.png'}}
-        status, _, reply = self.post(request(user(text("see"), url)))
-        self.assertEqual(status, 200, reply)
-        self.assertEqual(upstream.posts()[-1]["messages"], [user(text("see"), url)])
-
-    def test_body_shorter_than_its_content_length(self):
-        self.start(FakeUpstream(self))
-        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"a\"")
-            sock.shutdown(socket.SHUT_WR)
-            status, headers, body = read_response(sock)
-        self.assertEnvelope(status, json.loads(body), 400, "invalid_request_error")
-
-    def test_oversized_body_is_refused_before_it_is_read(self):
-        self.start(FakeUpstream(self), max_body_bytes=1000)
-        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 100)
-            status, headers, body = read_response(sock)
-        self.assertEnvelope(status, json.loads(body), 413, "request_too_large")
-        self.assertEqual(headers["connection"], "close")
-
-    def test_gigantic_strings_pass(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        status, _, _ = self.post(request(user(text("x" * 5_000_000))))
-        self.assertEqual(status, 200)
-        self.assertEqual(len(upstream.posts()[-1]["messages"][0]["content"][0]["text"]), 5_000_000)
-
-
-class RequestFramingTest(RouterTestCase):
-    """Issue 11, section 1: every body is consumed or the connection closes; refusals arrive."""
-
-    def raw_socket(self):
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        self.addCleanup(sock.close)
-        return sock
-
-    def test_a_get_whose_body_is_a_request_gets_one_response(self):
-        self.start(FakeUpstream(self))
-        smuggled = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        sock = self.raw_socket()
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(smuggled), smuggled))
-        self.assertEqual(json.loads(read_response(sock)[2])["service"], "claude-router")
-        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        status, _, body = read_response(sock)     # the models, not the smuggled /status
-        self.assertIn("data", json.loads(body))
-
-    def test_a_refusal_before_the_body_reaches_a_client_still_sending_it(self):
-        body = b"x" * (8 << 20)
-        rows = [("wrong token", {"token": "s3cret"}, b"x-api-key: wrong\r\n", 401),
-                ("foreign host", {}, b"Host: evil.example\r\n", 403),
-                ("over the limit", {"max_body_bytes": 1000}, b"", 413),
-                ("chunked", {}, b"Transfer-Encoding: chunked\r\n", 411)]
-        for name, settings, extra, expected in rows:
-            with self.subTest(name):
-                self.start(FakeUpstream(self), **settings)
-                sock = self.raw_socket()
-                sock.sendall(b"POST /v1/messages HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n"
-                             % (extra, len(body)) + body)
-                status, headers, reply = read_response(sock)
-                self.assertEnvelope(status, json.loads(reply), expected)
-                self.assertEqual(headers["connection"], "close")
-
-    def test_100_continue_comes_only_after_the_access_and_size_checks(self):
-        self.start(FakeUpstream(self), token="s3cret", max_body_bytes=100_000)
-        ok = json.dumps(request(user(text("hi")))).encode()
-        rows = [("wrong token", b"wrong", len(ok), 401), ("too big", b"s3cret", 200_000, 413)]
-        for name, token, length, expected in rows:
-            with self.subTest(name):
-                sock = self.raw_socket()
-                sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: %s\r\nContent-Length: %d"
-                             b"\r\nExpect: 100-continue\r\n\r\n" % (token, length))
-                first = b""
-                while len(first) < 12:
-                    first += sock.recv(12 - len(first)) or b"(closed)"
-                self.assertEqual(first, b"HTTP/1.1 %d" % expected)    # no 100 Continue first
-        sock = self.raw_socket()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: s3cret\r\nContent-Length: %d"
-                     b"\r\nExpect: 100-continue\r\n\r\n" % len(ok))
-        continued = b""
-        while not continued.endswith(b"\r\n\r\n"):      # before any byte of the body
-            continued += sock.recv(1)
-        self.assertEqual(continued, b"HTTP/1.1 100 Continue\r\n\r\n")
-        sock.sendall(ok)
-        self.assertEqual(read_response(sock)[0], 200)
-
-    def test_a_request_that_stalls_gets_408_and_an_idle_connection_does_not(self):
-        self.start(FakeUpstream(self))
-        self.router.request_timeout = 0.2
-        idle = self.raw_socket()
-        ok = json.dumps(request(user(text("hi")))).encode()
-        rows = [("headers", b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"),
-                ("body", b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
-                 % (len(ok), ok[:10])),
-                ("request line", b"POST /v1/mess")]
-        for name, data in rows:
-            with self.subTest(name):
-                sock = self.raw_socket()
-                sock.sendall(data)
-                status, headers, body = read_response(sock)
-                self.assertEnvelope(status, json.loads(body), 408)
-                self.assertEqual(headers["connection"], "close")
-        # idle has waited through three stalls, each longer than request_timeout
-        idle.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(ok), ok))
-        self.assertEqual(read_response(idle)[0], 200)
-
-    def test_pass_through_forwards_only_the_normalised_path(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        rows = [("/api/v0/../tags?name=a/../b", "/api/tags?name=a/../b"),
-                ("/v1/./x/%2e%2E/y/", "/v1/y/"), ("/v1//a///b", "/v1/a/b"),
-                ("/api/%7Euser/%41", "/api/~user/A")]
-        for path, forwarded in rows:
-            with self.subTest(path):
-                self.call("GET", path, headers={"Host": "localhost:1"})
-                method, seen, headers, _ = upstream.requests[-1]
-                self.assertEqual((method, seen), ("GET", forwarded))
-                self.assertEqual(headers["Host"], upstream.url[len("http://"):])
-        for path in ("/v1/../../etc/passwd", "/api/%2e%2e/status/x"):
-            with self.subTest(path):
-                count = len(upstream.requests)
-                status, _, reply = self.call("GET", path)
-                self.assertEnvelope(status, reply, 404, "not_found_error")
-                self.assertEqual(len(upstream.requests), count)
-
-    def test_head_pass_through_has_no_body_and_keeps_the_upstreams_length(self):
-        self.start(FakeUpstream(self))
-        for path in (b"/v1/stream", b"/api/show"):
-            with self.subTest(path):
-                sock = self.raw_socket()
-                sock.sendall(b"HEAD %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
-                # One buffer for both responses, as they are pipelined: a "socket" whose
-                # makefile is always the same file.
-                fp = sock.makefile("rb")
-                shared = type("Shared", (), {"makefile": lambda self, mode: fp})()
-                resp = http.client.HTTPResponse(shared, method="HEAD")
-                resp.begin()
-                self.assertEqual((resp.status, resp.getheader("content-length")), (200, "1234"))
-                self.assertIsNone(resp.getheader("transfer-encoding"))
-                status, _, body = read_response(shared)     # the next starts right there
-                self.assertEqual((status, json.loads(body)["service"]), (200, "claude-router"))
-
-    def test_interim_upstream_responses_are_skipped(self):
-        def interim(handler):
-            handler.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
-                                b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
-            send_json(handler, 200, message_json("after the hints"))
-
-        self.start(FakeUpstream(self, [interim]))
-        status, headers, reply = self.post(request(user(text("hi"))))
-        self.assertEqual((status, reply), (200, message_json("after the hints")))
-        self.assertIsNone(headers["link"])
-        self.assertEqual(self.call("GET", "/")[0], 200)
-
-    def test_a_head_trickled_a_byte_at_a_time_gets_408_by_its_deadline(self):
-        # Each byte came before the stall timeout, so such a head held its thread for as long
-        # as the client liked (issue 14, section 4).
-        self.start(FakeUpstream(self))
-        self.router.request_timeout = 0.5
-        sock = self.raw_socket()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nX-Slow: ")
-        started = time.monotonic()
-        # select is the pace: a byte every 0.05 s until the router answers (or TIMEOUT).
-        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() - started < TIMEOUT:
-            sock.sendall(b"a")
-        status, headers, body = read_response(sock)
-        self.assertEnvelope(status, json.loads(body), 408)
-        self.assertLess(time.monotonic() - started, 2.0)
-        self.assertEqual(headers["connection"], "close")
-
-
-class FaultTest(RouterTestCase):
-
-    def test_upstream_down_is_529_naming_it(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        router = self.start("http://127.0.0.1:%d" % port)
-        status, _, reply = self.post(request(user(text("hi"))))
-        self.assertEnvelope(status, reply, 529, "overloaded_error")
-        self.assertIn("127.0.0.1:%d" % port, reply["error"]["message"])
-        self.assertEqual(router.status()["last_upstream_error"]["message"], reply["error"]["message"])
-
-    def test_upstream_that_never_accepts_is_529_within_the_connect_timeout(self):
-        # A LAN box asleep drops SYNs; so does Linux when a listen queue is full
-        # (tcp_conn_request), which listen(0) and one waiting connection make happen.
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        waiting = socket.create_connection(("127.0.0.1", port), TIMEOUT)
-        self.addCleanup(waiting.close)
-        self.start("http://127.0.0.1:%d" % port, connect_timeout=0.2, read_timeout=TIMEOUT * 4)
-        status, _, reply = self.post(request(user(text("hi"))))
-        self.assertEnvelope(status, reply, 529, "overloaded_error")
-        self.assertIn("127.0.0.1:%d is not reachable" % port, reply["error"]["message"])
-
-    def test_what_a_retry_cannot_fix_says_so_with_the_servers_words(self):
-        # Claude Code 2.1.332 retried a llama-server 500 ("image input is not supported")
-        # ten times over three minutes, and a 404 showed its own text, not the server's.
-        rows = [(400, {}, 400, "false"), (401, {}, 401, "false"), (404, {}, 502, "false"),
-                (413, {}, 413, "false"), (429, {"Retry-After": "3"}, 429, None),
-                (500, {}, 500, "false"), (503, {}, 503, None), (529, {}, 529, None)]
-        for status, headers, expected, should_retry in rows:
-            with self.subTest(status=status):
-                body = {"error": {"code": status, "message": "words of %d" % status}}
-                reply = lambda h, s=status, b=body, hs=headers: send_json(h, s, b, hs.items())
-                self.start(FakeUpstream(self, [reply]))
-                got, got_headers, answer = self.post(request(user(text("hi"))))
-                self.assertEnvelope(got, answer, expected)
-                self.assertEqual(answer["error"]["message"], "words of %d" % status)
-                self.assertEqual(got_headers["x-should-retry"], should_retry)
-                self.assertEqual(got_headers["retry-after"], headers.get("Retry-After"))
-
-    def test_routers_own_refusals_say_whether_to_retry(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            down = "http://127.0.0.1:%d" % s.getsockname()[1]
-        self.start(down, token="t")
-        rows = [({"x-api-key": "t"}, 529, None), ({"x-api-key": "wrong"}, 401, "false")]
-        for headers, expected, should_retry in rows:
-            with self.subTest(expected=expected):
-                status, got_headers, reply = self.post(request(user(text("hi"))), headers=headers)
-                self.assertEnvelope(status, reply, expected)
-                self.assertEqual(got_headers["x-should-retry"], should_retry)
-
-    def test_upstream_silent_before_headers_is_504(self):
-        hang = threading.Event()
-        self.addCleanup(hang.set)
-        upstream = FakeUpstream(self, [lambda handler: hang.wait(TIMEOUT)])
-        self.start(upstream, read_timeout=0.2)
-        status, _, reply = self.post(request(user(text("hi"))))
-        self.assertEnvelope(status, reply, 504, "timeout_error")
-
-    def test_upstream_stall_mid_stream_ends_with_an_error_event(self):
-        stall = threading.Event()
-        self.addCleanup(stall.set)
-        events = text_events("never finished")
-        upstream = FakeUpstream(self, [stream_reply(events, stall=stall, gate_after=3)])
-        self.start(upstream, read_timeout=0.2)
-        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
-        self.assertTrue(raw.startswith(sse(*events[:3])))
-        name, data = cr.parse_sse_event(raw[len(sse(*events[:3])):].strip())
-        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
-        # Python 3.9: socket.timeout is not TimeoutError, and a stall read as a break.
-        self.assertIn("stalled", data["error"]["message"])
-        self.assertEqual(len(self.router.vision.cache), 0)
-
-    def test_an_event_past_the_bound_ends_the_stream_instead_of_being_held(self):
-        # 4 MB without a blank line was held whole and scanned again on every read, and
-        # nothing reached the client; now the stream ends at MAX_EVENT_BYTES.
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        events = text_events("never")
-
-        def endless_event(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
-            write_chunk(handler, sse(events[0]))
-            try:
-                for i in range(32):     # 2 MB, then the upstream waits with its stream open
-                    write_chunk(handler, (b"data: " if i == 0 else b"") + b"x" * 65536)
-                gate.wait(TIMEOUT)
-                for i in range(100):    # until the router closes the connection
-                    write_chunk(handler, b"x" * 65536)
-                handler.wfile.write(b"0\r\n\r\n")
-            except OSError:
-                handler.close_connection = True
-                upstream.closed.set()
-
-        upstream = FakeUpstream(self, [endless_event])
-        self.start(upstream)
-        status, _, raw = self.post(request(user(text("hi")), stream=True))
-        gate.set()
-        self.assertEqual(status, 200)
-        self.assertTrue(raw.startswith(sse(events[0])))
-        name, data = cr.parse_sse_event(raw[len(sse(events[0])):].strip())
-        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"))
-        self.assertTrue(upstream.closed.wait(TIMEOUT))
-        self.assertIn("an event of over %d bytes" % cr.MAX_EVENT_BYTES, self.log.getvalue())
-
-    def test_upstream_cut_mid_stream_ends_cleanly_and_caches_nothing(self):
-        events = text_events("half a description")
-        upstream = FakeUpstream(self, [stream_reply(events, cut_after=4)])
-        self.start(upstream)
-        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
-        self.assertTrue(raw.startswith(sse(*events[:4])))
-        self.assertIn(b"event: error", raw[len(sse(*events[:4])):])
-        self.assertEqual(len(self.router.vision.cache), 0)
-        self.assertEqual(self.call("GET", "/")[0], 200)
-
-    def test_upstream_cut_inside_an_event_never_reaches_the_client_half_sent(self):
-        events = text_events("cut inside the second event")
-
-        def cut_inside(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
-            write_chunk(handler, sse(events[0]) + sse(events[1])[:30])
-            handler.close_connection = True
-            handler.connection.shutdown(socket.SHUT_RDWR)
-
-        rows = [("cut", cut_inside), ("ended", lambda handler: send_json(
-            handler, 200, {}, [("Content-Type", "text/event-stream")]))]
-        for name, reply in rows:
-            with self.subTest(name):
-                self.start(FakeUpstream(self, [reply]))
-                status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
-                complete = sse(events[0]) if name == "cut" else b""
-                self.assertEqual(raw[:len(complete)], complete)
-                event_name, data = cr.parse_sse_event(raw[len(complete):])
-                self.assertEqual((event_name, data["error"]["type"]), ("error", "overloaded_error"))
-                self.assertEqual(raw.count(b"\n\n"), complete.count(b"\n\n") + 1)
-                self.assertEqual(len(self.router.vision.cache), 0)
-
-    def test_events_that_are_not_objects_do_not_tear_a_vision_stream(self):
-        events = [text_events("seen")[0], ("content_block_delta", "a string"),
-                  ("content_block_delta", [1]), ("content_block_delta", None),
-                  ("content_block_delta", {"type": "content_block_delta", "delta": [1]}),
-                  ("content_block_delta", {"type": "content_block_delta", "delta": "x"}),
-                  *text_events("seen")[1:]]
-        deep = b"event: content_block_delta\ndata: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
-
-        def reply_with_deep(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Content-Length", str(len(deep + sse(*events))))
-            handler.end_headers()
-            handler.wfile.write(deep + sse(*events))
-
-        upstream = FakeUpstream(self, [reply_with_deep])
-        self.start(upstream)
-        status, _, raw = self.post(request(user(text("look"), image(PNG_A)), stream=True))
-        self.assertEqual((status, raw), (200, deep + sse(*events)))
-        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]), {key(PNG_A): "seen"})
-
-    def test_client_disconnect_closes_the_upstream(self):
-        gate = threading.Event()
-        upstream = FakeUpstream(self)
-        upstream.replies.append(stream_reply(text_events("long answer"), gate=gate, gate_after=1,
-                                             until_closed=upstream))
-        self.start(upstream)
-        sock = self.post_raw(request(user(text("go")), stream=True))
-        got = b""
-        while b"message_start" not in got:
-            got += sock.recv(65536)
-        sock.close()
-        gate.set()
-        self.assertTrue(upstream.closed.wait(TIMEOUT))
-        self.assertIn("client went away", self.log.getvalue())
-        self.assertNotIn("Traceback", self.log.getvalue())
-
-    def test_client_hanging_up_while_the_model_is_silent_closes_the_upstream(self):
-        # Esc in Claude Code while a local model reads a long prompt: the router must
-        # give up the upstream request then, not at the model's next write (or, for a
-        # non-streamed request, after its whole answer).
-        def silent(stream, phase, arrived, closed):
-            def reply(handler):
-                if phase != "before headers":
-                    handler.send_response(200)
-                    handler.send_header("Content-Type", "text/event-stream")
-                    handler.send_header("Transfer-Encoding", "chunked")
-                    handler.end_headers()
-                if phase == "after the first event":
-                    write_chunk(handler, sse(text_events("x")[0]))
-                arrived.set()
-                handler.close_connection = True
-                if sees_close(handler.connection):
-                    closed.set()
-            return reply
-
-        for stream, phase in ((False, "before headers"), (True, "before headers"),
-                              (True, "after headers"), (True, "after the first event")):
-            with self.subTest(stream=stream, phase=phase):
-                arrived, closed = threading.Event(), threading.Event()
-                upstream = FakeUpstream(self, [silent(stream, phase, arrived, closed)])
-                self.start(upstream)
-                sock = self.post_raw(request(user(text("go")), stream=stream))
-                self.assertTrue(arrived.wait(TIMEOUT))
-                got = b""
-                while phase == "after the first event" and b"message_start" not in got:
-                    got += sock.recv(65536)     # the client has it: it was relayed
-                sock.close()
-                self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
-                said = [l for l in self.log.lines() if l.startswith("client went away")][-1]
-                # What it had of the answer: 'silent' only when it had nothing (issue 16).
-                self.assertEqual(said, "client went away %s; closed the upstream request" % (
-                    "after %d B of the answer was relayed" % len(sse(text_events("x")[0]))
-                    if phase == "after the first event"
-                    else "while the model was silent"))
-
-    def test_sixty_four_concurrent_streams_arrive_intact(self):
-        def echo(handler, body):
-            word = body["messages"][-1]["content"][0]["text"]
-            stream_reply(text_events(word * 40) * 3)(handler)
-
-        upstream = FakeUpstream(self, default=echo)
-        self.start(upstream)
-        results = {}
-        start = threading.Barrier(64)
-
-        def client(i):
-            conn = http.client.HTTPConnection("127.0.0.1", self.router.server_port, timeout=TIMEOUT)
-            start.wait(TIMEOUT)
-            conn.request("POST", "/v1/messages", json.dumps(request(user(text("w%d." % i)),
-                                                                     stream=True)))
-            results[i] = conn.getresponse().read()
-            conn.close()
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT * 2)
-        self.assertEqual(len(results), 64)
-        for i, raw in results.items():
-            self.assertEqual(raw, sse(*text_events("w%d." % i * 40) * 3))
-
-
-def raw_reply(head, body=b""):
-    """A reply written as raw bytes: a status line and header lines as given, then body."""
-    def reply(handler):
-        handler.close_connection = True
-        handler.wfile.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                            % (head, len(body), body))
-    return reply
-
-
-ESCAPES = "\x1b]52;c;aGk=\x07\x1b[2J\x9b1m\x00\x7f"     # the clipboard, a cleared screen, C1, NUL, DEL
-
-
-def has_controls(data):
-    """True when data (bytes or text) holds a control character other than CR, LF and tab."""
-    text = data.decode("latin-1") if isinstance(data, bytes) else data
-    return any(ord(c) < 32 and c not in "\r\n\t" or 127 <= ord(c) < 160 for c in text)
-
-
-class UpstreamTrustTest(RouterTestCase):
-    """Issue 14, section 3: what a model server sends is input too."""
-
-    def test_model_listings_of_wrong_types_are_read_for_what_they_say(self):
-        # A string context_length or a list key stopped the router at startup.
-        listings = [
-            ("lmstudio", {"models": [
-                {"key": ["a"]}, {"key": 5}, {"key": "m1", "capabilities": {"vision": "yes"},
-                                             "loaded_instances": [{"id": ["x"], "config": {
-                                                 "context_length": "32768"}}]},
-                {"key": "m2", "loaded_instances": [{"config": []}, 5]},
-                {"key": "m3", "loaded_instances": "all"}, {"key": "m4", "capabilities": []}]}),
-            ("openai", {"data": [{"id": ["x"]}, {"id": "d1", "owned_by": ["llamacpp"],
-                                                 "meta": {"n_ctx": "4096"}},
-                                 {"id": "d2", "meta": [], "max_model_len": 1.5,
-                                  "architecture": {"input_modalities": "image"}}],
-                        "models": [{"model": ["d1"], "capabilities": ["multimodal"]},
-                                   {"model": "d2", "capabilities": "vision"}]}),
-            ("not lists", {"models": {"a": 1}, "data": "x"})]
-        for name, listing in listings:
-            with self.subTest(name):
-                router = self.start(FakeUpstream(self, listing=listing))
-                lines = router.check_upstream()
-                self.assertTrue(all(isinstance(line, str) for line in lines), lines)
-                self.assertEqual(self.call("GET", "/status")[0], 200)
-                self.assertEqual(self.post(request(user(text("hi"))))[0], 200)
-                for info in (router.models or {}).values():
-                    self.assertIn(type(info["context_length"]), (int, type(None)))
-                    self.assertIn(info["vision"], (True, False, None))
-
-    def test_response_headers_with_control_characters_are_not_relayed(self):
-        # Claude Code's Node runtime refuses a response with such a header, and retries it
-        # as a connection error.
-        bad = [b"X-Esc: a\x1b[2Jb", b"X-Nul: a\x00b", b"X-Del: a\x7fb", b"X-Fold: a\r\n b",
-               b"X-Cr: a\rb"]
-        body = json.dumps(message_json("ok")).encode()
-        rows = [("a reply", b"200 OK\r\nContent-Type: application/json\r\nX-Good: fine", 200),
-                ("an error", b"429 Too Many\r\nContent-Type: application/json\r\n"
-                             b"Retry-After: 3\x1b[2J\r\nX-Good: fine", 429)]
-        for name, head, status in rows:
-            with self.subTest(name):
-                self.start(FakeUpstream(self, [raw_reply(b"\r\n".join([head] + bad), body)]))
-                sock = self.post_raw(request(user(text("hi"))))
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += sock.recv(65536)
-                head_out = data.split(b"\r\n\r\n")[0]
-                self.assertIn(b"HTTP/1.1 %d" % status, head_out)
-                self.assertFalse(has_controls(head_out), head_out)
-                self.assertNotIn(b"X-Esc", head_out)
-                self.assertNotIn(b"X-Fold", head_out)
-                self.assertEqual(b"X-Good: fine" in head_out, status == 200)
-
-    def test_what_an_upstream_says_is_escaped_before_a_terminal_shows_it(self):
-        # A model id can carry escape sequences that clear the screen or write the clipboard.
-        bad_id = "qwen" + ESCAPES
-        listing = {"data": [{"id": bad_id, "owned_by": "llamacpp", "meta": {"n_ctx": 4096}}]}
-        error = {"error": {"message": "no" + ESCAPES}}
-        upstream = FakeUpstream(self, [json_reply(error, 400)], listing=listing)
-        router = self.start(upstream)
-        lines = router.check_upstream()
-        status, _, reply = self.post(request(user(text("hi"))))
-        self.assertEqual(status, 400)
-        _, _, raw_status = self.call("GET", "/status", headers={"Accept": "text/plain"})
-        shown = [*lines, reply["error"]["message"], self.log.getvalue(),
-                 json.dumps(raw_status, ensure_ascii=False), cr.status_line(raw_status)]
-        for text_shown in shown:
-            self.assertFalse(has_controls(text_shown), text_shown)
-        self.assertIn("qwen\\x1b]52;c;aGk=\\x07", cr.status_line(raw_status))
-        self.assertIn("no\\x1b]52", raw_status["last_upstream_error"]["message"])
-
-    def test_overflow_is_read_in_the_servers_own_message_not_in_an_echo(self):
-        # A refusal that echoes the conversation back was taken for an overflow whenever
-        # the conversation mentioned one, and Claude Code compacted for nothing.
-        said = "we talked about 'prompt is too long: 5 tokens > 4' yesterday"
-        rows = [("json", json_reply({"error": {"message": "tools.0: unknown field",
-                                               "request": {"messages": [user(text(said))]}}}, 400),
-                 "tools.0: unknown field"),
-                ("pydantic detail", json_reply({"object": "error", "message": "invalid request",
-                                                "detail": [{"input": said}]}, 400),
-                 "invalid request")]
-        for name, reply, message in rows:
-            with self.subTest(name):
-                self.start(FakeUpstream(self, [reply]))
-                status, _, answer = self.post(request(user(text(said))))
-                self.assertEnvelope(status, answer, 400)
-                self.assertEqual(answer["error"]["message"], message)
-        opening = ("error", {"type": "error", "error": {"type": "invalid_request_error",
-                                                        "message": "bad tool"}, "echo": said})
-        self.start(FakeUpstream(self, [stream_reply([opening])]))
-        status, _, answer = self.post(request(user(text(said)), stream=True))
-        self.assertEqual(status, 200, answer)      # the stream as the server sent it
-        self.assertIn(b'"message": "bad tool"', answer)
-
-    def test_a_describe_reply_that_is_no_object_fails_with_a_reason(self):
-        # Every retry was a 500: the reply was read as a dict.
-        for name, reply in [("list", json_reply([1, 2])), ("string", json_reply("a cat")),
-                            ("not json", raw_reply(b"200 OK\r\nContent-Type: application/json",
-                                                   b"<html>")),
-                            ("content not a list", json_reply({"content": "a cat"}))]:
-            with self.subTest(name):
-                vision = FakeUpstream(self, [reply])
-                coder = FakeUpstream(self)
-                self.start(coder, vision_mode="describe", vision_upstream_url=vision.url)
-                status, _, _ = self.post(request(user(text("look"), image(PNG_C))))
-                self.assertEqual(status, 200)
-                content = coder.posts()[-1]["messages"][0]["content"]
-                self.assertTrue(content[1]["text"].startswith(
-                    "<<IMAGE: could not be read by the vision model: "), content)
-                error = self.call("GET", "/status")[2]["last_upstream_error"]
-                self.assertIsNotNone(error)
-                self.assertIn(content[1]["text"][49:-2], error["message"])
-
-    def test_an_unreadable_cache_line_is_skipped_with_a_warning(self):
-        # A line nested past the parser's limit stopped the router at startup.
-        cr.DescriptionCache(self.cache_dir).store({"k1": "one"}, "V")
-        with open(os.path.join(self.cache_dir, cr.CACHE_FILE), "ab") as f:
-            f.write(b'{"hash": ' + b"[" * 100_000 + b"]" * 100_000 + b', "description": "x"}\n')
-            f.write(b'[' * 100_000 + b"\n" + b'{"hash": "k2", "description": "two"}\n')
-        router = self.start(FakeUpstream(self))
-        self.assertEqual(len(router.vision.cache), 2)
-        self.assertIn("skipped 2 unreadable line(s)", self.log.getvalue())
-
-
-class BrokenHandler(cr.Handler):
-    """The router's Handler with two more routes, each failing the way a bug would."""
-
-    def fail(self):
-        raise KeyError("simulated bug")
-
-    def fail_mid_stream(self):
-        with cr.Relay.open(self, self.server.upstream_url, "POST", "/v1/messages", b"{}",
-                           {"Content-Type": "application/json"}) as relay:
-            relay.send(learn=lambda text: {}["simulated bug"])
-
-    routes = {**cr.Handler.routes, ("GET", "/fail"): fail,
-              ("GET", "/fail-mid-stream"): fail_mid_stream}
-
-
-class UnexpectedErrorTest(RouterTestCase):
-    """A bug in a route still gets an answer, one log entry, and a bounded record."""
-
-    def start_broken(self, upstream=None):
-        router = self.start(upstream)
-        router.RequestHandlerClass = BrokenHandler
-        self.addCleanup(router.errors.clear)    # runs before the no-errors check
-        return router
-
-    def get_until_closed(self, path):
-        """GET path on a raw socket; return (status, headers, body) once the router closed it,
-        which it does after its handle_error has run."""
-        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
-            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
-            status, headers, body = read_response(sock)
-            self.assertEqual(sock.recv(1), b"")
-        return status, headers, body
-
-    def test_an_exception_gets_a_500_envelope_and_the_connection_closes(self):
-        router = self.start_broken()
-        status, headers, body = self.get_until_closed(b"/fail")
-        self.assertEnvelope(status, json.loads(body), 500, "api_error")
-        self.assertEqual(headers["connection"], "close")
-        self.assertEqual(headers["x-should-retry"], "false")    # a bug: retrying will not help
-        self.assertEqual(router.errors, ["KeyError: 'simulated bug'"])
-        entries = [l for l in self.log.lines() if l.startswith("! ")]
-        self.assertEqual(len(entries), 1, entries)
-        self.assertIn("KeyError", entries[0])
-        self.assertIn(", in fail\n", self.log.getvalue())    # the frame that raised
-
-    def test_the_record_of_exceptions_is_bounded(self):
-        router = self.start_broken()
-        for i in range(cr.ERRORS_KEPT * 3):
-            self.assertEqual(self.get_until_closed(b"/fail")[0], 500)
-        self.assertEqual(len(router.errors), cr.ERRORS_KEPT)
-
-    def test_an_exception_mid_stream_ends_the_stream_with_an_error_event(self):
-        events = text_events("answered, then a bug")
-        self.start_broken(FakeUpstream(self, [stream_reply(events)]))
-        status, headers, raw = self.get_until_closed(b"/fail-mid-stream")
-        self.assertEqual(status, 200)
-        self.assertTrue(raw.startswith(sse(*events)), raw)
-        name, data = cr.parse_sse_event(raw[len(sse(*events)):])
-        self.assertEqual((name, data["error"]["type"]), ("error", "api_error"))
-        self.assertEqual(len(self.router.errors), 1)
-
-
-class AccessTest(RouterTestCase):
-
-    def test_token_is_required_and_never_forwarded_or_logged(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream, token="s3cret-token")
-        body = request(user(text("hi")))
-        rows = [({}, 401), ({"x-api-key": "wrong"}, 401), ({"Authorization": "Bearer nope"}, 401),
-                ({"x-api-key": "s3cret-token"}, 200),
-                ({"Authorization": "Bearer s3cret-token"}, 200)]
-        for headers, expected in rows:
-            with self.subTest(headers=headers):
-                status, _, reply = self.post(body, headers=headers)
-                self.assertEqual(status, expected)
-                if expected == 401:
-                    self.assertEnvelope(status, reply, 401, "authentication_error")
-        self.assertEqual(len(upstream.posts()), 2)
-        for _, _, headers, _ in upstream.requests:
-            self.assertNotIn("s3cret-token", json.dumps(headers))
-        self.assertNotIn("s3cret-token", self.log.getvalue())
-
-    def test_upstream_key_goes_on_every_upstream_request_and_is_never_shown(self):
-        upstream = FakeUpstream(self, listing={"models": [
-            {"key": "CODER", "loaded_instances": []},
-            {"key": "VISION", "capabilities": {"vision": True}, "loaded_instances": [{}]}]},
-            count_tokens=(200, {"input_tokens": 7}),
-            default=lambda handler, body: json_reply(message_json("Shows A."))(handler))
-        upstream.key = "up-k3y-9"
-        self.start(upstream, token="client-token", upstream_key="up-k3y-9", vision_mode="describe")
-        client = {"x-api-key": "client-token"}
-        self.router.check_upstream(preload=True)
-        rows = [("POST", "/v1/messages", request(user(text("look"), image(PNG_A)))),
-                ("POST", "/v1/messages/count_tokens", request(user(text("q")))),
-                ("GET", "/v1/models", None), ("GET", "/api/v1/models", None)]
-        for method, path, body in rows:
-            with self.subTest(path=path):
-                status, _, reply = self.call(method, path, body, headers=client)
-                self.assertEqual(status, 200, reply)
-        seen = {(m, p) for m, p, _, _ in upstream.requests}
-        self.assertTrue({("GET", "/api/v1/models"), ("POST", "/api/v1/models/load"),
-                         ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")} <= seen)
-        for method, path, headers, _ in upstream.requests:
-            self.assertEqual(headers.get("Authorization"), "Bearer up-k3y-9", (method, path))
-            self.assertNotIn("client-token", json.dumps(headers))
-        shown = [self.log.getvalue(), json.dumps(self.call("GET", "/status", headers=client)[2]),
-                 cr.build_parser({"CLAUDE_ROUTER_UPSTREAM_KEY": "up-k3y-9"}).format_help()]
-        for text_ in shown:
-            self.assertNotIn("up-k3y-9", text_)
-
-    def test_a_server_that_wants_a_key_is_said_at_startup(self):
-        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
-        upstream.key = "k"
-        for key, said in (("", "needs a key (--upstream-key or CLAUDE_ROUTER_UPSTREAM_KEY)"),
-                          ("wrong", "needs another key (--upstream-key)")):
-            with self.subTest(key=key):
-                lines = self.start(upstream, upstream_key=key).check_upstream()
-                self.assertEqual(lines, ["! upstream %s refused the model list: it %s"
-                                         % (upstream.url, said)])
-
-    def test_foreign_host_and_origin_are_refused(self):
-        self.start(FakeUpstream(self))
-        rows = [({"Host": "evil.example:3000"}, 403), ({"Host": "localhost:3000"}, 200),
-                ({"Host": "[::1]:3000"}, 200), ({"Origin": "http://evil.example"}, 403),
-                ({"Origin": "http://127.0.0.1:3000"}, 200), ({"Origin": "null"}, 403)]
-        for headers, expected in rows:
-            with self.subTest(headers=headers):
-                status, _, reply = self.post(request(user(text("hi"))), headers=headers)
-                self.assertEqual(status, expected, reply)
-
-    def test_with_a_token_lan_clients_may_name_the_machine_as_they_like(self):
-        self.start(FakeUpstream(self), token="s3cret")
-        rows = [({"Host": "192.168.1.20:3000", "x-api-key": "s3cret"}, 200),
-                ({"Host": "[fe80::1]:3000", "Authorization": "Bearer s3cret"}, 200),
-                ({"Host": "studio.local:3000", "x-api-key": "s3cret"}, 200),
-                ({"Host": "192.168.1.20:3000"}, 401), ({"Host": "192.168.1.20:3000",
-                                                       "x-api-key": "s3cret\u00e9"}, 401)]
-        for headers, expected in rows:
-            with self.subTest(headers=headers):
-                status, _, reply = self.post(request(user(text("hi"))), headers=headers)
-                self.assertEqual(status, expected, reply)
-
-    def test_logs_hold_no_bodies_images_or_keys_and_escape_client_strings(self):
-        self.start(FakeUpstream(self, [json_reply(message_json("A chart."))]), verbose=True)
-        self.post(request(user(text("my secret prompt"), image(PNG_B))),
-                  headers={"x-api-key": "sk-ant-key-123"})
-        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
-            sock.sendall(b"GET /\x1b[31mred HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            read_response(sock)
-        log = self.log.getvalue()
-        for secret in ("my secret prompt", PNG_B[:20], "sk-ant-key-123", "A chart.", "\x1b"):
-            self.assertNotIn(secret, log)
-        self.assertIn("\\x1b[31mred", log)
-
-
-class VisionModeTest(RouterTestCase):
-
-    def describer(self, vision):
-        """A vision server that describes each image by the first letters of its data."""
-        def describe(handler, body):
-            images = [b for b in body["messages"][-1]["content"] if b["type"] == "image"]
-            reply = "Shows %s." % base64.b64decode(images[0]["source"]["data"])[8:11].decode()
-            json_reply(message_json(reply))(handler)
-        return FakeUpstream(self, default=describe)
-
-    def test_a_client_hanging_up_during_a_describe_closes_the_describe_request(self):
-        # A describe request was sent without watching the client: after Esc, the vision
-        # model went on describing for nobody, and the claim held the next turn back.
-        arrived, closed = threading.Event(), threading.Event()
-
-        def silent(handler):
-            arrived.set()
-            handler.close_connection = True
-            if sees_close(handler.connection):
-                closed.set()
-
-        upstream = FakeUpstream(self, [silent, json_reply(message_json("A red square.")),
-                                       json_reply(message_json("Done."))])
-        router = self.start(upstream, vision_mode="describe")
-        sock = self.post_raw(request(user(text("look"), image(PNG_A))))
-        self.assertTrue(arrived.wait(TIMEOUT))
-        sock.close()
-        self.assertTrue(closed.wait(TIMEOUT), "the describe request stayed open")
-        self.assertIn("client went away", self.log.getvalue())
-        # Neither a failure nor a claim is left: the retry describes the image.
-        status, _, reply = self.post(request(user(text("look"), image(PNG_A))))
-        self.assertEqual((status, reply["content"]), (200, [text("Done.")]))
-        self.assertEqual(upstream.posts()[-1]["messages"], [user(
-            text("look"), text("<<IMAGE DESCRIPTION: A red square.>>"))])
-        self.assertEqual(router.vision.failures, {})
-
-    def test_describe_mode_asks_per_image_then_the_coder_answers(self):
-        vision = self.describer(self)
-        coder = FakeUpstream(self, [stream_reply(text_events("Fixed."))])
-        self.start(coder, vision_mode="describe", vision_upstream_url=vision.url)
-        history = [user(text("compare"), image(PNG_A), text("and"), image(PNG_B))]
-        status, _, raw = self.post(request(*history, stream=True, tools=[
-            {"name": "Read", "input_schema": {}}], system="You are Claude Code. " * 200))
-        self.assertEqual(raw, sse(*text_events("Fixed.")))
-        asked = vision.posts()
-        self.assertEqual(len(asked), 2)
-        for body in asked:
-            self.assertEqual((body["model"], body["system"], "tools" in body),
-                             ("VISION", cr.DESCRIBE_PROMPT, False))
-            self.assertEqual(sum(b["type"] == "image" for b in body["messages"][0]["content"]), 1)
-            self.assertLess(len(json.dumps(body)), 2000)
-        sent = coder.posts()[-1]
-        self.assertEqual(sent["model"], "CODER")
-        self.assertEqual(sent["messages"], [user(
-            text("compare"), text("<<IMAGE DESCRIPTION: Shows AAA.>>"), text("and"),
-            text("<<IMAGE DESCRIPTION: Shows BBB.>>"))])
-        status = self.router.status()
-        self.assertEqual((status["vision_calls"], status["images_described"]), ({"describe": 2}, 2))
-        self.assertEqual(status["routes"], {"coder": 1, "vision": 0, "describe": 2})
-        self.assertEqual(status["model_switches"], 0)
-
-    def test_answer_mode_fallback_describes_after_the_response_and_once(self):
-        # The describe fallback ran before the response ended, so the client waited as long
-        # as the vision model took; and a turn could ask for the same image again (issue 10).
-        describing, gate = threading.Event(), threading.Event()
-        self.addCleanup(gate.set)
-
-        def describe(handler, body):
-            describing.set()
-            gate.wait(TIMEOUT)
-            json_reply(message_json("Shows CCC."))(handler)
-
-        vision = FakeUpstream(self, [stream_reply(tool_call_events())], default=describe)
-        coder = FakeUpstream(self)
-        self.start(coder, vision_upstream_url=vision.url)
-        history = [user(text("what is on screen"), image(PNG_C))]
-        status, _, raw = self.post(request(*history, stream=True))     # the describe is held
-        self.assertEqual(raw, sse(*tool_call_events()))
-        self.assertTrue(describing.wait(TIMEOUT))
-        waiting = self.log.when("waiting for the description of 1 image(s)")
-        answers = []
-        later = request(*history, assistant(tool_use("t9")), user(tool_result("t9", text("a"))))
-        thread = threading.Thread(target=lambda: answers.append(self.post(later)))
-        thread.start()
-        self.assertTrue(waiting.wait(TIMEOUT))
-        gate.set()
-        thread.join(TIMEOUT)
-        self.assertEqual(answers[0][0], 200)
-        self.assertEqual(coder.posts()[-1]["messages"][0]["content"][1],
-                         text("<<IMAGE DESCRIPTION: Shows CCC.>>"))
-        self.assertEqual(len(vision.posts()), 2)
-        self.assertEqual(self.router.status()["vision_calls"], {"answer": 1, "fallback": 1})
-
-    def test_descriptions_lose_injected_text_and_looping_tails(self):
-        # A small model looped until max_tokens, echoing the router's own synthetic turn.
-        looping = dict(message_json(cr.SYNTHETIC_USER_TEXT + " A login form. The button is "
-                                    "red. The button is red. The button is red. The butt"),
-                       stop_reason="max_tokens")
-        vision = FakeUpstream(self, [json_reply(looping)])
-        self.start(FakeUpstream(self), vision_upstream_url=vision.url)
-        history = [user(text("check")), assistant(tool_use("t1")),
-                   user(tool_result("t1", image(PNG_A)))]
-        self.post(request(*history))
-        self.post(request(*history, assistant(text("A login form.")), user(text("fix it"))))
-        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]),
-                         {key(PNG_A): "A login form. The button is red."})
-
-    def test_describe_context_echoed_by_the_vision_model_is_not_stored(self):
-        def echo(handler, body):
-            said = body["messages"][0]["content"][0]["text"]
-            json_reply(message_json("%s\n\nA red square." % said))(handler)
-
-        vision = FakeUpstream(self, default=echo)
-        self.start(FakeUpstream(self), vision_upstream_url=vision.url, vision_mode="describe")
-        self.post(request(user(text("what shape?"), image(PNG_A))))
-        self.assertEqual(self.router.vision.cache.lookup([key(PNG_A)]), {key(PNG_A): "A red square."})
-
-    def test_vision_upstream_is_separate_from_the_coder_upstream(self):
-        vision = FakeUpstream(self, [json_reply(message_json("A diagram."))])
-        coder = FakeUpstream(self)
-        self.start(coder, vision_upstream_url=vision.url)
-        self.post(request(user(image(PNG_A))))
-        self.post(request(user(image(PNG_A)), assistant(text("A diagram.")), user(text("ok"))))
-        self.assertEqual([b["model"] for b in vision.posts()], ["VISION"])
-        self.assertEqual([b["model"] for b in coder.posts()], ["CODER"])
-
+################ Server
 
 class ActivityTest(RouterTestCase):
     """What the log and /status say about the requests the router has answered."""
@@ -3508,17 +3524,6 @@ class ActivityTest(RouterTestCase):
         self.assertEqual(lines[0].split()[2], lines[-1].split()[2])   # slow's, around quick's
         self.assertNotEqual(lines[1].split()[2], lines[0].split()[2])
 
-    def test_upstream_messages_in_each_servers_shape(self):
-        rows = [(b'{"type":"error","error":{"type":"api_error","message":"boom"}}', "boom"),
-                (b'{"error":"model not found"}', "model not found"),
-                (b'{"object":"error","message":"max_tokens is too large"}', "max_tokens is too large"),
-                (b'{"detail":"Not Found"}', "Not Found"),
-                (b"Internal\n  Server Error", "Internal Server Error"),
-                (b'{"error":{"code":1}}', '{"error":{"code":1}}'), (b"x" * 999, "x" * 300)]
-        for raw, message in rows:
-            with self.subTest(raw=raw[:40]):
-                self.assertEqual(cr.upstream_message(raw), message)
-
 
 class StartupCheckTest(RouterTestCase):
 
@@ -3581,85 +3586,65 @@ class StartupCheckTest(RouterTestCase):
         self.assertEqual(self.call("GET", "/status")[2]["coder"]["context_length"], 32768)
         gate.set()
 
+    def test_preload_loads_only_the_missing_model(self):
+        upstream = FakeUpstream(self, listing={"models": [
+            {"key": "CODER", "loaded_instances": []},
+            {"key": "VISION", "capabilities": {"vision": True},
+             "loaded_instances": [{"id": "VISION", "config": {"context_length": 32768}}]}]})
+        router = self.start(upstream)
+        router.known_models()
+        self.assertEqual(router.preload(), ["preload CODER: loaded"])
+        self.assertEqual(upstream.posts("/api/v1/models/load"), [{"model": "CODER"}])
 
-class TextOnlyTest(RouterTestCase):
-    """--vision-model none: no vision model, so images reach the coder as markers."""
-
-    def test_none_or_empty_means_text_only(self):
-        for value in ("none", "None", "", " "):
-            with self.subTest(value=value):
-                self.assertEqual(cr.parse_settings(["--vision-model", value], {}).vision_model, "")
-                self.assertEqual(cr.parse_settings(
-                    [], {"CLAUDE_ROUTER_VISION_MODEL": value}).vision_model, "")
-
-    def test_an_image_turn_goes_to_the_coder_with_the_marker_and_nothing_is_warned(self):
+    def test_a_server_that_wants_a_key_is_said_at_startup(self):
         upstream = FakeUpstream(self, listing=LLAMA_LISTING)
-        router = self.start(upstream, vision_model="")
-        lines = router.check_upstream()
-        self.assertEqual(lines, ["coder CODER (served by qwen2.5-coder-0.5b, the server's only "
-                                 "model): loaded, 32768-token context, text only"])
-        status, _, reply = self.post(request(user(text("what is this?"), image(PNG_A))))
-        self.assertEqual(status, 200, reply)
-        self.assertEqual([(b["model"], b["messages"]) for b in upstream.posts()], [
-            ("CODER", [user(text("what is this?"), text(cr.UNKNOWN_IMAGE_MARKER))])])
-        document = self.call("GET", "/status")[2]
-        self.assertEqual((document["vision"], document["startup"]["problems"]),
-                         ({"model": None}, []))
-        self.assertNotIn("!", cr.status_line(document))
+        upstream.key = "k"
+        for key, said in (("", "needs a key (--upstream-key or CLAUDE_ROUTER_UPSTREAM_KEY)"),
+                          ("wrong", "needs another key (--upstream-key)")):
+            with self.subTest(key=key):
+                lines = self.start(upstream, upstream_key=key).check_upstream()
+                self.assertEqual(lines, ["! upstream %s refused the model list: it %s"
+                                         % (upstream.url, said)])
 
 
-class StopTest(RouterTestCase):
-    """python3 claude_router.py --stop, against routers run as their own processes."""
+################ Main
 
-    def script(self):
-        return os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
+class SettingsTest(unittest.TestCase):
 
-    def stop(self, port, token=""):
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLAUDE_ROUTER_PORT": str(port),
-               "CLAUDE_ROUTER_TOKEN": token, "HOME": self.cache_dir}
-        return subprocess.run([sys.executable, self.script(), "--stop"], env=env,
-                              capture_output=True, text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
+    def parse(self, argv, environ=None):
+        return cr.parse_settings(argv, environ or {})
 
-    def test_stops_the_router_on_the_port_which_exits_0(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, self.script(), "--port", str(port), "--upstream",
-                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
-        while "claude-router on" not in proc.stderr.readline():
-            self.assertIsNone(proc.poll())
-        done = self.stop(port)
-        self.assertEqual((done.returncode, done.stderr), (0, ""))
-        self.assertEqual(done.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
-                                      "http://127.0.0.1:9, coder %s)\n" % (port, proc.pid,
-                                                                          cr.CODER_MODEL))
-        self.assertEqual(proc.wait(TIMEOUT), 0)
-        self.assertIn("bye", proc.stderr.read())
-        done = self.stop(port)
-        self.assertEqual((done.returncode, done.stderr), (1, "claude-router: no router answers on "
-                                                             ":%d; nothing to stop\n" % port))
+    def test_precedence_flag_over_environment_over_constant(self):
+        self.assertEqual(self.parse([]).port, cr.PORT)
+        self.assertEqual(self.parse([], {"CLAUDE_ROUTER_PORT": "4000"}).port, 4000)
+        self.assertEqual(self.parse(["--port", "5000"], {"CLAUDE_ROUTER_PORT": "4000"}).port, 5000)
+        env = {"CLAUDE_ROUTER_CODER_MODEL": "c", "CLAUDE_ROUTER_VISION_MODEL": "v",
+               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9/", "CLAUDE_ROUTER_CACHE_DIR": "/d",
+               "CLAUDE_ROUTER_VISION_MODE": "describe", "CLAUDE_ROUTER_VERBOSE": "1"}
+        args = self.parse([], env)
+        self.assertEqual((args.coder_model, args.vision_model, args.upstream, args.cache_dir,
+                          args.vision_mode, args.verbose),
+                         ("c", "v", "http://127.0.0.1:9", "/d", "describe", True))
 
-    def test_what_is_not_ours_is_left_running_with_a_clear_message(self):
-        upstream = FakeUpstream(self)
-        in_process = self.start(upstream)      # its /status names this test's own process
-        guarded = self.start(upstream, token="sekret")
-        rows = [(upstream.server.server_address[1], "", "what answers on :%d is not claude-router "
-                                                        "(HTTP 404 to /status); not stopped"),
-                (in_process.server_port, "", "the router on :%d says it is process %d, which is "
-                 "not a claude_router.py here (another machine, container or user?); not stopped"),
-                (guarded.server_port, "", "the router on :%d wants its token: set "
-                                          "CLAUDE_ROUTER_TOKEN to its --token"),
-                (guarded.server_port, "sekret", "the router on :%d says it is process %d, which "
-                 "is not a claude_router.py here (another machine, container or user?); not stopped")]
-        for port, token, said in rows:
-            with self.subTest(said=said):
-                done = self.stop(port, token)
-                self.assertEqual((done.returncode, done.stdout), (1, ""))
-                expected = said % ((port, os.getpid()) if "process" in said else port)
-                self.assertEqual(done.stderr, "claude-router: %s\n" % expected)
-        self.assertEqual(self.call("GET", "/status", conn=self.connect(in_process))[0], 200)
+    def test_bad_values_exit_with_one_line(self):
+        rows = [(["--port", "x"], {}), ([], {"CLAUDE_ROUTER_PORT": "http"}),
+                (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
+                ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
+                (["--host", "0.0.0.0"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM_KEY": "s3cr et"}),
+                (["--upstream-key", "k\r\nX-Evil: 1"], {}),
+                ([], {"CLAUDE_ROUTER_TOKEN": "p\u00e4sswort"}), (["--token", "two words"], {})]
+        for argv, environ in rows:
+            with self.subTest(argv=argv, environ=environ):
+                err = io.StringIO()
+                with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(err):
+                    self.parse(argv, environ)
+                message = str(ctx.exception.code) + err.getvalue()
+                self.assertTrue(message.startswith("claude-router: "), message)
+                self.assertEqual(message.strip().count("\n"), 0, message)
+                self.assertNotIn("s3cr", message)
+
+    def test_other_hosts_need_a_token(self):
+        self.assertEqual(self.parse(["--host", "0.0.0.0", "--token", "t"]).token, "t")
 
 
 class StatusLineTest(RouterTestCase):
@@ -3787,6 +3772,60 @@ class StatusLineTest(RouterTestCase):
         self.assertEqual(cr.statusline({"CLAUDE_ROUTER_PORT": str(port)}), "router: none on :%d" % port)
         self.assertLess(time.monotonic() - started, cr.STATUSLINE_TIMEOUT + 0.5)
         self.assertLessEqual(cr.STATUSLINE_TIMEOUT, 1.0)
+
+
+class StopTest(RouterTestCase):
+    """python3 claude_router.py --stop, against routers run as their own processes."""
+
+    def script(self):
+        return os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
+
+    def stop(self, port, token=""):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLAUDE_ROUTER_PORT": str(port),
+               "CLAUDE_ROUTER_TOKEN": token, "HOME": self.cache_dir}
+        return subprocess.run([sys.executable, self.script(), "--stop"], env=env,
+                              capture_output=True, text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
+
+    def test_stops_the_router_on_the_port_which_exits_0(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, self.script(), "--port", str(port), "--upstream",
+                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        while "claude-router on" not in proc.stderr.readline():
+            self.assertIsNone(proc.poll())
+        done = self.stop(port)
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
+                                      "http://127.0.0.1:9, coder %s)\n" % (port, proc.pid,
+                                                                          cr.CODER_MODEL))
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertIn("bye", proc.stderr.read())
+        done = self.stop(port)
+        self.assertEqual((done.returncode, done.stderr), (1, "claude-router: no router answers on "
+                                                             ":%d; nothing to stop\n" % port))
+
+    def test_what_is_not_ours_is_left_running_with_a_clear_message(self):
+        upstream = FakeUpstream(self)
+        in_process = self.start(upstream)      # its /status names this test's own process
+        guarded = self.start(upstream, token="sekret")
+        rows = [(upstream.server.server_address[1], "", "what answers on :%d is not claude-router "
+                                                        "(HTTP 404 to /status); not stopped"),
+                (in_process.server_port, "", "the router on :%d says it is process %d, which is "
+                 "not a claude_router.py here (another machine, container or user?); not stopped"),
+                (guarded.server_port, "", "the router on :%d wants its token: set "
+                                          "CLAUDE_ROUTER_TOKEN to its --token"),
+                (guarded.server_port, "sekret", "the router on :%d says it is process %d, which "
+                 "is not a claude_router.py here (another machine, container or user?); not stopped")]
+        for port, token, said in rows:
+            with self.subTest(said=said):
+                done = self.stop(port, token)
+                self.assertEqual((done.returncode, done.stdout), (1, ""))
+                expected = said % ((port, os.getpid()) if "process" in said else port)
+                self.assertEqual(done.stderr, "claude-router: %s\n" % expected)
+        self.assertEqual(self.call("GET", "/status", conn=self.connect(in_process))[0], 200)
 
 
 class LauncherTest(RouterTestCase):
