@@ -45,6 +45,7 @@ import ipaddress
 import itertools
 import itertools
 import json
+import marshal
 import math
 import os
 import re
@@ -122,6 +123,7 @@ MODELS_TTL = 30.0                           # s between looks at the upstream's 
 RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MAX_EVENT_BYTES = 1024 * 1024               # one upstream SSE event; past it the stream ends
+ENCODED_PARTS_BYTES = 8 * 1024 * 1024       # prompt parts kept encoded between turns
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
@@ -927,16 +929,23 @@ class EncodedRequest:
     """A request body encoded once, in pieces: its bytes, and what a turn derives from them.
 
     Each top-level field and each message is encoded on its own and never again: the
-    prompt's parts are hashed from the bytes that are sent, the estimate counts them,
+    prompt's parts are hashed as they are encoded, the estimate counts their bytes,
     and a clamped max_tokens is spliced in. Joined, the pieces are json.dumps(body),
-    except that base64 image data goes in as it is (encode_message)."""
+    except that base64 image data goes in as it is (encode_message). With memo (an
+    EncodedParts), the system text, the tools and each message without images that a
+    recent request sent too are neither encoded nor hashed again."""
 
-    def __init__(self, body, keys):
+    def __init__(self, body, keys, memo=None):
         marker = "@claude-router-image-%s-" % os.urandom(8).hex()
-        self.fields = {name: None if name == "messages" else json.dumps(value).encode()
-                       for name, value in body.items()}
+        encode = memo.encode if memo else encode_part
+        self.fields, self.digests = {}, {}
+        for name, value in body.items():
+            if name in ("system", "tools"):
+                self.fields[name], self.digests[name] = encode(value)
+            else:
+                self.fields[name] = None if name == "messages" else json.dumps(value).encode()
         self.max_tokens = body.get("max_tokens")
-        self.messages = [encode_message(m, keys, marker) for m in body["messages"]]
+        self.messages = [encode_message(m, keys, marker, encode) for m in body["messages"]]
         self.image_bytes = sum(m[2] for m in self.messages)
         self.images = sum(m[3] for m in self.messages)
         self.length = sum(map(len, self.pieces()))
@@ -983,31 +992,34 @@ class EncodedRequest:
 
     def prompt_parts(self):
         """Return (names, digests, sizes) of the prompt's parts in the order templates render
-        them: the system text, the tools and each message; 16 bytes of digest per part."""
-        parts = [(name, [self.fields[name]], [self.fields[name]]) for name in ("system", "tools")
-                 if name in self.fields]
-        parts += [("message %d" % i, m[0], m[1]) for i, m in enumerate(self.messages)]
-        names, digests, sizes = [], [], []
-        for name, pieces, hashed in parts:
-            digest = hashlib.blake2b(name.encode(), digest_size=16)
-            for piece in hashed:
-                digest.update(piece)
-            names.append(name)
-            digests.append(digest.digest())
-            sizes.append(sum(map(len, pieces)))
-        return names, b"".join(digests), sizes
+        them: the system text, the tools and each message; 16 bytes of digest per part,
+        which names its place too."""
+        parts = [(name, self.digests[name], len(self.fields[name]))
+                 for name in ("system", "tools") if name in self.fields]
+        parts += [("message %d" % i, digest, sum(map(len, pieces)))
+                  for i, (pieces, digest, _, _) in enumerate(self.messages)]
+        digests = [hashlib.blake2b(name.encode() + digest, digest_size=16).digest()
+                   for name, digest, _ in parts]
+        return [p[0] for p in parts], b"".join(digests), [p[2] for p in parts]
 
 
-def encode_message(message, keys, marker):
-    """Return (pieces, hashed, image bytes, images) of message encoded as JSON.
+def encode_part(value):
+    """Return (value as JSON bytes, a 16-byte digest of them)."""
+    data = json.dumps(value).encode()
+    return data, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def encode_message(message, keys, marker, encode=encode_part):
+    """Return (pieces, digest, image bytes, images) of message encoded as JSON.
 
     pieces are its bytes, base64 image data in between as str: json.dumps would scan
     and copy every byte of a multi-MB screenshot (2.5 ms per MB here), and validated
-    base64 needs no escaping. hashed is what the prompt-reuse digest reads: the pieces
-    with each image's key in place of its data, so no image is hashed again."""
+    base64 needs no escaping. The digest reads the pieces with each image's key in
+    place of its data, so no image is hashed again. A message without images is
+    encode(message)'s."""
     if not keys or not any(is_image(b) for b in iter_blocks(message)):
-        data = json.dumps(message).encode()
-        return [data], [data], 0, 0
+        data, digest = encode(message)
+        return [data], digest, 0, 0
     found, sizes = [], []
 
     def swap(block):
@@ -1024,13 +1036,51 @@ def encode_message(message, keys, marker):
 
     swapped = map_image_blocks([message], swap)[0]
     first, *rest = json.dumps(swapped).encode().split(marker.encode())
-    pieces, hashed = [first], [first]
+    pieces, digest = [first], hashlib.blake2b(first, digest_size=16)
     for part in rest:
         index, tail = part.split(b'"', 1)     # the marker's number, then the rest of the JSON
         data = found[int(index)]
         pieces += [data, b'"' + tail]
-        hashed += [keys[data].encode(), b'"' + tail]
-    return pieces, hashed, sum(sizes), len(sizes)
+        digest.update(keys[data].encode() + b'"' + tail)
+    return pieces, digest.digest(), sum(sizes), len(sizes)
+
+
+class EncodedParts:
+    """Parts of recent requests as encoded (encode_part): bounded by their bytes, one lock.
+
+    Claude Code sends the same system text, tools and history every turn, and only
+    the newest messages are new: those alone are encoded and hashed. A part is looked
+    up by its marshal bytes, made in a tenth of json.dumps's time and exact where
+    == is not (1 == 1.0 == True, which JSON tells apart)."""
+
+    def __init__(self, max_bytes=ENCODED_PARTS_BYTES):
+        self.lock = threading.Lock()    # guards parts and size
+        self.max_bytes = max_bytes      # bound of the keys' and values' bytes; oldest go first
+        self.parts = {}                 # marshal bytes -> (JSON bytes, digest)
+        self.size = 0
+
+    def encode(self, value):
+        """Return (value as JSON bytes, their digest), as encode_part does."""
+        try:
+            key = marshal.dumps(value, 2)   # version 2: no references, so sharing is no matter
+        except ValueError:
+            return encode_part(value)
+        with self.lock:
+            found = self.parts.pop(key, None)
+            if found is not None:
+                self.parts[key] = found     # the most recent again
+                return found
+        found = encode_part(value)
+        size = len(key) + len(found[0])
+        if size > self.max_bytes // 8:
+            return found
+        with self.lock:
+            if self.parts.setdefault(key, found) is found:
+                self.size += size
+            while self.size > self.max_bytes:
+                oldest = next(iter(self.parts))
+                self.size -= len(oldest) + len(self.parts.pop(oldest)[0])
+        return found
 
 
 def estimate_tokens(body_bytes, image_bytes=0, images=0):
@@ -2997,7 +3047,7 @@ class Turn:
                          "side": server.side_upstream_url}.get(self.route, server.upstream_url)
         self.context_length = server.model_info(self.model, self.upstream).get("context_length")
         outgoing = {**self.clean, "model": self.model, "messages": messages}
-        encoded = EncodedRequest(outgoing, self.keys)
+        encoded = EncodedRequest(outgoing, self.keys, server.encoded_parts)
         self.estimate = encoded.tokens()
         encoded.clamp(self.context_length)
         log("→ %s [%s]%s" % (self.route, self.model, self.note_prompt(encoded, outgoing)))
@@ -3386,6 +3436,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.upstream_key = upstream_key        # sent to the model server(s); never shown
         self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
         self.prompts = PromptMemory()
+        self.encoded_parts = EncodedParts()     # prompt parts encoded by recent turns
         self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
         self.coder_seen = None                  # (loaded, server start mark) at the last look
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
