@@ -1255,6 +1255,28 @@ class CacheReportTest(RouterTestCase):
 
 ################ Event streams
 
+    def test_parts_seen_before_come_back_as_encoded_and_equal_values_of_other_types_do_not(self):
+        memo = cr.EncodedParts(max_bytes=4000)
+        rows = [{"a": 1}, {"a": True}, {"a": 1.0}, {"a": 1}, user(text("q")), user(text("q"))]
+        for value in rows:
+            with self.subTest(value):
+                self.assertEqual(memo.encode(value), cr.encode_part(value))
+        self.assertEqual(len(memo.parts), 4)
+        for i in range(100):
+            memo.encode(user(text("message %d" % i)))
+        self.assertLessEqual(memo.size, 4000)
+        self.assertEqual(memo.size, sum(len(k) + len(v[0]) for k, v in memo.parts.items()))
+
+    def test_a_turn_encodes_only_the_messages_it_adds(self):
+        memo = cr.EncodedParts()
+        history = [user(text("q")), assistant(text("a"))]
+        first = cr.EncodedRequest(request(*history, system="s"), {}, memo)
+        again = cr.EncodedRequest(request(*history, user(text("more")), system="s"), {}, memo)
+        self.assertIs(again.messages[1][0][0], first.messages[1][0][0])
+        self.assertEqual(joined(again.data()),
+                         json.dumps(request(*history, user(text("more")), system="s")).encode())
+
+
 class EventStreamTest(unittest.TestCase):
     """The one splitter every reader of an upstream event stream goes through."""
 
