@@ -1220,6 +1220,10 @@ class PromptMemory:
 
 # Server-sent events: relayed as they come, read on the side, never held back.
 
+# A piece of the model's answer (about a token): llama-server sends comments (":") and
+# events that say nothing while it reads the prompt, so only these say the model spoke.
+DELTA_EVENT = re.compile(rb'"type"\s*:\s*"content_block_delta"')
+
 # An SSE event ends at a blank line; a line ends with CRLF, LF or CR (WHATWG HTML 9.2.6).
 SSE_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
@@ -2754,6 +2758,7 @@ class Relay:
         self.url = url
         self.splitter = EventSplitter()     # an event stream's bytes, as whole events
         self.relayed = 0        # bytes of the answer's body the client has been sent
+        self.deltas = 0         # of them, pieces of the answer (content_block_delta events)
 
     @classmethod
     def open(cls, handler, url, method, path, body, headers):
@@ -2784,8 +2789,9 @@ class Relay:
         """Log that the client hung up, and what it had of the answer by then."""
         self.handler.outcome = CLIENT_LEFT
         log("client went away %s; closed the upstream request" % (
-            "after %s of the answer was relayed" % short_size(self.relayed) if self.relayed
-            else "while the model was silent"))
+            "after %d piece%s of the answer (%s) reached it" % (
+                self.deltas, "s" * (self.deltas > 1), short_size(self.relayed))
+            if self.deltas else "while the model was silent"))
 
     def read_head(self):
         """The first whole events of an upstream event stream (b"" for other bodies), read
@@ -2907,6 +2913,7 @@ class Relay:
                     self.client_left()
                     return None, True
                 self.relayed += len(events)
+                self.deltas += len(DELTA_EVENT.findall(events))
             try:
                 self.wait()
                 data = self.resp.read1(RELAY_BUFFER)
