@@ -116,6 +116,7 @@ STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the route
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and per body stall: 408
+MAX_CONNECTIONS = 128                       # client connections served at once; past it, a 529
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
 MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
 MAX_HEADERS = 100                           # header lines per request
@@ -3428,7 +3429,7 @@ class Server(http.server.ThreadingHTTPServer):
                  cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
                  max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT,
                  models_ttl=MODELS_TTL, upstream_key="", warm=False, side_model="",
-                 side_upstream_url=""):
+                 side_upstream_url="", max_connections=MAX_CONNECTIONS):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -3446,6 +3447,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.verbose = verbose
         self.read_timeout = read_timeout
         self.request_timeout = REQUEST_TIMEOUT
+        self.max_connections = max_connections
+        self.connection_slots = threading.BoundedSemaphore(max_connections)
+        self.turned_away = []                   # [(time.monotonic(), socket)] answered 529
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.models_ttl = models_ttl
@@ -3493,6 +3497,78 @@ class Server(http.server.ThreadingHTTPServer):
         trace = "".join(traceback.format_tb(error.__traceback__))
         log("! unexpected %s, on a request from %s; Traceback (most recent call last):\n%s"
             % (record, client_address[0], trace.rstrip()))
+
+    # Connections.
+
+    def process_request(self, request, client_address):
+        """Serve a connection in a thread of its own while fewer than max_connections are
+        served; turn it away past that, without a thread.
+
+        A connection holds its thread for its whole life, idle keep-alive too, so without
+        a cap idle sockets make threads without bound: 1,200 made 1,201 threads before a
+        single request was read."""
+        if not self.connection_slots.acquire(blocking=False):
+            return self.turn_away(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connection_slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        """Serve one connection (ThreadingMixIn's), then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
+
+    def turn_away(self, request):
+        """Answer a connection past the cap with a 529 at once, from the accepting thread.
+
+        A 529 (overloaded_error), not a bare close: Claude Code retries it as it retries a
+        busy model server, for about three minutes, and if that fails the user reads why.
+        The socket is half-closed now and closed a second later (service_actions): closed
+        at once, with the request unread, it would send a reset, which can destroy the
+        answer before the client reads it (RFC 9112 9.6)."""
+        if not self.turned_away:
+            log("! %d client connections are open, the limit; more get 529 until some close"
+                % self.max_connections)
+        message = "the router serves %d connections at once and has no room for more; " \
+                  "try again shortly" % self.max_connections
+        body = json.dumps(anthropic_error(529, message)).encode()
+        request.setblocking(False)
+        try:
+            request.send(b"HTTP/1.1 529 Overloaded\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.turned_away.append((time.monotonic(), request))
+        while len(self.turned_away) > self.max_connections:
+            self.drop_turned_away()
+
+    def service_actions(self):
+        """Between accepts (serve_forever's): close the turned-away connections a second on."""
+        super().service_actions()
+        while self.turned_away and time.monotonic() - self.turned_away[0][0] > 1.0:
+            self.drop_turned_away()
+
+    def drop_turned_away(self):
+        """Close the oldest turned-away connection, dropping first what it sent (a few reads)."""
+        sock = self.turned_away.pop(0)[1]
+        try:
+            for _ in range(16):
+                if not sock.recv(RELAY_BUFFER):
+                    break
+        except OSError:     # nothing more has arrived (it does not block), or it is gone
+            pass
+        sock.close()
+
+    def server_close(self):
+        """Close the listening socket and every turned-away connection."""
+        super().server_close()
+        while self.turned_away:
+            self.drop_turned_away()
 
     # Counters.
 

@@ -413,12 +413,17 @@ class RouterTestCase(unittest.TestCase):
         return conn
 
     def call(self, method, path, body=None, headers=None, conn=None):
-        """Send one request; return (status, headers, parsed or raw body)."""
+        """Send one request; return (status, headers, parsed or raw body).
+
+        A connection it opens itself it closes: the router serves max_connections at once."""
+        own = conn is None
         conn = conn or self.connect()
         data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         raw = resp.read()
+        if own:
+            conn.close()
         try:
             return resp.status, resp.headers, json.loads(raw)
         except ValueError:
@@ -2551,6 +2556,31 @@ class RequestFramingTest(RouterTestCase):
         self.assertEnvelope(status, json.loads(body), 408)
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertEqual(headers["connection"], "close")
+
+    def test_connections_past_the_cap_get_529_at_once_and_no_thread(self):
+        # Every connection got a thread, idle ones too: 1,200 idle sockets made 1,201
+        # threads before a request was read (issue 14, section 4).
+        self.start(FakeUpstream(self), max_connections=2)
+        held = [self.connect() for _ in range(2)]
+        for conn in held:
+            self.assertEqual(self.call("GET", "/", conn=conn)[0], 200)   # both now hold a slot
+        threads = threading.active_count()
+        for _ in range(20):
+            sock = self.raw_socket()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, headers, body = read_response(sock)
+            self.assertEnvelope(status, json.loads(body), 529, "overloaded_error")
+            self.assertEqual((headers["connection"], headers.get("x-should-retry")), ("close", None))
+        self.assertLessEqual(threading.active_count(), threads + 1)
+        self.assertEqual(self.log.getvalue().count("connections are open, the limit"), 1)
+        held[0].close()     # its slot is free once its thread sees the close
+        started, status = time.monotonic(), 529
+        while status == 529 and time.monotonic() - started < TIMEOUT:
+            sock = self.raw_socket()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status = read_response(sock)[0]
+        self.assertEqual(status, 200)
+        self.assertEqual(self.call("GET", "/", conn=held[1])[0], 200)
 
 
 class BrokenHandler(cr.Handler):
