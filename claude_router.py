@@ -1272,6 +1272,8 @@ class EventSplitter:
         """Return the bytes, as read, of the events that data completes (b"" if none).
 
         Raise EventTooLarge once the event still arriving is over the limit."""
+        if not self.held and data.endswith(b"\n\n") and b"\r" not in data:
+            return data         # the usual read: whole events with LF line ends
         window = self.tail + data
         end = last_event_end(window) - len(self.tail)
         if end > 0:
@@ -2747,7 +2749,7 @@ class Relay:
     open() sends the request and returns the Relay once the response's headers are in; as
     a context manager it closes the upstream connection. read_head() and read_error_body()
     read what may still decide our status (a status is sent once); send() relays the
-    response (send_whole, send_stream, pump, stream_failed); send_error() and
+    response (send_whole, send_stream, pump, read_events, stream_failed); send_error() and
     send_overflow() answer an upstream's refusal; send_headers() starts our response
     with the upstream's headers; wait() returns once the upstream has bytes, watching
     the client meanwhile."""
@@ -2898,15 +2900,14 @@ class Relay:
         return capture
 
     def pump(self, events, capture):
-        """Write the stream's events to the client, from those already read (events): per
-        upstream read, one chunk in one write. Return (None or (what, why) the upstream's
-        stream failed, whether the client left).
+        """Write the stream's events to the client, from those already read (events), as
+        read_events() brings them: each time one chunk in one write. Return (None or
+        (what, why) the upstream's stream failed, whether the client left).
 
-        Each chunk holds the events that read completed; the bytes of an event still
-        arriving wait for the next read. So a stream that breaks off hands the client
-        only whole events, then the error event. read1 returns what one read brings;
-        read(n) would wait for n bytes and hold tokens back (urllib3#2123)."""
-        handler = self.handler
+        Each chunk holds whole events only; the bytes of an event still arriving wait
+        for the next read. So a stream that breaks off hands the client only whole
+        events, then the error event."""
+        handler, ended, failure = self.handler, False, None
         while True:
             if events:
                 capture.feed(events)
@@ -2915,19 +2916,38 @@ class Relay:
                     return None, True
                 self.relayed += len(events)
                 self.deltas += len(DELTA_EVENT.findall(events))
-            try:
-                self.wait()
+            if ended:
+                return failure, False
+            events, ended, failure = self.read_events()
+
+    def read_events(self):
+        """Wait for the upstream; return (the whole events of what it has sent by now, whether
+        its stream ended, None or (what, why) it failed).
+
+        read1 returns what one read brings; read(n) would wait for n bytes and hold
+        tokens back (urllib3#2123). One read returns one chunk of a chunked body, so
+        what further reads find at hand, up to RELAY_BUFFER bytes, goes out with it:
+        one write for a burst of events, and never a wait for more."""
+        events, size = [], 0
+        try:
+            self.wait()
+            while True:
                 data = self.resp.read1(RELAY_BUFFER)
-                events = self.splitter.feed(data)
-            except (OSError, http.client.HTTPException) as e:
-                return ("stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off",
-                        type(e).__name__), False
-            except EventTooLarge as e:
-                # Held whole, it would stall the client and hold the memory: end it here.
-                return ("broke off", str(e)), False
-            if not data:
-                partial = self.splitter.has_partial()
-                return (("broke off", "it ended inside an event") if partial else None), False
+                events.append(self.splitter.feed(data))
+                size += len(events[-1])
+                if not data:
+                    partial = self.splitter.has_partial()
+                    return b"".join(events), True, (("broke off", "it ended inside an event")
+                                                    if partial else None)
+                if size >= RELAY_BUFFER or not has_buffered_bytes(self.resp,
+                                                                  self.resp.upstream_sock):
+                    return b"".join(events), False, None
+        except (OSError, http.client.HTTPException) as e:
+            return b"".join(events), True, (
+                "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off", type(e).__name__)
+        except EventTooLarge as e:
+            # Held whole, it would stall the client and hold the memory: end it here.
+            return b"".join(events), True, ("broke off", str(e))
 
     def stream_failed(self, what, why):
         """End a stream whose upstream failed: headers are out, so say it in band."""

@@ -2745,8 +2745,18 @@ class StreamingTest(RouterTestCase):
             raw = b""
             while chunk := s.recv(65536):
                 raw += chunk
-        payload = raw.partition(b"\r\n\r\n")[2]
-        self.assertEqual(payload, b"".join(cr.encode_chunk(sse(e)) for e in events) + b"0\r\n\r\n")
+        payload, chunks = raw.partition(b"\r\n\r\n")[2], []
+        while payload:
+            size, _, rest = payload.partition(b"\r\n")
+            self.assertRegex(size, rb"^[0-9A-F]+$")
+            chunk, payload = rest[:int(size, 16)], rest[int(size, 16):]
+            self.assertEqual(payload[:2], b"\r\n")
+            payload = payload[2:]
+            chunks.append(chunk)
+        # Whole events in each chunk (a burst at hand goes in one), the last chunk empty.
+        self.assertEqual(b"".join(chunks), sse(*events))
+        self.assertEqual(chunks[-1], b"")
+        self.assertTrue(all(c.endswith(b"\n\n") for c in chunks[:-1]))
 
 class RelayFaultTest(RouterTestCase):
     """A relayed response that breaks, stalls, or loses its client."""
