@@ -112,6 +112,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs wi
 MAX_ERROR_BODY_BYTES = 1024 * 1024          # upstream error bodies we read to inspect
 CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
+WARM_UP_TIMEOUT = 3600.0                    # s a warm-up waits for its one token (nobody waits on it)
 STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status, in all
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
@@ -3782,8 +3783,10 @@ class Server(http.server.ThreadingHTTPServer):
         with self.stats_lock:   # held across the claim: a turn counted in flight now waits
             if self.in_flight or not self.warmer.claim(reason, what):
                 return False
+        # Not streamed, so no byte comes before the whole prompt is read: 10 minutes on a
+        # busy CPU for Claude Code's head, where READ_TIMEOUT would give up on it.
         threading.Thread(target=self.warmer.run, name="warm-up", daemon=True, args=(
-            self.upstream_url, body, self.upstream_key, self.read_timeout,
+            self.upstream_url, body, self.upstream_key, max(self.read_timeout, WARM_UP_TIMEOUT),
             self.connect_timeout)).start()
         return True
 
