@@ -1257,9 +1257,6 @@ class CacheReportTest(RouterTestCase):
                           coder["totals"]["output_tokens"]), (100 + 6 * 5, 900, 6 * 3 + 3))
         self.assertLess(coder["totals"]["unchanged_bytes"], coder["totals"]["bytes"])
 
-
-################ Event streams
-
     def test_parts_seen_before_come_back_as_encoded_and_equal_values_of_other_types_do_not(self):
         memo = cr.EncodedParts(max_bytes=4000)
         rows = [{"a": 1}, {"a": True}, {"a": 1.0}, {"a": 1}, user(text("q")), user(text("q"))]
@@ -1281,6 +1278,8 @@ class CacheReportTest(RouterTestCase):
         self.assertEqual(joined(again.data()),
                          json.dumps(request(*history, user(text("more")), system="s")).encode())
 
+
+################ Event streams
 
 class EventStreamTest(unittest.TestCase):
     """The one splitter every reader of an upstream event stream goes through."""
@@ -1554,6 +1553,7 @@ class UpstreamTest(unittest.TestCase):
         for raw, message in rows:
             with self.subTest(raw=raw[:40]):
                 self.assertEqual(cr.upstream_message(raw), message)
+
 
 class UpstreamFaultTest(RouterTestCase):
     """A model server that is down, silent, or asks for a key."""
@@ -2758,6 +2758,7 @@ class StreamingTest(RouterTestCase):
         self.assertEqual(chunks[-1], b"")
         self.assertTrue(all(c.endswith(b"\n\n") for c in chunks[:-1]))
 
+
 class RelayFaultTest(RouterTestCase):
     """A relayed response that breaks, stalls, or loses its client."""
 
@@ -2925,6 +2926,7 @@ class RelayFaultTest(RouterTestCase):
         self.assertEqual(len(results), 64)
         for i, raw in results.items():
             self.assertEqual(raw, sse(*text_events("w%d." % i * 40) * 3))
+
 
 class OverflowTest(RouterTestCase):
     """A prompt too long for the loaded context, in any server's words."""
