@@ -326,6 +326,14 @@ def write_chunk(handler, data):
     handler.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
 
 
+def begin_stream(handler):
+    """Send the status and headers of a 200 event stream, its body chunked."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+
+
 def sees_close(sock):
     """True when the peer of sock closes the connection within TIMEOUT."""
     sock.settimeout(TIMEOUT)
@@ -344,10 +352,7 @@ def stream_reply(events, gate=None, gate_after=1, stall=None, cut_after=None, un
     model). cut_after: close the socket after that many events. until_closed: a
     FakeUpstream whose closed event is set once writing fails (client gone)."""
     def reply(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
+        begin_stream(handler)
         try:
             for i, event in enumerate(events):
                 if i == gate_after and gate is not None:
@@ -1598,10 +1603,7 @@ class UpstreamFaultTest(RouterTestCase):
         def silent(stream, phase, arrived, closed):
             def reply(handler):
                 if phase != "before headers":
-                    handler.send_response(200)
-                    handler.send_header("Content-Type", "text/event-stream")
-                    handler.send_header("Transfer-Encoding", "chunked")
-                    handler.end_headers()
+                    begin_stream(handler)
                 if phase == "after the first event":
                     write_chunk(handler, sse(text_events("x")[0]))
                 if phase == "after a piece of the answer":
@@ -2288,10 +2290,7 @@ class VisionFailureTest(RouterTestCase):
         # ends (RFC-valid SSE) is one too. Neither may cost the image its description.
         def whole_then(cut, newline):
             def reply(handler):
-                handler.send_response(200)
-                handler.send_header("Content-Type", "text/event-stream")
-                handler.send_header("Transfer-Encoding", "chunked")
-                handler.end_headers()
+                begin_stream(handler)
                 for event in text_events("a red square"):
                     write_chunk(handler, sse(event).replace(b"\n", newline))
                 if cut:
@@ -2701,10 +2700,7 @@ class StreamingTest(RouterTestCase):
         first, second = sse(events[0]), sse(events[1])
 
         def reply(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
+            begin_stream(handler)
             write_chunk(handler, first + second[:20])
             gate.wait(TIMEOUT)
             write_chunk(handler, second[20:])
@@ -2807,10 +2803,7 @@ class RelayFaultTest(RouterTestCase):
         events = text_events("cut inside the second event")
 
         def cut_inside(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
+            begin_stream(handler)
             write_chunk(handler, sse(events[0]) + sse(events[1])[:30])
             handler.close_connection = True
             handler.connection.shutdown(socket.SHUT_RDWR)
@@ -2873,10 +2866,7 @@ class RelayFaultTest(RouterTestCase):
         events = text_events("never")
 
         def endless_event(handler):
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream")
-            handler.send_header("Transfer-Encoding", "chunked")
-            handler.end_headers()
+            begin_stream(handler)
             write_chunk(handler, sse(events[0]))
             try:
                 for i in range(32):     # 2 MB, then the upstream waits with its stream open
@@ -2983,10 +2973,7 @@ class OverflowTest(RouterTestCase):
 
         def split(raw):
             def reply(handler):
-                handler.send_response(200)
-                handler.send_header("Content-Type", "text/event-stream")
-                handler.send_header("Transfer-Encoding", "chunked")
-                handler.end_headers()
+                begin_stream(handler)
                 cuts = [0, raw.index(b"Trying"), len(raw) - 3, len(raw) - 1, len(raw)]
                 for start, end in zip(cuts, cuts[1:]):
                     write_chunk(handler, raw[start:end])
