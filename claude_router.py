@@ -857,6 +857,8 @@ def substitute_images_with_descriptions(messages, keys, descriptions, keep=(), f
     failed-image marker with the reason in failures, else the unknown-image marker. A description already used for an earlier image (several
     images described by one reply) is not repeated. Only earlier messages decide how
     a message reads, so the coder's prompt prefix stays byte-identical turn to turn."""
+    if not keys:
+        return messages, 0      # keys has every image of the request: there is none
     seen = set()
     substituted = 0
 
