@@ -381,6 +381,22 @@ def json_depth(value):
     return deepest
 
 
+def parse_json_body(text):
+    """The request body parsed from text, under the limits every request is read with;
+    raise ProxyError (400) for what is not JSON a model server reads."""
+    try:
+        body = json.loads(text, parse_constant=reject_constant, parse_float=read_float,
+                          parse_int=read_int)
+    except (ValueError, RecursionError):
+        raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
+    # Python 3.9-3.11 parse nesting up to about the recursion limit, then fail on it in
+    # json.dumps or any recursive walk further on: bound it while the answer is a 400.
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise ProxyError(400, "request body nests lists and objects more than %d deep"
+                         % MAX_JSON_DEPTH)
+    return body
+
+
 # Claude Code's gateway hint headers (sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1, which
 # claude-local sets): what kind of request this is. They are for the router only and never
 # go upstream (a server could take them for part of the request, and they change per turn).
@@ -1462,17 +1478,7 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
         conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
         if client is not None:
             await_upstream(conn.sock, client, read_timeout)
-        sock = conn.sock
-        resp = conn.getresponse()
-        # http.client drops conn.sock when the response will close the connection
-        # (Connection: close, HTTP/1.0): keep ours for waiting on the body.
-        resp.upstream_sock = sock
-        while 100 <= resp.status < 200:
-            # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
-            # begin() reads the next response when the headers are unset.
-            resp.headers = None
-            resp.begin()
-        return conn, resp
+        return conn, final_response(conn)
     except (OSError, http.client.HTTPException) as e:
         conn.close()
         raise upstream_failure(e, url) from None
@@ -1481,6 +1487,21 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
         log("client went away while the model was silent; closed the upstream request")
         conn.close()
         raise
+
+
+def final_response(conn):
+    """The response to conn's request, past any interim (1xx) ones; its upstream_sock is the
+    socket it comes on, since http.client drops conn.sock when the response will close
+    the connection (Connection: close, HTTP/1.0), and the body is still to be waited for."""
+    sock = conn.sock
+    resp = conn.getresponse()
+    resp.upstream_sock = sock
+    while 100 <= resp.status < 200:
+        # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
+        # begin() reads the next response when the headers are unset.
+        resp.headers = None
+        resp.begin()
+    return resp
 
 
 def has_buffered_bytes(resp, sock):
@@ -2621,17 +2642,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         size = len(raw)
         try:
             text = raw.decode("utf-8")
-            del raw
-            body = json.loads(text, parse_constant=reject_constant, parse_float=read_float,
-                              parse_int=read_int)
-        except (ValueError, RecursionError):
+        except ValueError:
             raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
-        # Python 3.9-3.11 parse nesting up to about the recursion limit, then fail on it in
-        # json.dumps or any recursive walk further on: bound it while the answer is a 400.
-        if json_depth(body) > MAX_JSON_DEPTH:
-            raise ProxyError(400, "request body nests lists and objects more than %d deep"
-                             % MAX_JSON_DEPTH)
-        return body, size
+        del raw
+        return parse_json_body(text), size
 
     def send_response(self, code, message=None):
         """Start the response (http.server's), noting that its status is now out, and which."""
@@ -3436,9 +3450,10 @@ class Server(http.server.ThreadingHTTPServer):
     """The router: its settings, counters and /status, and what it knows of the upstreams'
     models; the vision bookkeeping (vision) and the prompt statistics (prompts).
 
-    server_bind() and handle_error() adapt ThreadingHTTPServer. Counters: count() a routed
-    request, count_vision_call(), count_described(), note_model(), note_error(),
-    request_started() and request_ended(); status() is the /status document. Models:
+    server_bind() and handle_error() adapt ThreadingHTTPServer. Counters, which
+    start_counters() sets up: count() a routed request, count_vision_call(),
+    count_described(), note_model(), note_error(), request_started() and
+    request_ended(); status() is the /status document. Models:
     known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
     model_info() reads them; upstream_token_count() asks the coder's server for a count;
     check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
@@ -3482,6 +3497,10 @@ class Server(http.server.ThreadingHTTPServer):
         self.encoded_parts = EncodedParts()     # prompt parts encoded by recent turns
         self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
         self.coder_seen = None                  # (loaded, server start mark) at the last look
+        self.start_counters()
+
+    def start_counters(self):
+        """Set the counters, and what is known of the upstreams, to what a new router knows."""
         self.upstream_counts_tokens = None      # unknown until the first count_tokens
         self.errors = []                        # the last unexpected exceptions, as text
         self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
