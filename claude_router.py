@@ -3488,6 +3488,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.max_connections = max_connections
         self.connection_slots = threading.BoundedSemaphore(max_connections)
         self.turned_away = []                   # [(time.monotonic(), socket)] answered 529
+        self.turning_away = False               # the last connection was turned away
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.models_ttl = models_ttl
@@ -3551,6 +3552,7 @@ class Server(http.server.ThreadingHTTPServer):
         single request was read."""
         if not self.connection_slots.acquire(blocking=False):
             return self.turn_away(request)
+        self.turning_away = False
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -3572,9 +3574,10 @@ class Server(http.server.ThreadingHTTPServer):
         The socket is half-closed now and closed a second later (service_actions): closed
         at once, with the request unread, it would send a reset, which can destroy the
         answer before the client reads it (RFC 9112 9.6)."""
-        if not self.turned_away:
+        if not self.turning_away:       # said once until a connection is served again
             log("! %d client connections are open, the limit; more get 529 until some close"
                 % self.max_connections)
+            self.turning_away = True
         message = "the router serves %d connections at once and has no room for more; " \
                   "try again shortly" % self.max_connections
         body = json.dumps(anthropic_error(529, message)).encode()
