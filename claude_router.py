@@ -1482,8 +1482,7 @@ def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TI
     except (OSError, http.client.HTTPException) as e:
         conn.close()
         raise upstream_failure(e, url) from None
-    except ClientGone:
-        # Said before the upstream is closed, so the log never lags the close.
+    except ClientGone:      # said first, so the log never lags the close
         log("client went away while the model was silent; closed the upstream request")
         conn.close()
         raise
