@@ -212,7 +212,7 @@ LOG_CONTEXT = threading.local()
 def log(line):
     """Write one line to stderr: the local time to the second, the id of the request this
     thread serves (so lines of concurrent requests can be told apart), then line."""
-    request = getattr(LOG_CONTEXT, "request", None)
+    request = request_id()
     sys.stderr.write("%s %s%s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"),
                                     "#%s " % request if request else "", line))
     sys.stderr.flush()
@@ -236,9 +236,17 @@ def short_size(n):
     return "%d B" % n
 
 
-def set_log_request(request):
-    """Name the request this thread serves now (None: none), for the lines it logs."""
-    LOG_CONTEXT.request = request
+def set_log_request(ids, request=None):
+    """This thread serves a new request now: its id is request, or, drawn from ids the
+    first time it is asked for, so requests that log nothing (the status line's) use none."""
+    LOG_CONTEXT.ids, LOG_CONTEXT.request = ids, request
+
+
+def request_id():
+    """The id of the request this thread serves (drawn now if it has none yet), or None."""
+    if getattr(LOG_CONTEXT, "request", None) is None and getattr(LOG_CONTEXT, "ids", None):
+        LOG_CONTEXT.request = next(LOG_CONTEXT.ids)
+    return getattr(LOG_CONTEXT, "request", None)
 
 
 def outcome_line(status, seconds, message=None):
@@ -2264,7 +2272,7 @@ class Vision:
         found = image_contexts(messages, keys, wanted)
         with concurrent.futures.ThreadPoolExecutor(
                 min(DESCRIBE_CONCURRENCY, len(found) or 1), initializer=set_log_request,
-                initargs=(getattr(LOG_CONTEXT, "request", None),)) as pool:
+                initargs=(None, request_id())) as pool:
             jobs = {key: pool.submit(describe_image, server.vision_upstream_url, block, context,
                                      server.vision_model, server.upstream_key, client)
                     for key, (block, context) in found.items()}
@@ -2432,7 +2440,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.await_request():
             self.close_connection = True
             return
-        set_log_request(self.server.next_request_id())
+        set_log_request(self.server.request_ids)
         self.unread_input = True
         try:
             self.read_head()
@@ -3661,14 +3669,10 @@ class Server(http.server.ThreadingHTTPServer):
             self.stats["last_upstream_error"] = {"message": message, "status": status,
                                                  "time": readable_time(time.time())}
 
-    def next_request_id(self):
-        """A short id for the next request, unique while the router runs."""
-        return next(self.request_ids)
-
     def request_started(self, client):
         """Count a routed request of client (its socket) in flight and as the last one;
         return (start, its record)."""
-        record = {"id": getattr(LOG_CONTEXT, "request", None), "time": readable_time(time.time()),
+        record = {"id": request_id(), "time": readable_time(time.time()),
                   "route": None, "model": None, "status": None, "seconds": None}
         start = time.monotonic()
         with self.stats_lock:

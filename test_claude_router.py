@@ -3561,6 +3561,7 @@ class ActivityTest(RouterTestCase):
         slow.request("POST", "/v1/messages", json.dumps(request(user(text("slow")), stream=True)))
         resp = slow.getresponse()
         self.assertIn(b"message_start", resp.read1(65536))
+        self.call("GET", "/status")                 # logs nothing, so it takes no id
         self.post(request(user(text("quick"))))     # begins and ends inside the slow one
         gate.set()
         resp.read()
@@ -3575,7 +3576,7 @@ class ActivityTest(RouterTestCase):
             ids.setdefault(line.split()[2], []).append(cr_line(line))
         one = ["→ coder [CODER] 0.1 KB, first turn", "usage [CODER]: 5 prompt tokens, 0 of them "
                                                      "from the server's cache", "← 200 in s"]
-        self.assertEqual(list(ids.values()), [one, one])
+        self.assertEqual(ids, {"#1": one, "#2": one})
         self.assertEqual(lines[0].split()[2], lines[-1].split()[2])   # slow's, around quick's
         self.assertNotEqual(lines[1].split()[2], lines[0].split()[2])
 
