@@ -32,6 +32,8 @@ Design and settings: README.md beside this file.
 """
 
 import argparse
+import array
+import base64
 import concurrent.futures
 import contextlib
 import copy
@@ -42,7 +44,6 @@ import http.client
 import http.server
 import io
 import ipaddress
-import itertools
 import itertools
 import json
 import marshal
@@ -59,7 +60,9 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.parse
+import zlib
 
 VERSION = "1.0.0"
 
@@ -106,6 +109,19 @@ HEADS_KEPT = 16                             # (model, upstream) pairs whose head
 # Side requests (session titles and other auxiliary requests): empty sends them to the coder.
 SIDE_MODEL = ""                             # the model for them; empty: the coder model
 SIDE_UPSTREAM_URL = ""                      # its server; empty: UPSTREAM_URL
+
+# What a PDF may cost us. A few kilobytes of Flate can inflate to gigabytes, so every
+# stream is decompressed against a budget, and a document that overruns it gets a marker.
+PDF_MAX_STREAM_BYTES = 32 * 1024 * 1024     # bytes one stream may inflate to
+PDF_MAX_INFLATE = 256 * 1024 * 1024         # bytes all streams of a document may inflate to
+PDF_MAX_PAGES = 2000                        # pages read; the rest are left out
+PDF_MAX_DEPTH = 12                          # nested form XObjects, reference chains, page tree levels
+PDF_MAX_PAGE_IMAGES = 4                     # images kept from a page without text
+PDF_MAX_IMAGES = 32                         # images kept from a whole document
+PDF_MAX_FORMS = 2000                        # form XObjects run per page (a form may draw forms)
+PDF_MAX_CMAP_ENTRIES = 200_000              # codes one CMap or W array may define
+PDF_SPACE_GAP = 0.12                        # gap, in font sizes, read as a word space
+PDF_LINE_GAP = 0.5                          # baseline shift, in font sizes, read as a new line
 
 # Limits and timeouts.
 MAX_BODY_BYTES = 64 * 1024 * 1024           # requests; Claude Code sends MBs with screenshots
@@ -945,6 +961,1364 @@ def rewrite_for_vision(messages):
         out.append({"role": "user",
                     "content": images + (others or [text_block(SYNTHETIC_USER_TEXT)])})
     return out
+
+
+################ Documents: PDF syntax
+
+# Tokens and operators (ISO 32000-1 7.2, 7.3), stream filters and the standard security
+# handler: what turns a PDF's bytes into objects and a content stream into operators.
+
+class DocumentError(Exception):
+    """A PDF we cannot read; str(error) says why in a few words, fit for a marker."""
+
+
+class Keyword(str):
+    """An operator or other bare word of PDF syntax; names are plain str, strings bytes."""
+    __slots__ = ()
+
+
+class Stream:
+    """A stream object: its dictionary and where its raw bytes lie in the file."""
+    __slots__ = ("dict", "start", "end", "num", "gen")
+
+    def __init__(self, stream_dict, start, end, num, gen):
+        """Remember the stream's dictionary, its byte span and the object that holds it."""
+        self.dict, self.start, self.end, self.num, self.gen = stream_dict, start, end, num, gen
+
+
+# ISO 32000-1 7.2: whitespace, delimiters and regular characters. One regex finds the next
+# token; its group number says the kind. A literal string with nested parentheses is
+# the one token a regex cannot match, so its opening "(" alone is group 7, read by hand.
+TOKEN_RE = re.compile(
+    rb"[\x00\t\n\x0c\r ]+|%[^\r\n]*"
+    rb"|([+-]?(?:\d+\.?\d*|\.\d+))(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
+    rb"|/([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)"
+    rb"|\(([^()\\]*(?:\\.[^()\\]*)*)\)"
+    rb"|<([0-9A-Fa-f\x00\t\n\x0c\r ]*)>"
+    rb"|(<<|>>|\[|\])"
+    rb"|([^\x00\t\n\x0c\r ()<>\[\]{}/%]+)"
+    rb"|(\()|.", re.S)
+ESCAPE_RE = re.compile(rb"\\(?:([0-7]{1,3})|(\r\n|\r|\n)|(.))", re.S)
+ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f"}
+NAME_ESCAPE_RE = re.compile(rb"#([0-9A-Fa-f]{2})")
+INLINE_IMAGE_END_RE = re.compile(rb"[\x00\t\n\x0c\r ]EI(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])")
+
+# Every content stream operator, made once, so that a page's thousands of operators
+# cost a dict lookup each instead of a new object.
+KEYWORDS = {word.encode(): Keyword(word) for word in (
+    "b B b* B* BDC BI BMC BT BX c cm CS cs d d0 d1 Do DP EI EMC ET EX f F f* G g gs h i ID "
+    "j J K k l m M MP n q Q re RG rg ri s S SC sc SCN scn sh T* Tc Td TD Tf Tj TJ TL Tm Tr "
+    "Ts Tw Tz v w W W* y ' \" obj endobj stream endstream R [ ] << >> startxref xref "
+    "trailer begincmap endcmap usecmap begincodespacerange endcodespacerange beginbfchar "
+    "endbfchar beginbfrange endbfrange begincidrange endcidrange begincidchar endcidchar "
+    "def dict begin end findresource defineresource pop").split()}
+KEYWORDS.update({b"true": True, b"false": False, b"null": None})
+NOT_A_KEYWORD = object()
+
+
+def unescape_string(raw):
+    """Return the bytes of a literal string's body, its backslash escapes undone."""
+    if b"\\" not in raw:
+        return raw
+    def unescape(m):
+        """One escape's bytes."""
+        if m.group(1):
+            return bytes([int(m.group(1), 8) & 255])
+        return b"" if m.group(2) else ESCAPES.get(m.group(3), m.group(3))
+    return ESCAPE_RE.sub(unescape, raw)
+
+
+def read_literal(data, pos):
+    """Return (string, end) for a literal string with nested parentheses opening before pos."""
+    depth, i, end = 1, pos, len(data)
+    while i < end:
+        c = data[i]
+        if c == 92:
+            i += 1
+        elif c == 40:
+            depth += 1
+        elif c == 41:
+            depth -= 1
+            if depth == 0:
+                return unescape_string(data[pos:i]), i + 1
+        i += 1
+    return unescape_string(data[pos:]), end
+
+
+def hex_string(text):
+    """Return the bytes of a hex string's body; an odd last digit counts as followed by 0."""
+    try:
+        return bytes.fromhex(text.decode("latin-1"))
+    except ValueError:
+        pass
+    digits = re.sub(rb"[^0-9A-Fa-f]", b"", text)
+    return bytes.fromhex((digits + b"0" if len(digits) % 2 else digits).decode())
+
+
+def iter_tokens(data, pos=0):
+    """Yield the tokens of PDF syntax in data from pos.
+
+    Numbers are int or float, names str, strings bytes, true/false/null Python's own,
+    and everything else a Keyword (operators, brackets, obj, R)."""
+    end = len(data)
+    while pos < end:
+        for m in TOKEN_RE.finditer(data, pos):
+            kind = m.lastindex
+            if kind == 1:
+                text = m.group(1)
+                yield float(text) if b"." in text else int(text)
+            elif kind == 6:
+                word = m.group(6)
+                token = KEYWORDS.get(word, NOT_A_KEYWORD)
+                yield Keyword(word.decode("latin-1")) if token is NOT_A_KEYWORD else token
+                if word == b"ID":
+                    # An inline image's bytes are not syntax: skip to its EI.
+                    found = INLINE_IMAGE_END_RE.search(data, m.end() + 1)
+                    pos = found.end() if found else end
+                    yield KEYWORDS[b"EI"]
+                    break
+            elif kind == 3:
+                yield unescape_string(m.group(3))
+            elif kind == 2:
+                name = m.group(2)
+                if b"#" in name:
+                    name = NAME_ESCAPE_RE.sub(lambda e: bytes.fromhex(e.group(1).decode()), name)
+                yield name.decode("latin-1")
+            elif kind == 5:
+                yield KEYWORDS[m.group(5)]
+            elif kind == 4:
+                yield hex_string(m.group(4))
+            elif kind == 7:
+                text, pos = read_literal(data, m.end())
+                yield text
+                break
+        else:
+            return
+
+
+def make_dict(items):
+    """Return the dict of a '<<' marker followed by alternating names and values."""
+    result = {}
+    for i in range(1, len(items) - 1, 2):
+        if items[i].__class__ is str:
+            result[items[i]] = items[i + 1]
+    return result
+
+
+def iter_operations(data, pos=0):
+    """Yield (operator, operands) for each operator in data from pos, arrays and dicts built.
+
+    References "n g R" become (n, g) tuples. Whatever is left at the end comes as
+    (None, operands), so a bare object (in an object stream) reads the same way."""
+    operands, stack = [], []
+    for token in iter_tokens(data, pos):
+        if token.__class__ is not Keyword:
+            operands.append(token)
+        elif token == "[" or token == "<<":
+            stack.append(operands)
+            operands = [token]
+        elif token == "]" or token == ">>":
+            if stack:
+                items, operands = operands, stack.pop()
+                operands.append(make_dict(items) if items[0] == "<<" else items[1:])
+        elif token == "R" and len(operands) >= 2 and operands[-1].__class__ is int \
+                and operands[-2].__class__ is int:
+            generation = operands.pop()
+            operands[-1] = (operands[-1], generation)
+        elif stack:
+            operands.append(token)
+        else:
+            yield token, operands
+            operands = []
+    while stack:
+        items, operands = operands, stack.pop()
+        operands.append(make_dict(items) if items[0] == "<<" else items[1:])
+    if operands:
+        yield None, operands
+
+
+# Content streams are most of the work, and most of their tokens are the numbers of
+# path operators no text depends on. So one regex splits a content stream into
+# (operands, operator) pairs in C, and only the operands of the operators we interpret
+# are read. Each operand pattern ends where its token must end, and the operator may be
+# empty, so that the regex never backtracks: a failed match would go back through the
+# ways of cutting "12" into "1" and "2", and a run of spaces before a stray ")" would
+# cost time quadratic in its length. A string with doubly nested parentheses (which
+# the regex skips, so fewer bytes are matched) or an inline image takes the general path.
+OPERAND = (rb"[\x00\t\n\x0c\r ]+(?![\x00\t\n\x0c\r ])|[+-]?[0-9.]+(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
+           rb"|/[^\x00\t\n\x0c\r ()<>\[\]{}/%]*(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
+           rb"|\([^()\\]*(?:(?:\\.|\([^()\\]*(?:\\.[^()\\]*)*\))[^()\\]*)*\)"
+           rb"|<<|>>|<[^<>]*>|[\[\]]|%[^\r\n]*(?![^\r\n])")
+OPERATION_RE = re.compile(rb"((?:" + OPERAND + rb")*)([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)", re.S)
+CONTENT_TOKEN_RE = re.compile(rb"(?:" + OPERAND + rb")(?<![\x00\t\n\x0c\r ])", re.S)
+INLINE_IMAGE_RE = re.compile(rb"(?<![^\x00\t\n\x0c\r ])BI[\x00\t\n\x0c\r ]*/")
+
+
+def iter_content(data, wanted):
+    """Yield (operator, operands) for the operators of a content stream that are in wanted."""
+    operations = OPERATION_RE.findall(data)
+    if len(b"".join(map(b"".join, operations))) < len(data.rstrip()) or INLINE_IMAGE_RE.search(data):
+        yield from ((op, args) for op, args in iter_operations(data)
+                    if op is not None and op.encode("latin-1") in wanted)
+        return
+    for operands, operator in operations:
+        if operator in wanted:
+            yield KEYWORDS[operator], content_values(CONTENT_TOKEN_RE.findall(operands))
+
+
+NUMBER_START = frozenset(b"+-.0123456789")
+
+
+def content_values(tokens):
+    """Return the values of content stream tokens, arrays built (dicts are not needed here)."""
+    stack, items = [], []
+    for token in tokens:
+        c = token[0]
+        if c in NUMBER_START:
+            try:
+                items.append(float(token))
+            except ValueError:
+                continue
+        elif c == 40:
+            items.append(unescape_string(token[1:-1]))
+        elif c == 91:
+            stack.append(items)
+            items = []
+        elif c == 93 and stack:
+            items, inner = stack.pop(), items
+            items.append(inner)
+        elif c == 47:
+            items.append(token[1:].decode("latin-1"))
+        elif c == 60 and token[1:2] != b"<":
+            items.append(hex_string(token[1:-1]))
+    while stack:
+        items, inner = stack.pop(), items
+        items.append(inner)
+    return items
+
+
+def first_value(data, pos=0):
+    """Return the first complete object in data from pos, or None."""
+    for _, operands in iter_operations(data, pos):
+        return operands[0] if operands else None
+    return None
+
+
+# Stream filters (ISO 32000-1 7.4). Image codecs stay encoded: a JPEG is handed on as
+# it is, and the others are formats a vision model does not read. LZW and RunLength,
+# last seen in the 1990s, read as empty.
+IMAGE_FILTERS = frozenset(("DCTDecode", "DCT", "JPXDecode", "CCITTFaxDecode", "CCF",
+                           "JBIG2Decode"))
+
+
+def inflate(data, limit):
+    """Return data inflated, at most limit bytes; what a damaged stream held before its damage."""
+    out = []
+    size = 0
+    for wbits in (15, -15):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            chunk = inflater.decompress(data, limit + 1 - size)
+        except zlib.error:
+            # Some producers omit the zlib header; others end with garbage. Read the
+            # raw deflate, or the part before the damage, as other readers do.
+            chunk = partial_inflate(data, limit, wbits)
+            if not chunk and wbits == 15:
+                continue
+        out.append(chunk)
+        size += len(chunk)
+        break
+    if size > limit:
+        raise DocumentError("too large once decompressed")
+    return b"".join(out)
+
+
+def partial_inflate(data, limit, wbits):
+    """Return what inflates of data before it turns out damaged, in 4 KiB steps."""
+    inflater = zlib.decompressobj(wbits)
+    out = []
+    size = 0
+    for start in range(0, len(data), 4096):
+        try:
+            chunk = inflater.decompress(data[start:start + 4096], limit + 1 - size)
+        except zlib.error:
+            break
+        out.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(out)
+
+
+def undo_predictor(data, parms):
+    """Return data with a PNG or TIFF predictor (ISO 32000-1 7.4.4.4) undone."""
+    predictor = parms.get("Predictor", 1)
+    if not isinstance(predictor, int) or predictor < 2:
+        return data
+    pixel = max(1, (parms.get("Colors", 1) * parms.get("BitsPerComponent", 8) + 7) // 8)
+    width = (parms.get("Colors", 1) * parms.get("BitsPerComponent", 8)
+             * parms.get("Columns", 1) + 7) // 8
+    if predictor == 2:
+        rows = [bytearray(data[i:i + width]) for i in range(0, len(data), width)]
+        for row in rows:
+            for i in range(pixel, len(row)):
+                row[i] = (row[i] + row[i - pixel]) & 255
+        return b"".join(rows)
+    out, previous = [], bytearray(width)
+    for start in range(0, len(data) - width, width + 1):
+        row = png_unfilter(data[start], bytearray(data[start + 1:start + 1 + width]),
+                           previous, pixel)
+        out.append(row)
+        previous = row
+    return b"".join(out)
+
+
+def png_unfilter(kind, row, previous, pixel):
+    """Return one PNG scanline with its filter (RFC 2083 6) undone, given the one above."""
+    if kind == 2:
+        return bytearray((a + b) & 255 for a, b in zip(row, previous))
+    for i in range(len(row)):
+        left = row[i - pixel] if i >= pixel else 0
+        if kind == 1:
+            row[i] = (row[i] + left) & 255
+        elif kind == 3:
+            row[i] = (row[i] + (left + previous[i]) // 2) & 255
+        elif kind == 4:
+            up, corner = previous[i], previous[i - pixel] if i >= pixel else 0
+            p = left + up - corner
+            pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+            row[i] = (row[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+    return row
+
+
+def decode_filter(name, data, parms, limit):
+    """Return data decoded by one stream filter; None for a filter we cannot decode."""
+    if name in ("FlateDecode", "Fl"):
+        return undo_predictor(inflate(data, limit), parms)
+    if name in ("ASCIIHexDecode", "AHx"):
+        return hex_string(data.split(b">")[0])
+    if name in ("ASCII85Decode", "A85"):
+        body = re.sub(rb"\s", b"", data).split(b"~>")[0]
+        body = body[2:] if body.startswith(b"<~") else body
+        try:
+            return base64.a85decode(body + b"u" * (-len(body) % 5))[:len(body) * 4 // 5]
+        except ValueError:
+            return None
+    if name == "Crypt":
+        return data
+    return None
+
+
+# The standard security handler (ISO 32000-1 7.6.3) with the empty user password: files
+# that open without asking and forbid copying. Only RC4 is here; the standard library
+# has no AES, so AES files get a marker.
+PASSWORD_PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
+
+
+def rc4(key, data):
+    """Return data encrypted or decrypted with RC4 under key."""
+    state = list(range(256))
+    j = 0
+    for i in range(256):
+        j = (j + state[i] + key[i % len(key)]) & 255
+        state[i], state[j] = state[j], state[i]
+    stream = bytearray(len(data))
+    i = j = 0
+    for n in range(len(data)):
+        i = (i + 1) & 255
+        j = (j + state[i]) & 255
+        state[i], state[j] = state[j], state[i]
+        stream[n] = state[(state[i] + state[j]) & 255]
+    mixed = int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")
+    return mixed.to_bytes(len(data), "big")
+
+
+def empty_password_key(encrypt, first_id):
+    """Return the RC4 file key for the empty user password, or None if it needs another.
+
+    ISO 32000-1 7.6.3.3 algorithm 2 makes the key; algorithms 4 and 5 check it against U."""
+    revision = encrypt.get("R", 2)
+    length = 5 if revision == 2 else encrypt.get("Length", 40) // 8
+    if encrypt.get("V") == 4:
+        length = 16
+    owner, user = encrypt.get("O", b""), encrypt.get("U", b"")
+    permissions = (encrypt.get("P", 0) & 0xFFFFFFFF).to_bytes(4, "little")
+    digest = hashlib.md5(PASSWORD_PAD + owner[:32] + permissions + first_id)
+    if revision >= 4 and encrypt.get("EncryptMetadata") is False:
+        digest.update(b"\xff\xff\xff\xff")
+    key = digest.digest()[:length]
+    if revision >= 3:
+        for _ in range(50):
+            key = hashlib.md5(key).digest()[:length]
+    if revision == 2:
+        return key if rc4(key, PASSWORD_PAD) == user[:32] else None
+    check = rc4(key, hashlib.md5(PASSWORD_PAD + first_id).digest())
+    for i in range(1, 20):
+        check = rc4(bytes(k ^ i for k in key), check)
+    return key if check == user[:16] else None
+
+
+def encryption_problem(encrypt):
+    """Return why a file's encryption is beyond us in a few words, or None if it is RC4."""
+    if encrypt.get("Filter") != "Standard":
+        return "encrypted for named recipients"
+    if encrypt.get("V", 0) >= 5:
+        return "AES encryption is not supported"
+    if encrypt.get("V") == 4:
+        filters = encrypt.get("CF") if isinstance(encrypt.get("CF"), dict) else {}
+        for name in (encrypt.get("StmF"), encrypt.get("StrF")):
+            method = filters.get(name, {}).get("CFM") if isinstance(filters.get(name), dict) else None
+            if method in ("AESV2", "AESV3"):
+                return "AES encryption is not supported"
+    return None
+
+
+def decrypt_strings(value, key):
+    """Return value with every string in it decrypted under the object's key."""
+    if value.__class__ is bytes:
+        return rc4(key, value)
+    if value.__class__ is list:
+        return [decrypt_strings(item, key) for item in value]
+    if value.__class__ is dict:
+        return {name: decrypt_strings(item, key) for name, item in value.items()}
+    return value
+
+
+################ Documents: PDF objects
+
+# A PDF's objects found through its cross-reference sections (ISO 32000-1 7.5), and its
+# page tree (7.7.3).
+
+OBJECT_HEAD_RE = re.compile(rb"[\x00\t\n\x0c\r ]*(\d+)[\x00\t\n\x0c\r ]+(\d+)[\x00\t\n\x0c\r ]+obj")
+OBJECT_SCAN_RE = re.compile(rb"(?<![0-9])(\d{1,10})[\x00\t\n\x0c\r ]+(\d{1,5})[\x00\t\n\x0c\r ]+obj\b")
+STREAM_START_RE = re.compile(rb"stream(?:\r\n|\n|\r(?!\n))?")
+XREF_SUBSECTION_RE = re.compile(rb"[\x00\t\n\x0c\r ]*(\d+)[\x00\t\n\x0c\r ]+(\d+)(?=[\x00\t\n\x0c\r ]+\d{3})")
+XREF_ENTRY_RE = re.compile(rb"[\x00\t\n\x0c\r ]*(\d{1,10})[\x00\t\n\x0c\r ]+(\d{1,5})[\x00\t\n\x0c\r ]+([nf])")
+BROKEN = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+          OverflowError, ZeroDivisionError, StopIteration)
+
+
+class PdfFile:
+    """A PDF's objects, read lazily through its cross-reference data, and decrypted.
+
+    __init__ reads the cross-reference sections (tables and streams, newest first along
+    /Prev), or scans for "n g obj" when they are broken, then sets up decryption.
+    resolve/get/fetch give objects; stream_data decodes a stream against the inflate
+    budget; iter_pages walks the page tree."""
+
+    def __init__(self, data, max_inflate=PDF_MAX_INFLATE):
+        """Read the cross-reference data and the encryption of the PDF in data."""
+        if b"%PDF" not in data[:1024]:
+            raise DocumentError("not a PDF")
+        self.data, self.budget = data, max_inflate
+        self.xref, self.trailer, self.objects, self.object_streams = {}, {}, {}, {}
+        self.pending, self.scanned, self.key, self.encrypt_num = set(), None, None, None
+        try:
+            self.read_xref_chain()
+        except (DocumentError, *BROKEN):
+            self.xref, self.trailer = {}, {}
+        if not isinstance(self.resolve(self.trailer.get("Root")), dict):
+            self.xref, self.trailer = self.scan_objects(), {}
+            self.find_trailer()
+        if not isinstance(self.resolve(self.trailer.get("Root")), dict):
+            raise DocumentError("damaged: no cross-reference table" if not self.xref
+                                else "damaged: no document catalog")
+        self.setup_encryption()
+
+    def read_xref_chain(self):
+        """Read every cross-reference section from the last startxref back along /Prev."""
+        at = self.data.rfind(b"startxref")
+        offset = first_value(self.data, at + 9) if at >= 0 else None
+        seen = set()
+        while isinstance(offset, int) and offset not in seen and len(seen) < 64:
+            seen.add(offset)
+            if self.data.startswith(b"xref", offset):
+                trailer = self.read_xref_table(offset + 4)
+                if isinstance(trailer.get("XRefStm"), int):
+                    self.read_xref_stream(trailer["XRefStm"])
+            else:
+                trailer = self.read_xref_stream(offset)
+            for name, value in trailer.items():
+                self.trailer.setdefault(name, value)
+            offset = trailer.get("Prev")
+
+    def read_xref_table(self, pos):
+        """Read one cross-reference table at pos; return its trailer dictionary."""
+        while True:
+            section = XREF_SUBSECTION_RE.match(self.data, pos)
+            if not section:
+                break
+            start, count = int(section.group(1)), int(section.group(2))
+            pos = section.end()
+            for num in range(start, start + count):
+                entry = XREF_ENTRY_RE.match(self.data, pos)
+                if not entry:
+                    raise ValueError("short cross-reference table")
+                pos = entry.end()
+                if entry.group(3) == b"n":
+                    self.xref.setdefault(num, (1, int(entry.group(1)), int(entry.group(2))))
+        at = self.data.find(b"trailer", pos)
+        trailer = first_value(self.data, at + 7) if at >= 0 else None
+        return trailer if isinstance(trailer, dict) else {}
+
+    def read_xref_stream(self, offset):
+        """Read one cross-reference stream at offset; return its dictionary."""
+        stream = self.object_at(offset, None)
+        if not isinstance(stream, Stream):
+            raise ValueError("no cross-reference stream")
+        info, rows = stream.dict, self.stream_data(stream)
+        widths = [w if isinstance(w, int) else 0 for w in info.get("W", [])][:3]
+        size = sum(widths)
+        index = info.get("Index") or [0, info.get("Size", 0)]
+        pos = 0
+        for first, count in zip(index[0::2], index[1::2]):
+            for num in range(first, first + min(count, len(rows) // max(size, 1))):
+                fields, pos = [], pos
+                for width in widths:
+                    fields.append(int.from_bytes(rows[pos:pos + width], "big"))
+                    pos += width
+                kind = fields[0] if widths[0] else 1
+                if kind in (1, 2):
+                    self.xref.setdefault(num, (kind, fields[1], fields[2]))
+        return info
+
+    def scan_objects(self):
+        """Return cross-reference entries found by scanning for "n g obj"; the last one wins."""
+        found = {}
+        for m in OBJECT_SCAN_RE.finditer(self.data):
+            found[int(m.group(1))] = (1, m.start(), int(m.group(2)))
+        return found
+
+    def find_trailer(self):
+        """Rebuild the trailer of a file with broken cross-references from what it holds."""
+        at = len(self.data)
+        while (at := self.data.rfind(b"trailer", 0, at)) >= 0:
+            trailer = first_value(self.data, at + 7)
+            for name, value in (trailer.items() if isinstance(trailer, dict) else ()):
+                self.trailer.setdefault(name, value)
+        for num in sorted(self.xref, reverse=True):
+            value = self.fetch(num)
+            info = value.dict if isinstance(value, Stream) else value
+            if isinstance(value, Stream) and info.get("Type") == "ObjStm":
+                self.register_object_stream(num, value)
+            elif isinstance(value, Stream) and info.get("Type") == "XRef":
+                for name in ("Root", "Encrypt", "ID", "Info"):
+                    self.trailer.setdefault(name, info.get(name))
+            elif isinstance(info, dict) and info.get("Type") == "Catalog":
+                self.trailer.setdefault("Root", (num, 0))
+
+    def register_object_stream(self, num, stream):
+        """Add the objects of an object stream that no scanned object overrides."""
+        header = self.object_stream(num, stream)[1]
+        for index, (contained, _) in enumerate(header):
+            self.xref.setdefault(contained, (2, num, index))
+
+    def setup_encryption(self):
+        """Find the file key for an encrypted file, or raise why it cannot be read."""
+        encrypt = self.resolve(self.trailer.get("Encrypt"))
+        if not isinstance(encrypt, dict):
+            return
+        if isinstance(self.trailer.get("Encrypt"), tuple):
+            self.encrypt_num = self.trailer["Encrypt"][0]
+        problem = encryption_problem(encrypt)
+        if problem:
+            raise DocumentError(problem)
+        ids = self.resolve(self.trailer.get("ID"))
+        first_id = ids[0] if isinstance(ids, list) and ids and isinstance(ids[0], bytes) else b""
+        self.key = empty_password_key(encrypt, first_id)
+        if self.key is None:
+            raise DocumentError("encrypted")
+        # Objects already read were read before the key was known.
+        self.objects = {num: value for num, value in self.objects.items() if num == self.encrypt_num}
+
+    def object_key(self, num, gen):
+        """Return the RC4 key of one object (ISO 32000-1 7.6.2 algorithm 1)."""
+        digest = hashlib.md5(self.key + num.to_bytes(3, "little") + gen.to_bytes(2, "little"))
+        return digest.digest()[:min(len(self.key) + 5, 16)]
+
+    def resolve(self, value):
+        """Return value with references followed, or None for a dangling one."""
+        for _ in range(PDF_MAX_DEPTH):
+            if value.__class__ is not tuple:
+                return value
+            value = self.fetch(value[0])
+        return None
+
+    def get(self, holder, name, default=None):
+        """Return holder[name] resolved when holder is a dict (or a stream's), else default."""
+        if isinstance(holder, Stream):
+            holder = holder.dict
+        value = self.resolve(holder.get(name)) if isinstance(holder, dict) else None
+        return default if value is None else value
+
+    def fetch(self, num):
+        """Return object num, read once and kept; None if it is missing or unreadable."""
+        if num in self.objects:
+            return self.objects[num]
+        if num in self.pending or num not in self.xref:
+            return None
+        self.pending.add(num)
+        try:
+            kind, where, which = self.xref[num]
+            if kind == 2:
+                value = self.object_in_stream(where, which, num)
+            else:
+                value = self.object_at(where, num)
+                if value is None and self.scanned is None:
+                    self.scanned = self.scan_objects()
+                if value is None and self.scanned.get(num, (0, where))[1] != where:
+                    value = self.object_at(self.scanned[num][1], num)
+        except BROKEN:
+            value = None
+        finally:
+            self.pending.discard(num)
+        self.objects[num] = value
+        return value
+
+    def object_at(self, offset, num):
+        """Return the object whose "num gen obj" is at offset (any number when num is None)."""
+        head = OBJECT_HEAD_RE.match(self.data, offset)
+        if not head or (num is not None and int(head.group(1)) != num):
+            return None
+        num, gen = int(head.group(1)), int(head.group(2))
+        for operator, operands in iter_operations(self.data, head.end()):
+            value = operands[0] if operands else None
+            if operator == "stream" and isinstance(value, dict):
+                return self.make_stream(value, head.end(), num, gen)
+            if self.key and num != self.encrypt_num:
+                value = decrypt_strings(value, self.object_key(num, gen))
+            return value
+        return None
+
+    def make_stream(self, info, pos, num, gen):
+        """Return the Stream whose dictionary info ends before the "stream" keyword after pos."""
+        start = STREAM_START_RE.search(self.data, pos).end()
+        length = self.resolve(info.get("Length"))
+        end = start + length if isinstance(length, int) and length >= 0 else -1
+        if end < 0 or b"endstream" not in self.data[end:end + 32]:
+            # A wrong /Length is common: trust the endstream keyword instead.
+            end = self.data.find(b"endstream", start)
+            end = len(self.data) if end < 0 else end
+            end -= 2 if self.data[end - 2:end] == b"\r\n" else self.data[end - 1:end] in (b"\n", b"\r")
+        if self.key:
+            info = decrypt_strings(info, self.object_key(num, gen))
+        return Stream(info, start, end, num, gen)
+
+    def object_stream(self, num, stream):
+        """Return (data, [(object number, offset)]) of object stream num, keeping the last few."""
+        if num not in self.object_streams:
+            data = self.stream_data(stream)
+            first = self.get(stream, "First", 0)
+            numbers = [n for n in iter_tokens(data[:first]) if n.__class__ is int]
+            header = [(numbers[i], first + numbers[i + 1]) for i in range(0, len(numbers) - 1, 2)]
+            if len(self.object_streams) >= 4:
+                self.object_streams.pop(next(iter(self.object_streams)))
+            self.object_streams[num] = (data, header)
+        return self.object_streams[num]
+
+    def object_in_stream(self, stream_num, index, num):
+        """Return object num, the index-th object of object stream stream_num."""
+        stream = self.fetch(stream_num)
+        if not isinstance(stream, Stream):
+            return None
+        data, header = self.object_stream(stream_num, stream)
+        if index >= len(header) or header[index][0] != num:
+            index = next((i for i, (n, _) in enumerate(header) if n == num), None)
+            if index is None:
+                return None
+        end = header[index + 1][1] if index + 1 < len(header) else len(data)
+        return first_value(data[header[index][1]:end])
+
+    def stream_data(self, stream, image=False):
+        """Return a stream's bytes, decoded; with image, (bytes, image filter or None).
+
+        Decoding stops at an image filter: a JPEG stays a JPEG. Without image, a stream
+        that needs one (or an unknown filter) reads as empty."""
+        data = self.data[stream.start:stream.end]
+        self.budget -= len(data)    # a form run a thousand times costs as much unfiltered
+        if self.budget < 0:
+            raise DocumentError("too large once decompressed")
+        if self.key and stream.dict.get("Type") != "XRef":
+            data = rc4(self.object_key(stream.num, stream.gen), data)
+        filters = self.get(stream, "Filter", [])
+        parms = self.get(stream, "DecodeParms", self.get(stream, "DP", []))
+        filters = filters if isinstance(filters, list) else [filters]
+        parms = parms if isinstance(parms, list) else [parms] * len(filters)
+        for i, name in enumerate(self.resolve(f) for f in filters):
+            if name in IMAGE_FILTERS:
+                return (data, name) if image else b""
+            limit = max(0, min(PDF_MAX_STREAM_BYTES, self.budget))
+            options = self.resolve(parms[i]) if i < len(parms) else None
+            options = options if isinstance(options, dict) else {}
+            if image:
+                # PNG predictors are PNG's own filters: the page image keeps them.
+                options = {k: v for k, v in options.items() if k != "Predictor"}
+            data = decode_filter(name, data, options, limit)
+            if data is None:
+                return (b"", None) if image else b""
+            self.budget -= len(data)
+            if self.budget < 0:
+                raise DocumentError("too large once decompressed")
+        return (data, None) if image else data
+
+    def iter_pages(self, limit=PDF_MAX_PAGES):
+        """Yield (page dict, resources) in page order, Resources inherited (ISO 32000-1 7.7.3.4)."""
+        root = self.get(self.trailer, "Root", {})
+        stack = [(self.get(root, "Pages", {}), {}, 0)]
+        seen, count = set(), 0
+        while stack and count < limit:
+            node, resources, depth = stack.pop()
+            if not isinstance(node, dict) or id(node) in seen or depth > 2 * PDF_MAX_DEPTH:
+                continue
+            seen.add(id(node))
+            resources = self.get(node, "Resources", resources)
+            kids = self.get(node, "Kids")
+            if node.get("Type") == "Page" or not isinstance(kids, list) and "Contents" in node:
+                count += 1
+                yield node, resources
+            else:
+                stack.extend((self.resolve(kid), resources, depth + 1) for kid in reversed(kids))
+
+    def page_count(self):
+        """Return the page count the page tree claims."""
+        count = self.get(self.get(self.get(self.trailer, "Root", {}), "Pages", {}), "Count", 0)
+        return count if isinstance(count, int) else 0
+
+
+################ Documents: fonts
+
+# How a font's codes become text and widths (ISO 32000-1 9.5-9.10).
+
+# Glyph names (Adobe Glyph List) for what producers draw besides letters and digits,
+# whose names are themselves. Accented letters are composed from ACCENTS below, and
+# uniXXXX/uXXXXXX names carry their code points.
+GLYPH_NAMES = {
+    "space": " ", "exclam": "!", "quotedbl": '"', "numbersign": "#", "dollar": "$",
+    "percent": "%", "ampersand": "&", "quotesingle": "'", "quoteright": "\u2019",
+    "parenleft": "(", "parenright": ")", "asterisk": "*", "plus": "+", "comma": ",",
+    "hyphen": "-", "period": ".", "slash": "/", "zero": "0", "one": "1", "two": "2",
+    "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
+    "nine": "9", "colon": ":", "semicolon": ";", "less": "<", "equal": "=", "greater": ">",
+    "question": "?", "at": "@", "bracketleft": "[", "backslash": "\\", "bracketright": "]",
+    "asciicircum": "^", "underscore": "_", "quoteleft": "\u2018", "grave": "`",
+    "braceleft": "{", "bar": "|", "braceright": "}", "asciitilde": "~", "exclamdown": "\u00a1",
+    "cent": "\u00a2", "sterling": "\u00a3", "fraction": "\u2044", "yen": "\u00a5",
+    "florin": "\u0192", "section": "\u00a7", "currency": "\u00a4", "quotedblleft": "\u201c",
+    "guillemotleft": "\u00ab", "guilsinglleft": "\u2039", "guilsinglright": "\u203a",
+    "fi": "fi", "fl": "fl", "ff": "ff", "ffi": "ffi", "ffl": "ffl", "endash": "\u2013",
+    "emdash": "\u2014", "dagger": "\u2020", "daggerdbl": "\u2021", "periodcentered": "\u00b7",
+    "paragraph": "\u00b6", "bullet": "\u2022", "quotesinglbase": "\u201a",
+    "quotedblbase": "\u201e", "quotedblright": "\u201d", "guillemotright": "\u00bb",
+    "ellipsis": "\u2026", "perthousand": "\u2030", "questiondown": "\u00bf", "acute": "\u00b4",
+    "circumflex": "\u02c6", "tilde": "\u02dc", "macron": "\u00af", "breve": "\u02d8",
+    "dotaccent": "\u02d9", "dieresis": "\u00a8", "ring": "\u02da", "cedilla": "\u00b8",
+    "hungarumlaut": "\u02dd", "ogonek": "\u02db", "caron": "\u02c7", "AE": "\u00c6",
+    "ae": "\u00e6", "OE": "\u0152", "oe": "\u0153", "Oslash": "\u00d8", "oslash": "\u00f8",
+    "Lslash": "\u0141", "lslash": "\u0142", "dotlessi": "\u0131", "germandbls": "\u00df",
+    "ordfeminine": "\u00aa", "ordmasculine": "\u00ba", "Eth": "\u00d0", "eth": "\u00f0",
+    "Thorn": "\u00de", "thorn": "\u00fe", "minus": "\u2212", "multiply": "\u00d7",
+    "divide": "\u00f7", "degree": "\u00b0", "copyright": "\u00a9", "registered": "\u00ae",
+    "trademark": "\u2122", "plusminus": "\u00b1", "onehalf": "\u00bd", "onequarter": "\u00bc",
+    "threequarters": "\u00be", "onesuperior": "\u00b9", "twosuperior": "\u00b2",
+    "threesuperior": "\u00b3", "mu": "\u00b5", "logicalnot": "\u00ac", "brokenbar": "\u00a6",
+    "nbspace": "\u00a0", "sfthyphen": "\u00ad", "Euro": "\u20ac", "Delta": "\u2206",
+    "Omega": "\u2126", "quotereversed": "\u201b", "visiblespace": "\u2423",
+    "dotlessj": "\u0237", "ff_i": "ffi", "ff_l": "ffl", "afii61289": "\u2113",
+}
+ACCENTS = {
+    "acute": "\u0301", "grave": "\u0300", "circumflex": "\u0302", "dieresis": "\u0308",
+    "tilde": "\u0303", "ring": "\u030a", "cedilla": "\u0327", "caron": "\u030c",
+    "macron": "\u0304", "breve": "\u0306", "ogonek": "\u0328", "dotaccent": "\u0307",
+    "hungarumlaut": "\u030b", "commaaccent": "\u0326",
+}
+GLYPH_CODE_RE = re.compile(r"(?:uni((?:[0-9A-F]{4})+)|u([0-9A-F]{4,6}))$")
+# Ligatures spelled out, so that words are found; U+FFFD is what some producers map
+# glyphs they could not name to, and says nothing.
+LIGATURES = {0xFB00: "ff", 0xFB01: "fi", 0xFB02: "fl", 0xFB03: "ffi", 0xFB04: "ffl",
+             0xFB05: "st", 0xFB06: "st", 0xFFFD: None}
+
+# StandardEncoding (ISO 32000-1 D.2) above ASCII, as runs of (first code, characters).
+STANDARD_HIGH = (
+    (0xA1, "\u00a1\u00a2\u00a3\u2044\u00a5\u0192\u00a7\u00a4'\u201c\u00ab\u2039\u203a\ufb01\ufb02"),
+    (0xB1, "\u2013\u2020\u2021\u00b7"), (0xB6, "\u00b6\u2022\u201a\u201e\u201d\u00bb\u2026\u2030"),
+    (0xBF, "\u00bf"), (0xC1, "`\u00b4\u02c6\u02dc\u00af\u02d8\u02d9\u00a8"), (0xCA, "\u02da\u00b8"),
+    (0xCD, "\u02dd\u02db\u02c7\u2014"), (0xE1, "\u00c6"), (0xE3, "\u00aa"),
+    (0xE8, "\u0141\u00d8\u0152\u00ba"), (0xF1, "\u00e6"), (0xF5, "\u0131"),
+    (0xF8, "\u0142\u00f8\u0153\u00df"))
+
+
+def glyph_text(name):
+    """Return the text a glyph name stands for, or None if the name says nothing."""
+    if not isinstance(name, str):
+        return None
+    if name in GLYPH_NAMES:
+        return GLYPH_NAMES[name]
+    base = name.split(".")[0]
+    if "_" in base:
+        parts = [glyph_text(part) for part in base.split("_")]
+        return "".join(parts) if all(parts) else None
+    if len(base) == 1 and base.isalnum():
+        return base
+    code = GLYPH_CODE_RE.match(base)
+    if code and code.group(1):
+        return "".join(chr(int(code.group(1)[i:i + 4], 16)) for i in range(0, len(code.group(1)), 4))
+    if code:
+        return chr(min(int(code.group(2), 16), 0x10FFFF))
+    if len(base) > 1 and base[1:] in ACCENTS and base[0].isalpha():
+        return unicodedata.normalize("NFC", base[0] + ACCENTS[base[1:]])
+    if base != name or base == "":
+        return glyph_text(base) if base else None
+    try:
+        return unicodedata.lookup(("GREEK CAPITAL LETTER " if base[0].isupper()
+                                   else "GREEK SMALL LETTER ") + base.upper())
+    except KeyError:
+        return None
+
+
+def base_encoding(name):
+    """Return the 256 texts of a base encoding (WinAnsi, MacRoman, else Standard)."""
+    if name in ("WinAnsiEncoding", "MacRomanEncoding"):
+        codec = "cp1252" if name == "WinAnsiEncoding" else "mac_roman"
+        table = [bytes([c]).decode(codec, "ignore") if c >= 32 else "" for c in range(256)]
+        table[0x7F] = ""
+        return table
+    table = [chr(c) if 32 <= c < 127 else "" for c in range(256)]
+    table[0x27], table[0x60] = "\u2019", "\u2018"
+    for first, characters in STANDARD_HIGH:
+        table[first:first + len(characters)] = characters
+    return table
+
+
+def utf16_text(code):
+    """Return the text of a CMap destination: UTF-16BE bytes, or a single byte."""
+    if len(code) == 1:
+        return chr(code[0])
+    return code.decode("utf-16-be", "ignore").replace("\x00", "")
+
+
+def parse_cmap(data):
+    """Return (codespace ranges, {code: text}, {code: CID}) of a CMap (Adobe TN 5014, 5411)."""
+    spaces, texts, cids = [], {}, {}
+    for operator, operands in iter_operations(data):
+        if operator == "endcodespacerange":
+            spaces += [(lo, hi) for lo, hi in zip(operands[0::2], operands[1::2])
+                       if lo.__class__ is bytes and hi.__class__ is bytes and len(lo) == len(hi)]
+        elif operator in ("endbfchar", "endcidchar"):
+            target = texts if operator == "endbfchar" else cids
+            for code, value in zip(operands[0::2], operands[1::2]):
+                if code.__class__ is bytes:
+                    target[int.from_bytes(code, "big")] = (
+                        glyph_text(value) if value.__class__ is str else
+                        utf16_text(value) if value.__class__ is bytes else value)
+        elif operator in ("endbfrange", "endcidrange"):
+            for lo, hi, value in zip(operands[0::3], operands[1::3], operands[2::3]):
+                if lo.__class__ is bytes and hi.__class__ is bytes:
+                    add_cmap_range(texts if operator == "endbfrange" else cids,
+                                   int.from_bytes(lo, "big"), int.from_bytes(hi, "big"), value)
+        if len(texts) + len(cids) > PDF_MAX_CMAP_ENTRIES:
+            break
+    return spaces, texts, cids
+
+
+def add_cmap_range(target, lo, hi, value):
+    """Add one bfrange or cidrange: lo..hi map to value counting up, or to a list's items."""
+    hi = min(hi, lo + 65535)
+    if value.__class__ is list:
+        for code, item in zip(range(lo, hi + 1), value):
+            if item.__class__ is bytes:
+                target[code] = utf16_text(item)
+    elif value.__class__ is int:
+        for code in range(lo, hi + 1):
+            target[code] = value + code - lo
+    elif value.__class__ is bytes and value:
+        first, size = int.from_bytes(value, "big"), len(value)
+        for code in range(lo, hi + 1):
+            target[code] = utf16_text((first + code - lo).to_bytes(size, "big", signed=False)
+                                      if first + code - lo < 256 ** size else value)
+
+
+def cid_widths(array):
+    """Return {CID: width} of a CIDFont's W array (ISO 32000-1 9.7.4.3)."""
+    widths, i = {}, 0
+    while i + 1 < len(array) and len(widths) < PDF_MAX_CMAP_ENTRIES:
+        first, item = array[i], array[i + 1]
+        if isinstance(item, list):
+            widths.update((first + n, w) for n, w in enumerate(item) if isinstance(w, (int, float)))
+            i += 2
+        elif i + 2 < len(array) and isinstance(first, int) and isinstance(item, int):
+            widths.update((cid, array[i + 2]) for cid in range(first, min(item, first + 65535) + 1))
+            i += 3
+        else:
+            break
+    return widths
+
+
+TYPE1_ENCODING_RE = re.compile(rb"dup[\x00\t\n\x0c\r ]+(\d+)[\x00\t\n\x0c\r ]*/([^\x00\t\n\x0c\r /\[\]{}()<>]+)[\x00\t\n\x0c\r ]+put")
+
+
+def builtin_encoding(doc, font):
+    """Return the 256 texts of the encoding a Type 1 font program defines (else Standard).
+
+    TeX's Computer Modern fonts come this way, with neither Encoding nor ToUnicode."""
+    program = doc.get(doc.get(font, "FontDescriptor", {}), "FontFile")
+    if not isinstance(program, Stream):
+        return base_encoding("StandardEncoding")
+    text = doc.stream_data(program)
+    text = text[:doc.get(program, "Length1", len(text))]
+    if b"/Encoding StandardEncoding" in text:
+        return base_encoding("StandardEncoding")
+    table = [""] * 256
+    for m in TYPE1_ENCODING_RE.finditer(text):
+        if int(m.group(1)) < 256:
+            table[int(m.group(1))] = glyph_text(m.group(2).decode("latin-1")) or ""
+    return table
+
+
+def simple_encoding(doc, font):
+    """Return the 256 texts of a one-byte font's Encoding: a base encoding and Differences."""
+    encoding = doc.get(font, "Encoding")
+    base = encoding if isinstance(encoding, str) else doc.get(encoding, "BaseEncoding")
+    table = base_encoding(base) if isinstance(base, str) else builtin_encoding(doc, font)
+    code = 0
+    for item in doc.get(encoding, "Differences", []):
+        if isinstance(item, int):
+            code = item
+        elif 0 <= code < 256:
+            table[code] = glyph_text(item) or ""
+            code += 1
+    return table
+
+
+# The standard 14 fonts may come without Widths. Their widths of ASCII 32-126 (Adobe's
+# AFM files), each as chr(round(width / 10) + 23); italics differ little from upright.
+STANDARD_WIDTHS = {
+    "Helvetica": "33;OOpZ-88>Q3833OOOOOOOOOO33QQQO}ZZ__ZTe_3IZOj_eZe_ZT_ZuZZT333FO-OOIOO3OO--I-jOOOO8I3OI_III818Q",
+    "Helvetica-Bold": "38FOOp_388>Q3833OOOOOOOOOO88QQQTy____ZTe_3O_Tj_eZe_ZT_ZuZZT838QO3OTOTO8TT33O3pTTTT>O8TOeOOI>3>Q",
+    "Times-Roman": "08@IIje888IO0803IIIIIIIIII33OOOCs_ZZ_TO__8>_Tp__O_ZOT__u__T838FI8CICIC8II33I3eIIII8>3II_IICG+GM",
+    "Times-Bold": "08OII{j888IP0803IIIIIIIIII88PPPIt_Z__ZTee>IeZu_eTe_OZ__{__Z838QI8IOCOC8IO38O3jOIOOC>8OI_IIC>->K",
+}
+
+
+def standard_widths(base_font):
+    """Return the 256 widths (in text space units per point) of a standard 14 font."""
+    if "Courier" in base_font:
+        return [0.6] * 256
+    family = "Times" if "Times" in base_font else "Helvetica" if "Helvetica" in base_font \
+        or "Arial" in base_font else None
+    if family is None:
+        return [0.25 if c == 32 else 0.5 for c in range(256)]
+    table = STANDARD_WIDTHS[family + ("-Bold" if "Bold" in base_font else
+                                      "-Roman" if family == "Times" else "")]
+    return [0.5] * 32 + [(ord(c) - 23) * 0.01 for c in table] + [0.5] * 129
+
+
+class CodeMap(dict):
+    """A dict whose missing keys read as its default: a code without text or width."""
+
+    def __init__(self, items, default):
+        """Hold items, and default for every other key."""
+        super().__init__(items)
+        self.default = default
+
+    def __missing__(self, key):
+        """Return the default for a key not held."""
+        return self.default
+
+
+class Font:
+    """What one PDF font makes of a string: its text, its width, how many codes and spaces."""
+
+    def __init__(self, doc, font):
+        """Read a font dictionary: its code length, Unicode mapping and widths."""
+        self.subtype = doc.get(font, "Subtype")
+        to_unicode = doc.get(font, "ToUnicode")
+        texts = parse_cmap(doc.stream_data(to_unicode))[1] if isinstance(to_unicode, Stream) else {}
+        self.composite, self.ranges, self.cids, self.utf16 = self.subtype == "Type0", None, None, False
+        self.code_size = 2 if self.composite else 1
+        if self.composite:
+            self.read_composite(doc, font, texts)
+        else:
+            self.read_simple(doc, font, texts)
+
+    def read_simple(self, doc, font, texts):
+        """Read a one-byte font: ToUnicode, else Encoding with Differences; Widths from FirstChar."""
+        table = simple_encoding(doc, font)
+        for code, text in texts.items():
+            if 0 <= code < 256:
+                table[code] = text
+        self.translate = dict(enumerate(table))
+        scale = 0.001
+        if self.subtype == "Type3":
+            matrix = doc.get(font, "FontMatrix", [0.001])
+            scale = matrix[0] if isinstance(matrix[0], (int, float)) else 0.001
+        missing = doc.get(doc.get(font, "FontDescriptor", {}), "MissingWidth", 0)
+        widths = doc.get(font, "Widths")
+        if not isinstance(widths, list):
+            self.widths = standard_widths(str(doc.get(font, "BaseFont", "")))
+            return
+        first = doc.get(font, "FirstChar", 0)
+        self.widths = [missing * scale] * 256
+        for code, width in enumerate(widths, first if isinstance(first, int) else 0):
+            width = doc.resolve(width)
+            if 0 <= code < 256 and isinstance(width, (int, float)):
+                self.widths[code] = width * scale
+
+    def read_composite(self, doc, font, texts):
+        """Read a Type0 font: its CMap (Identity, UCS-2 or embedded) and its CIDFont's W and DW."""
+        descendants = doc.get(font, "DescendantFonts", [])
+        cid_font = doc.resolve(descendants[0]) if descendants else {}
+        widths = cid_widths(doc.get(cid_font, "W", []))
+        self.widths = CodeMap({cid: w * 0.001 for cid, w in widths.items()},
+                              doc.get(cid_font, "DW", 1000) * 0.001)
+        self.texts = CodeMap(texts, "")
+        encoding = doc.get(font, "Encoding")
+        if isinstance(encoding, Stream):
+            ranges, _, cids = parse_cmap(doc.stream_data(encoding))
+            self.cids = CodeMap(cids, 0)
+            self.ranges = None if all(len(lo) == 2 for lo, _ in ranges) else ranges
+            self.code_size = 2 if self.ranges is None else 1 << 30
+        elif isinstance(encoding, str) and ("UCS2" in encoding or "UTF16" in encoding):
+            self.utf16 = not texts  # the codes are Unicode themselves
+
+    def codes(self, string):
+        """Return the character codes of a string shown in this composite font."""
+        if self.ranges is None:
+            codes = array.array("H", string[:len(string) & ~1])
+            if sys.byteorder == "little":
+                codes.byteswap()
+            return codes
+        codes, i = [], 0
+        while i < len(string):
+            size = next((len(lo) for lo, hi in self.ranges
+                         if lo <= string[i:i + len(lo)] <= hi), 1)
+            codes.append(int.from_bytes(string[i:i + size], "big"))
+            i += size
+        return codes
+
+    def decode(self, string):
+        """Return (text, width in text space units per point, codes, spaces, unmapped codes)."""
+        if not self.composite:
+            text = string.decode("latin-1").translate(self.translate)
+            width = sum(map(self.widths.__getitem__, string))
+            return text, width, len(string), string.count(32), 0 if text else len(string)
+        codes = self.codes(string)
+        if self.utf16:
+            text = string.decode("utf-16-be", "ignore")
+        else:
+            text = "".join(map(self.texts.__getitem__, codes))
+        cids = map(self.cids.__getitem__, codes) if self.cids is not None else codes
+        width = sum(map(self.widths.__getitem__, cids))
+        return text, width, len(codes), 0, 0 if text else len(codes)
+
+
+################ Documents: text
+
+# A page's text from its content stream: glyphs placed by the text and graphics state
+# (ISO 32000-1 9.4), spaces and line breaks from where they stand; and the images of a
+# page without text, for the vision model.
+
+IDENTITY = (1, 0, 0, 1, 0, 0)
+INVERTED = bytes(range(255, -1, -1))
+
+
+def multiply(m, n):
+    """Return the matrix product m x n of two PDF matrices (a b c d e f)."""
+    return (m[0] * n[0] + m[1] * n[2], m[0] * n[1] + m[1] * n[3],
+            m[2] * n[0] + m[3] * n[2], m[2] * n[1] + m[3] * n[3],
+            m[4] * n[0] + m[5] * n[2] + n[4], m[4] * n[1] + m[5] * n[3] + n[5])
+
+
+def png_image(width, height, color_type, depth, rows, palette=None):
+    """Return a PNG (RFC 2083) of rows, which already carry each scanline's filter byte."""
+    def chunk(kind, body):
+        """One PNG chunk with its length and CRC."""
+        return len(body).to_bytes(4, "big") + kind + body + \
+            zlib.crc32(kind + body).to_bytes(4, "big")
+    head = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, color_type, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head)
+            + (chunk(b"PLTE", palette) if palette else b"")
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def page_image(doc, image):
+    """Return (media type, bytes) of an image XObject a vision model can read, or None.
+
+    A DCTDecode stream is a JPEG as it stands. An 8-bit RGB or grey, or 1-bit grey,
+    Flate image becomes a PNG: its scanlines get PNG's filter byte, or keep the one
+    a PNG predictor already gave them."""
+    data, codec = doc.stream_data(image, image=True)
+    if codec in ("DCTDecode", "DCT"):
+        return "image/jpeg", data
+    width, height = doc.get(image, "Width", 0), doc.get(image, "Height", 0)
+    depth = 1 if doc.get(image, "ImageMask") is True else doc.get(image, "BitsPerComponent", 8)
+    space = doc.get(image, "ColorSpace", "DeviceGray")
+    palette = None
+    if isinstance(space, list) and space and space[0] == "ICCBased":
+        space = {3: "DeviceRGB", 1: "DeviceGray"}.get(doc.get(doc.resolve(space[1]), "N"), "")
+    elif isinstance(space, list) and len(space) == 4 and space[0] == "Indexed":
+        palette = doc.resolve(space[3])
+        palette = doc.stream_data(palette) if isinstance(palette, Stream) else palette
+        space = "Indexed" if doc.resolve(space[1]) == "DeviceRGB" and isinstance(palette, bytes) else ""
+    channels = {"DeviceRGB": 3, "CalRGB": 3, "DeviceGray": 1, "CalGray": 1, "Indexed": 1}.get(space)
+    if codec or not channels or depth not in (1, 8) or not width or not height:
+        return None
+    row = (width * channels * depth + 7) // 8
+    parms = doc.get(image, "DecodeParms", {})
+    predictor = parms.get("Predictor", 1) if isinstance(parms, dict) else 1
+    if predictor >= 10:
+        rows = data     # stream_data left PNG's own filter bytes on every scanline
+    elif predictor == 1:
+        if doc.get(image, "Decode", [0])[0] == 1:
+            data = data.translate(INVERTED)
+        rows = b"".join(b"\x00" + data[i:i + row] for i in range(0, row * height, row))
+    else:
+        return None
+    if len(rows) < (row + 1) * height:
+        return None
+    color_type = 3 if palette else 2 if channels == 3 else 0
+    return "image/png", png_image(width, height, color_type, depth, zlib.compress(rows), palette)
+
+
+class PageText:
+    """The text of one page, from running its content streams (ISO 32000-1 8, 9).
+
+    run interprets a content stream; graphics_state, move, text_state, show_operator
+    and draw_xobject are its operators; show places one string, and separator decides
+    from where it stands whether a space or a new line comes before it."""
+
+    def __init__(self, doc, fonts):
+        """Start a page of doc; fonts is the document's {font key: Font} shared by its pages."""
+        self.doc, self.fonts = doc, fonts
+        self.out, self.images, self.stack = [], [], []
+        self.unmapped = self.glyphs = self.forms = 0
+        self.ctm = self.tm = self.tlm = IDENTITY
+        self.font, self.size, self.tc, self.tw, self.th, self.tl, self.rise = None, 1, 0, 0, 1, 0, 0
+        self.last = None    # (x, y, baseline x, baseline y, font height) where text ended
+        self.handlers = {
+            "q": self.graphics_state, "Q": self.graphics_state, "cm": self.graphics_state,
+            "BT": self.move, "Td": self.move, "TD": self.move, "Tm": self.move, "T*": self.move,
+            "Tc": self.text_state, "Tw": self.text_state, "Tz": self.text_state,
+            "TL": self.text_state, "Ts": self.text_state, "Tf": self.text_state,
+            "Tj": self.show_operator, "TJ": self.show_operator, "'": self.show_operator,
+            '"': self.show_operator, "Do": self.draw_xobject}
+        self.wanted = frozenset(name.encode() for name in self.handlers)
+
+    def run(self, data, resources, depth=0):
+        """Interpret one content stream with its resources."""
+        handlers = self.handlers
+        for operator, operands in iter_content(data, self.wanted):
+            try:
+                handlers[operator](operator, operands, resources, depth)
+            except BROKEN:
+                continue    # a malformed operator is skipped, as viewers do
+
+    def graphics_state(self, operator, operands, resources, depth):
+        """q, Q and cm: save, restore and transform the graphics state."""
+        if operator == "q":
+            if len(self.stack) < 256:
+                self.stack.append((self.ctm, self.font, self.size, self.tc, self.tw, self.th,
+                                   self.tl, self.rise))
+        elif operator == "Q":
+            if self.stack:
+                (self.ctm, self.font, self.size, self.tc, self.tw, self.th, self.tl,
+                 self.rise) = self.stack.pop()
+        else:
+            self.ctm = multiply(numbers(operands, 6), self.ctm)
+
+    def move(self, operator, operands, resources, depth):
+        """BT, Td, TD, Tm and T*: set the text and line matrices."""
+        if operator == "BT":
+            self.tm = self.tlm = IDENTITY
+        elif operator == "Tm":
+            self.tm = self.tlm = numbers(operands, 6)
+        else:
+            tx, ty = (0, -self.tl) if operator == "T*" else numbers(operands, 2)
+            if operator == "TD":
+                self.tl = -ty
+            m = self.tlm
+            self.tm = self.tlm = (m[0], m[1], m[2], m[3], tx * m[0] + ty * m[2] + m[4],
+                                  tx * m[1] + ty * m[3] + m[5])
+
+    def text_state(self, operator, operands, resources, depth):
+        """Tf, Tc, Tw, Tz, TL and Ts: the font and spacing that place the glyphs."""
+        if operator == "Tf":
+            self.font = self.font_for(resources, operands[-2])
+            self.size = numbers(operands, 1)[0]
+            return
+        value = numbers(operands, 1)[0]
+        if operator == "Tc":
+            self.tc = value
+        elif operator == "Tw":
+            self.tw = value
+        elif operator == "Tz":
+            self.th = value / 100
+        elif operator == "TL":
+            self.tl = value
+        else:
+            self.rise = value
+
+    def font_for(self, resources, name):
+        """Return the Font that resources call name, read once per document; None if unusable."""
+        reference = self.doc.get(resources, "Font", {}).get(name)
+        key = reference if isinstance(reference, tuple) else id(reference)
+        if key not in self.fonts:
+            font = self.doc.resolve(reference)
+            try:
+                self.fonts[key] = Font(self.doc, font) if isinstance(font, dict) else None
+            except BROKEN:
+                self.fonts[key] = None
+        return self.fonts[key]
+
+    def show_operator(self, operator, operands, resources, depth):
+        """Tj, TJ, ' and ": show strings; TJ's numbers move by thousandths of the font size."""
+        if operator == "TJ":
+            for item in operands[-1]:
+                if item.__class__ is bytes:
+                    self.show(item)
+                elif isinstance(item, (int, float)):
+                    shift = -item * 0.001 * self.size * self.th
+                    m = self.tm
+                    self.tm = (m[0], m[1], m[2], m[3], m[4] + shift * m[0], m[5] + shift * m[1])
+            return
+        if operator == '"':
+            self.tw, self.tc = numbers(operands[:-1], 2)
+        if operator != "Tj":
+            self.move("T*", (), resources, depth)
+        self.show(operands[-1])
+
+    def show(self, string):
+        """Show one string: add its text after the right separator and advance the text matrix."""
+        font = self.font
+        if font is None or string.__class__ is not bytes:
+            return
+        if self.tc * self.th > PDF_SPACE_GAP * abs(self.size) and len(string) > font.code_size:
+            # Ghostscript spaces words apart with character spacing alone ("(.W)" with
+            # Tc 2.7 for ". W"): such a gap is a space, so each glyph is placed alone.
+            step = font.code_size
+            for i in range(0, len(string), step):
+                self.show(string[i:i + step])
+            return
+        text, width, count, spaces, unmapped = font.decode(string)
+        self.glyphs += count
+        self.unmapped += unmapped
+        tm = self.tm
+        m = multiply(tm, self.ctm)
+        advance = (width * self.size + self.tc * count + self.tw * spaces) * self.th
+        self.tm = (tm[0], tm[1], tm[2], tm[3], tm[4] + advance * tm[0], tm[5] + advance * tm[1])
+        if not text:
+            return
+        x, y = m[4] + self.rise * m[2], m[5] + self.rise * m[3]
+        scale = (m[0] * m[0] + m[1] * m[1]) ** 0.5 or 1
+        height = abs(self.size) * ((m[2] * m[2] + m[3] * m[3]) ** 0.5 or scale)
+        ux, uy = m[0] / scale, m[1] / scale
+        separator = self.separator(x, y, ux, uy, height)
+        if separator == " " and (text[0].isspace() or self.out[-1][-1:].isspace()):
+            separator = ""
+        if separator:
+            self.out.append(separator)
+        self.out.append(text)
+        # Text ends where its last glyph does: the character spacing after it is a gap.
+        end = advance - self.tc * self.th
+        self.last = (x + end * m[0], y + end * m[1], ux, uy, height)
+
+    def separator(self, x, y, ux, uy, height):
+        """Return what goes between the last text and text starting at (x, y): "", " " or a new line.
+
+        Several producers draw no spaces, so glyph positions decide: a gap wider than a
+        fraction of the font size is a word space, a shifted baseline a new line."""
+        if self.last is None:
+            return ""
+        last_x, last_y, last_ux, last_uy, last_height = self.last
+        dx, dy = x - last_x, y - last_y
+        along, across = dx * ux + dy * uy, dy * ux - dx * uy
+        height = max(height, last_height)
+        turn = ux * last_ux + uy * last_uy
+        if turn < -0.9 and abs(across) <= PDF_LINE_GAP * height:
+            return ""   # a mirrored glyph on the same line, as in the XeTeX logo
+        if abs(across) > PDF_LINE_GAP * height or turn < 0.9:
+            return "\n"
+        if along > PDF_SPACE_GAP * height or along < -height:
+            return " "
+        return ""
+
+    def draw_xobject(self, operator, operands, resources, depth):
+        """Do: run a form XObject's content in place; keep an image in case the page has no text."""
+        xobject = self.doc.resolve(self.doc.get(resources, "XObject", {}).get(operands[-1]))
+        if not isinstance(xobject, Stream):
+            return
+        kind = xobject.dict.get("Subtype")
+        if kind == "Image" and len(self.images) < PDF_MAX_PAGE_IMAGES and xobject not in self.images:
+            self.images.append(xobject)
+        elif kind == "Form" and depth < PDF_MAX_DEPTH and self.forms < PDF_MAX_FORMS:
+            # Forms that draw each form ten times would run ten to the depth times.
+            self.forms += 1
+            saved = (self.tm, self.tlm, len(self.stack))
+            self.graphics_state("q", (), resources, depth)
+            matrix = self.doc.get(xobject, "Matrix", IDENTITY)
+            self.ctm = multiply(numbers(matrix, 6), self.ctm)
+            self.run(self.doc.stream_data(xobject), self.doc.get(xobject, "Resources", resources),
+                     depth + 1)
+            del self.stack[saved[2] + 1:]
+            self.graphics_state("Q", (), resources, depth)
+            self.tm, self.tlm = saved[:2]
+
+    def text(self):
+        """Return the page's text, lines stripped of trailing spaces, ligatures spelled out."""
+        lines = "".join(self.out).translate(LIGATURES).split("\n")
+        return "\n".join(line.rstrip() for line in lines).strip("\n")
+
+
+def numbers(operands, count):
+    """Return the last count operands as a tuple of numbers, or raise TypeError."""
+    values = tuple(operands[-count:])
+    if len(values) != count:
+        raise TypeError("expected %d numbers" % count)
+    sum(values)     # raises TypeError for anything but numbers, at C speed
+    return values
+
+
+def page_contents(doc, page):
+    """Return the bytes of a page's content, its streams joined when it has several."""
+    contents = doc.get(page, "Contents")
+    streams = contents if isinstance(contents, list) else [contents]
+    return b"\n".join(doc.stream_data(s) for s in map(doc.resolve, streams) if isinstance(s, Stream))
+
+
+def page_images(doc, images):
+    """Return the (media type, bytes) of the images a page without text draws, where readable."""
+    found = []
+    for image in images:
+        try:
+            found.append(page_image(doc, image))
+        except BROKEN:
+            continue
+    return [image for image in found if image]
+
+
+def pdf_pages(data, max_inflate=PDF_MAX_INFLATE, max_pages=PDF_MAX_PAGES):
+    """Return the pages of a PDF as [{"text": str, "images": [(media type, bytes)]}].
+
+    Images are given only for a page without text (a scan). At most max_pages pages are
+    read. Raises DocumentError with a reason fit for a marker: "encrypted", "damaged: ...",
+    "too large once decompressed", "no Unicode mapping for its fonts", ..."""
+    try:
+        doc = PdfFile(data, max_inflate)
+        fonts, pages, unmapped, glyphs, kept = {}, [], 0, 0, 0
+        for page, resources in doc.iter_pages(max_pages):
+            reader = PageText(doc, fonts)
+            reader.run(page_contents(doc, page), resources)
+            text = reader.text()
+            images = [] if text.strip() else page_images(doc, reader.images[:PDF_MAX_IMAGES - kept])
+            kept += len(images)
+            pages.append({"text": text, "images": images})
+            unmapped, glyphs = unmapped + reader.unmapped, glyphs + reader.glyphs
+    except BROKEN as error:
+        raise DocumentError("damaged") from error
+    if not pages:
+        raise DocumentError("damaged: no pages")
+    if unmapped > glyphs / 2:
+        raise DocumentError("no Unicode mapping for its fonts")
+    return pages
 
 
 ################ Encoding and estimates
