@@ -110,6 +110,15 @@ HEADS_KEPT = 16                             # (model, upstream) pairs whose head
 SIDE_MODEL = ""                             # the model for them; empty: the coder model
 SIDE_UPSTREAM_URL = ""                      # its server; empty: UPSTREAM_URL
 
+# Documents (the PDFs Claude Code's Read tool sends): read by the router once, kept by content.
+DOCUMENT_CACHE_FILE = "documents.jsonl"     # their texts, beside the descriptions, same care
+DOCUMENT_CACHE_MAX_ENTRIES = 200            # documents kept; the oldest are evicted past this
+DOCUMENT_MAX_CHARS = 2_000_000              # chars of one document kept; the rest is noted as cut
+DOCUMENT_CONTEXT_SHARE = 0.5                # share of the coder's context one document may fill
+DOCUMENT_DEFAULT_CONTEXT = 32768            # tokens assumed while the coder's context is unknown
+DOCUMENT_IMAGES_KEPT = 8                    # scanned documents whose page images stay in memory
+DOCUMENT_READER = "claude-router pdf"       # the "model" field of a document cache line
+
 # What a PDF may cost us. A few kilobytes of Flate can inflate to gigabytes, so every
 # stream is decompressed against a budget, and a document that overruns it gets a marker.
 PDF_MAX_STREAM_BYTES = 32 * 1024 * 1024     # bytes one stream may inflate to
@@ -171,6 +180,18 @@ SYNTHETIC_ASSISTANT_TEXT = "Please show me the image(s) from the tool result."
 SYNTHETIC_USER_TEXT = "Here are the image(s) from the tool result above."
 INJECTED_TEXTS = (LIFTED_IMAGE_TEXT, SYNTHETIC_ASSISTANT_TEXT, SYNTHETIC_USER_TEXT)
 MARKER_PATTERN = r"<<IMAGE( DESCRIPTION)?: .*?>>"
+
+# What the coder sees in place of a document block.
+DOCUMENT_MARKER = "<<DOCUMENT TEXT: %s>>"
+FAILED_DOCUMENT_MARKER = "<<DOCUMENT: %s could not be read: %s>>"
+CUT_DOCUMENT_MARKER = "<<DOCUMENT CUT: %s of its %s chars left out%s, to fit %s>>"
+PAGE_HEADER = "--- page %d ---"
+SCANNED_PAGE_HEADER = "--- page %d: no text layer; what the vision model sees on it ---"
+BLANK_PAGE_HEADER = "--- page %d: no text, and no image the router can read ---"
+URL_DOCUMENT_REASON = "the router fetches nothing from the internet (%s)"
+FILE_DOCUMENT_REASON = "the router cannot fetch uploaded files (%s)"
+PAGE_CONTEXT = ("This image is page %d of the PDF %s, which has no text layer. Copy its text "
+                "verbatim, in reading order.")
 
 
 ################ Errors and logging
@@ -537,11 +558,66 @@ def validate_block(block, where, nested=False):
         problem = image_source_problem(block["source"])
         if problem:
             raise ProxyError(400, "%s.source: %s" % (where, problem))
+    if kind == "document":
+        problem = document_problem(block)
+        if problem:
+            raise ProxyError(400, "%s.%s" % (where, problem))
     if kind == "tool_result":
         if nested:
             raise ProxyError(400, "%s: a tool_result cannot hold a tool_result" % where)
         for j, item in enumerate(content_blocks(block.get("content", ""))):
             validate_block(item, "%s.content.%d" % (where, j), nested=True)
+
+
+# Document sources (Anthropic's messages API), with the media type each must have.
+DOCUMENT_SOURCES = {"base64": "application/pdf", "text": "text/plain", "content": None,
+                    "url": None, "file": None}
+
+
+def document_problem(block):
+    """Why a document block is not one we can read or mark, naming its field, or None.
+
+    Its text replaces it before anything is sent on, but a malformed one is refused
+    here like a malformed image, so no transform ever meets it."""
+    for field in ("title", "context"):
+        if not isinstance(block.get(field, ""), (str, type(None))):
+            return "%s: must be a string" % field
+    source = block.get("source")
+    if not isinstance(source, dict) or source.get("type") not in DOCUMENT_SOURCES:
+        return "source: a document source must be an object of type %s" % ", ".join(
+            DOCUMENT_SOURCES)
+    kind = source["type"]
+    if kind in ("base64", "text") and source.get("media_type") != DOCUMENT_SOURCES[kind]:
+        return "source.media_type: a %s document must be %s" % (kind, DOCUMENT_SOURCES[kind])
+    if kind == "base64" and not (isinstance(source.get("data"), str) and source["data"]
+                                 and is_base64(source["data"])):
+        return "source.data: must be strict base64"
+    if kind == "text" and not isinstance(source.get("data"), str):
+        return "source.data: must be a string"
+    if kind == "content":
+        return content_source_problem(source.get("content"))
+    if kind == "url" and not (isinstance(source.get("url"), str) and is_http_url(source["url"])):
+        return "source.url: must be an http(s) URL"
+    if kind == "file" and not isinstance(source.get("file_id"), str):
+        return "source.file_id: must be a string"
+    return None
+
+
+def content_source_problem(content):
+    """Why the content of a content document is not a string or text and image blocks, or None."""
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return "source.content: must be a string or a list of text and image blocks"
+    for i, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            continue
+        problem = image_source_problem(item.get("source")) if kind == "image" else \
+            "must be a text or an image block"
+        if problem:
+            return "source.content.%d: %s" % (i, problem)
+    return None
 
 
 def image_source_problem(source):
@@ -2321,6 +2397,234 @@ def pdf_pages(data, max_inflate=PDF_MAX_INFLATE, max_pages=PDF_MAX_PAGES):
     return pages
 
 
+################ Documents
+
+# What the coder reads in place of a document block: the text of a PDF (read by the
+# router itself, below), of a text or content document, or a marker saying why not.
+# The pages of a scanned PDF come out as images, which then go the image path (the
+# vision model describes each once). How a document renders depends only on it, the
+# text before it in its message and the coder's context length: a PDF is read once
+# and kept by content, and cutting is done by a rule, so it reads the same every turn.
+
+FILE_READ_LINE = re.compile(r"PDF file read: (.+?) \([^()]*\)\s*\Z")   # Claude Code's Read tool
+
+
+def is_document(block):
+    """True for a document content block."""
+    return isinstance(block, dict) and block.get("type") == "document"
+
+
+def file_read_name(text):
+    """The file name in Claude Code's "PDF file read: /path/a.pdf (592 bytes)" line, or None."""
+    match = FILE_READ_LINE.match(text)
+    return re.split(r"[/\\]", match.group(1))[-1] or None if match else None
+
+
+def document_keys(messages):
+    """Return {base64 data: sha256 hex} for every base64 (PDF) document in messages."""
+    keys = {}
+    for message in messages:
+        for block in iter_blocks(message):
+            if is_document(block) and block["source"]["type"] == "base64":
+                data = block["source"]["data"]
+                if data not in keys:
+                    keys[data] = hashlib.sha256(data.encode()).hexdigest()
+    return keys
+
+
+def document_record(pages, max_chars=DOCUMENT_MAX_CHARS):
+    """Return (record, images) for the pages pdf_pages read: what the cache keeps, and the
+    page images as base64 ([[(media type, data)]], one list per page kept).
+
+    A record's pages are each the page's text, {"images": n} for a page with no
+    text layer and n images, or None for one with neither; past max_chars, pages
+    are counted in more_pages and more_chars instead of kept."""
+    kept, images, chars = [], [], 0
+    more_pages = more_chars = 0
+    for page in pages:
+        # A lone surrogate (a broken ToUnicode map) has no UTF-8 form, and a server that
+        # parses its escape strictly would refuse every later turn of the conversation.
+        text = page["text"].encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        if chars + len(text) > max_chars or more_pages:
+            more_pages, more_chars = more_pages + 1, more_chars + len(text)
+            continue
+        chars += len(text)
+        shots = [] if text.strip() else [(kind, base64.b64encode(data).decode("ascii"))
+                                        for kind, data in page.get("images") or ()]
+        kept.append(text if text.strip() else {"images": len(shots)} if shots else None)
+        images.append(shots)
+    return {"pages": kept, "more_pages": more_pages, "more_chars": more_chars}, images
+
+
+def is_document_record(value):
+    """True when value (read from the cache file) is a record document_record could make."""
+    if not isinstance(value, dict):
+        return False
+    if "failed" in value:
+        return isinstance(value["failed"], str)
+    return isinstance(value.get("pages"), list) and all(
+        page is None or isinstance(page, str) or (
+            isinstance(page, dict) and type(page.get("images")) is int)
+        for page in value["pages"]) and all(
+        type(value.get(k)) is int for k in ("more_pages", "more_chars"))
+
+
+def record_chars(record):
+    """How many characters of text a document record's PDF has, the pages not kept included."""
+    return sum(len(p) for p in record["pages"] if isinstance(p, str)) + record["more_chars"]
+
+
+def image_block(media_type, data):
+    """A base64 image content block."""
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def pdf_parts(record, images):
+    """A PDF's pages as [(page number, text or image block, chars of page text)]."""
+    parts = []
+    for number, page in enumerate(record["pages"], 1):
+        shots = images[number - 1] if images and number <= len(images) else []
+        if isinstance(page, str):
+            parts += [(number, PAGE_HEADER % number, 0), (number, page, len(page))]
+        elif page and shots:
+            parts.append((number, SCANNED_PAGE_HEADER % number, 0))
+            parts += [(number, image_block(kind, data), 0) for kind, data in shots]
+        else:
+            parts.append((number, BLANK_PAGE_HEADER % number, 0))
+    return parts
+
+
+def source_parts(source):
+    """A text or content document as [(0, text or image block, chars of text)]."""
+    if source["type"] == "text":
+        return [(0, source["data"], len(source["data"]))]
+    return [(0, b, 0) if is_image(b) else (0, b["text"], len(b["text"]))
+            for b in content_blocks(source["content"])]
+
+
+def json_length(text):
+    """Bytes of text as a JSON string, quotes left out: what it adds to the body sent."""
+    return len(json.dumps(text)) - 2
+
+
+def cut_text(text, room):
+    """The longest start of text whose JSON form fits in room bytes: whole lines, or
+    characters when not even the first line fits."""
+    end = used = 0
+    for line in text.splitlines(keepends=True):
+        used += json_length(line)
+        if used > room:
+            break
+        end += len(line)
+    if end:
+        return text[:end]
+    low, high = 0, len(text)      # the most characters that fit: bisect on the JSON length
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if json_length(text[:middle]) <= room else (low, middle - 1)
+    return text[:low]
+
+
+def cut_parts(parts, room):
+    """Return (the parts that fit in room JSON bytes, the page the cut falls in or None,
+    chars of text left out). An image counts as its longest description."""
+    kept, used = [], 0
+    for i, (page, piece, chars) in enumerate(parts):
+        # A text part costs its JSON bytes and the line break ("\n") that joins it on.
+        cost = DESCRIBE_MAX_TOKENS * BYTES_PER_TOKEN if is_image(piece) else json_length(piece) + 2
+        if used + cost <= room:
+            kept.append((page, piece, chars))
+            used += cost
+            continue
+        head = cut_text(piece, room - used - 2) if chars else ""
+        if head:
+            kept.append((page, head, len(head)))
+        return kept, page, sum(c for _, _, c in parts[i:]) - len(head)
+    return kept, None, 0
+
+
+def document_budget(context_length):
+    """The JSON bytes one document may fill: its share of the coder's context."""
+    return int((context_length or DOCUMENT_DEFAULT_CONTEXT) * DOCUMENT_CONTEXT_SHARE) \
+        * BYTES_PER_TOKEN
+
+
+def cut_note(record, cut_page, left, total, context_length):
+    """The note that ends a cut document: how much of its text was left out, and why."""
+    if cut_page is None and not (record and record["more_pages"]):
+        return None
+    left += record["more_chars"] if record else 0
+    where = " from page %d on" % (cut_page or len(record["pages"]) + 1) if record else ""
+    why = ("the coder's %s-token context" % format(context_length or DOCUMENT_DEFAULT_CONTEXT,
+                                                    ",")
+           if cut_page is not None else "the router's limit of %s chars" % format(
+               DOCUMENT_MAX_CHARS, ","))
+    return CUT_DOCUMENT_MARKER % (format(left, ","), format(total, ","), where, why)
+
+
+def document_header(block, name, pages):
+    """The text that opens a document: its marker, then its title and context if sent."""
+    lines = [DOCUMENT_MARKER % (name if pages is None else "%s, %d page%s" % (
+        name, pages, "" if pages == 1 else "s"))]
+    if block.get("title") and block["title"] != name:
+        lines.append("Title: %s" % block["title"])
+    if block.get("context"):
+        lines.append("Context: %s" % block["context"])
+    return "\n".join(lines)
+
+
+def render_document(block, name, record, images, context_length):
+    """The blocks the coder reads in place of a document block: text blocks, with the
+    page images of a scanned PDF between them.
+
+    record is what was read of a PDF (document_record; None for other sources, a
+    {"failed": reason} for what cannot be read); images its page images."""
+    if record and "failed" in record:
+        return [text_block(FAILED_DOCUMENT_MARKER % (name, record["failed"]))]
+    parts = pdf_parts(record, images) if record else source_parts(block["source"])
+    total = record_chars(record) if record else sum(c for _, _, c in parts)
+    kept, cut_page, left = cut_parts(parts, document_budget(context_length))
+    pages = len(record["pages"]) + record["more_pages"] if record else None
+    texts = [document_header(block, name, pages)]
+    note = cut_note(record, cut_page, left, total, context_length)
+    out = []
+    for _, piece, _ in kept + ([(0, note, 0)] if note else []):
+        if is_image(piece):
+            out += [text_block("\n".join(texts)), piece]
+            texts = []
+        else:
+            texts.append(piece)
+    return out + ([text_block("\n".join(texts))] if texts else [])
+
+
+def replace_documents(blocks, render):
+    """Return blocks with render(block, name) spliced in place of each document block,
+    tool_results included; name is the file a "PDF file read" line between it and the
+    document before it names, else its title, else "document".
+
+    Module-level, like replace_images: a nested function calling itself is a
+    reference cycle that keeps every request's PDFs alive until the cyclic GC runs."""
+    out, named = [], None
+    for block in blocks:
+        if block.get("type") == "text":
+            named = file_read_name(block["text"]) or named
+        if is_document(block):
+            out += render(block, named or block.get("title") or "document")
+            named = None
+            continue
+        if block.get("type") == "tool_result" and isinstance(block.get("content"), list) \
+                and any(is_document(b) for b in block["content"]):
+            block = {**block, "content": replace_documents(block["content"], render)}
+        out.append(block)
+    return out
+
+
+def map_documents(messages, render):
+    """Return messages with render's blocks in place of each document block (replace_documents)."""
+    return [{**m, "content": replace_documents(m["content"], render)}
+            if any(is_document(b) for b in iter_blocks(m)) else m for m in messages]
+
+
 ################ Encoding and estimates
 
 # The body as sent, what it costs in tokens, and how much of it the last turn sent too:
@@ -3399,11 +3703,15 @@ class DescriptionCache:
     directory neither interleave lines nor drop each other's entries; a lookup that
     misses reads what the others appended since, so none describes an image again."""
 
+    file_name = CACHE_FILE
+    field = "description"           # the field of a record that holds what is kept
+    what = "description cache"      # its name in the log
+
     def __init__(self, directory, max_entries=CACHE_MAX_ENTRIES):
         self.directory = directory
-        self.path = os.path.join(directory, CACHE_FILE) if directory else None
+        self.path = os.path.join(directory, self.file_name) if directory else None
         self.max_entries = max_entries
-        self.entries = {}              # image hash -> description, oldest first
+        self.entries = {}              # image hash -> description (a value), oldest first
         self.lock = threading.Lock()   # guards entries, lines, file, offset, hits, misses, warned
         self.lines = 0                 # lines in the file, to know when to rewrite
         self.file = None               # (st_dev, st_ino) of the file read so far
@@ -3417,7 +3725,7 @@ class DescriptionCache:
             if what in self.warned:
                 return
             self.warned.add(what)
-        log("! description cache: %s (%s); descriptions stay in memory" % (what, error))
+        log("! %s: %s (%s); what it holds stays in memory" % (self.what, what, error))
 
     def read_records(self, f, start):
         """Return ([(hash, description, line)], lines, bad lines, end) for the complete
@@ -3437,12 +3745,16 @@ class DescriptionCache:
             except (ValueError, RecursionError):     # deep nesting is a RecursionError
                 record = None
             key = read_typed(record, "hash", str)
-            text = read_typed(record, "description", str)
-            if key is None or text is None:
+            text = record.get(self.field) if key is not None else None
+            if key is None or not self.is_value(text):
                 bad += 1
                 continue
             records.append((key, text, raw))
         return records, lines, bad, end
+
+    def is_value(self, value):
+        """True when value, read from the file, is what this cache keeps: a description."""
+        return isinstance(value, str)
 
     def refresh(self):
         """Read the lines appended to the file since the last look, or all of it when it
@@ -3484,7 +3796,7 @@ class DescriptionCache:
             self.warn("cannot read %s" % self.path, e)
             return 0
         if bad:
-            log("! description cache: skipped %d unreadable line(s) in %s" % (bad, self.path))
+            log("! %s: skipped %d unreadable line(s) in %s" % (self.what, bad, self.path))
         return len(self)
 
     def lookup(self, keys):
@@ -3515,8 +3827,9 @@ class DescriptionCache:
             return {"entries": len(self.entries), "hits": self.hits, "misses": self.misses,
                     "file": self.path}
 
-    def store(self, descriptions, model):
-        """Remember {key: description} and append them to the file before returning."""
+    def store(self, descriptions, model, on_disk=True):
+        """Remember {key: description} and append them to the file before returning
+        (on_disk False: in memory only)."""
         if not descriptions:
             return
         with self.lock:
@@ -3524,12 +3837,12 @@ class DescriptionCache:
                 self.entries.pop(key, None)
                 self.entries[key] = text
             drop_oldest(self.entries, self.max_entries)
-        if not self.path:
+        if not self.path or not on_disk:
             return
         now = round(time.time(), 3)
         # ASCII JSON: a model's text may hold a lone surrogate ("\ud800" in its JSON),
         # which has no UTF-8 form; escaped, every line still reads back as it was.
-        data = b"".join(json.dumps({"hash": k, "description": v, "model": model,
+        data = b"".join(json.dumps({"hash": k, self.field: v, "model": model,
                                     "time": now}).encode() + b"\n"
                         for k, v in descriptions.items())
         try:
@@ -3635,15 +3948,17 @@ class Vision:
             log("waiting for the description of %d image(s) being made" % len(busy))
             descriptions.update(self.wait(busy, deadline, client))
 
-    def describe(self, messages, keys, wanted, mode, client=None):
+    def describe(self, messages, keys, wanted, mode, client=None, contexts=None):
         """Ask the vision model to describe each wanted image; store and return {key: text}.
 
         One request per image keeps each description tied to its image; a few run at
         once, since local servers serve several requests in parallel. An image it
         cannot describe is remembered as failed. With client (its socket), the requests
-        end if it hangs up, and so does the turn: ClientGone, once the others are in."""
+        end if it hangs up, and so does the turn: ClientGone, once the others are in.
+        contexts: {key: what to tell the vision model of it}, in place of image_contexts'."""
         server = self.server
-        found = image_contexts(messages, keys, wanted)
+        found = {key: (block, (contexts or {}).get(key, context))
+                 for key, (block, context) in image_contexts(messages, keys, wanted).items()}
         with concurrent.futures.ThreadPoolExecutor(
                 min(DESCRIBE_CONCURRENCY, len(found) or 1), initializer=set_log_request,
                 initargs=(None, request_id())) as pool:
@@ -3764,6 +4079,159 @@ class Vision:
         with self.lock:
             return {k for k in keys
                     if k in self.failures and now - self.failures[k][0] < self.retry_after}
+
+
+################ Documents: the reader
+
+class DocumentCache(DescriptionCache):
+    """What the router read of each PDF (document_record), by the SHA-256 of its data: in a
+    file of its own beside the descriptions, kept with the same care.
+
+    The page images of scanned PDFs stay in memory only, for a few documents: they
+    are large, and can be read from the PDF again, which comes with every turn."""
+
+    file_name = DOCUMENT_CACHE_FILE
+    field = "document"
+    what = "document cache"
+
+    def __init__(self, directory, max_entries=DOCUMENT_CACHE_MAX_ENTRIES):
+        super().__init__(directory, max_entries)
+        self.images = {}        # document hash -> its page images (document_record); lock guards
+
+    def is_value(self, value):
+        """True when value, read from the file, is a document record."""
+        return is_document_record(value)
+
+    def keep_images(self, key, images):
+        """Keep the page images of the document key, the oldest document's going first."""
+        with self.lock:
+            self.images.pop(key, None)
+            self.images[key] = images
+            drop_oldest(self.images, DOCUMENT_IMAGES_KEPT)
+
+    def kept_images(self, key):
+        """The page images kept of the document key, or None."""
+        with self.lock:
+            return self.images.get(key)
+
+
+class DocumentReader:
+    """Puts what the coder can read in place of each document of a request: a PDF is read
+    once (pdf_pages) and kept by content; counts for /status what it did."""
+
+    def __init__(self, directory):
+        self.cache = DocumentCache(directory)
+        self.lock = threading.Lock()    # guards counts
+        self.counts = {"extracted": 0, "cached": 0, "failed": 0}
+
+    def read(self, messages, context_length, quiet=False):
+        """Return (messages with every document block replaced by render_document's blocks,
+        {page image key: what to tell the vision model of it}). Unless quiet (a token count),
+        log a line per document of the user's turn and count each as cached or read now."""
+        keys = document_keys(messages)
+        records = self.cache.lookup(keys.values()) if keys else {}
+        fresh = {key: self.extract(data, key) for data, key in keys.items() if key not in records}
+        records.update(fresh)
+        with self.lock:
+            for key in keys.values() if not quiet else fresh:
+                what = "cached" if key not in fresh else "failed" if "failed" in fresh[key] \
+                    else "extracted"
+                self.counts[what] += 1
+        images = {key: self.page_images(data, key) for data, key in keys.items()
+                  if any(isinstance(p, dict) for p in records[key].get("pages", ()))}
+        contexts, seen = {}, []
+
+        def render(block, name):
+            source = block["source"]
+            key = keys.get(source.get("data")) if source["type"] == "base64" else None
+            record = records[key] if key else source_record(source)
+            blocks = render_document(block, name, record, images.get(key), context_length)
+            contexts.update(page_contexts(images.get(key), name))
+            seen.append((name, source, record, key in fresh, blocks))
+            return blocks
+
+        turn = current_turn_start(messages)
+        out = map_documents(messages[:turn], render)
+        earlier = len(seen)
+        out += map_documents(messages[turn:], render)
+        for found in seen[earlier:] if not quiet else ():
+            log(document_line(*found))
+        return out, contexts
+
+    def extract(self, data, key):
+        """Read the PDF in data (base64); return its record, now in the cache, its page images
+        in memory."""
+        try:
+            record, images = document_record(pdf_pages(base64.b64decode(data)))
+        except DocumentError as e:
+            record, images = {"failed": str(e) or "damaged"}, []
+        except Exception as e:
+            # A PDF the reader did not foresee still gets its turn answered, with a marker.
+            # Kept in memory only, so that a fixed router reads it again after a restart.
+            log("! reading a PDF failed: %s: %s; Traceback (most recent call last):\n%s" % (
+                type(e).__name__, escape_log(e)[:200],
+                "".join(traceback.format_tb(e.__traceback__)).rstrip()))
+            record = {"failed": "the router's PDF reader failed (%s)" % type(e).__name__}
+            self.cache.store({key: record}, DOCUMENT_READER, on_disk=False)
+            return record
+        self.cache.store({key: record}, DOCUMENT_READER)
+        if any(images):
+            self.cache.keep_images(key, images)
+        return record
+
+    def page_images(self, data, key):
+        """The page images of the scanned PDF in data: kept in memory, else read again."""
+        images = self.cache.kept_images(key)
+        if images is None:
+            try:
+                images = document_record(pdf_pages(base64.b64decode(data)))[1]
+            except Exception:       # extract() has said why already, in the marker
+                images = []
+            self.cache.keep_images(key, images)
+        return images
+
+    def status(self):
+        """The documents part of /status."""
+        with self.lock:
+            counts = dict(self.counts)
+        with self.cache.lock:
+            return {**counts, "entries": len(self.cache.entries), "file": self.cache.path}
+
+
+def source_record(source):
+    """The record of a document the router does not read as a PDF: None for text and
+    content documents, a failure for those it would have to fetch."""
+    if source["type"] == "url":
+        return {"failed": URL_DOCUMENT_REASON % source["url"]}
+    if source["type"] == "file":
+        return {"failed": FILE_DOCUMENT_REASON % source["file_id"]}
+    return None
+
+
+def page_contexts(images, name):
+    """{image key: the describe request's context} for a scanned PDF's page images."""
+    return {hashlib.sha256(data.encode()).hexdigest(): PAGE_CONTEXT % (number, name)
+            for number, shots in enumerate(images or (), 1) for _, data in shots}
+
+
+def document_line(name, source, record, fresh, blocks):
+    """The log line saying what became of one document (record: see render_document)."""
+    if record and "failed" in record:
+        cached = " (cached)" if source["type"] == "base64" and not fresh else ""
+        return "document: %s could not be read: %s%s" % (
+            escape_log(name), escape_log(record["failed"]), cached)
+    if record:
+        pages = len(record["pages"]) + record["more_pages"]
+        what = "%d page%s, %s chars, %s" % (pages, "" if pages == 1 else "s", format(
+            record_chars(record), ","), "extracted" if fresh else "cached")
+    else:
+        what = "%s source, %s chars" % (source["type"], format(
+            sum(c for _, _, c in source_parts(source)), ","))
+    scans = sum(1 for b in blocks if is_image(b))
+    cut = [b["text"] for b in blocks if b["type"] == "text" and "<<DOCUMENT CUT: " in b["text"]]
+    return "document: %s, %s%s%s" % (
+        escape_log(name), what, ", %d page image(s)" % scans if scans else "",
+        "; cut: " + cut[0].rsplit("<<DOCUMENT CUT: ", 1)[1][:-2] if cut else "")
 
 
 ################ Handler
@@ -4106,6 +4574,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         body, _ = self.read_json()
         clean = checked_request(body, COUNT_TOKENS_FIELDS)
+        clean["messages"], _ = server.documents.read(clean["messages"], server.coder_context(),
+                                                     quiet=True)
         keys = image_keys(clean["messages"])
         _, _, clean["messages"], _ = route_request(
             clean, keys, server.vision.cache.lookup(keys.values()), "", "", [])
@@ -4413,6 +4883,8 @@ class Turn:
         body, _ = self.handler.read_json()
         self.clean = checked_request(body)
         del body
+        self.clean["messages"], self.pages = self.server.documents.read(
+            self.clean["messages"], self.server.coder_context())
         self.keys = image_keys(self.clean["messages"])
         self.descriptions, claimed = self.vision.settle(self.clean["messages"], self.keys,
                                                         self.handler.connection)
@@ -4426,8 +4898,20 @@ class Turn:
         self.send([])
 
     def try_vision(self, claimed):
-        """Give the vision model the claimed images: described (describe mode), or the turn to
-        answer. Return False when its answer went to the client, True when the coder answers."""
+        """Give the vision model the claimed images: described (describe mode, and the pages of
+        a scanned PDF), or the turn to answer. Return False when its answer went to the
+        client, True when the coder answers."""
+        # Scanned pages are described one by one in either mode: the coder reads each in its
+        # page's place, where one answer of the vision model to the whole turn would stand
+        # for every page of the document alike.
+        scans = [k for k in claimed if k in self.pages]
+        if scans:
+            self.descriptions.update(self.vision.describe(
+                self.clean["messages"], self.keys, scans, "describe", self.handler.connection,
+                self.pages))
+            claimed = [k for k in claimed if k not in self.pages]
+        if not claimed:
+            return True
         if self.server.vision_mode == "describe":
             self.descriptions.update(self.vision.describe(
                 self.clean["messages"], self.keys, claimed, "describe", self.handler.connection))
@@ -4879,6 +5363,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.encoded_parts = EncodedParts()     # prompt parts encoded by recent turns
         self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
         self.coder_seen = None                  # (loaded, server start mark) at the last look
+        self.documents = DocumentReader(cache_dir)
         self.start_counters()
 
     def start_counters(self):
@@ -5089,7 +5574,8 @@ class Server(http.server.ThreadingHTTPServer):
                 "vision": {"model": self.vision_model or None,
                            **(self.model_info(self.vision_model, self.vision_upstream_url)
                               if self.vision_model else {})},
-                "cache": cache, "prompt_cache": self.prompts.prompt_status(), "startup": startup,
+                "cache": cache, "documents": self.documents.status(),
+                "prompt_cache": self.prompts.prompt_status(), "startup": startup,
                 "warm_up": self.warmer.status(),
                 **({"side": {"model": self.side_model, "upstream": self.side_upstream_url}}
                    if self.side_model else {}),
@@ -5190,6 +5676,10 @@ class Server(http.server.ThreadingHTTPServer):
             self.upstream_url, body, self.upstream_key, max(self.read_timeout, WARM_UP_TIMEOUT),
             self.connect_timeout)).start()
         return True
+
+    def coder_context(self):
+        """The coder's context length as its server last said it, or None."""
+        return self.model_info(self.coder_model, self.upstream_url).get("context_length")
 
     def model_info(self, model, url):
         """What the server at url last said of model ({} if nothing), kind of server included."""
@@ -5561,12 +6051,14 @@ def main(argv=None, environ=None):
         sys.exit("claude-router: cannot listen on %s:%d: %s" % (args.host, args.port,
                                                                e.strerror or e))
     loaded = server.vision.cache.load()
+    documents = server.documents.cache.load()
     log("🔀 claude-router on :%d" % server.server_port)
     log("coder → %s" % server.coder_model)
     log("vision → %s%s" % (server.vision_model or "none (text only: images reach the coder as "
                            "a marker)", "" if server.vision_mode == "answer" or not
                            server.vision_model else " (describe mode)"))
     log("cache: %d description(s) in %s" % (loaded, server.vision.cache.path))
+    log("cache: %d document(s) in %s" % (documents, server.documents.cache.path))
     if server.side_model:
         log("side → %s on %s" % (server.side_model, server.side_upstream_url))
     server.warmer.load()

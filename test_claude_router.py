@@ -1407,6 +1407,424 @@ if __name__ == "__main__":
     unittest.main()
 
 
+################ Documents
+
+def document(source, **fields):
+    return {"type": "document", "source": source, **fields}
+
+
+def text_document(data, **fields):
+    return document({"type": "text", "media_type": "text/plain", "data": data}, **fields)
+
+
+def pdf_document(data, **fields):
+    return document({"type": "base64", "media_type": "application/pdf",
+                     "data": base64.b64encode(data).decode()}, **fields)
+
+
+def page_record(*pages):
+    return {"pages": list(pages), "more_pages": 0, "more_chars": 0}
+
+
+def image_of(data, media_type="image/png"):
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                        "data": base64.b64encode(data).decode()}}
+
+
+JPEG_A = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"A" * 64 + b"\xff\xd9"
+
+
+def pdf_string(text):
+    """text as a PDF literal string's body (WinAnsi), its delimiters escaped."""
+    return text.encode("cp1252").replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(
+        b")", b"\\)")
+
+
+def make_pdf(*pages):
+    """A small PDF, one page per item: a str is drawn as lines of Helvetica text, bytes as a
+    JPEG filling the page (a scan without a text layer)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"", HELVETICA]
+    kids = []
+    for page in pages:
+        if isinstance(page, str):
+            content = b"BT /F1 12 Tf 14 TL 72 720 Td %s ET" % b" ".join(
+                b"(%s) Tj T*" % pdf_string(line) for line in page.split("\n"))
+            resources = b"<< /Font << /F1 3 0 R >> >>"
+        else:
+            objects.append(pdf_stream(b"/Type /XObject /Subtype /Image /Width 8 /Height 8 "
+                                      b"/ColorSpace /DeviceGray /BitsPerComponent 8 "
+                                      b"/Filter /DCTDecode", page))
+            content = b"q 612 0 0 792 0 0 cm /Im1 Do Q"
+            resources = b"<< /XObject << /Im1 %d 0 R >> >>" % len(objects)
+        objects.append(pdf_stream(b"", content))
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources %s "
+                       b"/Contents %d 0 R >>" % (resources, len(objects)))
+        kids.append(len(objects))
+    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
+        b" ".join(b"%d 0 R" % k for k in kids), len(kids))
+    return build_pdf(objects)
+
+
+DAMAGED_PDF = b"%PDF-1.4\n%garbage, and no objects\n"
+
+
+def read_line(path="/x/report.pdf", size=592):
+    return text("PDF file read: %s (%d bytes)" % (path, size))
+
+
+def has_document_block(raw):
+    """True when a body as the upstream received it holds a document block anywhere."""
+    def walk(value):
+        if isinstance(value, dict):
+            return value.get("type") == "document" or any(map(walk, value.values()))
+        return isinstance(value, list) and any(map(walk, value))
+    return walk(json.loads(raw))
+
+
+class DocumentTransformTest(unittest.TestCase):
+
+    def test_the_file_name_comes_from_claude_codes_read_line(self):
+        rows = [("PDF file read: /home/u/docs/invoice.pdf (592 bytes)", "invoice.pdf"),
+                ("PDF file read: C:\\Users\\u\\spec v2.pdf (1.2 MB)", "spec v2.pdf"),
+                ("PDF file read: /tmp/a (b).pdf (10 bytes)", "a (b).pdf"),
+                ("I read /tmp/x.pdf", None), ("PDF file read: /tmp/ (3 bytes)", None)]
+        for line, name in rows:
+            with self.subTest(line):
+                self.assertEqual(cr.file_read_name(line), name)
+
+    def test_every_source_renders_as_text_in_the_blocks_place(self):
+        seen = []
+
+        def render(block, name):
+            seen.append(name)
+            return cr.render_document(block, name, cr.source_record(block["source"]), None, 32768)
+        blocks = [text("PDF file read: /x/notes.pdf (9 bytes)"),
+                  text_document("alpha\nbeta", title="Notes", context="from the wiki"),
+                  document({"type": "content", "content": [text("one"), image(PNG_A), text("two")]}),
+                  document({"type": "url", "url": "https://example.com/a.pdf"}, title="A"),
+                  document({"type": "file", "file_id": "file_01"})]
+        out = cr.replace_documents(blocks, render)
+        self.assertEqual(seen, ["notes.pdf", "document", "A", "document"])
+        self.assertEqual(out, [
+            blocks[0],
+            text("<<DOCUMENT TEXT: notes.pdf>>\nTitle: Notes\nContext: from the wiki\nalpha\nbeta"),
+            text("<<DOCUMENT TEXT: document>>\none"), image(PNG_A), text("two"),
+            text("<<DOCUMENT: A could not be read: the router fetches nothing from the internet "
+                 "(https://example.com/a.pdf)>>"),
+            text("<<DOCUMENT: document could not be read: the router cannot fetch uploaded "
+                 "files (file_01)>>")])
+
+    def test_a_pdf_renders_as_numbered_pages_with_scans_and_blank_pages_marked(self):
+        record = page_record("Total: 42 EUR", {"images": 1}, None)
+        images = [[], [("image/jpeg", PNG_B)], []]
+        out = cr.render_document(pdf_document(b"%PDF"), "invoice.pdf", record, images, 32768)
+        self.assertEqual(out, [
+            text("<<DOCUMENT TEXT: invoice.pdf, 3 pages>>\n--- page 1 ---\nTotal: 42 EUR\n"
+                 + cr.SCANNED_PAGE_HEADER % 2),
+            {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                                         "data": PNG_B}},
+            text(cr.BLANK_PAGE_HEADER % 3)])
+        self.assertEqual(cr.page_contexts(images, "invoice.pdf"),
+                         {key(PNG_B): cr.PAGE_CONTEXT % (2, "invoice.pdf")})
+
+    def test_a_failed_pdf_is_one_marker(self):
+        out = cr.render_document(pdf_document(b"%PDF"), "a.pdf", {"failed": "encrypted"}, [], 0)
+        self.assertEqual(out, [text("<<DOCUMENT: a.pdf could not be read: encrypted>>")])
+
+    def test_a_document_bigger_than_its_share_of_the_context_is_cut_by_a_rule(self):
+        pages = ["".join("page %d line %d \u00e9\n" % (p, i) for i in range(100))
+                 for p in range(1, 41)]
+        record, total = page_record(*pages), sum(map(len, pages))
+        for context in (2048, 4096, 32768):
+            with self.subTest(context=context):
+                out = cr.render_document(pdf_document(b"%PDF"), "big.pdf", record, [], context)
+                self.assertEqual(out, cr.render_document(pdf_document(b"%PDF"), "big.pdf",
+                                                         record, [], context))
+                self.assertEqual(len(out), 1)
+                shown, note = out[0]["text"].rsplit("\n", 1)
+                self.assertLessEqual(cr.json_length(shown), cr.document_budget(context) + 100)
+                self.assertGreater(cr.json_length(shown), cr.document_budget(context) - 100)
+                kept = sum(len(line) + 1 for line in shown.split("\n") if line.startswith("page "))
+                cut = next(n for n, page in enumerate(pages, 1) if page not in shown)
+                self.assertEqual(note, "<<DOCUMENT CUT: %s of its %s chars left out from page %d "
+                                       "on, to fit the coder's %s-token context>>" % (
+                                           format(total - kept, ","), format(total, ","),
+                                           cut, format(context, ",")))
+        whole = cr.render_document(pdf_document(b"%PDF"), "big.pdf", record, [], 10 ** 6)
+        self.assertNotIn("DOCUMENT CUT", whole[0]["text"])
+        self.assertEqual(whole[0]["text"].count(" \u00e9\n"), 4000)
+
+    def test_the_cut_counts_what_it_leaves_out(self):
+        record = page_record("a" * 100, "b" * 100)
+        kept, page, left = cr.cut_parts(cr.pdf_parts(record, []), 30)
+        self.assertEqual(page, 1)
+        self.assertEqual(left, 200 - sum(c for _, _, c in kept))
+        self.assertEqual(cr.cut_text("ab\ncd\nef", 7), "ab\n")
+        self.assertEqual(cr.cut_text("ab\ncd\nef", 8), "ab\ncd\n")
+        self.assertEqual(cr.cut_text("abcdef", 4), "abcd")
+        self.assertEqual(cr.cut_text("\u00e9\u00e9\u00e9", 12), "\u00e9\u00e9")
+
+    def test_pages_past_the_routers_limit_are_counted_not_kept(self):
+        pages = [{"text": "x" * 40, "images": []}] * 5
+        record, images = cr.document_record(pages, max_chars=100)
+        self.assertEqual(record, {"pages": ["x" * 40] * 2, "more_pages": 3, "more_chars": 120})
+        self.assertTrue(cr.is_document_record(record))
+        out = cr.render_document(pdf_document(b"%PDF"), "d.pdf", record, images, 32768)
+        self.assertTrue(out[0]["text"].startswith("<<DOCUMENT TEXT: d.pdf, 5 pages>>"))
+        self.assertTrue(out[0]["text"].endswith(
+            "<<DOCUMENT CUT: 120 of its 200 chars left out from page 3 on, to fit the "
+            "router's limit of %s chars>>" % format(cr.DOCUMENT_MAX_CHARS, ",")))
+
+    def test_a_lone_surrogate_in_a_pages_text_is_replaced(self):
+        record, _ = cr.document_record([{"text": "a\ud83d\ude00b\ud800c", "images": []}])
+        self.assertEqual(record["pages"], ["a\U0001f600b\ufffdc"])
+
+    def test_records_read_back_only_in_their_shape(self):
+        good = [page_record("a", None, {"images": 2}), {"failed": "encrypted"}]
+        bad = [None, "text", {"pages": "a"}, {"pages": [1], "more_pages": 0, "more_chars": 0},
+               {"failed": 3}, {"pages": [], "more_pages": "0", "more_chars": 0}]
+        self.assertEqual([cr.is_document_record(r) for r in good], [True, True])
+        self.assertEqual([cr.is_document_record(r) for r in bad], [False] * len(bad))
+
+    def test_malformed_documents_are_refused_naming_the_field(self):
+        pdf = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}
+        rows = [
+            ({"type": "document"}, "source: a document source must be an object"),
+            (document({"type": "zip"}), "source: a document source"),
+            (document({**pdf, "media_type": "image/png"}), "source.media_type: a base64 "
+             "document must be application/pdf"),
+            (document({**pdf, "data": "JVBER!x"}), "source.data: must be strict base64"),
+            (document({**pdf, "data": ""}), "source.data: must be strict base64"),
+            (document({"type": "text", "media_type": "text/html", "data": "x"}),
+             "source.media_type: a text document must be text/plain"),
+            (document({"type": "text", "media_type": "text/plain"}), "source.data: must be a string"),
+            (document({"type": "content", "content": [{"type": "document"}]}),
+             "source.content.0: must be a text or an image block"),
+            (document({"type": "content", "content": [image("not base64!")]}),
+             "source.content.0: data must be strict base64"),
+            (document({"type": "content", "content": 5}), "source.content: must be a string"),
+            (document({"type": "url", "url": "file:///etc/passwd"}), "source.url: must be an http"),
+            (document({"type": "file"}), "source.file_id: must be a string"),
+            (document(pdf, title=5), "title: must be a string"),
+            (document(pdf, context=["x"]), "context: must be a string")]
+        for block, problem in rows:
+            with self.subTest(problem):
+                with self.assertRaises(cr.ProxyError) as caught:
+                    cr.validate_request(request(user(text("q"), block)))
+                self.assertEqual(caught.exception.status, 400)
+                self.assertTrue(str(caught.exception).startswith("messages.0.content.1." + problem),
+                                str(caught.exception))
+        cr.validate_request(request(user(document(pdf, title=None, context="c"))))
+
+
+class DocumentTest(RouterTestCase):
+
+    def documents_in_every_place(self):
+        """Requests with documents of every source, at the top of a user message and in a
+        tool_result, in the user's turn and in an earlier one."""
+        sources = {
+            "pdf": pdf_document(DAMAGED_PDF),
+            "text": text_document("plain words", title="notes.txt"),
+            "content": document({"type": "content", "content": [text("in blocks")]}),
+            "url": document({"type": "url", "url": "https://example.com/a.pdf"}),
+            "file": document({"type": "file", "file_id": "file_01"})}
+        for name, block in sources.items():
+            yield name + " in a user message", request(user(text("what is in it?"), block))
+            yield name + " in a tool_result", request(
+                user(text("read it")), assistant(tool_use("t1")),
+                user(tool_result("t1", read_line(), block)))
+            yield name + " in an earlier turn", request(
+                user(text("read it")), assistant(tool_use("t1")),
+                user(tool_result("t1", read_line(), block)), assistant(text("Done.")),
+                user(text("and now?")), stream=True)
+
+    def test_no_document_block_reaches_the_upstream(self):
+        # llama-server dropped a document block silently and strict servers refused the
+        # whole conversation for it (issue 15); the strict fake refuses it too.
+        upstream = FakeUpstream(self, strict=True, count_tokens=(200, {"input_tokens": 7}))
+        self.start(upstream)
+        for name, body in self.documents_in_every_place():
+            with self.subTest(name):
+                status, _, reply = self.post(body)
+                self.assertEqual(status, 200, reply)
+                status, _, reply = self.call("POST", "/v1/messages/count_tokens", body)
+                self.assertEqual((status, reply), (200, {"input_tokens": 7}))
+        self.assertEqual(len(upstream.raw), 30)
+        for path, raw in upstream.raw:
+            self.assertFalse(has_document_block(raw), raw[:300])
+            self.assertIn(b"<<DOCUMENT", raw)
+
+    def test_a_document_in_a_nested_tool_result_is_refused_before_the_upstream(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        inner = tool_result("t0", text_document("x"))
+        status, _, reply = self.post(request(user(text("q")), assistant(tool_use("t1")),
+                                             user(tool_result("t1", inner))))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(upstream.posts(), [])
+
+    def test_a_malformed_document_is_a_400_naming_its_field(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        bad = document({"type": "base64", "media_type": "application/pdf", "data": "JVBE%%"})
+        status, _, reply = self.post(request(user(text("q"), bad)))
+        self.assertEnvelope(status, reply, 400, "invalid_request_error")
+        self.assertEqual(reply["error"]["message"],
+                         "messages.0.content.1.source.data: must be strict base64")
+        self.assertEqual(upstream.posts(), [])
+
+    def test_an_unreadable_pdf_is_a_marker_and_the_coder_answers(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        body = request(user(text("read it")), assistant(tool_use("t1")),
+                       user(tool_result("t1", read_line("/x/invoice.pdf"), pdf_document(DAMAGED_PDF))))
+        status, headers, reply = self.post(body)
+        self.assertEqual((status, reply["content"]), (200, [text("ok")]))
+        sent = upstream.posts()[-1]["messages"][2]["content"][0]["content"]
+        self.assertEqual(sent[0], read_line("/x/invoice.pdf"))
+        self.assertRegex(sent[1]["text"], r"\A<<DOCUMENT: invoice\.pdf could not be read: [^>]+>>\Z")
+        self.assertEqual(len(sent), 2)
+        self.assertRegex(self.log.getvalue(), r"document: invoice\.pdf could not be read: .+\n")
+        self.assertEqual(self.router.status()["documents"]["failed"], 1)
+
+    def test_a_pdf_is_read_once_and_renders_the_same_on_every_turn_and_after_a_restart(self):
+        upstream = FakeUpstream(self)
+        first = self.start(upstream)
+        turn = [user(text("read it")), assistant(tool_use("t1")),
+                user(tool_result("t1", read_line(), pdf_document(DAMAGED_PDF))),
+                assistant(text("Done."))]
+        self.post(request(*turn[:3]))
+        self.post(request(*turn, user(text("again?"))))
+        first.shutdown()
+        path = os.path.join(self.cache_dir, cr.DOCUMENT_CACHE_FILE)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        second = self.start(upstream)
+        second.documents.cache.load()
+        self.post(request(*turn, user(text("again?")), assistant(text("Yes.")),
+                          user(text("and once more?"))))
+        rendered = [json.dumps(body["messages"][2]) for body in upstream.posts()]
+        self.assertEqual(len(set(rendered)), 1, rendered)
+        self.assertEqual(first.status()["documents"]["extracted"]
+                         + first.status()["documents"]["failed"], 1)
+        self.assertEqual(first.status()["documents"]["cached"], 1)
+        self.assertEqual(second.status()["documents"], {
+            "extracted": 0, "cached": 1, "failed": 0, "entries": 1, "file": path})
+        with open(path, "rb") as f:
+            self.assertEqual(len(f.readlines()), 1)
+
+    def test_a_document_bigger_than_the_coders_context_is_cut_and_counted(self):
+        upstream = FakeUpstream(self, listing=llama_listing(n_ctx=4096))
+        self.start(upstream)
+        words = "".join("line %d of a long text\n" % i for i in range(5000))
+        body = request(user(text("summarise"), text_document(words, title="long.txt")))
+        self.assertEqual(self.post(body)[0], 200)
+        self.assertEqual(self.post(body)[0], 200)
+        first, second = upstream.raw
+        self.assertEqual(first[1], second[1])
+        sent = upstream.posts()[-1]
+        shown = sent["messages"][0]["content"][1]["text"]
+        self.assertLess(len(first[1]), 4096 * cr.BYTES_PER_TOKEN)
+        self.assertRegex(shown, r"<<DOCUMENT CUT: [\d,]+ of its %s chars left out, to fit the "
+                                r"coder's 4,096-token context>>\Z" % format(len(words), ","))
+        # The clamp counts the text actually sent: what is left of the context, at least 1024.
+        estimate = cr.estimate_tokens(len(json.dumps({**sent, "max_tokens": 32000})))
+        self.assertEqual(sent["max_tokens"], max(4096 - estimate, cr.MIN_OUTPUT_TOKENS))
+
+    def test_a_pdf_reaches_the_coder_as_its_text_page_by_page(self):
+        upstream = FakeUpstream(self, strict=True)
+        self.start(upstream)
+        pdf = make_pdf("Invoice 1234\nTotal: 42 EUR (paid)", "Thanks, \u00e9t\u00e9 2026")
+        body = request(user(text("What is the total in invoice.pdf?")), assistant(tool_use("t1")),
+                       user(tool_result("t1", read_line("/home/u/invoice.pdf", len(pdf)),
+                                        pdf_document(pdf, context="from accounting"))))
+        status, _, reply = self.post(body)
+        self.assertEqual((status, reply["content"]), (200, [text("ok")]))
+        sent = upstream.posts()[-1]["messages"][2]["content"][0]["content"]
+        self.assertEqual(sent, [read_line("/home/u/invoice.pdf", len(pdf)), text(
+            "<<DOCUMENT TEXT: invoice.pdf, 2 pages>>\nContext: from accounting\n--- page 1 ---\n"
+            "Invoice 1234\nTotal: 42 EUR (paid)\n--- page 2 ---\nThanks, \u00e9t\u00e9 2026")])
+        self.assertIn("document: invoice.pdf, 2 pages, 49 chars, extracted\n", self.log.getvalue())
+
+    def test_an_encrypted_pdf_is_a_marker_and_the_coder_answers(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        body = request(user(text("read it")), assistant(tool_use("t1")), user(tool_result(
+            "t1", read_line("/x/secret.pdf"), pdf_document(encrypted_pdf(b"BT /F1 12 Tf 72 720 Td (x) Tj ET", 3, user=b"secret")))))
+        status, _, reply = self.post(body, headers={"Accept": "text/event-stream"})
+        self.assertEqual(status, 200, reply)
+        self.assertEqual(upstream.posts()[-1]["messages"][2]["content"][0]["content"][1],
+                         text("<<DOCUMENT: secret.pdf could not be read: encrypted>>"))
+
+    def test_a_scanned_page_is_described_once_in_its_place_even_in_answer_mode(self):
+        vision = FakeUpstream(self, default=lambda handler, body: json_reply(message_json(
+            "Invoice 77, total 9 EUR."))(handler))
+        coder = FakeUpstream(self)
+        self.start(coder, vision_upstream_url=vision.url)
+        pdf = make_pdf("Cover letter", JPEG_A)
+        turn = [user(text("read scan.pdf")), assistant(tool_use("t1")),
+                user(tool_result("t1", read_line("/x/scan.pdf"), pdf_document(pdf)))]
+        self.assertEqual(self.post(request(*turn))[0], 200)
+        self.assertEqual(self.post(request(*turn, assistant(text("ok")),
+                                           user(text("the total?"))))[0], 200)
+        asked = vision.posts()
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(asked[0]["system"], cr.DESCRIBE_PROMPT)
+        self.assertEqual(asked[0]["messages"][0]["content"], [
+            text(cr.PAGE_CONTEXT % (2, "scan.pdf")),
+            image_of(JPEG_A, "image/jpeg")])
+        first, second = coder.posts()
+        self.assertEqual(first["messages"][2], second["messages"][2])
+        self.assertEqual(first["messages"][2]["content"][0]["content"][1:], [
+            text("<<DOCUMENT TEXT: scan.pdf, 2 pages>>\n--- page 1 ---\nCover letter\n"
+                 + cr.SCANNED_PAGE_HEADER % 2),
+            text("<<IMAGE DESCRIPTION: Invoice 77, total 9 EUR.>>")])
+        self.assertIn("document: scan.pdf, 2 pages, 12 chars, extracted, 1 page image(s)\n",
+                      self.log.getvalue())
+
+    def test_a_scanned_page_the_vision_model_cannot_read_is_a_marker(self):
+        upstream = VisionFailureTest.no_vision_server(self)
+        self.start(upstream)
+        body = request(user(text("what does it say?"), pdf_document(make_pdf(JPEG_A))))
+        status, _, reply = self.post(body)
+        self.assertEqual((status, reply["content"]), (200, [text("I cannot see it.")]))
+        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1:], [
+            text("<<DOCUMENT TEXT: document, 1 page>>\n" + cr.SCANNED_PAGE_HEADER % 1),
+            text("<<IMAGE: could not be read by the vision model: image input is not supported>>")])
+
+    def test_a_pdf_is_extracted_once_ever_and_reads_the_same_after_a_restart(self):
+        upstream = FakeUpstream(self)
+        first = self.start(upstream)
+        pdf = make_pdf("The number is 4417.")
+        turn = [user(text("read it")), assistant(tool_use("t1")),
+                user(tool_result("t1", read_line("/x/n.pdf"), pdf_document(pdf))),
+                assistant(text("Done."))]
+        self.post(request(*turn[:3]))
+        self.post(request(*turn, user(text("again?"))))
+        first.shutdown()
+        second = self.start(upstream)
+        second.documents.cache.load()
+        self.post(request(*turn, user(text("again?")), assistant(text("Yes.")),
+                          user(text("and once more?"))))
+        rendered = {json.dumps(body["messages"][2]) for body in upstream.posts()}
+        self.assertEqual(len(rendered), 1)
+        self.assertIn("The number is 4417.", rendered.pop())
+        self.assertEqual((first.status()["documents"]["extracted"],
+                          first.status()["documents"]["cached"]), (1, 1))
+        self.assertEqual((second.status()["documents"]["extracted"],
+                          second.status()["documents"]["cached"]), (0, 1))
+
+    def test_the_route_line_and_status_say_what_became_of_each_document(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        self.post(request(user(text("q"), text_document("abc", title="a.txt"),
+                               document({"type": "url", "url": "https://x.org/b.pdf"}))))
+        log = self.log.getvalue()
+        self.assertIn("document: a.txt, text source, 3 chars\n", log)
+        self.assertIn("document: document could not be read: the router fetches nothing from "
+                      "the internet (https://x.org/b.pdf)\n", log)
+        self.assertEqual(self.router.status()["documents"]["entries"], 0)
+
+
 ################ Encoding and estimates
 
 class EncodingTest(unittest.TestCase):
