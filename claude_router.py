@@ -5311,103 +5311,17 @@ def shut_down(sock):
 
 ################ Server
 
-class Server(http.server.ThreadingHTTPServer):
-    """The router: its settings, counters and /status, and what it knows of the upstreams'
-    models; the vision bookkeeping (vision) and the prompt statistics (prompts).
+class BoundedServer(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer that serves at most max_connections connections at once and
+    turns the others away with a 529, from the accepting thread."""
 
-    server_bind() and handle_error() adapt ThreadingHTTPServer. Counters, which
-    start_counters() sets up: count() a routed request, count_vision_call(),
-    count_described(), note_model(), note_error(), request_started() and
-    request_ended(); status() is the /status document. Models:
-    known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
-    model_info() reads them; upstream_token_count() asks the coder's server for a count;
-    check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
-    coder's cache gone, warm() starts one (see Warmer)."""
-
-    request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
-    daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
-
-    def __init__(self, address, upstream_url=UPSTREAM_URL, vision_upstream_url="",
-                 coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
-                 cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
-                 max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT,
-                 models_ttl=MODELS_TTL, upstream_key="", warm=False, side_model="",
-                 side_upstream_url="", max_connections=MAX_CONNECTIONS):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
-        self.host = address[0]
-        self.upstream_url = upstream_url
-        self.vision_upstream_url = vision_upstream_url or upstream_url
-        self.coder_model = coder_model
-        self.vision_model = vision_model
-        self.vision_mode = vision_mode
-        # Side requests go to the coder unless a side model or server is set.
-        side = bool(side_model or side_upstream_url)
-        self.side_model = side_model or coder_model if side else ""
-        self.side_upstream_url = side_upstream_url or upstream_url if side else ""
-        self.token = token
-        self.verbose = verbose
-        self.read_timeout = read_timeout
-        self.request_timeout = REQUEST_TIMEOUT
+    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
+        # Set before binding: when binding fails, __init__ calls server_close, which reads them.
         self.max_connections = max_connections
         self.connection_slots = threading.BoundedSemaphore(max_connections)
         self.turned_away = []                   # [(time.monotonic(), socket)] answered 529
         self.turning_away = False               # the last connection was turned away
-        self.connect_timeout = connect_timeout
-        self.max_body_bytes = max_body_bytes
-        self.models_ttl = models_ttl
-        self.upstream_key = upstream_key        # sent to the model server(s); never shown
-        self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
-        self.prompts = PromptMemory()
-        self.encoded_parts = EncodedParts()     # prompt parts encoded by recent turns
-        self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
-        self.coder_seen = None                  # (loaded, server start mark) at the last look
-        self.documents = DocumentReader(cache_dir)
-        self.start_counters()
-
-    def start_counters(self):
-        """Set the counters, and what is known of the upstreams, to what a new router knows."""
-        self.upstream_counts_tokens = None      # unknown until the first count_tokens
-        self.errors = []                        # the last unexpected exceptions, as text
-        self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
-        self.stats = {"requests": {}, "vision_calls": {}, "images_described": 0,
-                      "vision_prompt_bytes": {}, "model_switches": 0,
-                      "last_upstream_error": None,
-                      "routes": {"coder": 0, "vision": 0, "describe": 0}, "last_request": None}
-        self.started = time.monotonic()
-        self.in_flight = 0                      # routed requests being answered now
-        self.turns = {}                         # id(record) -> (start, record, client socket)
-        self.request_ids = itertools.count(1)   # next() is atomic under the GIL
-        self.last_model = None                  # the main upstream's last model
-        self.models = None                      # {model id: info}, None: never seen
-        self.models_time = float("-inf")
-        self.listings = {}                      # upstream url -> (kind of server, models)
-        self.startup = {"upstream_reachable": None, "problems": []}   # the startup check's
-
-    def server_bind(self):
-        """Bind without HTTPServer.server_bind's reverse DNS lookup, which stalls for
-        seconds on some resolvers (cpython#106505, pypa/pip#13742)."""
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def handle_error(self, request, client_address):
-        """Stay quiet when a client goes away; log anything else once, with its traceback.
-
-        The record keeps text, and only the last few: an exception holds its frames, and
-        with them the request body, so keeping each one grew the router without bound."""
-        error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, *TIMEOUT_ERRORS)):
-            return
-        record = "%s: %s" % (type(error).__name__, escape_log(error)[:200])
-        with self.stats_lock:
-            self.errors.append(record)
-            del self.errors[:-ERRORS_KEPT]
-        trace = "".join(traceback.format_tb(error.__traceback__))
-        log("! unexpected %s, on a request from %s; Traceback (most recent call last):\n%s"
-            % (record, client_address[0], trace.rstrip()))
-
-    # Connections.
+        super().__init__(address, handler)
 
     def process_request(self, request, client_address):
         """Serve a connection in a thread of its own while fewer than max_connections are
@@ -5480,6 +5394,102 @@ class Server(http.server.ThreadingHTTPServer):
         super().server_close()
         while self.turned_away:
             self.drop_turned_away()
+
+
+class Server(BoundedServer):
+    """The router: its settings, counters and /status, and what it knows of the upstreams'
+    models; the vision bookkeeping (vision) and the prompt statistics (prompts).
+
+    BoundedServer caps the connections; server_bind() and handle_error() adapt
+    ThreadingHTTPServer further. Counters, which
+    start_counters() sets up: count() a routed request, count_vision_call(),
+    count_described(), note_model(), note_error(), request_started() and
+    request_ended(); status() is the /status document. Models:
+    known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
+    model_info() reads them; upstream_token_count() asks the coder's server for a count;
+    check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
+    coder's cache gone, warm() starts one (see Warmer)."""
+
+    request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
+    daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
+
+    def __init__(self, address, upstream_url=UPSTREAM_URL, vision_upstream_url="",
+                 coder_model=CODER_MODEL, vision_model=VISION_MODEL, vision_mode=VISION_MODE,
+                 cache_dir=None, token="", verbose=False, read_timeout=READ_TIMEOUT,
+                 max_body_bytes=MAX_BODY_BYTES, connect_timeout=CONNECT_TIMEOUT,
+                 models_ttl=MODELS_TTL, upstream_key="", warm=False, side_model="",
+                 side_upstream_url="", max_connections=MAX_CONNECTIONS):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Handler, max_connections)
+        self.host = address[0]
+        self.upstream_url = upstream_url
+        self.vision_upstream_url = vision_upstream_url or upstream_url
+        self.coder_model = coder_model
+        self.vision_model = vision_model
+        self.vision_mode = vision_mode
+        # Side requests go to the coder unless a side model or server is set.
+        side = bool(side_model or side_upstream_url)
+        self.side_model = side_model or coder_model if side else ""
+        self.side_upstream_url = side_upstream_url or upstream_url if side else ""
+        self.token = token
+        self.verbose = verbose
+        self.read_timeout = read_timeout
+        self.request_timeout = REQUEST_TIMEOUT
+        self.connect_timeout = connect_timeout
+        self.max_body_bytes = max_body_bytes
+        self.models_ttl = models_ttl
+        self.upstream_key = upstream_key        # sent to the model server(s); never shown
+        self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
+        self.prompts = PromptMemory()
+        self.encoded_parts = EncodedParts()     # prompt parts encoded by recent turns
+        self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
+        self.coder_seen = None                  # (loaded, server start mark) at the last look
+        self.documents = DocumentReader(cache_dir)
+        self.start_counters()
+
+    def start_counters(self):
+        """Set the counters, and what is known of the upstreams, to what a new router knows."""
+        self.upstream_counts_tokens = None      # unknown until the first count_tokens
+        self.errors = []                        # the last unexpected exceptions, as text
+        self.stats_lock = threading.Lock()      # guards stats, models, models_time, errors
+        self.stats = {"requests": {}, "vision_calls": {}, "images_described": 0,
+                      "vision_prompt_bytes": {}, "model_switches": 0,
+                      "last_upstream_error": None,
+                      "routes": {"coder": 0, "vision": 0, "describe": 0}, "last_request": None}
+        self.started = time.monotonic()
+        self.in_flight = 0                      # routed requests being answered now
+        self.turns = {}                         # id(record) -> (start, record, client socket)
+        self.request_ids = itertools.count(1)   # next() is atomic under the GIL
+        self.last_model = None                  # the main upstream's last model
+        self.models = None                      # {model id: info}, None: never seen
+        self.models_time = float("-inf")
+        self.listings = {}                      # upstream url -> (kind of server, models)
+        self.startup = {"upstream_reachable": None, "problems": []}   # the startup check's
+
+    def server_bind(self):
+        """Bind without HTTPServer.server_bind's reverse DNS lookup, which stalls for
+        seconds on some resolvers (cpython#106505, pypa/pip#13742)."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address):
+        """Stay quiet when a client goes away; log anything else once, with its traceback.
+
+        The record keeps text, and only the last few: an exception holds its frames, and
+        with them the request body, so keeping each one grew the router without bound."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, *TIMEOUT_ERRORS)):
+            return
+        record = "%s: %s" % (type(error).__name__, escape_log(error)[:200])
+        with self.stats_lock:
+            self.errors.append(record)
+            del self.errors[:-ERRORS_KEPT]
+        trace = "".join(traceback.format_tb(error.__traceback__))
+        log("! unexpected %s, on a request from %s; Traceback (most recent call last):\n%s"
+            % (record, client_address[0], trace.rstrip()))
+
+    # Connections.
 
     # Counters.
 

@@ -4292,6 +4292,16 @@ class ActivityTest(RouterTestCase):
 
 class StartupCheckTest(RouterTestCase):
 
+    def test_a_port_in_use_is_an_oserror_that_main_can_explain(self):
+        # The connection cap's state was set after binding, so on a port in use
+        # server_close raised AttributeError, and main() printed a traceback instead of
+        # "cannot listen on ...: Address already in use".
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            with self.assertRaises(OSError):
+                cr.Server(("127.0.0.1", taken.getsockname()[1]), cache_dir=self.cache_dir)
+
     def test_llama_server_without_mmproj_is_warned_about_and_status_says_so(self):
         router = self.start(FakeUpstream(self, listing=LLAMA_LISTING))
         lines = router.check_upstream()
