@@ -2672,14 +2672,25 @@ class EncodedRequest:
         return out
 
     def data(self):
-        """The body to send: bytes, or with images an iterator of pieces.
-
-        Pieces never hold a second copy of the whole body, and an image's data is
-        encoded to bytes only as it is sent."""
+        """The body to send: bytes, or with images an iterator of pieces (see send_pieces)."""
         pieces = self.pieces()
-        if not self.images:
-            return b"".join(pieces)
-        return (p.encode("ascii") if isinstance(p, str) else p for p in pieces)
+        return self.send_pieces(pieces) if self.images else b"".join(pieces)
+
+    def send_pieces(self, pieces):
+        """Yield the body as the bytes between images, then each image's data, in turn.
+
+        They never hold a second copy of the whole body, and an image's data is
+        encoded to bytes only as it goes. Each piece is one send, so the small ones
+        between images go joined: with TCP_NODELAY each would be a packet of its own."""
+        run = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                yield b"".join(run)
+                yield piece.encode("ascii")
+                run = []
+            else:
+                run.append(piece)
+        yield b"".join(run)
 
     def tokens(self):
         """Estimated tokens of the request as sent (see estimate_tokens).
