@@ -3712,7 +3712,13 @@ class DescriptionCache:
     CACHE_REWRITE_FACTOR times the bound, it is rewritten through a temporary file.
     Every write happens under flock() of a lock file, so routers sharing the
     directory neither interleave lines nor drop each other's entries; a lookup that
-    misses reads what the others appended since, so none describes an image again."""
+    misses reads what the others appended since, so none describes an image again.
+
+    load() reads the file at startup; lookup() and store() are what turns use, __len__
+    and status() what /status shows. Below them: refresh() reads what was appended
+    since (read_records, keeping what is_value accepts); store() appends under
+    file_lock(), start_on_new_line() after a torn write, and rewrite() when the file
+    has grown; warn() says a file problem once."""
 
     file_name = CACHE_FILE
     field = "description"           # the field of a record that holds what is kept
@@ -4258,8 +4264,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     handle_routed() counts and times /v1/messages. refuse() answers a ProxyError,
     answer_unexpected() a bug; finish() and linger() close after a refused request.
     Answers: send_response, send_json, write_client, end_stream and end_response.
-    Endpoints (routes): probe, status, models, count_tokens, messages (a Turn), and
-    forward for any other /v1/ or /api/ path."""
+    Endpoints (routes; do_POST sends /v1/messages to handle_routed) take the body with
+    read_body or read_json: probe, status, models, count_tokens, messages (a Turn), and
+    forward for any other /v1/ or /api/ path. log_message keeps http.server's access
+    lines for the verbose log."""
 
     protocol_version = "HTTP/1.1"       # keep-alive; so every response must be framed
     disable_nagle_algorithm = True      # each event goes out at once, no 40 ms Nagle delay
@@ -4631,7 +4639,8 @@ class Relay:
     response (send_whole, send_stream, pump, read_events, stream_failed); send_error() and
     send_overflow() answer an upstream's refusal; send_headers() starts our response
     with the upstream's headers; wait() returns once the upstream has bytes, watching
-    the client meanwhile."""
+    the client meanwhile, and client_left() says in the log what a client that hung up
+    had of the answer."""
 
     def __init__(self, handler, conn, resp, url):
         self.handler = handler
@@ -5324,7 +5333,11 @@ def shut_down(sock):
 
 class BoundedServer(http.server.ThreadingHTTPServer):
     """A ThreadingHTTPServer that serves at most max_connections connections at once and
-    turns the others away with a 529, from the accepting thread."""
+    turns the others away with a 529, from the accepting thread.
+
+    process_request() takes a slot or calls turn_away(); process_request_thread() frees
+    the slot; service_actions() and drop_turned_away() close the turned-away sockets a
+    second later, server_close() the rest."""
 
     def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
         # Set before binding: when binding fails, __init__ calls server_close, which reads them.
@@ -5412,12 +5425,12 @@ class Server(BoundedServer):
     models; the vision bookkeeping (vision) and the prompt statistics (prompts).
 
     BoundedServer caps the connections; server_bind() and handle_error() adapt
-    ThreadingHTTPServer further. Counters, which
-    start_counters() sets up: count() a routed request, count_vision_call(),
-    count_described(), note_model(), note_error(), request_started() and
-    request_ended(); status() is the /status document. Models:
-    known_models(), claim_refresh() and refresh_models() keep the upstreams' lists;
-    model_info() reads them; upstream_token_count() asks the coder's server for a count;
+    ThreadingHTTPServer further. Counters, which start_counters() sets up: count() a
+    routed request, count_vision_call() (with add_vision_call), count_described(),
+    note_model(), note_error(), request_started() and request_ended(); status() is the
+    /status document, turns_status() its turns in flight. Models: known_models(),
+    claim_refresh() and refresh_models() keep the upstreams' lists; model_info() and
+    coder_context() read them; upstream_token_count() asks the coder's server for a count;
     check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
     coder's cache gone, warm() starts one (see Warmer)."""
 
