@@ -4271,7 +4271,9 @@ class ActivityTest(RouterTestCase):
         resp = slow.getresponse()
         self.assertIn(b"message_start", resp.read1(65536))
         self.call("GET", "/status")                 # logs nothing, so it takes no id
+        quick_done = self.log.when("← 200")         # its last line follows its answer
         self.post(request(user(text("quick"))))     # begins and ends inside the slow one
+        self.assertTrue(quick_done.wait(TIMEOUT))
         gate.set()
         resp.read()
         self.call("GET", "/", conn=slow)    # one connection, one thread: its lines are written
