@@ -142,7 +142,7 @@ STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the route
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and per body stall: 408
-MAX_CONNECTIONS = 128                       # client connections served at once; past it, a 529
+MAX_CONNECTIONS = 128                       # client connections served at once; past it, a 503
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
 MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
 MAX_HEADERS = 100                           # header lines per request
@@ -5336,7 +5336,7 @@ def shut_down(sock):
 
 class BoundedServer(http.server.ThreadingHTTPServer):
     """A ThreadingHTTPServer that serves at most max_connections connections at once and
-    turns the others away with a 529, from the accepting thread.
+    turns the others away with a 503, from the accepting thread.
 
     process_request() takes a slot or calls turn_away(); process_request_thread() frees
     the slot; service_actions() and drop_turned_away() close the turned-away sockets a
@@ -5346,7 +5346,7 @@ class BoundedServer(http.server.ThreadingHTTPServer):
         # Set before binding: when binding fails, __init__ calls server_close, which reads them.
         self.max_connections = max_connections
         self.connection_slots = threading.BoundedSemaphore(max_connections)
-        self.turned_away = []                   # [(time.monotonic(), socket)] answered 529
+        self.turned_away = []                   # [(time.monotonic(), socket)] answered 503
         self.turning_away = False               # the last connection was turned away
         super().__init__(address, handler)
 
@@ -5374,23 +5374,25 @@ class BoundedServer(http.server.ThreadingHTTPServer):
             self.connection_slots.release()
 
     def turn_away(self, request):
-        """Answer a connection past the cap with a 529 at once, from the accepting thread.
+        """Answer a connection past the cap with a 503 at once, from the accepting thread.
 
-        A 529 (overloaded_error), not a bare close: Claude Code retries it as it retries a
-        busy model server, for about three minutes, and if that fails the user reads why.
-        The socket is half-closed now and closed a second later (service_actions): closed
-        at once, with the request unread, it would send a reset, which can destroy the
-        answer before the client reads it (RFC 9112 9.6)."""
+        A 503, not a bare close and not a 529: Claude Code retries a 503 for about three
+        minutes, interactively too, which outlasts a burst, then shows our words; a 529
+        (or an overloaded_error) it gives up on within seconds when interactive, and a
+        close reads as a router that crashed. The socket is half-closed now and closed a
+        second later (service_actions): closed at once, with the request unread, it
+        would send a reset, which can destroy the answer before the client reads it
+        (RFC 9112 9.6)."""
         if not self.turning_away:       # said once until a connection is served again
-            log("! %d client connections are open, the limit; more get 529 until some close"
+            log("! %d client connections are open, the limit; more get 503 until some close"
                 % self.max_connections)
             self.turning_away = True
         message = "the router serves %d connections at once and has no room for more; " \
                   "try again shortly" % self.max_connections
-        body = json.dumps(anthropic_error(529, message)).encode()
+        body = json.dumps(anthropic_error(503, message)).encode()
         request.setblocking(False)
         try:
-            request.send(b"HTTP/1.1 529 Overloaded\r\nContent-Type: application/json\r\n"
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
             request.shutdown(socket.SHUT_WR)
         except OSError:

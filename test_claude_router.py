@@ -3265,7 +3265,7 @@ class RequestFramingTest(RouterTestCase):
         self.assertLess(time.monotonic() - started, 3.0)       # the trickle ran on for 5 s
         self.assertEqual(headers["connection"], "close")
 
-    def test_connections_past_the_cap_get_529_at_once_and_no_thread(self):
+    def test_connections_past_the_cap_get_503_at_once_and_no_thread(self):
         # Every connection got a thread, idle ones too: 1,200 idle sockets made 1,201
         # threads before a request was read (issue 14, section 4).
         self.start(FakeUpstream(self), max_connections=2)
@@ -3277,13 +3277,13 @@ class RequestFramingTest(RouterTestCase):
             sock = self.raw_socket()
             sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status, headers, body = read_response(sock)
-            self.assertEnvelope(status, json.loads(body), 529, "overloaded_error")
+            self.assertEnvelope(status, json.loads(body), 503, "api_error")
             self.assertEqual((headers["connection"], headers.get("x-should-retry")), ("close", None))
         self.assertLessEqual(threading.active_count(), threads + 1)
         self.assertEqual(self.log.getvalue().count("connections are open, the limit"), 1)
         held[0].close()     # its slot is free once its thread sees the close
-        started, status = time.monotonic(), 529
-        while status == 529 and time.monotonic() - started < TIMEOUT:
+        started, status = time.monotonic(), 503
+        while status == 503 and time.monotonic() - started < TIMEOUT:
             sock = self.raw_socket()
             sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status = read_response(sock)[0]
