@@ -129,6 +129,9 @@ PDF_MAX_PAGE_IMAGES = 4                     # images kept from a page without te
 PDF_MAX_IMAGES = 32                         # images kept from a whole document
 PDF_MAX_FORMS = 2000                        # form XObjects run per page (a form may draw forms)
 PDF_MAX_CMAP_ENTRIES = 200_000              # codes one CMap or W array may define
+PDF_MAX_FONT_CODES = 1_000_000              # codes all fonts of a document may define
+PDF_MAX_CONTENT = 24 * 1024 * 1024          # bytes of content streams run, forms run again included
+PDF_RUN_COST = 4096                         # bytes of that a content stream costs at least
 PDF_SPACE_GAP = 0.12                        # gap, in font sizes, read as a word space
 PDF_LINE_GAP = 0.5                          # baseline shift, in font sizes, read as a new line
 
@@ -1482,11 +1485,17 @@ class PdfFile:
     resolve/get/fetch give objects; stream_data decodes a stream against the inflate
     budget; iter_pages walks the page tree."""
 
-    def __init__(self, data, max_inflate=PDF_MAX_INFLATE):
+    def __init__(self, data, max_inflate=PDF_MAX_INFLATE, max_content=PDF_MAX_CONTENT,
+                 max_codes=PDF_MAX_FONT_CODES):
         """Read the cross-reference data and the encryption of the PDF in data."""
         if b"%PDF" not in data[:1024]:
             raise DocumentError("not a PDF")
         self.data, self.budget = data, max_inflate
+        # Inflating is bounded above, but running what was inflated is work too: a
+        # 3 KB file whose 2,000 pages each run a tiny self-drawing form 2,000 times, or
+        # run one 126 KB content stream of "(a) Tj", took minutes; a thousand fonts
+        # sharing one 200,000-code CMap held gigabytes.
+        self.content_left, self.codes_left = max_content, max_codes
         self.xref, self.trailer, self.objects, self.object_streams = {}, {}, {}, {}
         self.pending, self.scanned, self.key, self.encrypt_num = set(), None, None, None
         try:
@@ -1606,6 +1615,20 @@ class PdfFile:
             raise DocumentError("encrypted")
         # Objects already read were read before the key was known.
         self.objects = {num: value for num, value in self.objects.items() if num == self.encrypt_num}
+
+    def spend_content(self, size):
+        """Count a content stream of size bytes as run; raise DocumentError past the allowance."""
+        self.content_left -= max(size, PDF_RUN_COST)
+        if self.content_left < 0:
+            raise DocumentError("too much to read: its pages run over %s MB of content" % format(
+                PDF_MAX_CONTENT >> 20, ","))
+
+    def spend_codes(self, count):
+        """Count codes a font defines; raise DocumentError past the allowance."""
+        self.codes_left -= count
+        if self.codes_left < 0:
+            raise DocumentError("too much to read: its fonts define over %s codes" % format(
+                PDF_MAX_FONT_CODES, ","))
 
     def object_key(self, num, gen):
         """Return the RC4 key of one object (ISO 32000-1 7.6.2 algorithm 1)."""
@@ -2013,8 +2036,10 @@ class Font:
         self.code_size = 2 if self.composite else 1
         if self.composite:
             self.read_composite(doc, font, texts)
+            doc.spend_codes(len(texts) + len(self.widths) + len(self.cids or ()))
         else:
             self.read_simple(doc, font, texts)
+            doc.spend_codes(len(texts))
 
     def read_simple(self, doc, font, texts):
         """Read a one-byte font: ToUnicode, else Encoding with Differences; Widths from FirstChar."""
@@ -2181,6 +2206,7 @@ class PageText:
 
     def run(self, data, resources, depth=0):
         """Interpret one content stream with its resources."""
+        self.doc.spend_content(len(data))
         handlers = self.handlers
         for operator, operands in iter_content(data, self.wanted):
             try:
@@ -2371,14 +2397,14 @@ def page_images(doc, images):
     return [image for image in found if image]
 
 
-def pdf_pages(data, max_inflate=PDF_MAX_INFLATE, max_pages=PDF_MAX_PAGES):
+def pdf_pages(data, max_inflate=PDF_MAX_INFLATE, max_pages=PDF_MAX_PAGES, **allowances):
     """Return the pages of a PDF as [{"text": str, "images": [(media type, bytes)]}].
 
     Images are given only for a page without text (a scan). At most max_pages pages are
-    read. Raises DocumentError with a reason fit for a marker: "encrypted", "damaged: ...",
+    read; allowances may lower PdfFile's max_content and max_codes. Raises DocumentError with a reason fit for a marker: "encrypted", "damaged: ...",
     "too large once decompressed", "no Unicode mapping for its fonts", ..."""
     try:
-        doc = PdfFile(data, max_inflate)
+        doc = PdfFile(data, max_inflate, **allowances)
         fonts, pages, unmapped, glyphs, kept = {}, [], 0, 0, 0
         for page, resources in doc.iter_pages(max_pages):
             reader = PageText(doc, fonts)

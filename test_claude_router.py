@@ -1349,6 +1349,37 @@ class PdfTextTest(unittest.TestCase):
             cr.pdf_pages(data, max_inflate=1_000_000)
         self.assertEqual(text_of(data), "x")
 
+    def test_running_content_is_bounded(self):
+        # A 3 KB file whose 2,000 pages each ran a tiny self-drawing form 2,000 times
+        # took minutes of a core; so did 2,000 pages sharing one long content stream.
+        form = pdf_stream(b"/Type /XObject /Subtype /Form /BBox [0 0 1 1]",
+                          b"BT /F1 12 Tf (ab) Tj ET /Fm1 Do /Fm1 Do")
+        data = build_pdf(page_objects(b"/Fm1 Do", extra=(HELVETICA, form),
+                                      resources=b"/XObject << /Fm1 6 0 R >>"))
+        self.assertEqual(text_of(data).count("ab"), cr.PDF_MAX_FORMS)
+        with self.assertRaisesRegex(cr.DocumentError, "too much to read"):
+            cr.pdf_pages(data, max_content=1000 * cr.PDF_RUN_COST)
+        long_page = b"BT /F1 12 Tf " + b"(a) Tj " * 3000 + b"ET"
+        self.assertEqual(text_of(build_pdf(page_objects(long_page)), max_content=30_000),
+                         "a" * 3000)
+        with self.assertRaisesRegex(cr.DocumentError, "too much to read"):
+            cr.pdf_pages(build_pdf(page_objects(long_page)), max_content=20_000)
+
+    def test_font_codes_are_bounded_per_document(self):
+        # Each font's CMap is bounded, but a thousand fonts sharing one CMap of 200,000
+        # codes held gigabytes: ten of them took 121 MB.
+        cmap = pdf_stream(b"", b"begincmap 1 begincodespacerange <0000> <FFFF> endcodespacerange "
+                               b"1 beginbfrange <0000> <0FFF> <0041> endbfrange endcmap")
+        font = (b"<< /Type /Font /Subtype /Type0 /BaseFont /X /Encoding /Identity-H /ToUnicode 6 0 R "
+                b"/DescendantFonts [<< /Subtype /CIDFontType2 /W [0 [500]] >>] >>")
+        other = font.replace(b"/X ", b"/Y ")
+        content = b"BT /F1 10 Tf 72 720 Td <0000> Tj /F2 10 Tf <0001> Tj ET"
+        data = build_pdf(page_objects(content, fonts=b"/F1 4 0 R /F2 7 0 R",
+                                      extra=(font, cmap, other)))
+        self.assertEqual(text_of(data, max_codes=2 * 4097), "AB")
+        with self.assertRaisesRegex(cr.DocumentError, "too much to read"):
+            cr.pdf_pages(data, max_codes=2 * 4097 - 1)
+
     def test_no_unicode_mapping(self):
         font = (b"<< /Type /Font /Subtype /Type0 /BaseFont /X /Encoding /Identity-H "
                 b"/DescendantFonts [<< /Subtype /CIDFontType2 >>] >>")
