@@ -124,7 +124,7 @@ DOCUMENT_READER = "claude-router pdf"       # the "model" field of a document ca
 PDF_MAX_STREAM_BYTES = 32 * 1024 * 1024     # bytes one stream may inflate to
 PDF_MAX_INFLATE = 256 * 1024 * 1024         # bytes all streams of a document may inflate to
 PDF_MAX_PAGES = 2000                        # pages read; the rest are left out
-PDF_MAX_DEPTH = 12                          # nested form XObjects, reference chains, page tree levels
+PDF_MAX_DEPTH = 12                          # nested forms, chains of references, page tree levels
 PDF_MAX_PAGE_IMAGES = 4                     # images kept from a page without text
 PDF_MAX_IMAGES = 32                         # images kept from a whole document
 PDF_MAX_FORMS = 2000                        # form XObjects run per page (a form may draw forms)
@@ -1068,19 +1068,21 @@ class Stream:
 # ISO 32000-1 7.2: whitespace, delimiters and regular characters. One regex finds the next
 # token; its group number says the kind. A literal string with nested parentheses is
 # the one token a regex cannot match, so its opening "(" alone is group 7, read by hand.
+WS = rb"[\x00\t\n\x0c\r ]"                      # PDF's whitespace (ISO 32000-1 7.2.2)
+REGULAR = rb"[^\x00\t\n\x0c\r ()<>\[\]{}/%]"     # neither whitespace nor a delimiter
 TOKEN_RE = re.compile(
-    rb"[\x00\t\n\x0c\r ]+|%[^\r\n]*"
-    rb"|([+-]?(?:\d+\.?\d*|\.\d+))(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
-    rb"|/([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)"
+    WS + rb"+|%[^\r\n]*"
+    rb"|([+-]?(?:\d+\.?\d*|\.\d+))(?!" + REGULAR + rb")"
+    rb"|/(" + REGULAR + rb"*)"
     rb"|\(([^()\\]*(?:\\.[^()\\]*)*)\)"
     rb"|<([0-9A-Fa-f\x00\t\n\x0c\r ]*)>"
     rb"|(<<|>>|\[|\])"
-    rb"|([^\x00\t\n\x0c\r ()<>\[\]{}/%]+)"
+    rb"|(" + REGULAR + rb"+)"
     rb"|(\()|.", re.S)
 ESCAPE_RE = re.compile(rb"\\(?:([0-7]{1,3})|(\r\n|\r|\n)|(.))", re.S)
 ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f"}
 NAME_ESCAPE_RE = re.compile(rb"#([0-9A-Fa-f]{2})")
-INLINE_IMAGE_END_RE = re.compile(rb"[\x00\t\n\x0c\r ]EI(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])")
+INLINE_IMAGE_END_RE = re.compile(WS + rb"EI(?!" + REGULAR + rb")")
 
 # Every content stream operator, made once, so that a page's thousands of operators
 # cost a dict lookup each instead of a new object.
@@ -1224,19 +1226,20 @@ def iter_operations(data, pos=0):
 # ways of cutting "12" into "1" and "2", and a run of spaces before a stray ")" would
 # cost time quadratic in its length. A string with doubly nested parentheses (which
 # the regex skips, so fewer bytes are matched) or an inline image takes the general path.
-OPERAND = (rb"[\x00\t\n\x0c\r ]+(?![\x00\t\n\x0c\r ])|[+-]?[0-9.]+(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
-           rb"|/[^\x00\t\n\x0c\r ()<>\[\]{}/%]*(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
+OPERAND = (WS + rb"+(?!" + WS + rb")|[+-]?[0-9.]+(?!" + REGULAR + rb")"
+           rb"|/" + REGULAR + rb"*(?!" + REGULAR + rb")"
            rb"|\([^()\\]*(?:(?:\\.|\([^()\\]*(?:\\.[^()\\]*)*\))[^()\\]*)*\)"
            rb"|<<|>>|<[^<>]*>|[\[\]]|%[^\r\n]*(?![^\r\n])")
-OPERATION_RE = re.compile(rb"((?:" + OPERAND + rb")*)([^\x00\t\n\x0c\r ()<>\[\]{}/%]*)", re.S)
-CONTENT_TOKEN_RE = re.compile(rb"(?:" + OPERAND + rb")(?<![\x00\t\n\x0c\r ])", re.S)
-INLINE_IMAGE_RE = re.compile(rb"(?<![^\x00\t\n\x0c\r ])BI[\x00\t\n\x0c\r ]*/")
+OPERATION_RE = re.compile(rb"((?:" + OPERAND + rb")*)(" + REGULAR + rb"*)", re.S)
+CONTENT_TOKEN_RE = re.compile(rb"(?:" + OPERAND + rb")(?<!" + WS + rb")", re.S)
+INLINE_IMAGE_RE = re.compile(rb"(?<!" + REGULAR + rb")BI" + WS + rb"*/")
 
 
 def iter_content(data, wanted):
     """Yield (operator, operands) for the operators of a content stream that are in wanted."""
     operations = OPERATION_RE.findall(data)
-    if len(b"".join(map(b"".join, operations))) < len(data.rstrip()) or INLINE_IMAGE_RE.search(data):
+    matched = len(b"".join(map(b"".join, operations)))
+    if matched < len(data.rstrip()) or INLINE_IMAGE_RE.search(data):
         yield from ((op, args) for op, args in iter_operations(data)
                     if op is not None and op.encode("latin-1") in wanted)
         return
@@ -1366,7 +1369,8 @@ def png_unfilter(kind, row, previous, pixel):
             up, corner = previous[i], previous[i - pixel] if i >= pixel else 0
             p = left + up - corner
             pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
-            row[i] = (row[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+            guess = left if pa <= pb and pa <= pc else up if pb <= pc else corner
+            row[i] = (row[i] + guess) & 255
     return row
 
 
@@ -1446,7 +1450,7 @@ def encryption_problem(encrypt):
     if encrypt.get("V") == 4:
         filters = encrypt.get("CF") if isinstance(encrypt.get("CF"), dict) else {}
         for name in (encrypt.get("StmF"), encrypt.get("StrF")):
-            method = filters.get(name, {}).get("CFM") if isinstance(filters.get(name), dict) else None
+            method = filters.get(name).get("CFM") if isinstance(filters.get(name), dict) else None
             if method in ("AESV2", "AESV3"):
                 return "AES encryption is not supported"
     return None
@@ -1468,11 +1472,11 @@ def decrypt_strings(value, key):
 # A PDF's objects found through its cross-reference sections (ISO 32000-1 7.5), and its
 # page tree (7.7.3).
 
-OBJECT_HEAD_RE = re.compile(rb"[\x00\t\n\x0c\r ]*(\d+)[\x00\t\n\x0c\r ]+(\d+)[\x00\t\n\x0c\r ]+obj")
-OBJECT_SCAN_RE = re.compile(rb"(?<![0-9])(\d{1,10})[\x00\t\n\x0c\r ]+(\d{1,5})[\x00\t\n\x0c\r ]+obj\b")
+OBJECT_HEAD_RE = re.compile(WS + rb"*(\d+)" + WS + rb"+(\d+)" + WS + rb"+obj")
+OBJECT_SCAN_RE = re.compile(rb"(?<![0-9])(\d{1,10})" + WS + rb"+(\d{1,5})" + WS + rb"+obj\b")
 STREAM_START_RE = re.compile(rb"stream(?:\r\n|\n|\r(?!\n))?")
-XREF_SUBSECTION_RE = re.compile(rb"[\x00\t\n\x0c\r ]*(\d+)[\x00\t\n\x0c\r ]+(\d+)(?=[\x00\t\n\x0c\r ]+\d{3})")
-XREF_ENTRY_RE = re.compile(rb"[\x00\t\n\x0c\r ]*(\d{1,10})[\x00\t\n\x0c\r ]+(\d{1,5})[\x00\t\n\x0c\r ]+([nf])")
+XREF_SUBSECTION_RE = re.compile(WS + rb"*(\d+)" + WS + rb"+(\d+)(?=" + WS + rb"+\d{3})")
+XREF_ENTRY_RE = re.compile(WS + rb"*(\d{1,10})" + WS + rb"+(\d{1,5})" + WS + rb"+([nf])")
 BROKEN = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
           OverflowError, ZeroDivisionError, StopIteration)
 
@@ -1504,6 +1508,7 @@ class PdfFile:
             self.xref, self.trailer = {}, {}
         if not isinstance(self.resolve(self.trailer.get("Root")), dict):
             self.xref, self.trailer = self.scan_objects(), {}
+            self.objects, self.object_streams = {}, {}
             self.find_trailer()
         if not isinstance(self.resolve(self.trailer.get("Root")), dict):
             raise DocumentError("damaged: no cross-reference table" if not self.xref
@@ -1614,7 +1619,8 @@ class PdfFile:
         if self.key is None:
             raise DocumentError("encrypted")
         # Objects already read were read before the key was known.
-        self.objects = {num: value for num, value in self.objects.items() if num == self.encrypt_num}
+        self.objects = {n: value for n, value in self.objects.items() if n == self.encrypt_num}
+        self.object_streams = {}
 
     def spend_content(self, size):
         """Count a content stream of size bytes as run; raise DocumentError past the allowance."""
@@ -1698,7 +1704,7 @@ class PdfFile:
             # A wrong /Length is common: trust the endstream keyword instead.
             end = self.data.find(b"endstream", start)
             end = len(self.data) if end < 0 else end
-            end -= 2 if self.data[end - 2:end] == b"\r\n" else self.data[end - 1:end] in (b"\n", b"\r")
+            end -= 2 if self.data[end - 2:end] == b"\r\n" else self.data[end - 1] in b"\n\r"
         if self.key:
             info = decrypt_strings(info, self.object_key(num, gen))
         return Stream(info, start, end, num, gen)
@@ -1860,7 +1866,8 @@ def glyph_text(name):
         return base
     code = GLYPH_CODE_RE.match(base)
     if code and code.group(1):
-        return "".join(chr(int(code.group(1)[i:i + 4], 16)) for i in range(0, len(code.group(1)), 4))
+        digits = code.group(1)
+        return "".join(chr(int(digits[i:i + 4], 16)) for i in range(0, len(digits), 4))
     if code:
         return chr(min(int(code.group(2), 16), 0x10FFFF))
     if len(base) > 1 and base[1:] in ACCENTS and base[0].isalpha():
@@ -1952,7 +1959,8 @@ def cid_widths(array):
     return widths
 
 
-TYPE1_ENCODING_RE = re.compile(rb"dup[\x00\t\n\x0c\r ]+(\d+)[\x00\t\n\x0c\r ]*/([^\x00\t\n\x0c\r /\[\]{}()<>]+)[\x00\t\n\x0c\r ]+put")
+TYPE1_ENCODING_RE = re.compile(
+    rb"dup" + WS + rb"+(\d+)" + WS + rb"*/(" + REGULAR + rb"+)" + WS + rb"+put")
 
 
 def builtin_encoding(doc, font):
@@ -1991,10 +1999,14 @@ def simple_encoding(doc, font):
 # The standard 14 fonts may come without Widths. Their widths of ASCII 32-126 (Adobe's
 # AFM files), each as chr(round(width / 10) + 23); italics differ little from upright.
 STANDARD_WIDTHS = {
-    "Helvetica": "33;OOpZ-88>Q3833OOOOOOOOOO33QQQO}ZZ__ZTe_3IZOj_eZe_ZT_ZuZZT333FO-OOIOO3OO--I-jOOOO8I3OI_III818Q",
-    "Helvetica-Bold": "38FOOp_388>Q3833OOOOOOOOOO88QQQTy____ZTe_3O_Tj_eZe_ZT_ZuZZT838QO3OTOTO8TT33O3pTTTT>O8TOeOOI>3>Q",
-    "Times-Roman": "08@IIje888IO0803IIIIIIIIII33OOOCs_ZZ_TO__8>_Tp__O_ZOT__u__T838FI8CICIC8II33I3eIIII8>3II_IICG+GM",
-    "Times-Bold": "08OII{j888IP0803IIIIIIIIII88PPPIt_Z__ZTee>IeZu_eTe_OZ__{__Z838QI8IOCOC8IO38O3jOIOOC>8OI_IIC>->K",
+    "Helvetica": ("33;OOpZ-88>Q3833OOOOOOOOOO33QQQO}ZZ__ZTe_3IZOj_e"
+                 "Ze_ZT_ZuZZT333FO-OOIOO3OO--I-jOOOO8I3OI_III818Q"),
+    "Helvetica-Bold": ("38FOOp_388>Q3833OOOOOOOOOO88QQQTy____ZTe_3O_Tj_e"
+                      "Ze_ZT_ZuZZT838QO3OTOTO8TT33O3pTTTT>O8TOeOOI>3>Q"),
+    "Times-Roman": ("08@IIje888IO0803IIIIIIIIII33OOOCs_ZZ_TO__8>_Tp__"
+                   "O_ZOT__u__T838FI8CICIC8II33I3eIIII8>3II_IICG+GM"),
+    "Times-Bold": ("08OII{j888IP0803IIIIIIIIII88PPPIt_Z__ZTee>IeZu_e"
+                  "Te_OZ__{__Z838QI8IOCOC8IO38O3jOIOOC>8OI_IIC>->K"),
 }
 
 
@@ -2032,7 +2044,8 @@ class Font:
         self.subtype = doc.get(font, "Subtype")
         to_unicode = doc.get(font, "ToUnicode")
         texts = parse_cmap(doc.stream_data(to_unicode))[1] if isinstance(to_unicode, Stream) else {}
-        self.composite, self.ranges, self.cids, self.utf16 = self.subtype == "Type0", None, None, False
+        self.composite = self.subtype == "Type0"
+        self.ranges, self.cids, self.utf16 = None, None, False
         self.code_size = 2 if self.composite else 1
         if self.composite:
             self.read_composite(doc, font, texts)
@@ -2042,7 +2055,7 @@ class Font:
             doc.spend_codes(len(texts))
 
     def read_simple(self, doc, font, texts):
-        """Read a one-byte font: ToUnicode, else Encoding with Differences; Widths from FirstChar."""
+        """Read a one-byte font: ToUnicode, else Encoding and Differences; Widths, FirstChar."""
         table = simple_encoding(doc, font)
         for code, text in texts.items():
             if 0 <= code < 256:
@@ -2135,7 +2148,8 @@ def png_image(width, height, color_type, depth, rows, palette=None):
         """One PNG chunk with its length and CRC."""
         return len(body).to_bytes(4, "big") + kind + body + \
             zlib.crc32(kind + body).to_bytes(4, "big")
-    head = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, color_type, 0, 0, 0])
+    head = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    head += bytes([depth, color_type, 0, 0, 0])
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head)
             + (chunk(b"PLTE", palette) if palette else b"")
             + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
@@ -2159,12 +2173,16 @@ def page_image(doc, image):
     elif isinstance(space, list) and len(space) == 4 and space[0] == "Indexed":
         palette = doc.resolve(space[3])
         palette = doc.stream_data(palette) if isinstance(palette, Stream) else palette
-        space = "Indexed" if doc.resolve(space[1]) == "DeviceRGB" and isinstance(palette, bytes) else ""
+        rgb = doc.resolve(space[1]) == "DeviceRGB" and isinstance(palette, bytes)
+        space = "Indexed" if rgb else ""
+        palette = palette[:len(palette) // 3 * 3][:768] if space else None
     channels = {"DeviceRGB": 3, "CalRGB": 3, "DeviceGray": 1, "CalGray": 1, "Indexed": 1}.get(space)
     if codec or not channels or depth not in (1, 8) or not width or not height:
         return None
     row = (width * channels * depth + 7) // 8
     parms = doc.get(image, "DecodeParms", {})
+    if isinstance(parms, list):     # one per filter: the Flate one is the one with a dict
+        parms = next((p for p in map(doc.resolve, parms) if isinstance(p, dict)), {})
     predictor = parms.get("Predictor", 1) if isinstance(parms, dict) else 1
     if predictor >= 10:
         rows = data     # stream_data left PNG's own filter bytes on every scanline
@@ -2290,10 +2308,10 @@ class PageText:
 
     def show(self, string):
         """Show one string: add its text after the right separator and advance the text matrix."""
-        font = self.font
+        font, size, tc, th = self.font, self.size, self.tc, self.th
         if font is None or string.__class__ is not bytes:
             return
-        if self.tc * self.th > PDF_SPACE_GAP * abs(self.size) and len(string) > font.code_size:
+        if tc * th > PDF_SPACE_GAP * abs(size) and len(string) > font.code_size:
             # Ghostscript spaces words apart with character spacing alone ("(.W)" with
             # Tc 2.7 for ". W"): such a gap is a space, so each glyph is placed alone.
             step = font.code_size
@@ -2303,28 +2321,30 @@ class PageText:
         text, width, count, spaces, unmapped = font.decode(string)
         self.glyphs += count
         self.unmapped += unmapped
-        tm = self.tm
-        m = multiply(tm, self.ctm)
-        advance = (width * self.size + self.tc * count + self.tw * spaces) * self.th
-        self.tm = (tm[0], tm[1], tm[2], tm[3], tm[4] + advance * tm[0], tm[5] + advance * tm[1])
+        a, b, c, d, e, f = self.tm
+        advance = (width * size + tc * count + self.tw * spaces) * th
+        self.tm = (a, b, c, d, e + advance * a, f + advance * b)
         if not text:
             return
-        x, y = m[4] + self.rise * m[2], m[5] + self.rise * m[3]
-        scale = (m[0] * m[0] + m[1] * m[1]) ** 0.5 or 1
-        height = abs(self.size) * ((m[2] * m[2] + m[3] * m[3]) ** 0.5 or scale)
-        ux, uy = m[0] / scale, m[1] / scale
-        separator = self.separator(x, y, ux, uy, height)
+        # The text matrix times the CTM, written out: this runs for every string shown.
+        m0, m1, m2, m3, m4, m5 = self.ctm
+        ux, uy, vx, vy = a * m0 + b * m2, a * m1 + b * m3, c * m0 + d * m2, c * m1 + d * m3
+        x = e * m0 + f * m2 + m4 + self.rise * vx
+        y = e * m1 + f * m3 + m5 + self.rise * vy
+        scale = (ux * ux + uy * uy) ** 0.5 or 1
+        height = abs(size) * ((vx * vx + vy * vy) ** 0.5 or scale)
+        separator = self.separator(x, y, ux / scale, uy / scale, height)
         if separator == " " and (text[0].isspace() or self.out[-1][-1:].isspace()):
             separator = ""
         if separator:
             self.out.append(separator)
         self.out.append(text)
         # Text ends where its last glyph does: the character spacing after it is a gap.
-        end = advance - self.tc * self.th
-        self.last = (x + end * m[0], y + end * m[1], ux, uy, height)
+        end = advance - tc * th
+        self.last = (x + end * ux, y + end * uy, ux / scale, uy / scale, height)
 
     def separator(self, x, y, ux, uy, height):
-        """Return what goes between the last text and text starting at (x, y): "", " " or a new line.
+        """Return what goes between the last text and text at (x, y): "", " " or a new line.
 
         Several producers draw no spaces, so glyph positions decide: a gap wider than a
         fraction of the font size is a word space, a shifted baseline a new line."""
@@ -2349,7 +2369,8 @@ class PageText:
         if not isinstance(xobject, Stream):
             return
         kind = xobject.dict.get("Subtype")
-        if kind == "Image" and len(self.images) < PDF_MAX_PAGE_IMAGES and xobject not in self.images:
+        if kind == "Image" and len(self.images) < PDF_MAX_PAGE_IMAGES \
+                and xobject not in self.images:
             self.images.append(xobject)
         elif kind == "Form" and depth < PDF_MAX_DEPTH and self.forms < PDF_MAX_FORMS:
             # Forms that draw each form ten times would run ten to the depth times.
@@ -2383,7 +2404,8 @@ def page_contents(doc, page):
     """Return the bytes of a page's content, its streams joined when it has several."""
     contents = doc.get(page, "Contents")
     streams = contents if isinstance(contents, list) else [contents]
-    return b"\n".join(doc.stream_data(s) for s in map(doc.resolve, streams) if isinstance(s, Stream))
+    return b"\n".join(doc.stream_data(stream) for stream in map(doc.resolve, streams)
+                      if isinstance(stream, Stream))
 
 
 def page_images(doc, images):

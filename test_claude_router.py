@@ -455,6 +455,146 @@ class RouterTestCase(unittest.TestCase):
             self.assertEqual(reply["error"]["type"], error_type)
 
 
+################ Fixtures (documents)
+
+PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
+HELVETICA = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+
+
+def pdf_stream(entries, data):
+    """An indirect object body: a stream with entries (bytes) and its /Length."""
+    return b"<< %s /Length %d >>\nstream\n%s\nendstream" % (entries, len(data), data)
+
+
+def build_pdf(objects, trailer=b"", objnum_start=1):
+    """A PDF with objects numbered from 1, a cross-reference table and a trailer.
+
+    Object 1 is the catalog; trailer adds entries (an /Encrypt, an /ID)."""
+    out = [b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"]
+    offsets = []
+    for num, body in enumerate(objects, objnum_start):
+        offsets.append(sum(map(len, out)))
+        out.append(b"%d 0 obj\n%s\nendobj\n" % (num, body))
+    xref = sum(map(len, out))
+    out.append(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out += [b"%010d 00000 n \n" % offset for offset in offsets]
+    out.append(b"trailer\n<< /Size %d /Root 1 0 R %s >>\nstartxref\n%d\n%%%%EOF\n"
+               % (len(objects) + 1, trailer, xref))
+    return b"".join(out)
+
+
+def page_objects(content, fonts=b"/F1 4 0 R", extra=(), resources=b""):
+    """Catalog, page tree, page and content objects (1-3, 5), then extra from object 4 on."""
+    return [b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 /Resources << /Font << %s >> %s >> >>"
+            % (fonts, resources),
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 5 0 R >>",
+            extra[0] if extra else HELVETICA,
+            content if content.startswith(b"<<") else pdf_stream(b"", content)] + list(extra[1:])
+
+
+def text_of(data, **options):
+    """The text of every page of a PDF, pages joined by a form feed."""
+    return "\f".join(page["text"] for page in cr.pdf_pages(data, **options))
+
+
+def rc4(key, data):
+    """RC4, written again here so the tests do not trust the module's."""
+    state, j, out = list(range(256)), 0, bytearray()
+    for i in range(256):
+        j = (j + state[i] + key[i % len(key)]) % 256
+        state[i], state[j] = state[j], state[i]
+    i = j = 0
+    for byte in data:
+        i = (i + 1) % 256
+        j = (j + state[i]) % 256
+        state[i], state[j] = state[j], state[i]
+        out.append(byte ^ state[(state[i] + state[j]) % 256])
+    return bytes(out)
+
+
+def encrypted_pdf(content, revision, user=b"", owner=b"owner", aes=False):
+    """A one-page PDF encrypted by the standard security handler (ISO 32000-1 7.6.3)."""
+    length, file_id, permissions = (5 if revision == 2 else 16), b"0123456789abcdef", -4
+    owner_key = hashlib.md5((owner + PAD)[:32]).digest()
+    for _ in range(50 if revision >= 3 else 0):
+        owner_key = hashlib.md5(owner_key[:length]).digest()
+    o = rc4(owner_key[:length], (user + PAD)[:32])
+    for i in range(1, 20 if revision >= 3 else 1):
+        o = rc4(bytes(k ^ i for k in owner_key[:length]), o)
+    key = hashlib.md5((user + PAD)[:32] + o + (permissions & 0xFFFFFFFF).to_bytes(4, "little")
+                      + file_id).digest()[:length]
+    for _ in range(50 if revision >= 3 else 0):
+        key = hashlib.md5(key).digest()[:length]
+    if revision == 2:
+        u = rc4(key, PAD)
+    else:
+        u = rc4(key, hashlib.md5(PAD + file_id).digest())
+        for i in range(1, 20):
+            u = rc4(bytes(k ^ i for k in key), u)
+        u += bytes(16)
+    object_key = hashlib.md5(key + (5).to_bytes(3, "little") + bytes(2)).digest()[:length + 5]
+    objects = page_objects(pdf_stream(b"", rc4(object_key, content)))
+    filters = b"/V 4 /CF << /StdCF << /CFM /AESV2 /Length 16 >> >> /StmF /StdCF /StrF /StdCF" \
+        if aes else b"/V %d /Length %d" % (1 if revision == 2 else 2, length * 8)
+    objects.append(b"<< /Filter /Standard %s /R %d /O <%s> /U <%s> /P %d >>"
+                   % (filters, revision, o.hex().encode(), u.hex().encode(), permissions))
+    return build_pdf(objects, b"/Encrypt 6 0 R /ID [<%s> <%s>]" % ((file_id.hex().encode(),) * 2))
+
+
+def object_stream_pdf(content):
+    """A PDF 1.5 whose objects 2-4 sit in an object stream, indexed by a cross-reference stream."""
+    inner = page_objects(content)
+    header = b""
+    body = b""
+    for num in (2, 3, 4):
+        header += b"%d %d " % (num, len(body))
+        body += inner[num - 1] + b"\n"
+    objstm = pdf_stream(b"/Type /ObjStm /N 3 /First %d /Filter /FlateDecode" % len(header),
+                        zlib.compress(header + body))
+    out = [b"%PDF-1.5\n"]
+    offsets = {}
+    for num, obj in ((1, inner[0]), (5, inner[4]), (6, objstm)):
+        offsets[num] = sum(map(len, out))
+        out.append(b"%d 0 obj\n%s\nendobj\n" % (num, obj))
+    # A stale copy of object 5 that no cross-reference entry points at: a reader that
+    # scanned for objects instead of reading the xref stream would take it (the last one).
+    out.append(b"5 0 obj\n%s\nendobj\n" % pdf_stream(b"", b"BT /F1 12 Tf (stale) Tj ET"))
+    offsets[7] = sum(map(len, out))
+    rows = [b"\x00\x00\x00\xff"]
+    for num in range(1, 8):
+        if num in (2, 3, 4):
+            rows.append(b"\x02\x00\x06" + bytes([num - 2]))
+        else:
+            rows.append(b"\x01" + offsets[num].to_bytes(2, "big") + b"\x00")
+    xref = pdf_stream(b"/Type /XRef /Size 8 /W [1 2 1] /Root 1 0 R /Filter /FlateDecode",
+                      zlib.compress(b"".join(rows)))
+    out.append(b"7 0 obj\n%s\nendobj\nstartxref\n%d\n%%%%EOF\n" % (xref, offsets[7]))
+    return b"".join(out)
+
+
+def image_pdf(image_object):
+    """A one-page PDF whose page only draws the image XObject image_object."""
+    objects = page_objects(b"q 200 0 0 100 0 0 cm /Im1 Do Q",
+                           resources=b"/XObject << /Im1 6 0 R >>")
+    return build_pdf(objects + [image_object])
+
+
+def png_rows(png):
+    """Return (width, height, colour type, decompressed IDAT) of a PNG, checking its CRCs."""
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    pos, chunks = 8, {}
+    while pos < len(png):
+        size = int.from_bytes(png[pos:pos + 4], "big")
+        kind, body = png[pos + 4:pos + 8], png[pos + 8:pos + 8 + size]
+        assert zlib.crc32(kind + body) == int.from_bytes(png[pos + 8 + size:pos + 12 + size], "big")
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + size
+    head = chunks[b"IHDR"]
+    return (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big"), head[9],
+            zlib.decompress(chunks[b"IDAT"]))
+
+
 ################ Errors and logging
 
 class LoggingTest(RouterTestCase):
@@ -1117,201 +1257,23 @@ class ImageTransformTest(unittest.TestCase):
         self.assertEqual(route[:2] + (route[3],), ("coder", "C", 1))
 
 
-################ Documents: PDF objects and text
+################ Documents: PDF syntax
 
-PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
-HELVETICA = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+class PdfSyntaxTest(unittest.TestCase):
 
+    def test_inline_image_and_nested_parentheses(self):
+        content = (b"BT /F1 12 Tf 72 720 Td (a (nested (twice)) string) Tj ET "
+                   b"BI /W 2 /H 1 /CS /G /BPC 8 ID \x00) Tj (x\nEI "
+                   b"BT /F1 12 Tf 72 700 Td (after) Tj ET")
+        self.assertEqual(text_of(build_pdf(page_objects(content))),
+                         "a (nested (twice)) string\nafter")
 
-def pdf_stream(entries, data):
-    """An indirect object body: a stream with entries (bytes) and its /Length."""
-    return b"<< %s /Length %d >>\nstream\n%s\nendstream" % (entries, len(data), data)
-
-
-def build_pdf(objects, trailer=b"", objnum_start=1):
-    """A PDF with objects numbered from 1, a cross-reference table and a trailer.
-
-    Object 1 is the catalog; trailer adds entries (an /Encrypt, an /ID)."""
-    out = [b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"]
-    offsets = []
-    for num, body in enumerate(objects, objnum_start):
-        offsets.append(sum(map(len, out)))
-        out.append(b"%d 0 obj\n%s\nendobj\n" % (num, body))
-    xref = sum(map(len, out))
-    out.append(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out += [b"%010d 00000 n \n" % offset for offset in offsets]
-    out.append(b"trailer\n<< /Size %d /Root 1 0 R %s >>\nstartxref\n%d\n%%%%EOF\n"
-               % (len(objects) + 1, trailer, xref))
-    return b"".join(out)
-
-
-def page_objects(content, fonts=b"/F1 4 0 R", extra=(), resources=b""):
-    """Catalog, page tree, page and content objects (1-3, 5), then extra from object 4 on."""
-    return [b"<< /Type /Catalog /Pages 2 0 R >>",
-            b"<< /Type /Pages /Kids [3 0 R] /Count 1 /Resources << /Font << %s >> %s >> >>"
-            % (fonts, resources),
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 5 0 R >>",
-            extra[0] if extra else HELVETICA,
-            content if content.startswith(b"<<") else pdf_stream(b"", content)] + list(extra[1:])
-
-
-def text_of(data, **options):
-    """The text of every page of a PDF, pages joined by a form feed."""
-    return "\f".join(page["text"] for page in cr.pdf_pages(data, **options))
-
-
-def rc4(key, data):
-    """RC4, written again here so the tests do not trust the module's."""
-    state, j, out = list(range(256)), 0, bytearray()
-    for i in range(256):
-        j = (j + state[i] + key[i % len(key)]) % 256
-        state[i], state[j] = state[j], state[i]
-    i = j = 0
-    for byte in data:
-        i = (i + 1) % 256
-        j = (j + state[i]) % 256
-        state[i], state[j] = state[j], state[i]
-        out.append(byte ^ state[(state[i] + state[j]) % 256])
-    return bytes(out)
-
-
-def encrypted_pdf(content, revision, user=b"", owner=b"owner", aes=False):
-    """A one-page PDF encrypted by the standard security handler (ISO 32000-1 7.6.3)."""
-    length, file_id, permissions = (5 if revision == 2 else 16), b"0123456789abcdef", -4
-    owner_key = hashlib.md5((owner + PAD)[:32]).digest()
-    for _ in range(50 if revision >= 3 else 0):
-        owner_key = hashlib.md5(owner_key[:length]).digest()
-    o = rc4(owner_key[:length], (user + PAD)[:32])
-    for i in range(1, 20 if revision >= 3 else 1):
-        o = rc4(bytes(k ^ i for k in owner_key[:length]), o)
-    key = hashlib.md5((user + PAD)[:32] + o + (permissions & 0xFFFFFFFF).to_bytes(4, "little")
-                      + file_id).digest()[:length]
-    for _ in range(50 if revision >= 3 else 0):
-        key = hashlib.md5(key).digest()[:length]
-    if revision == 2:
-        u = rc4(key, PAD)
-    else:
-        u = rc4(key, hashlib.md5(PAD + file_id).digest())
-        for i in range(1, 20):
-            u = rc4(bytes(k ^ i for k in key), u)
-        u += bytes(16)
-    object_key = hashlib.md5(key + (5).to_bytes(3, "little") + bytes(2)).digest()[:min(length + 5, 16)]
-    objects = page_objects(pdf_stream(b"", rc4(object_key, content)))
-    filters = b"/V 4 /CF << /StdCF << /CFM /AESV2 /Length 16 >> >> /StmF /StdCF /StrF /StdCF" \
-        if aes else b"/V %d /Length %d" % (1 if revision == 2 else 2, length * 8)
-    objects.append(b"<< /Filter /Standard %s /R %d /O <%s> /U <%s> /P %d >>"
-                   % (filters, revision, o.hex().encode(), u.hex().encode(), permissions))
-    return build_pdf(objects, b"/Encrypt 6 0 R /ID [<%s> <%s>]" % ((file_id.hex().encode(),) * 2))
-
-
-def object_stream_pdf(content):
-    """A PDF 1.5 whose objects 2-4 sit in an object stream, indexed by a cross-reference stream."""
-    inner = page_objects(content)
-    header = b""
-    body = b""
-    for num in (2, 3, 4):
-        header += b"%d %d " % (num, len(body))
-        body += inner[num - 1] + b"\n"
-    objstm = pdf_stream(b"/Type /ObjStm /N 3 /First %d /Filter /FlateDecode" % len(header),
-                        zlib.compress(header + body))
-    out = [b"%PDF-1.5\n"]
-    offsets = {}
-    for num, obj in ((1, inner[0]), (5, inner[4]), (6, objstm)):
-        offsets[num] = sum(map(len, out))
-        out.append(b"%d 0 obj\n%s\nendobj\n" % (num, obj))
-    offsets[7] = sum(map(len, out))
-    rows = [b"\x00\x00\x00\xff"]
-    for num in range(1, 8):
-        if num in (2, 3, 4):
-            rows.append(b"\x02\x00\x06" + bytes([num - 2]))
-        else:
-            rows.append(b"\x01" + offsets[num].to_bytes(2, "big") + b"\x00")
-    xref = pdf_stream(b"/Type /XRef /Size 8 /W [1 2 1] /Root 1 0 R /Filter /FlateDecode",
-                      zlib.compress(b"".join(rows)))
-    out.append(b"7 0 obj\n%s\nendobj\nstartxref\n%d\n%%%%EOF\n" % (xref, offsets[7]))
-    return b"".join(out)
-
-
-def image_pdf(image_object):
-    """A one-page PDF whose page only draws the image XObject image_object."""
-    objects = page_objects(b"q 200 0 0 100 0 0 cm /Im1 Do Q",
-                           resources=b"/XObject << /Im1 6 0 R >>")
-    return build_pdf(objects + [image_object])
-
-
-class PdfTextTest(unittest.TestCase):
-
-    def test_simple_text(self):
-        data = build_pdf(page_objects(b"BT /F1 12 Tf 72 720 Td (Hello, world) Tj ET"))
-        self.assertEqual(cr.pdf_pages(data), [{"text": "Hello, world", "images": []}])
-
-    def test_flate_content_and_lines(self):
-        content = zlib.compress(b"BT /F1 12 Tf 72 720 Td (First line) Tj 0 -14 Td (Second) Tj "
-                                b"T* (not reached: TL is 0) Tj ET")
-        data = build_pdf(page_objects(pdf_stream(b"/Filter /FlateDecode", content)))
-        self.assertEqual(text_of(data), "First line\nSecond not reached: TL is 0")
-
-    def test_xref_stream_and_object_stream(self):
-        data = object_stream_pdf(b"BT /F1 12 Tf 72 720 Td (Inside an object stream) Tj ET")
-        self.assertEqual(text_of(data), "Inside an object stream")
-
-    def test_incremental_update_replaces_the_content(self):
-        first = build_pdf(page_objects(b"BT /F1 12 Tf 72 720 Td (Old text) Tj ET"))
-        previous = int(first.rsplit(b"startxref", 1)[1].split()[0])
-        body = pdf_stream(b"", b"BT /F1 12 Tf 72 720 Td (New text) Tj ET")
-        update = b"5 0 obj\n%s\nendobj\n" % body
-        xref = len(first) + len(update)
-        data = first + update + (b"xref\n5 1\n%010d 00000 n \ntrailer\n<< /Size 6 /Root 1 0 R "
-                                 b"/Prev %d >>\nstartxref\n%d\n%%%%EOF\n" % (len(first), previous, xref))
-        self.assertEqual(text_of(data), "New text")
-
-    def test_to_unicode_bfchar_and_bfrange(self):
-        cmap = (b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n"
-                b"1 begincodespacerange <00> <FF> endcodespacerange\n"
-                b"2 beginbfchar <01> <0048> <02> <00E9> endbfchar\n"
-                b"2 beginbfrange <03> <04> <006C> <05> <06> [<006F> <FB01>] endbfrange\n"
-                b"endcmap CMapName currentdict /CMap defineresource pop end end")
-        font = b"<< /Type /Font /Subtype /TrueType /BaseFont /Subset /ToUnicode 6 0 R >>"
-        data = build_pdf(page_objects(b"BT /F1 10 Tf 72 720 Td <0102030305> Tj ( ) Tj <06> Tj ET",
-                                      extra=(font, pdf_stream(b"", cmap))))
-        self.assertEqual(text_of(data), "H\u00e9llo fi")
-
-    def test_type0_identity_h_with_w_widths(self):
-        # Glyph 1 is "a", 2 is "b"; W gives both 500. No space glyph is ever drawn: the
-        # TJ kerning of -300 (0.3 of the font size) is the word break, -20 is not.
-        cmap = b"begincmap 1 beginbfrange <0001> <0002> <0061> endbfrange endcmap"
-        font = (b"<< /Type /Font /Subtype /Type0 /BaseFont /X /Encoding /Identity-H "
-                b"/DescendantFonts [<< /Type /Font /Subtype /CIDFontType2 /W [1 [500 500]] "
-                b"/DW 1000 >>] /ToUnicode 6 0 R >>")
-        content = b"BT /F1 10 Tf 72 720 Td [<00010002> -20 <0001> -300 <00020002>] TJ ET"
-        data = build_pdf(page_objects(content, extra=(font, pdf_stream(b"", cmap))))
-        self.assertEqual(text_of(data), "aba bb")
-
-    def test_word_breaks_from_glyph_positions(self):
-        # A producer that draws no spaces: words placed by Td and Tm, letters by widths.
-        font = (b"<< /Type /Font /Subtype /Type1 /BaseFont /Custom /FirstChar 97 /LastChar 122 "
-                b"/Widths [%s] /Encoding /WinAnsiEncoding >>" % b" ".join([b"500"] * 26))
-        content = (b"BT /F1 10 Tf 1 0 0 1 100 700 Tm (two) Tj 18 0 Td (words) Tj "
-                   b"25 0 Td (o) Tj "                  # touching the s: the same word
-                   b"2 0 0 2 100 650 Tm (big) Tj (ger) Tj 32 0 Td (type) Tj ET")
-        data = build_pdf(page_objects(content, extra=(font,)))
-        self.assertEqual(text_of(data), "two wordso\nbigger type")
-
-    def test_differences_encoding(self):
-        font = (b"<< /Type /Font /Subtype /Type1 /BaseFont /Custom /Encoding << /Type /Encoding "
-                b"/BaseEncoding /WinAnsiEncoding /Differences [65 /eacute /germandbls /uni20AC "
-                b"/f_i /Adieresis.sc /Omega /g123] >> >>")
-        data = build_pdf(page_objects(b"BT /F1 10 Tf 72 720 Td (ABCDEF xG) Tj ET", extra=(font,)))
-        self.assertEqual(text_of(data), "\u00e9\u00df\u20acfi\u00c4\u2126 x")
-
-    def test_builtin_encoding_of_a_type1_program(self):
-        program = (b"%!PS-AdobeFont-1.0: CMR10\n/Encoding 256 array\n0 1 255 {1 index exch "
-                   b"/.notdef put} for\ndup 11 /ff put\ndup 65 /A put\nreadonly def\ncurrentfile eexec\n")
-        font = (b"<< /Type /Font /Subtype /Type1 /BaseFont /CMR10 /FontDescriptor "
-                b"<< /FontFile 6 0 R >> >>")
-        data = build_pdf(page_objects(b"BT /F1 10 Tf 72 720 Td (\\013A) Tj ET",
-                                      extra=(font, pdf_stream(b"/Length1 %d" % len(program), program))))
-        self.assertEqual(text_of(data), "ffA")
+    def test_zip_bomb_is_bounded(self):
+        bomb = zlib.compress(b"BT /F1 12 Tf (x) Tj ET " + b" " * 4_000_000, 9)
+        data = build_pdf(page_objects(pdf_stream(b"/Filter /FlateDecode", bomb)))
+        with self.assertRaisesRegex(cr.DocumentError, "too large once decompressed"):
+            cr.pdf_pages(data, max_inflate=1_000_000)
+        self.assertEqual(text_of(data), "x")
 
     def test_rc4_empty_user_password(self):
         for revision in (2, 3):
@@ -1325,6 +1287,34 @@ class PdfTextTest(unittest.TestCase):
             cr.pdf_pages(encrypted_pdf(content, 3, user=b"secret"))
         with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
             cr.pdf_pages(encrypted_pdf(content, 4, aes=True))
+        aes256 = build_pdf(page_objects(content) + [b"<< /Filter /Standard /V 5 /R 6 >>"],
+                           b"/Encrypt 6 0 R")
+        with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
+            cr.pdf_pages(aes256)
+
+
+################ Documents: PDF objects
+
+class PdfObjectsTest(unittest.TestCase):
+
+    def test_xref_stream_and_object_stream(self):
+        data = object_stream_pdf(b"BT /F1 12 Tf 72 720 Td (Inside an object stream) Tj ET")
+        self.assertEqual(text_of(data), "Inside an object stream")
+
+    def test_incremental_update_replaces_the_content(self):
+        first = build_pdf(page_objects(b"BT /F1 12 Tf 72 720 Td (Old text) Tj ET"))
+        previous = int(first.rsplit(b"startxref", 1)[1].split()[0])
+        body = pdf_stream(b"", b"BT /F1 12 Tf 72 720 Td (New text) Tj ET")
+        # Objects 3 and 6 are stale: no cross-reference entry points at them, and a
+        # reader that scanned for objects instead of following /Prev would take them.
+        update = b"5 0 obj\n%s\nendobj\n" % body + \
+            b"3 0 obj\n<< /Type /Page /Parent 2 0 R /Contents 6 0 R >>\nendobj\n" + \
+            b"6 0 obj\n%s\nendobj\n" % pdf_stream(b"", b"BT /F1 12 Tf (stale) Tj ET")
+        xref = len(first) + len(update)
+        data = first + update + (
+            b"xref\n5 1\n%010d 00000 n \ntrailer\n<< /Size 6 /Root 1 0 R /Prev %d >>\n"
+            b"startxref\n%d\n%%%%EOF\n" % (len(first), previous, xref))
+        self.assertEqual(text_of(data), "New text")
 
     def test_broken_cross_references_fall_back_to_a_scan(self):
         data = build_pdf(page_objects(b"BT /F1 12 Tf 72 720 Td (Still here) Tj ET"))
@@ -1342,12 +1332,60 @@ class PdfTextTest(unittest.TestCase):
                     cr.pdf_pages(data)
                 self.assertTrue(str(caught.exception).startswith(reason), str(caught.exception))
 
-    def test_zip_bomb_is_bounded(self):
-        bomb = zlib.compress(b"BT /F1 12 Tf (x) Tj ET " + b" " * 4_000_000, 9)
-        data = build_pdf(page_objects(pdf_stream(b"/Filter /FlateDecode", bomb)))
-        with self.assertRaisesRegex(cr.DocumentError, "too large once decompressed"):
-            cr.pdf_pages(data, max_inflate=1_000_000)
-        self.assertEqual(text_of(data), "x")
+
+################ Documents: fonts
+
+class PdfFontsTest(unittest.TestCase):
+
+    def test_to_unicode_bfchar_and_bfrange(self):
+        cmap = (b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap\n"
+                b"1 begincodespacerange <00> <FF> endcodespacerange\n"
+                b"2 beginbfchar <01> <0048> <02> <00E9> endbfchar\n"
+                b"2 beginbfrange <03> <04> <006C> <05> <06> [<006F> <FB01>] endbfrange\n"
+                b"endcmap CMapName currentdict /CMap defineresource pop end end")
+        font = b"<< /Type /Font /Subtype /TrueType /BaseFont /Subset /ToUnicode 6 0 R >>"
+        data = build_pdf(page_objects(b"BT /F1 10 Tf 72 720 Td <0102030305> Tj ( ) Tj <06> Tj ET",
+                                      extra=(font, pdf_stream(b"", cmap))))
+        self.assertEqual(text_of(data), "H\u00e9llo fi")
+
+    def test_type0_identity_h_with_w_widths(self):
+        # Glyph 1 is "a", 2 is "b"; W gives both 500. No space glyph is ever drawn: the
+        # TJ kerning of -300 (0.3 of the font size) is the word break, -20 is not.
+        cmap = b"begincmap 1 beginbfrange <0001> <0002> <0061> endbfrange endcmap"
+        font = (b"<< /Type /Font /Subtype /Type0 /BaseFont /X /Encoding /Identity-H "
+                b"/DescendantFonts [<< /Type /Font /Subtype /CIDFontType2 /W [1 [500] 2 2 500] "
+                b"/DW 1000 >>] /ToUnicode 6 0 R >>")
+        content = (b"BT /F1 10 Tf 72 720 Td [<00010002> -20 <0001> -300 <00020002>] TJ "
+                   b"1 0 0 1 72 700 Tm <0002> Tj 1 0 0 1 77 700 Tm <0001> Tj ET")
+        data = build_pdf(page_objects(content, extra=(font, pdf_stream(b"", cmap))))
+        self.assertEqual(text_of(data), "aba bb\nba")
+
+    def test_differences_encoding(self):
+        font = (b"<< /Type /Font /Subtype /Type1 /BaseFont /Custom /Encoding << /Type /Encoding "
+                b"/BaseEncoding /WinAnsiEncoding /Differences [65 /eacute /germandbls /uni20AC "
+                b"/f_i /Adieresis.sc /Omega /g123] >> >>")
+        data = build_pdf(page_objects(b"BT /F1 10 Tf 72 720 Td (ABCDEF xG) Tj ET", extra=(font,)))
+        self.assertEqual(text_of(data), "\u00e9\u00df\u20acfi\u00c4\u2126 x")
+
+    def test_builtin_encoding_of_a_type1_program(self):
+        program = (b"%!PS-AdobeFont-1.0: CMR10\n/Encoding 256 array\n0 1 255 {1 index exch "
+                   b"/.notdef put} for\ndup 11 /ff put\ndup 65 /A put\nreadonly def\n"
+                   b"currentfile eexec\n")
+        font = (b"<< /Type /Font /Subtype /Type1 /BaseFont /CMR10 /FontDescriptor "
+                b"<< /FontFile 6 0 R >> >>")
+        data = build_pdf(page_objects(b"BT /F1 10 Tf 72 720 Td (\\013A) Tj ET",
+                                      extra=(font, pdf_stream(b"/Length1 %d" % len(program),
+                                                              program))))
+        self.assertEqual(text_of(data), "ffA")
+
+    def test_type3_widths_scale_by_the_font_matrix(self):
+        # Glyph space is 1/100 of text space here: widths of 50 are half the font size.
+        font = (b"<< /Type /Font /Subtype /Type3 /FontMatrix [0.01 0 0 0.01 0 0] /FirstChar 97 "
+                b"/LastChar 98 /Widths [50 50] /Encoding << /Differences [97 /a /b] >> "
+                b"/CharProcs << >> /FontBBox [0 0 100 100] /Resources << >> >>")
+        content = b"BT /F1 10 Tf 100 700 Td (ab) Tj 13 0 Td (ba) Tj 10 0 Td (a) Tj ET"
+        data = build_pdf(page_objects(content, extra=(font,)))
+        self.assertEqual(text_of(data), "ab baa")
 
     def test_running_content_is_bounded(self):
         # A 3 KB file whose 2,000 pages each ran a tiny self-drawing form 2,000 times
@@ -1387,8 +1425,34 @@ class PdfTextTest(unittest.TestCase):
         with self.assertRaisesRegex(cr.DocumentError, "no Unicode mapping for its fonts"):
             cr.pdf_pages(data)
 
+
+################ Documents: text
+
+class PdfTextTest(unittest.TestCase):
+
+    def test_simple_text(self):
+        data = build_pdf(page_objects(b"BT /F1 12 Tf 72 720 Td (Hello, world) Tj ET"))
+        self.assertEqual(cr.pdf_pages(data), [{"text": "Hello, world", "images": []}])
+
+    def test_flate_content_and_lines(self):
+        content = zlib.compress(b"BT /F1 12 Tf 72 720 Td (First line) Tj 0 -14 Td (Second) Tj "
+                                b"T* (not reached: TL is 0) Tj ET")
+        data = build_pdf(page_objects(pdf_stream(b"/Filter /FlateDecode", content)))
+        self.assertEqual(text_of(data), "First line\nSecond not reached: TL is 0")
+
+    def test_word_breaks_from_glyph_positions(self):
+        # A producer that draws no spaces: words placed by Td and Tm, letters by widths.
+        font = (b"<< /Type /Font /Subtype /Type1 /BaseFont /Custom /FirstChar 97 /LastChar 122 "
+                b"/Widths [%s] /Encoding /WinAnsiEncoding >>" % b" ".join([b"500"] * 26))
+        content = (b"BT /F1 10 Tf 1 0 0 1 100 700 Tm (two) Tj 18 0 Td (words) Tj "
+                   b"25 0 Td (o) Tj "                  # touching the s: the same word
+                   b"2 0 0 2 100 650 Tm (big) Tj (ger) Tj 32 0 Td (type) Tj "
+                   b"200 Tz 1 0 0 1 100 600 Tm (wide) Tj 1 0 0 1 140 600 Tm (r) Tj ET")
+        data = build_pdf(page_objects(content, extra=(font,)))
+        self.assertEqual(text_of(data), "two wordso\nbigger type\nwider")
+
     def test_forms_inherited_resources_and_recursion(self):
-        form = pdf_stream(b"/Type /XObject /Subtype /Form /BBox [0 0 100 100] /Matrix [1 0 0 1 0 -20]",
+        form = pdf_stream(b"/Subtype /Form /BBox [0 0 100 100] /Matrix [1 0 0 1 0 -20]",
                           b"BT /F1 12 Tf 72 720 Td (in a form) Tj ET /Fm1 Do")
         data = build_pdf(page_objects(b"BT /F1 12 Tf 72 720 Td (Page) Tj ET /Fm1 Do",
                                       extra=(HELVETICA, form),
@@ -1397,41 +1461,30 @@ class PdfTextTest(unittest.TestCase):
         self.assertTrue(text.startswith("Page\nin a form\nin a form"), text)
         self.assertEqual(text.count("in a form"), cr.PDF_MAX_DEPTH)
 
-    def test_inline_image_and_nested_parentheses(self):
-        content = (b"BT /F1 12 Tf 72 720 Td (a (nested (twice)) string) Tj ET "
-                   b"BI /W 2 /H 1 /CS /G /BPC 8 ID \x00) Tj (x\nEI BT /F1 12 Tf 72 700 Td (after) Tj ET")
-        self.assertEqual(text_of(build_pdf(page_objects(content))),
-                         "a (nested (twice)) string\nafter")
-
     def test_page_images_where_there_is_no_text(self):
         jpeg = b"\xff\xd8\xff\xe0 not really a JPEG \xff\xd9"
         data = image_pdf(pdf_stream(b"/Type /XObject /Subtype /Image /Width 2 /Height 1 "
-                                    b"/ColorSpace /DeviceRGB /BitsPerComponent 8 /Filter /DCTDecode",
+                                    b"/ColorSpace /DeviceRGB /BitsPerComponent 8 "
+                                    b"/Filter /DCTDecode",
                                     jpeg))
         self.assertEqual(cr.pdf_pages(data), [{"text": "", "images": [("image/jpeg", jpeg)]}])
-        for space, pixels in ((b"/DeviceRGB", b"\xff\x00\x00\x00\x00\xff"), (b"/DeviceGray", b"\x10\x80")):
+        for space, pixels, color_type in ((b"/DeviceRGB", b"\xff\x00\x00\x00\x00\xff", 2),
+                                          (b"/DeviceGray", b"\x10\x80", 0)):
             with self.subTest(space=space):
                 data = image_pdf(pdf_stream(b"/Subtype /Image /Width 2 /Height 1 /ColorSpace %s "
                                             b"/BitsPerComponent 8 /Filter /FlateDecode" % space,
                                             zlib.compress(pixels)))
                 [(kind, png)] = cr.pdf_pages(data)[0]["images"]
                 self.assertEqual(kind, "image/png")
-                self.assertEqual(png_rows(png), (2, 1, 2 if space == b"/DeviceRGB" else 0, b"\x00" + pixels))
-
-
-def png_rows(png):
-    """Return (width, height, colour type, decompressed IDAT) of a PNG, checking its CRCs."""
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    pos, chunks = 8, {}
-    while pos < len(png):
-        size = int.from_bytes(png[pos:pos + 4], "big")
-        kind, body = png[pos + 4:pos + 8], png[pos + 8:pos + 8 + size]
-        assert zlib.crc32(kind + body) == int.from_bytes(png[pos + 8 + size:pos + 12 + size], "big")
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + size
-    head = chunks[b"IHDR"]
-    return (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big"), head[9],
-            zlib.decompress(chunks[b"IDAT"]))
+                self.assertEqual(png_rows(png), (2, 1, color_type, b"\x00" + pixels))
+        # Scanlines a PNG predictor filtered (img2pdf's) keep their filter bytes.
+        rows = b"\x02\x01\x02\x03\x04\x05\x06\x01\x01\x01\x01\x01\x01\x01"
+        data = image_pdf(pdf_stream(b"/Subtype /Image /Width 2 /Height 2 /ColorSpace /DeviceRGB "
+                                    b"/BitsPerComponent 8 /Filter /FlateDecode /DecodeParms "
+                                    b"<< /Predictor 15 /Colors 3 /Columns 2 >>",
+                                    zlib.compress(rows)))
+        [(kind, png)] = cr.pdf_pages(data)[0]["images"]
+        self.assertEqual(png_rows(png), (2, 2, 2, rows))
 
 
 if __name__ == "__main__":
