@@ -3333,9 +3333,11 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
     finally:
         conn.close()
     try:
-        return resp.status, json.loads(raw)
+        reply = json.loads(raw)
     except (ValueError, RecursionError):
         return resp.status, None
+    # Parsed just under the parser's limit, it would fail in a later json.dumps instead.
+    return resp.status, reply if json_depth(reply) <= MAX_JSON_DEPTH else None
 
 
 def server_start_mark(url, timeout=CONNECT_TIMEOUT, key=""):
@@ -5216,7 +5218,7 @@ class Warmer:
                      if isinstance(r["head"], dict) and isinstance(r["head"]["reminders"], list)}
         except FileNotFoundError:
             return 0
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             log("! warm-up: ignored %s, which is damaged (%s); the next turn rewrites it"
                 % (self.path, type(e).__name__))
             return 0
@@ -5332,8 +5334,8 @@ class Warmer:
             usage = usage_numbers(reply.get("usage")) if isinstance(reply, dict) else {}
             if resp.status != 200:
                 failure = short_reason(upstream_message(raw)) or "error %d" % resp.status
-        except (ProxyError, OSError, http.client.HTTPException, ValueError) as e:
-            failure = str(e)
+        except (ProxyError, OSError, http.client.HTTPException, ValueError, RecursionError) as e:
+            failure = str(e)[:ERROR_TEXT_CHARS]      # a RecursionError: a reply nested too deeply
         self.finish(usage, failure)
 
     def finish(self, usage, failure):
@@ -6045,7 +6047,7 @@ def fetch_status(port, token, timeout=STATUSLINE_TIMEOUT):
         raise OSError("what answers on :%d does not speak HTTP" % port)
     try:
         document = json.loads(body) if status[1] == b"200" else None
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     return int(status[1]), document if isinstance(document, dict) else None
 

@@ -4215,6 +4215,24 @@ class WarmUpTest(RouterTestCase):
         self.assertFalse(cr.parse_settings([], {"CLAUDE_ROUTER_WARM": "0"}).warm)
         self.assertTrue(cr.parse_settings([], {}).warm)
 
+    def test_a_head_file_or_a_warm_up_reply_nested_past_the_parsers_limit_stops_nothing(self):
+        # A RecursionError, which neither the head file's reader nor the warm-up caught: the
+        # first stopped the router at startup, the second left a warm-up running for ever
+        # (issue 14, section 3).
+        path = os.path.join(self.cache_dir, "heads.json")
+        with open(path, "w") as f:
+            f.write('{"heads": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        nested = b"[" * 100_000 + b"]" * 100_000
+        upstream = FakeUpstream(self, [json_reply(message_json("ok")),
+                                       raw_reply(b"200 OK\r\nContent-Type: application/json", nested)],
+                                listing=LLAMA_LISTING)
+        router = self.start(upstream)
+        self.assertEqual(self.log.getvalue().count("warm-up: ignored"), 1)
+        self.turn(first_turn())     # counted done: a warm-up may start
+        self.assertTrue(router.warm("router start"))
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertFalse(router.warmer.status()["running"])
+
 
 class RequestClassTest(RouterTestCase):
     """Claude Code's hint headers: books per request class, the route line, side requests."""
