@@ -112,8 +112,8 @@ SIDE_UPSTREAM_URL = ""                      # its server; empty: UPSTREAM_URL
 
 # Documents (the PDFs Claude Code's Read tool sends): read by the router once, kept by content.
 DOCUMENT_CACHE_FILE = "documents.jsonl"     # their texts, beside the descriptions, same care
-DOCUMENT_CACHE_MAX_ENTRIES = 200            # documents kept; the oldest are evicted past this
-DOCUMENT_MAX_CHARS = 2_000_000              # chars of one document kept; the rest is noted as cut
+DOCUMENT_CACHE_MAX_ENTRIES = 100            # documents kept; the oldest are evicted past this
+DOCUMENT_MAX_CHARS = 1_000_000              # chars of one document kept; the rest is noted as cut
 DOCUMENT_CONTEXT_SHARE = 0.5                # share of the coder's context one document may fill
 DOCUMENT_DEFAULT_CONTEXT = 32768            # tokens assumed while the coder's context is unknown
 DOCUMENT_IMAGES_KEPT = 8                    # scanned documents whose page images stay in memory
@@ -189,7 +189,7 @@ DOCUMENT_MARKER = "<<DOCUMENT TEXT: %s>>"
 FAILED_DOCUMENT_MARKER = "<<DOCUMENT: %s could not be read: %s>>"
 CUT_DOCUMENT_MARKER = "<<DOCUMENT CUT: %s of its %s chars left out%s, to fit %s>>"
 PAGE_HEADER = "--- page %d ---"
-SCANNED_PAGE_HEADER = "--- page %d: no text layer; what the vision model sees on it ---"
+SCANNED_PAGE_HEADER = "--- page %d: no text layer; its image follows ---"
 BLANK_PAGE_HEADER = "--- page %d: no text, and no image the router can read ---"
 URL_DOCUMENT_REASON = "the router fetches nothing from the internet (%s)"
 FILE_DOCUMENT_REASON = "the router cannot fetch uploaded files (%s)"

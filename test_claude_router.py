@@ -1875,6 +1875,15 @@ class DocumentTest(RouterTestCase):
             text("<<DOCUMENT TEXT: document, 1 page>>\n" + cr.SCANNED_PAGE_HEADER % 1),
             text("<<IMAGE: could not be read by the vision model: image input is not supported>>")])
 
+    def test_a_scanned_page_without_a_vision_model_is_the_image_marker(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream, vision_model="")
+        body = request(user(text("what does it say?"), pdf_document(make_pdf(JPEG_A))))
+        self.assertEqual(self.post(body)[0], 200)
+        self.assertEqual(upstream.posts()[-1]["messages"][0]["content"][1:], [
+            text("<<DOCUMENT TEXT: document, 1 page>>\n--- page 1: no text layer; its image "
+                 "follows ---"), text(cr.UNKNOWN_IMAGE_MARKER)])
+
     def test_a_pdf_is_extracted_once_ever_and_reads_the_same_after_a_restart(self):
         upstream = FakeUpstream(self)
         first = self.start(upstream)
