@@ -123,6 +123,7 @@ DOCUMENT_READER = "claude-router pdf"       # the "model" field of a document ca
 # stream is decompressed against a budget, and a document that overruns it gets a marker.
 PDF_MAX_STREAM_BYTES = 32 * 1024 * 1024     # bytes one stream may inflate to
 PDF_MAX_INFLATE = 256 * 1024 * 1024         # bytes all streams of a document may inflate to
+PDF_MAX_PREDICTED = 8 * 1024 * 1024         # bytes of one stream a predictor is undone on
 PDF_MAX_PAGES = 2000                        # pages read; the rest are left out
 PDF_MAX_DEPTH = 12                          # nested forms, chains of references, page tree levels
 PDF_MAX_PAGE_IMAGES = 4                     # images kept from a page without text
@@ -1337,15 +1338,20 @@ def undo_predictor(data, parms):
     predictor = parms.get("Predictor", 1)
     if not isinstance(predictor, int) or predictor < 2:
         return data
+    if len(data) > PDF_MAX_PREDICTED:
+        raise DocumentError("too large once decompressed")
     pixel = max(1, (parms.get("Colors", 1) * parms.get("BitsPerComponent", 8) + 7) // 8)
     width = (parms.get("Colors", 1) * parms.get("BitsPerComponent", 8)
              * parms.get("Columns", 1) + 7) // 8
+    # A row is never longer than the data: /Columns 4000000000 made a 16 GB row of zeros.
+    width = min(width, len(data))
     if predictor == 2:
-        rows = [bytearray(data[i:i + width]) for i in range(0, len(data), width)]
-        for row in rows:
-            for i in range(pixel, len(row)):
-                row[i] = (row[i] + row[i - pixel]) & 255
-        return b"".join(rows)
+        # In place: a bytearray per row of /Columns 1 held 2.6 GB for 30 MB of data.
+        out = bytearray(data)
+        for start in range(0, len(out), max(width, 1)):
+            for i in range(start + pixel, min(start + width, len(out))):
+                out[i] = (out[i] + out[i - pixel]) & 255
+        return bytes(out)
     out, previous = [], bytearray(width)
     for start in range(0, len(data) - width, width + 1):
         row = png_unfilter(data[start], bytearray(data[start + 1:start + 1 + width]),
@@ -1374,6 +1380,9 @@ def png_unfilter(kind, row, previous, pixel):
     return row
 
 
+A85_SLICE = 5 << 16     # ASCII85 characters decoded at once: whole groups of five
+
+
 def decode_filter(name, data, parms, limit):
     """Return data decoded by one stream filter; None for a filter we cannot decode."""
     if name in ("FlateDecode", "Fl"):
@@ -1383,8 +1392,15 @@ def decode_filter(name, data, parms, limit):
     if name in ("ASCII85Decode", "A85"):
         body = re.sub(rb"\s", b"", data).split(b"~>")[0]
         body = body[2:] if body.startswith(b"<~") else body
+        # "z" is four zero bytes: 5 MB of it made 20 MB, past the inflate limit, and
+        # a85decode held 456 MB doing so. Spelled out, the groups decode a slice at a time.
+        if (len(body) + 4 * body.count(b"z")) * 4 // 5 > limit:
+            raise DocumentError("too large once decompressed")
+        body = body.replace(b"z", b"!!!!!")
+        size, body = len(body) * 4 // 5, body + b"u" * (-len(body) % 5)
         try:
-            return base64.a85decode(body + b"u" * (-len(body) % 5))[:len(body) * 4 // 5]
+            return b"".join(base64.a85decode(body[i:i + A85_SLICE])
+                            for i in range(0, len(body), A85_SLICE))[:size]
         except ValueError:
             return None
     if name == "Crypt":
@@ -1761,6 +1777,8 @@ class PdfFile:
             data = decode_filter(name, data, options, limit)
             if data is None:
                 return (b"", None) if image else b""
+            if isinstance(options.get("Predictor"), int) and options["Predictor"] >= 2:
+                self.spend_content(len(data))   # a predictor is undone a byte at a time
             self.budget -= len(data)
             if self.budget < 0:
                 raise DocumentError("too large once decompressed")

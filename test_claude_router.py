@@ -1292,6 +1292,19 @@ class PdfSyntaxTest(unittest.TestCase):
         with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
             cr.pdf_pages(aes256)
 
+    def test_filters_are_bounded_in_memory(self):
+        # A row as wide as /Columns says was allocated whole (/Columns 4000000000 was
+        # 16 GB of zeros), a TIFF predictor held a bytearray per row (2.6 GB for 30 MB),
+        # and ASCII85's "z" made four bytes each, past the inflate limit (5 MB: 456 MB held).
+        self.assertEqual(cr.undo_predictor(b"\x02abc", {"Predictor": 12, "Columns": 1 << 40}), b"")
+        self.assertEqual(cr.undo_predictor(bytes([1, 1, 1, 5, 5]), {"Predictor": 2, "Columns": 3}),
+                         bytes([1, 2, 3, 5, 10]))
+        self.assertEqual(cr.decode_filter("A85", b"<~z!!*'\"~>", {}, 100), b"\0\0\0\0\0\1\0\0")
+        with self.assertRaisesRegex(cr.DocumentError, "too large once decompressed"):
+            cr.decode_filter("A85", b"z" * 300, {}, 1000)
+        with self.assertRaisesRegex(cr.DocumentError, "too large once decompressed"):
+            cr.undo_predictor(b"\0" * (cr.PDF_MAX_PREDICTED + 1), {"Predictor": 2})
+
 
 ################ Documents: PDF objects
 
