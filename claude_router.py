@@ -3896,9 +3896,12 @@ class DescriptionCache:
             missing = self.path and not keys <= self.entries.keys()
         if missing:
             try:
-                self.refresh()
+                bad = self.refresh()
             except OSError as e:
                 self.warn("cannot read %s" % self.path, e)
+            else:
+                if bad:     # appended since by another router, or damaged on the disk
+                    log("! %s: skipped %d unreadable line(s) in %s" % (self.what, bad, self.path))
         with self.lock:
             found = {k: self.entries[k] for k in keys if k in self.entries}
             self.hits += len(found)

@@ -2840,6 +2840,16 @@ class CacheTest(unittest.TestCase):
         os.replace(path + ".kept", path)
         self.assertEqual(open(path, "rb").read(), before)
 
+    def test_an_unreadable_line_another_router_appended_is_skipped_with_a_warning(self):
+        # Lines read on a lookup's miss were skipped without a word (issue 14, section 3).
+        cache = cr.DescriptionCache(self.dir)
+        cache.store({"k1": "one"}, "V")
+        with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
+            f.write(b'{"hash": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+            f.write(b'{"hash": "k2", "description": "two"}\n')
+        self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
+        self.assertIn("skipped 1 unreadable line(s)", self.log.getvalue())
+
 
 class VisionModeTest(RouterTestCase):
 
