@@ -4015,6 +4015,9 @@ class PrefixReplayTest(RouterTestCase):
         then = [
             [assistant(thinking, text("Reading."), tool_use("t1")),
              user(tool_result("t1", text("1\tprint()"))), countdown(14990000)],
+            [assistant(tool_use("t0")), user(tool_result("t0", read_line("/p/spec.pdf"),
+                                                          pdf_document(make_pdf("Spec", "v2")))),
+             countdown(14985000)],                                      # a PDF, read once
             [assistant(thinking, tool_use("t2")), user(tool_result("t2", image(PNG_A))),
              countdown(14980000)],                                      # vision describes it
             [assistant(text("It shows a chart.")), user(text("make it bigger"))],
@@ -4049,7 +4052,7 @@ class PrefixReplayTest(RouterTestCase):
                                                       stream=i % 2 == 1))
             self.assertIn(status, (200, 500), reply_body)
         coder = [raw for path, raw in upstream.raw if json.loads(raw)["model"] == "CODER"]
-        self.assertEqual(len(coder), 10)     # the failed vision turn falls back to the coder
+        self.assertEqual(len(coder), 11)     # the failed vision turn falls back to the coder
         for previous, current in zip(coder, coder[1:]):
             # Templates render system, tools, then messages: the body keeps that order,
             # so a byte prefix of the body is a prefix of the prompt.
