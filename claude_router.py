@@ -3335,6 +3335,26 @@ def await_upstream(sock, client, timeout, resp=None):
         poller.unregister(client)
 
 
+def read_within(resp, limit, seconds):
+    """Return up to limit bytes of resp's body, all read within seconds (None: no bound);
+    raise TimeoutError past that.
+
+    The socket's timeout bounds each read, not the whole: a server that sends a byte a
+    second never trips it. The model-list refresh runs on a client connection's thread,
+    holding its slot, so a trickled /props held a slot for good, one more every 30 s."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    chunks, size = [], 0
+    while size < limit:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("timed out: the answer took over %g s to arrive" % seconds)
+        chunk = resp.read1(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
                connect_timeout=CONNECT_TIMEOUT, key="", client=None):
     """Return (status, parsed JSON or None) of one small upstream request.
@@ -3345,7 +3365,7 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
     conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
                                client, key)
     try:
-        raw = resp.read(MAX_ERROR_BODY_BYTES)
+        raw = read_within(resp, MAX_ERROR_BODY_BYTES, read_timeout)
     except (OSError, http.client.HTTPException) as e:
         raise upstream_failure(e, url) from None
     finally:

@@ -2403,6 +2403,35 @@ class UpstreamFaultTest(RouterTestCase):
         self.assertEnvelope(status, reply, 529, "overloaded_error")
         self.assertIn("127.0.0.1:%d is not reachable" % port, reply["error"]["message"])
 
+    def test_a_trickled_listing_or_props_ends_within_its_timeout(self):
+        # The model-list refresh runs on a client connection's thread after its answer,
+        # holding its connection slot: a server that trickled /props a byte a second
+        # (each read within the timeout) held it for as long as it liked, and with a
+        # refresh every 30 s the router ran out of slots.
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+
+        def trickle():
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{")
+                while not stop.wait(0.02):
+                    conn.sendall(b" ")
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+        ended = []
+        worker = threading.Thread(target=lambda: ended.append(cr.server_start_mark(url, 0.3)),
+                                  daemon=True)
+        worker.start()
+        worker.join(TIMEOUT)
+        self.assertEqual(ended, [None])
+
     def test_upstream_silent_before_headers_is_504(self):
         hang = threading.Event()
         self.addCleanup(hang.set)
