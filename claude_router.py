@@ -5248,17 +5248,25 @@ class Warmer:
 
     # Heads.
 
+    def read(self):
+        """{(model, upstream): head as JSON text} from the heads file ({} when there is none).
+
+        Raises OSError, ValueError, KeyError, TypeError or RecursionError (nested past the
+        parser's limit) when it cannot be read whole."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                records = json.load(f, parse_constant=reject_constant)["heads"]
+        except FileNotFoundError:
+            return {}
+        return {(r["model"], r["upstream"]): json.dumps(r["head"]) for r in records
+                if isinstance(r["head"], dict) and isinstance(r["head"]["reminders"], list)}
+
     def load(self):
         """Read the heads file, if any; a damaged one is ignored with one warning line."""
         if not self.enabled:
             return 0
         try:
-            with open(self.path, encoding="utf-8") as f:
-                records = json.load(f, parse_constant=reject_constant)["heads"]
-            heads = {(r["model"], r["upstream"]): json.dumps(r["head"]) for r in records
-                     if isinstance(r["head"], dict) and isinstance(r["head"]["reminders"], list)}
-        except FileNotFoundError:
-            return 0
+            heads = self.read()
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             log("! warm-up: ignored %s, which is damaged (%s); the next turn rewrites it"
                 % (self.path, type(e).__name__))
@@ -5289,12 +5297,20 @@ class Warmer:
     def write(self):
         """Write the heads file whole: a new file put in place (os.replace), private (0600).
 
-        Written only when a head changes, which is once per conversation at most."""
+        Written only when a head changes, which is once per conversation at most. The
+        heads other routers sharing the directory wrote since are kept (ours win)."""
         with self.write_lock:
+            try:
+                heads = self.read()
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                heads = {}      # damaged: load said so; ours replace it
             with self.lock:
-                heads = list(self.heads.items())
+                for key, head in self.heads.items():
+                    heads.pop(key, None)
+                    heads[key] = head
+            drop_oldest(heads, HEADS_KEPT)
             text = json.dumps({"heads": [{"model": m, "upstream": u, "head": json.loads(h)}
-                                         for (m, u), h in heads]})
+                                         for (m, u), h in heads.items()]})
             temporary = "%s.%d.tmp" % (self.path, os.getpid())
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)

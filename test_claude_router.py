@@ -4178,6 +4178,14 @@ class WarmUpTest(RouterTestCase):
             self.assertEqual(len(json.load(f)["heads"]), 1)
         self.assertEqual(self.warm_ups(upstream), [])
 
+    def test_routers_sharing_the_cache_dir_keep_each_others_heads(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        first, second = self.start(upstream), self.start(upstream, coder_model="OTHER")
+        self.post(first_turn(), conn=self.connect(first))
+        self.post(first_turn(), conn=self.connect(second))
+        with open(os.path.join(self.cache_dir, "heads.json")) as f:
+            self.assertEqual([h["model"] for h in json.load(f)["heads"]], ["CODER", "OTHER"])
+
     def test_no_warm_up_while_a_turn_is_in_flight(self):
         arrived, gate = threading.Event(), threading.Event()
 
