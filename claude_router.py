@@ -558,6 +558,8 @@ def validate_block(block, where, nested=False):
     """Raise ProxyError unless block is a content block the transforms can handle."""
     check_typed(block, where)
     kind = block["type"]
+    if type(block.get("source")) is dict:      # an image's or a document's: typed too
+        check_fields(block["source"], TYPED_SHAPES[None], where + ".source")
     if kind == "image":
         problem = image_source_problem(block["source"])
         if problem:

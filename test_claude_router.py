@@ -749,6 +749,12 @@ def malformed_requests():
              ("role object", {"messages": [{"role": {"a": 1}, "content": "hi"}]}),
              ("message list", {"messages": [["user", "hi"]]}),
              ("type list", message([{"type": ["text"], "text": "x"}])),
+             ("document source type list", message([{"type": "document", "source": {
+                 "type": ["text"], "media_type": "text/plain", "data": "x"}}])),
+             ("document source type object", message([{"type": "document", "source": {
+                 "type": {}, "data": "x"}}])),
+             ("image source type list", message([{"type": "image", "source": {
+                 "type": ["base64"], "media_type": "image/png", "data": "AAAA"}}])),
              ("thinking without text", message([{"type": "thinking"}], "assistant")),
              ("thinking number", message([{"type": "thinking", "thinking": 5}], "assistant")),
              ("redacted_thinking without data", message([{"type": "redacted_thinking"}],
