@@ -6021,8 +6021,13 @@ def short_count(n):
 def dig(obj, *names):
     """obj[name][name]..., or None where a level is missing or not an object."""
     for name in names:
-        obj = obj.get(name) if isinstance(obj, dict) else None
+        obj = obj.get(name) if isinstance(obj, dict) and isinstance(name, str) else None
     return obj
+
+
+def is_seconds(value):
+    """True for a number of seconds a turn can have taken: not a bool, NaN, infinite or absurd."""
+    return type(value) in (int, float) and 0 <= value < 1e9
 
 
 def activity_note(status, last):
@@ -6032,17 +6037,17 @@ def activity_note(status, last):
     # A turn whose client has hung up (Esc) is nobody's work any more, even before the
     # router's next look at it ends it.
     seconds = [t["seconds"] for t in turns or () if not t.get("client_left")
-               and isinstance(t.get("seconds"), (int, float))]
+               and is_seconds(t.get("seconds"))]
     if seconds:
         return "working %d s" % max(seconds)
     if turns is None and dig(status, "in_flight"):      # a router from before "turns"
         return "working"
     if dig(status, "warm_up", "running"):
         return "warming"
-    if not last.get("route"):
+    if not last.get("route") or not isinstance(last["route"], str):
         return ""
     model = "" if last["route"] == "coder" else " " + str(last.get("model"))
-    took = " %.1f s" % last["seconds"] if isinstance(last.get("seconds"), (int, float)) else ""
+    took = " %.1f s" % last["seconds"] if is_seconds(last.get("seconds")) else ""
     if last.get("left") or any(t.get("client_left") and t.get("id") == last.get("id")
                                for t in turns or ()):
         return "last: %s%s interrupted%s" % (last["route"], model, took and " after" + took)

@@ -4658,6 +4658,24 @@ class StatusLineTest(RouterTestCase):
         self.assertEqual(cr.status_line({"coder": "junk", "last_request": [], "prompt_cache": 5}),
                          "router: coder ?")
 
+    def test_a_status_document_of_odd_values_is_read_as_far_as_it_can_be(self):
+        # What answers on the port may be another router's version, or not a router: an
+        # Infinity or NaN of seconds (json.loads takes both) and a list as the last
+        # model were an OverflowError, a ValueError and a TypeError, so Claude Code showed
+        # a traceback for a status line.
+        base = {"coder": {"model": "c"}}
+        rows = [("infinite seconds", {"turns": [{"seconds": float("inf")}]}, "router: coder c"),
+                ("NaN seconds", {"turns": [{"seconds": float("nan")}], "last_request": {
+                    "route": "coder", "seconds": float("nan")}}, "router: coder c · last: coder"),
+                ("a list as the model", {"last_request": {"route": "vision", "model": ["v"]},
+                                         "prompt_cache": {"v": {}}},
+                 "router: coder c · last: vision ['v']"),
+                ("a list as the route", {"last_request": {"route": ["coder"]}}, "router: coder c"),
+                ("seconds past any turn", {"turns": [{"seconds": 1e300}]}, "router: coder c")]
+        for name, status, line in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.status_line({**base, **status}), line)
+
     def test_reads_the_running_router(self):
         upstream = FakeUpstream(self, listing=LLAMA_LISTING)
         router = self.start(upstream, token="t0k")
