@@ -948,28 +948,36 @@ def route_request(body, keys, descriptions, vision_model, coder_model, new_keys,
     return route, model, messages, substituted
 
 
-def replace_images(blocks, replace):
-    """Return blocks with replace(block) in place of each image block, tool_results included.
+def splice_blocks(blocks, wanted, replace):
+    """Return blocks with the list replace(block, before) in place of each block wanted(block)
+    picks, tool_results included; before is the block before it in its list, or None.
 
     Module-level on purpose: a nested function that calls itself is a reference cycle,
     and it kept every request's images (and the keys dict) alive until the cyclic GC
     happened to run: +8 MB of memory per screenshot request."""
-    out = []
+    out, before = [], None
     for block in blocks:
-        if is_image(block):
-            block = replace(block)
+        if wanted(block):
+            out += replace(block, before)
         elif block.get("type") == "tool_result" and isinstance(block.get("content"), list) \
-                and any(is_image(b) for b in block["content"]):
-            block = {**block, "content": replace_images(block["content"], replace)}
-        out.append(block)
+                and any(wanted(b) for b in block["content"]):
+            out.append({**block, "content": splice_blocks(block["content"], wanted, replace)})
+        else:
+            out.append(block)
+        before = block
     return out
+
+
+def map_blocks(messages, wanted, replace):
+    """Return messages with splice_blocks' blocks in place of each block wanted picks."""
+    return [{**m, "content": splice_blocks(m["content"], wanted, replace)}
+            if isinstance(m["content"], list) and any(wanted(b) for b in iter_blocks(m)) else m
+            for m in messages]
 
 
 def map_image_blocks(messages, replace):
     """Return messages with replace(block) in place of each image block, tool_results included."""
-    return [{**m, "content": replace_images(m["content"], replace)}
-            if isinstance(m["content"], list) and any(is_image(b) for b in iter_blocks(m)) else m
-            for m in messages]
+    return map_blocks(messages, is_image, lambda block, _: [replace(block)])
 
 
 def substitute_images_with_descriptions(messages, keys, descriptions, keep=(), failures=None):
@@ -2665,32 +2673,11 @@ def render_document(block, name, record, images, context_length):
     return out + ([text_block("\n".join(texts))] if texts else [])
 
 
-def replace_documents(blocks, render):
-    """Return blocks with render(block, name) spliced in place of each document block,
-    tool_results included; name is the file a "PDF file read" line between it and the
-    document before it names, else its title, else "document".
-
-    Module-level, like replace_images: a nested function calling itself is a
-    reference cycle that keeps every request's PDFs alive until the cyclic GC runs."""
-    out, named = [], None
-    for block in blocks:
-        if block.get("type") == "text":
-            named = file_read_name(block["text"]) or named
-        if is_document(block):
-            out += render(block, named or block.get("title") or "document")
-            named = None
-            continue
-        if block.get("type") == "tool_result" and isinstance(block.get("content"), list) \
-                and any(is_document(b) for b in block["content"]):
-            block = {**block, "content": replace_documents(block["content"], render)}
-        out.append(block)
-    return out
-
-
-def map_documents(messages, render):
-    """Return messages with render's blocks in place of each document block (replace_documents)."""
-    return [{**m, "content": replace_documents(m["content"], render)}
-            if any(is_document(b) for b in iter_blocks(m)) else m for m in messages]
+def document_name(block, before):
+    """What to call a document: the file named by Claude Code's "PDF file read" line just
+    before it (before: that block, or None), else its title, else "document"."""
+    named = file_read_name(before["text"]) if before and before.get("type") == "text" else None
+    return named or block.get("title") or "document"
 
 
 ################ Encoding and estimates
@@ -4254,8 +4241,8 @@ class DocumentReader:
                   if any(isinstance(p, dict) for p in records[key].get("pages", ()))}
         contexts, seen = {}, []
 
-        def render(block, name):
-            source = block["source"]
+        def render(block, before):
+            source, name = block["source"], document_name(block, before)
             key = keys.get(source.get("data")) if source["type"] == "base64" else None
             record = records[key] if key else source_record(source)
             blocks = render_document(block, name, record, images.get(key), context_length)
@@ -4264,9 +4251,9 @@ class DocumentReader:
             return blocks
 
         turn = current_turn_start(messages)
-        out = map_documents(messages[:turn], render)
+        out = map_blocks(messages[:turn], is_document, render)
         earlier = len(seen)
-        out += map_documents(messages[turn:], render)
+        out += map_blocks(messages[turn:], is_document, render)
         for found in seen[earlier:] if not quiet else ():
             log(document_line(*found))
         return out, contexts

@@ -1606,7 +1606,8 @@ class DocumentTransformTest(unittest.TestCase):
                   document({"type": "content", "content": [text("one"), image(PNG_A), text("two")]}),
                   document({"type": "url", "url": "https://example.com/a.pdf"}, title="A"),
                   document({"type": "file", "file_id": "file_01"})]
-        out = cr.replace_documents(blocks, render)
+        out = cr.splice_blocks(blocks, cr.is_document,
+                               lambda block, before: render(block, cr.document_name(block, before)))
         self.assertEqual(seen, ["notes.pdf", "document", "A", "document"])
         self.assertEqual(out, [
             blocks[0],
