@@ -5364,12 +5364,15 @@ class Warmer:
             shut_down(sock)
 
     def run(self, url, body, key, read_timeout, connect_timeout):
-        """Send the claimed warm-up to url and say what it cost (a warm-up thread's target)."""
-        encoded = EncodedRequest(body, image_keys(body["messages"]))
-        data = encoded.data()
-        headers = {"Content-Type": "application/json", "Content-Length": str(encoded.length)}
-        usage, failure = {}, None
+        """Send the claimed warm-up to url and say what it cost (a warm-up thread's target).
+
+        It ends whatever happens: a bug here would otherwise leave it running for good and
+        no warm-up would follow (its traceback still reaches stderr)."""
+        usage, failure = {}, "the router failed on it (a bug)"
         try:
+            encoded = EncodedRequest(body, image_keys(body["messages"]))
+            data = encoded.data()
+            headers = {"Content-Type": "application/json", "Content-Length": str(encoded.length)}
             conn, resp = open_upstream(url, "POST", "/v1/messages", data, headers, read_timeout,
                                        connect_timeout, key=key, on_connect=self.attach)
             try:
@@ -5378,11 +5381,12 @@ class Warmer:
                 conn.close()
             reply = json.loads(raw) if resp.status == 200 else None
             usage = usage_numbers(reply.get("usage")) if isinstance(reply, dict) else {}
-            if resp.status != 200:
-                failure = short_reason(upstream_message(raw)) or "error %d" % resp.status
+            failure = None if resp.status == 200 else (
+                short_reason(upstream_message(raw)) or "error %d" % resp.status)
         except (ProxyError, OSError, http.client.HTTPException, ValueError, RecursionError) as e:
             failure = str(e)[:ERROR_TEXT_CHARS]      # a RecursionError: a reply nested too deeply
-        self.finish(usage, failure)
+        finally:
+            self.finish(usage, failure)
 
     def finish(self, usage, failure):
         """End the running warm-up: log one line on what it cost and why, keep it for /status."""

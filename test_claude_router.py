@@ -4193,6 +4193,19 @@ class WarmUpTest(RouterTestCase):
         with open(os.path.join(self.cache_dir, "heads.json")) as f:
             self.assertEqual([h["model"] for h in json.load(f)["heads"]], ["CODER", "OTHER"])
 
+    def test_a_warm_up_that_meets_a_bug_still_ends_and_the_next_one_runs(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        router = self.start(upstream)
+        self.turn(first_turn())
+        traced = self.log.when("KeyError")
+        self.assertTrue(router.warm("test", {"model": "CODER"}))   # no messages: a KeyError
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertTrue(traced.wait(TIMEOUT))                        # loud, as bugs are
+        self.assertEqual(router.warmer.status()["outcome"], "failed: the router failed on it (a bug)")
+        self.assertTrue(router.warm("test"))
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertEqual(len(self.warm_ups(upstream)), 1)
+
     def test_no_warm_up_while_a_turn_is_in_flight(self):
         arrived, gate = threading.Event(), threading.Event()
 
