@@ -4059,6 +4059,7 @@ class Vision:
         server = self.server
         found = {key: (block, (contexts or {}).get(key, context))
                  for key, (block, context) in image_contexts(messages, keys, wanted).items()}
+        server.upstream_wanted(server.vision_upstream_url)
         with concurrent.futures.ThreadPoolExecutor(
                 min(DESCRIBE_CONCURRENCY, len(found) or 1), initializer=set_log_request,
                 initargs=(None, request_id())) as pool:
@@ -4739,6 +4740,7 @@ class Relay:
         """Send a request for handler's client, which ends if the client hangs up; return its
         Relay once the upstream's headers are in."""
         server = handler.server
+        server.upstream_wanted(url)
         conn, resp = open_upstream(url, method, path, body, headers, server.read_timeout,
                                    server.connect_timeout, client=handler.connection,
                                    key=server.upstream_key)
@@ -5217,7 +5219,8 @@ class Warmer:
     only when it changes; load reads them back at start (a damaged file is ignored
     with one warning). note_prompt / prompt_of: the last coder prompt, whole, for
     the warm-up after a vision turn. claim, run, attach, cancel: one warm-up at a
-    time (Server.warm starts it); a turn that arrives cancels it at once. status:
+    time (Server.warm starts it); a request about to go to the coder's server cancels
+    it at once (Server.upstream_wanted). status:
     /status's warm_up."""
 
     def __init__(self, directory, enabled):
@@ -5541,7 +5544,7 @@ class Server(BoundedServer):
     claim_refresh() and refresh_models() keep the upstreams' lists; model_info() and
     coder_context() read them; upstream_token_count() asks the coder's server for a count;
     check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
-    coder's cache gone, warm() starts one (see Warmer)."""
+    coder's cache gone, warm() starts one (see Warmer), upstream_wanted() cancels it."""
 
     request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
     daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
@@ -5681,8 +5684,17 @@ class Server(BoundedServer):
             self.in_flight += 1
             self.turns[id(record)] = (start, record, client)
             self.stats["last_request"] = record
-        self.warmer.cancel("a turn arrived")
         return start, record
+
+    def upstream_wanted(self, url):
+        """Cancel a warm-up, if one runs, when a request is about to go to url, the coder's server.
+
+        Only then: a side request for a side server, or a describe for a vision server
+        of its own, does not queue behind the warm-up, and cancelling it for one threw
+        away the minutes of reading it had done (Claude Code's title request comes with
+        the first prompt of every session)."""
+        if url == self.upstream_url:
+            self.warmer.cancel("a turn arrived")
 
     def request_ended(self, started, status, left=False):
         """Count a routed request done (left: its client hung up first); return its seconds."""

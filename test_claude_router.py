@@ -4281,6 +4281,27 @@ class WarmUpTest(RouterTestCase):
         self.assertEqual(router.warmer.status()["outcome"], "cancelled: a turn arrived")
         self.assertIn("warm-up: coder prompt cancelled after", self.log.getvalue())
 
+    def test_a_request_for_another_server_leaves_the_warm_up_running(self):
+        # Every routed request cancelled the warm-up, wherever it went: Claude Code's session
+        # title, which comes with the first prompt, threw away minutes of reading on the
+        # coder's server when it went to a side server of its own.
+        arrived, closed = threading.Event(), threading.Event()
+        upstream, side = FakeUpstream(self, listing=LLAMA_LISTING), FakeUpstream(self)
+        router = self.start(upstream, side_model="SIDE", side_upstream_url=side.url)
+        self.turn(first_turn())
+        upstream.replies.append(self.held(arrived, closed))   # never answers by itself
+        self.assertTrue(router.warm("router start"))
+        self.assertTrue(arrived.wait(TIMEOUT))
+        self.turn(request(user(text("hi")), system=TITLE_SYSTEM),
+                  headers={"X-Claude-Code-Request-Class": "auxiliary"})
+        self.assertEqual([b["model"] for b in side.posts()], ["SIDE"])
+        self.assertEqual((router.warmer.status()["running"], router.warmer.cancelled), (True, None))
+        self.assertFalse(closed.is_set())
+        self.post(first_turn("now"))                            # one for the coder's server
+        self.assertTrue(closed.wait(TIMEOUT))
+        self.assertTrue(router.warmer.idle.wait(TIMEOUT))
+        self.assertEqual(router.warmer.status()["outcome"], "cancelled: a turn arrived")
+
     def test_after_a_vision_turn_on_one_server_the_last_coder_prompt_is_sent_again(self):
         upstream = FakeUpstream(self, listing=lmstudio_listing())
         self.start(upstream)
