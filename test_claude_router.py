@@ -1895,6 +1895,16 @@ class DocumentTest(RouterTestCase):
             text("<<DOCUMENT TEXT: document, 1 page>>\n" + cr.SCANNED_PAGE_HEADER % 1),
             text("<<IMAGE: could not be read by the vision model: image input is not supported>>")])
 
+    def test_routers_sharing_a_cache_dir_read_a_pdf_once(self):
+        upstream = FakeUpstream(self)
+        first, second = self.start(upstream), self.start(upstream)
+        body = request(user(text("q"), pdf_document(make_pdf("Shared text."))))
+        self.post(body, conn=self.connect(first))
+        self.post(body, conn=self.connect(second))
+        self.assertEqual([(r.status()["documents"]["extracted"], r.status()["documents"]["cached"])
+                          for r in (first, second)], [(1, 0), (0, 1)])
+        self.assertEqual(upstream.raw[0][1], upstream.raw[1][1])
+
     def test_a_scanned_page_without_a_vision_model_is_the_image_marker(self):
         upstream = FakeUpstream(self)
         self.start(upstream, vision_model="")
