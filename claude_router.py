@@ -2475,12 +2475,12 @@ def pdf_pages(data, max_inflate=PDF_MAX_INFLATE, max_pages=PDF_MAX_PAGES, **allo
 
 ################ Documents
 
-# What the coder reads in place of a document block: the text of a PDF (read by the
-# router itself, below), of a text or content document, or a marker saying why not.
-# The pages of a scanned PDF come out as images, which then go the image path (the
-# vision model describes each once). How a document renders depends only on it, the
-# text before it in its message and the coder's context length: a PDF is read once
-# and kept by content, and cutting is done by a rule, so it reads the same every turn.
+# What the coder reads in place of a document block: the text of a PDF (pdf_pages, the
+# sections above), of a text or content document, or a marker saying why not. The
+# pages of a scanned PDF come out as images, which then go the image path (the vision
+# model describes each once). How a document renders depends only on it, the block
+# before it and the coder's context length: a PDF is read once and kept by content
+# (DocumentReader), and cutting is done by a rule, so it reads the same every turn.
 
 FILE_READ_LINE = re.compile(r"PDF file read: (.+?) \([^()]*\)\s*\Z")   # Claude Code's Read tool
 
