@@ -124,7 +124,8 @@ DOCUMENT_READER = "claude-router pdf"       # the "model" field of a document ca
 PDF_MAX_STREAM_BYTES = 32 * 1024 * 1024     # bytes one stream may inflate to
 PDF_MAX_INFLATE = 256 * 1024 * 1024         # bytes all streams of a document may inflate to
 PDF_MAX_PREDICTED = 8 * 1024 * 1024         # bytes of one stream a predictor is undone on
-PDF_MAX_PAGES = 2000                        # pages read; the rest are left out
+PDF_MAX_PAGES = 2000                        # pages read; the rest are left out, and said so
+PDF_MAX_UNREAD = 100_000                    # pages past those counted, for the note
 PDF_MAX_DEPTH = 12                          # nested forms, chains of references, page tree levels
 PDF_MAX_PAGE_IMAGES = 4                     # images kept from a page without text
 PDF_MAX_IMAGES = 32                         # images kept from a whole document
@@ -189,6 +190,7 @@ MARKER_PATTERN = r"<<IMAGE( DESCRIPTION)?: .*?>>"
 DOCUMENT_MARKER = "<<DOCUMENT TEXT: %s>>"
 FAILED_DOCUMENT_MARKER = "<<DOCUMENT: %s could not be read: %s>>"
 CUT_DOCUMENT_MARKER = "<<DOCUMENT CUT: %s of its %s chars left out%s, to fit %s>>"
+UNREAD_PAGES_MARKER = "<<DOCUMENT CUT: its last %s pages not read: the router reads %s at most>>"
 PAGE_HEADER = "--- page %d ---"
 SCANNED_PAGE_HEADER = "--- page %d: no text layer; its image follows ---"
 BLANK_PAGE_HEADER = "--- page %d: no text, and no image the router can read ---"
@@ -2447,16 +2449,26 @@ def page_images(doc, images):
     return [image for image in found if image]
 
 
+class PdfPages(list):
+    """The pages pdf_pages read; unread counts the pages after them, not read."""
+    unread = 0
+
+
 def pdf_pages(data, max_inflate=PDF_MAX_INFLATE, max_pages=PDF_MAX_PAGES, **allowances):
     """Return the pages of a PDF as [{"text": str, "images": [(media type, bytes)]}].
 
     Images are given only for a page without text (a scan). At most max_pages pages are
-    read; allowances may lower PdfFile's max_content and max_codes. Raises DocumentError with a reason fit for a marker: "encrypted", "damaged: ...",
-    "too large once decompressed", "no Unicode mapping for its fonts", ..."""
+    read; the list's unread counts those after them. allowances may lower PdfFile's
+    max_content and max_codes. Raises DocumentError with a reason fit for a marker:
+    "encrypted", "damaged: ...", "too large once decompressed", "no Unicode mapping for
+    its fonts", ..."""
     try:
         doc = PdfFile(data, max_inflate, **allowances)
-        fonts, pages, unmapped, glyphs, kept = {}, [], 0, 0, 0
-        for page, resources in doc.iter_pages(max_pages):
+        fonts, pages, unmapped, glyphs, kept = {}, PdfPages(), 0, 0, 0
+        for page, resources in doc.iter_pages(max_pages + PDF_MAX_UNREAD):
+            if len(pages) == max_pages:
+                pages.unread += 1   # counted, so the coder is told the document goes on
+                continue
             reader = PageText(doc, fonts)
             reader.run(page_contents(doc, page), resources)
             text = reader.text()
@@ -2514,7 +2526,8 @@ def document_record(pages, max_chars=DOCUMENT_MAX_CHARS):
 
     A record's pages are each the page's text, {"images": n} for a page with no
     text layer and n images, or None for one with neither; past max_chars, pages
-    are counted in more_pages and more_chars instead of kept."""
+    are counted in more_pages and more_chars instead of kept; so are the pages past
+    pdf_pages's limit, not read, which unread_pages counts too (absent when none)."""
     kept, images, chars = [], [], 0
     more_pages = more_chars = 0
     for page in pages:
@@ -2529,7 +2542,9 @@ def document_record(pages, max_chars=DOCUMENT_MAX_CHARS):
                                         for kind, data in page.get("images") or ()]
         kept.append(text if text.strip() else {"images": len(shots)} if shots else None)
         images.append(shots)
-    return {"pages": kept, "more_pages": more_pages, "more_chars": more_chars}, images
+    unread = getattr(pages, "unread", 0)
+    return {"pages": kept, "more_pages": more_pages + unread, "more_chars": more_chars,
+            **({"unread_pages": unread} if unread else {})}, images
 
 
 def is_document_record(value):
@@ -2542,7 +2557,8 @@ def is_document_record(value):
         page is None or isinstance(page, str) or (
             isinstance(page, dict) and type(page.get("images")) is int)
         for page in value["pages"]) and all(
-        type(value.get(k)) is int for k in ("more_pages", "more_chars"))
+        type(value.get(k)) is int for k in ("more_pages", "more_chars")) and \
+        type(value.get("unread_pages", 0)) is int
 
 
 def record_chars(record):
@@ -2626,16 +2642,21 @@ def document_budget(context_length):
 
 
 def cut_note(record, cut_page, left, total, context_length):
-    """The note that ends a cut document: how much of its text was left out, and why."""
-    if cut_page is None and not (record and record["more_pages"]):
-        return None
+    """The note that ends a cut document: how much of its text was left out, and why; and
+    how many pages the router did not read."""
+    unread = record.get("unread_pages", 0) if record else 0
+    notes = [UNREAD_PAGES_MARKER % (format(unread, ","), format(PDF_MAX_PAGES, ","))] \
+        if unread else []
+    if cut_page is None and not (record and record["more_pages"] > unread):
+        return "\n".join(notes) or None
     left += record["more_chars"] if record else 0
     where = " from page %d on" % (cut_page or len(record["pages"]) + 1) if record else ""
     why = ("the coder's %s-token context" % format(context_length or DOCUMENT_DEFAULT_CONTEXT,
                                                     ",")
            if cut_page is not None else "the router's limit of %s chars" % format(
                DOCUMENT_MAX_CHARS, ","))
-    return CUT_DOCUMENT_MARKER % (format(left, ","), format(total, ","), where, why)
+    return "\n".join([CUT_DOCUMENT_MARKER % (format(left, ","), format(total, ","), where, why)]
+                     + notes)
 
 
 def document_header(block, name, pages):

@@ -1595,6 +1595,20 @@ class DocumentTransformTest(unittest.TestCase):
             with self.subTest(line):
                 self.assertEqual(cr.file_read_name(line), name)
 
+    def test_pages_past_the_page_limit_are_counted_and_said_to_be_left_out(self):
+        # A PDF of more pages than the router reads came out as a whole one of
+        # PDF_MAX_PAGES pages: the coder was told a 2,500-page manual had 2,000, all there.
+        pages = cr.pdf_pages(make_pdf("one", "two", "three", "four"), max_pages=2)
+        self.assertEqual((pages, pages.unread), ([{"text": "one", "images": []},
+                                                  {"text": "two", "images": []}], 2))
+        record, images = cr.document_record(pages)
+        self.assertTrue(cr.is_document_record(record))
+        [block] = cr.render_document({"type": "document"}, "m.pdf", record, images, None)
+        self.assertEqual(block["text"].splitlines(), [
+            "<<DOCUMENT TEXT: m.pdf, 4 pages>>", "--- page 1 ---", "one", "--- page 2 ---", "two",
+            "<<DOCUMENT CUT: its last 2 pages not read: the router reads %s at most>>"
+            % format(cr.PDF_MAX_PAGES, ",")])
+
     def test_every_source_renders_as_text_in_the_blocks_place(self):
         seen = []
 
