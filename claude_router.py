@@ -4753,6 +4753,7 @@ class Relay:
         self.resp = resp
         self.url = url
         self.splitter = EventSplitter()     # an event stream's bytes, as whole events
+        self.drained = False                # the last look found no byte at hand
         self.relayed = 0        # bytes of the answer's body the client has been sent
         self.deltas = 0         # of them, pieces of the answer (content_block_delta events)
 
@@ -4776,8 +4777,9 @@ class Relay:
     def wait(self):
         """Return once the response has bytes to read; raise ClientGone if the client hangs up first."""
         try:
+            # Drained, bytes can only come to the socket, which poll watches: no look first.
             await_upstream(self.resp.upstream_sock, self.handler.connection,
-                           self.handler.server.read_timeout, self.resp)
+                           self.handler.server.read_timeout, None if self.drained else self.resp)
         except ClientGone:
             self.client_left()      # before the upstream is closed, so the log never lags it
             raise
@@ -4925,6 +4927,7 @@ class Relay:
         events, size = [], 0
         try:
             self.wait()
+            self.drained = False
             while True:
                 data = self.resp.read1(RELAY_BUFFER)
                 events.append(self.splitter.feed(data))
@@ -4933,8 +4936,10 @@ class Relay:
                     partial = self.splitter.has_partial()
                     return b"".join(events), True, (("broke off", "it ended inside an event")
                                                     if partial else None)
-                if size >= RELAY_BUFFER or not has_buffered_bytes(self.resp,
-                                                                  self.resp.upstream_sock):
+                if size >= RELAY_BUFFER:
+                    return b"".join(events), False, None
+                if not has_buffered_bytes(self.resp, self.resp.upstream_sock):
+                    self.drained = True
                     return b"".join(events), False, None
         except (OSError, http.client.HTTPException) as e:
             return b"".join(events), True, (
