@@ -4992,9 +4992,10 @@ SESSION_HEADER = "x-claude-code-session-id" # Claude Code's conversation id
 
 
 class Turn:
-    """One POST /v1/messages, read top to bottom in run(): clean the request, settle its
-    images, let the vision model try a turn that brings new ones, and let the coder
-    answer every other turn, and the turns the vision model fails.
+    """One POST /v1/messages, read top to bottom in run(): clean the request, put each
+    document's text in its place (DocumentReader), settle its images, let the vision
+    model try a turn that brings new ones, and let the coder answer every other turn,
+    and the turns the vision model fails.
 
     run() is the turn and try_vision() the vision model's go at it; send() sends the turn
     to one model (prepare) and relays the answer (answer, then after_vision); learn()
@@ -5008,9 +5009,9 @@ class Turn:
         self.vision = handler.server.vision
 
     def run(self):
-        """Clean the request and settle what is known of its images; then the vision model
-        answers a turn with new images and the coder every other, or the coder when the
-        vision model fails."""
+        """Clean the request, read its documents and settle what is known of its images; then
+        the vision model answers a turn with new images and the coder every other, or the
+        coder when the vision model fails."""
         body, _ = self.handler.read_json()
         self.clean = checked_request(body)
         del body
