@@ -1433,9 +1433,20 @@ class PdfFontsTest(unittest.TestCase):
         content = b"BT /F1 10 Tf 72 720 Td <0000> Tj /F2 10 Tf <0001> Tj ET"
         data = build_pdf(page_objects(content, fonts=b"/F1 4 0 R /F2 7 0 R",
                                       extra=(font, cmap, other)))
-        self.assertEqual(text_of(data, max_codes=2 * 4097), "AB")
+        self.assertEqual(text_of(data, max_codes=2 * (256 + 4097)), "AB")
         with self.assertRaisesRegex(cr.DocumentError, "too much to read"):
-            cr.pdf_pages(data, max_codes=2 * 4097 - 1)
+            cr.pdf_pages(data, max_codes=2 * (256 + 4097) - 1)
+
+    def test_fonts_without_codes_are_bounded_per_document_too(self):
+        # 20,000 fonts that define no codes, in a 2 MB file, held 290 MB: each has its
+        # table of 256 codes all the same.
+        content = b"BT " + b" ".join(b"/F%d 10 Tf (x) Tj" % i for i in range(3)) + b" ET"
+        many = [HELVETICA.replace(b"Helvetica", b"Helvetica /Name /F%d" % i) for i in range(3)]
+        fonts = b" ".join(b"/F%d %d 0 R" % (i, 6 + i) for i in range(3))
+        data = build_pdf(page_objects(content, fonts=fonts, extra=(HELVETICA,) + tuple(many)))
+        self.assertEqual(text_of(data, max_codes=3 * 256), "xxx")
+        with self.assertRaisesRegex(cr.DocumentError, "too much to read"):
+            cr.pdf_pages(data, max_codes=3 * 256 - 1)
 
     def test_no_unicode_mapping(self):
         font = (b"<< /Type /Font /Subtype /Type0 /BaseFont /X /Encoding /Identity-H "
