@@ -2219,6 +2219,8 @@ def page_image(doc, image):
     if predictor >= 10:
         rows = data     # stream_data left PNG's own filter bytes on every scanline
     elif predictor == 1:
+        if len(data) < row * height:
+            return None     # before the rows: /Height 10000000 on 2 bytes made 872 MB of them
         if doc.get(image, "Decode", [0])[0] == 1:
             data = data.translate(INVERTED)
         rows = b"".join(b"\x00" + data[i:i + row] for i in range(0, row * height, row))

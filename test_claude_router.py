@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import urllib.request
 import zlib
@@ -1490,6 +1491,17 @@ class PdfTextTest(unittest.TestCase):
         text = text_of(data)
         self.assertTrue(text.startswith("Page\nin a form\nin a form"), text)
         self.assertEqual(text.count("in a form"), cr.PDF_MAX_DEPTH)
+
+    def test_an_image_taller_than_its_data_is_skipped_before_its_rows_are_made(self):
+        # /Height 10000000 over 2 bytes of pixels made ten million rows (872 MB) before
+        # finding them short; a larger height would take all the memory there is.
+        data = image_pdf(pdf_stream(b"/Subtype /Image /Width 1 /Height 2000000 /ColorSpace "
+                                    b"/DeviceGray /BitsPerComponent 8 /Filter /FlateDecode",
+                                    zlib.compress(b"\x80\x80")))
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        self.assertEqual(cr.pdf_pages(data), [{"text": "", "images": []}])
+        self.assertLess(tracemalloc.get_traced_memory()[1], 20_000_000)
 
     def test_page_images_where_there_is_no_text(self):
         jpeg = b"\xff\xd8\xff\xe0 not really a JPEG \xff\xd9"
