@@ -4766,7 +4766,8 @@ class Relay:
         """Send a request for handler's client, which ends if the client hangs up; return its
         Relay once the upstream's headers are in."""
         server = handler.server
-        server.upstream_wanted(url)
+        if method == "POST":    # a listing or a HEAD takes no slot of a one-slot server
+            server.upstream_wanted(url)
         conn, resp = open_upstream(url, method, path, body, headers, server.read_timeout,
                                    server.connect_timeout, client=handler.connection,
                                    key=server.upstream_key)
