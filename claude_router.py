@@ -1081,11 +1081,16 @@ class Stream:
 # ISO 32000-1 7.2: whitespace, delimiters and regular characters. One regex finds the next
 # token; its group number says the kind. A literal string with nested parentheses is
 # the one token a regex cannot match, so its opening "(" alone is group 7, read by hand.
+# A number has at most 64 digits on either side of its point (real ones have a dozen): with
+# "\d+\.?\d*", a run of digits followed by a letter was split between \d+ and \d* every way
+# there is before the word matched it, time quadratic in its length (8,000 digits took
+# 0.9 s, 200,000 would take ten minutes), and int() of 200,000 digits is quadratic before
+# Python 3.11 and an error since. A longer run is a bare word, as a malformed token.
 WS = rb"[\x00\t\n\x0c\r ]"                      # PDF's whitespace (ISO 32000-1 7.2.2)
 REGULAR = rb"[^\x00\t\n\x0c\r ()<>\[\]{}/%]"     # neither whitespace nor a delimiter
 TOKEN_RE = re.compile(
     WS + rb"+|%[^\r\n]*"
-    rb"|([+-]?(?:\d+\.?\d*|\.\d+))(?!" + REGULAR + rb")"
+    rb"|([+-]?(?:\d{1,64}(?:\.\d{0,64})?|\.\d{1,64}))(?!" + REGULAR + rb")"
     rb"|/(" + REGULAR + rb"*)"
     rb"|\(([^()\\]*(?:\\.[^()\\]*)*)\)"
     rb"|<([0-9A-Fa-f\x00\t\n\x0c\r ]*)>"
