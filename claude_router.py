@@ -1244,12 +1244,17 @@ def iter_operations(data, pos=0):
 # ways of cutting "12" into "1" and "2", and a run of spaces before a stray ")" would
 # cost time quadratic in its length. A string with doubly nested parentheses (which
 # the regex skips, so fewer bytes are matched) or an inline image takes the general path.
+# A string ends at its ")", or, unbalanced, before a "(" or at the end, so that its pattern
+# never fails after a long scan: "\(" after "\(" with no ")" was scanned from each "(" to
+# the end, time quadratic in the run (8,000 of them: 4 s). A string cut short that way
+# leaves its ")" unmatched, and the general path reads the stream.
 # The operands are then read with the same patterns less the whitespace one: findall
 # tries each position, and a whitespace token refused after matching made every space of
 # a run match the rest of it, time quadratic again (40,000 spaces before "(x) Tj": 17 s).
 VALUE_OPERAND = (rb"[+-]?[0-9.]+(?!" + REGULAR + rb")"
                  rb"|/" + REGULAR + rb"*(?!" + REGULAR + rb")"
-                 rb"|\([^()\\]*(?:(?:\\.|\([^()\\]*(?:\\.[^()\\]*)*\))[^()\\]*)*\)"
+                 rb"|\([^()\\]*(?:(?:\\.|\([^()\\]*(?:\\.[^()\\]*)*\))[^()\\]*)*"
+                 rb"(?:\)|(?=\()|\\?\Z)"
                  rb"|<<|>>|<[^<>]*>|[\[\]]|%[^\r\n]*(?![^\r\n])")
 OPERAND = WS + rb"+(?!" + WS + rb")|" + VALUE_OPERAND
 OPERATION_RE = re.compile(rb"((?:" + OPERAND + rb")*)(" + REGULAR + rb"*)", re.S)
