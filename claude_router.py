@@ -1224,16 +1224,31 @@ def iter_operations(data, pos=0):
                 and operands[-2].__class__ is int:
             generation = operands.pop()
             operands[-1] = (operands[-1], generation)
-        elif stack:
+        elif stack and token not in OBJECT_BOUNDS:
             operands.append(token)
         else:
+            # An array or dict still open at "endobj" or the next "obj" was cut short: it
+            # ends there, as at the end of the data. Read on, each of a thousand objects
+            # "n 0 obj [" parsed to the end of the file (4,000: 31 s), as did each of
+            # the "trailer [" a damaged file's trailers are looked for in.
+            operands = close_containers(operands, stack)
             yield token, operands
             operands = []
+    operands = close_containers(operands, stack)
+    if operands:
+        yield None, operands
+
+
+OBJECT_BOUNDS = frozenset(("obj", "endobj", "stream", "endstream", "xref", "trailer", "startxref"))
+
+
+def close_containers(operands, stack):
+    """Return the operands of the outermost level, the arrays and dicts still open in stack
+    (each level's operands) closed around operands; empties stack."""
     while stack:
         items, operands = operands, stack.pop()
         operands.append(make_dict(items) if items[0] == "<<" else items[1:])
-    if operands:
-        yield None, operands
+    return operands
 
 
 # Content streams are most of the work, and most of their tokens are the numbers of

@@ -1326,6 +1326,16 @@ class PdfSyntaxTest(unittest.TestCase):
         self.assertEqual(list(cr.iter_content(b"BT (a (b (c) d) e) Tj (f\\)) Tj ET", {b"Tj"})),
                          [("Tj", [b"a (b (c) d) e"]), ("Tj", [b"f)"])])
 
+    def test_an_object_left_open_ends_at_the_next_object(self):
+        # Each object of "n 0 obj [" parsed to the end of the file, as did each "trailer ["
+        # a damaged file's trailers are looked for in: 4,000 of either took 31 s.
+        self.assertEqual(cr.first_value(b"[1 2 << /A [3 endobj 4 0 obj"), [1, 2, {"A": [3]}])
+        self.assertEqual(list(cr.iter_operations(b"[1 0 R << /B /C >> 5 0 obj <<>>")),
+                         [("obj", [[(1, 0), {"B": "C"}, 5, 0]]), (None, [{}])])
+        for damaged in (b"".join(b"%d 0 obj [" % n for n in range(1, 10_000)), b"trailer [" * 10_000):
+            with self.assertRaisesRegex(cr.DocumentError, "damaged"):
+                cr.pdf_pages(b"%PDF-1.4\n" + damaged)
+
     def test_filters_are_bounded_in_memory(self):
         # A row as wide as /Columns says was allocated whole (/Columns 4000000000 was
         # 16 GB of zeros), a TIFF predictor held a bytearray per row (2.6 GB for 30 MB),
