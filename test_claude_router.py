@@ -1354,6 +1354,20 @@ class PdfSyntaxTest(unittest.TestCase):
 
 class PdfObjectsTest(unittest.TestCase):
 
+    def test_cross_reference_stream_entries_are_read_once_each(self):
+        # Each /Index pair read the rows from where the last left off, past their end: a
+        # thousand pairs of 100,000 made a 1 KB file read a hundred million entries.
+        head = b"%PDF-1.5\n"
+        catalog = b"1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+        pages = b"2 0 obj\n<< /Type /Pages /Kids [] /Count 0 >>\nendobj\n"
+        rows = b"".join(offset.to_bytes(4, "big") + b"\0"
+                        for offset in (len(head), len(head) + len(catalog)))
+        xref = len(head) + len(catalog) + len(pages)
+        data = head + catalog + pages + b"3 0 obj\n" + pdf_stream(
+            b"/Type /XRef /W [0 4 1] /Index [1 2 1000 100000] /Size 3 /Root 1 0 R", rows) + \
+            b"\nendobj\nstartxref\n%d\n%%%%EOF\n" % xref
+        self.assertEqual(cr.PdfFile(data).xref, {1: (1, len(head), 0), 2: (1, len(head) + len(catalog), 0)})
+
     def test_xref_stream_and_object_stream(self):
         data = object_stream_pdf(b"BT /F1 12 Tf 72 720 Td (Inside an object stream) Tj ET")
         self.assertEqual(text_of(data), "Inside an object stream")
