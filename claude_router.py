@@ -1769,15 +1769,21 @@ class PdfFile:
         return Stream(info, start, end, num, gen)
 
     def object_stream(self, num, stream):
-        """Return (data, [(object number, offset)]) of object stream num, keeping the last few."""
+        """Return (data, [(object number, offset)], {object number: its index}) of object
+        stream num, keeping the last few."""
         if num not in self.object_streams:
             data = self.stream_data(stream)
             first = self.get(stream, "First", 0)
             numbers = [n for n in iter_tokens(data[:first]) if n.__class__ is int]
             header = [(numbers[i], first + numbers[i + 1]) for i in range(0, len(numbers) - 1, 2)]
+            # Looked up by number, not by a scan of the header per object: cross-reference
+            # entries with wrong indexes made reading each object cost the whole stream's count.
+            indexes = {}
+            for index, (contained, _) in enumerate(header):
+                indexes.setdefault(contained, index)
             if len(self.object_streams) >= 4:
                 self.object_streams.pop(next(iter(self.object_streams)))
-            self.object_streams[num] = (data, header)
+            self.object_streams[num] = (data, header, indexes)
         return self.object_streams[num]
 
     def object_in_stream(self, stream_num, index, num):
@@ -1785,9 +1791,9 @@ class PdfFile:
         stream = self.fetch(stream_num)
         if not isinstance(stream, Stream):
             return None
-        data, header = self.object_stream(stream_num, stream)
+        data, header, indexes = self.object_stream(stream_num, stream)
         if index >= len(header) or header[index][0] != num:
-            index = next((i for i, (n, _) in enumerate(header) if n == num), None)
+            index = indexes.get(num)
             if index is None:
                 return None
         end = header[index + 1][1] if index + 1 < len(header) else len(data)
