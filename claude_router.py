@@ -2259,18 +2259,15 @@ def page_image(doc, image):
     if isinstance(parms, list):     # one per filter: the Flate one is the one with a dict
         parms = next((p for p in map(doc.resolve, parms) if isinstance(p, dict)), {})
     predictor = parms.get("Predictor", 1) if isinstance(parms, dict) else 1
+    # Too short is found before the rows are made: /Height 10000000 on 2 bytes made 872 MB.
+    if 1 < predictor < 10 or len(data) < (row + (predictor >= 10)) * height:
+        return None
     if predictor >= 10:
         rows = data     # stream_data left PNG's own filter bytes on every scanline
-    elif predictor == 1:
-        if len(data) < row * height:
-            return None     # before the rows: /Height 10000000 on 2 bytes made 872 MB of them
+    else:
         if doc.get(image, "Decode", [0])[0] == 1:
             data = data.translate(INVERTED)
         rows = b"".join(b"\x00" + data[i:i + row] for i in range(0, row * height, row))
-    else:
-        return None
-    if len(rows) < (row + 1) * height:
-        return None
     color_type = 3 if palette else 2 if channels == 3 else 0
     return "image/png", png_image(width, height, color_type, depth, zlib.compress(rows), palette)
 
