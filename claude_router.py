@@ -5251,6 +5251,8 @@ class Turn:
         self.server.prompts.note_usage(self.model, usage)
 
 
+################ Warm-up
+
 # Warm-ups. A local server reuses its cache only for the unchanged head of a prompt, and
 # Claude Code's first prompt is some 12k tokens of system text, tools and environment
 # that every session sends alike: minutes on a CPU, on every first turn after the server

@@ -4237,6 +4237,78 @@ def first_turn(prompt="hi", environment="cwd: /p"):
             "system": [text("You are Claude Code.")], "tools": TOOLS, "max_tokens": 32000}
 
 
+class RequestClassTest(RouterTestCase):
+    """Claude Code's hint headers: books per request class, the route line, side requests."""
+
+    def route_lines(self):
+        return [l for l in self.log.lines() if l.startswith("→")]
+
+    def test_hint_headers_are_not_forwarded(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        hints = {"X-Claude-Code-Request-Class": "main", "X-Claude-Code-Compaction": "auto",
+                 "X-Claude-Code-Context-Compacted": "true", "X-Claude-1p-Request-Class": "main",
+                 "X-Claude-Code-Prompt-Id": "p1", "X-Claude-Code-Prev-Tool-Durations": "Bash=37"}
+        self.post(first_turn(), headers=hints)
+        self.call("POST", "/v1/other", {"a": 1}, headers=hints)
+        for method, path, headers, _ in upstream.requests:
+            with self.subTest(path):
+                self.assertEqual({h.lower() for h in headers} & {h.lower() for h in hints}, set())
+
+    def test_each_request_class_keeps_its_own_books(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        turn = first_turn()
+        grown = {**turn, "messages": turn["messages"] + [assistant(text("ok")), user(text("go"))]}
+        title = request(user(text("hi")), system=TITLE_SYSTEM)
+        main = {"X-Claude-Code-Session-Id": "s1", "X-Claude-Code-Request-Class": "main"}
+        rows = [
+            ("main", turn, main, "first turn"),
+            ("title", title, {**main, "X-Claude-Code-Request-Class": "auxiliary"},
+             "first turn, auxiliary: session title"),
+            ("main again", grown, main, "100.0% as last turn"),
+            ("compaction", grown, {**main, "X-Claude-Code-Request-Class": "compaction",
+                                   "X-Claude-Code-Compaction": "manual"},
+             "first turn, compaction: manual compaction"),
+            ("compacted", turn, {**main, "X-Claude-Code-Context-Compacted": "true"},
+             "as last turn, the first turn after a compaction"),
+            ("main system changed", {**grown, "system": [text("Other.")]}, main,
+             "0.0% as last turn, changed from system on"),
+            # Without hint headers, by system text.
+            ("plain main", turn, {"X-Claude-Code-Session-Id": "s2"}, "first turn"),
+            ("plain title", title, {"X-Claude-Code-Session-Id": "s2"}, "first turn"),
+            ("plain main again", grown, {"X-Claude-Code-Session-Id": "s2"}, "100.0% as last turn"),
+        ]
+        for name, body, headers, said in rows:
+            with self.subTest(name):
+                self.post(body, headers=headers)
+                self.assertTrue(self.route_lines()[-1].endswith(said), self.route_lines()[-1])
+
+    def test_side_requests_go_to_the_side_model_when_one_is_set(self):
+        upstream, side = FakeUpstream(self), FakeUpstream(self)
+        self.start(upstream, side_model="SIDE", side_upstream_url=side.url)
+        title = request(user(text("hi")), system=TITLE_SYSTEM)
+        self.post(title, headers={"X-Claude-Code-Request-Class": "auxiliary"})
+        self.post(title)                                        # no tools, no hint headers
+        self.post(first_turn(), headers={"X-Claude-Code-Request-Class": "main"})
+        self.post(first_turn())
+        self.assertEqual([b["model"] for b in side.posts()], ["SIDE", "SIDE"])
+        self.assertEqual([b["model"] for b in upstream.posts()], ["CODER", "CODER"])
+        self.assertTrue(self.route_lines()[0].startswith("→ side [SIDE]"))
+        _, _, status = self.call("GET", "/status")
+        self.assertEqual((status["routes"]["side"], status["side"]),
+                         (2, {"model": "SIDE", "upstream": side.url}))
+
+    def test_side_requests_go_to_the_coder_without_a_side_model(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        self.post(request(user(text("hi")), system=TITLE_SYSTEM),
+                  headers={"X-Claude-Code-Request-Class": "auxiliary"})
+        self.assertEqual(upstream.posts()[0]["model"], "CODER")
+
+
+################ Warm-up
+
 class WarmUpTest(RouterTestCase):
     """The coder's prompt head read ahead of the user, kept on disk, and never in the way."""
 
@@ -4457,76 +4529,6 @@ class WarmUpTest(RouterTestCase):
         self.assertTrue(router.warm("router start"))
         self.assertTrue(router.warmer.idle.wait(TIMEOUT))
         self.assertFalse(router.warmer.status()["running"])
-
-
-class RequestClassTest(RouterTestCase):
-    """Claude Code's hint headers: books per request class, the route line, side requests."""
-
-    def route_lines(self):
-        return [l for l in self.log.lines() if l.startswith("→")]
-
-    def test_hint_headers_are_not_forwarded(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        hints = {"X-Claude-Code-Request-Class": "main", "X-Claude-Code-Compaction": "auto",
-                 "X-Claude-Code-Context-Compacted": "true", "X-Claude-1p-Request-Class": "main",
-                 "X-Claude-Code-Prompt-Id": "p1", "X-Claude-Code-Prev-Tool-Durations": "Bash=37"}
-        self.post(first_turn(), headers=hints)
-        self.call("POST", "/v1/other", {"a": 1}, headers=hints)
-        for method, path, headers, _ in upstream.requests:
-            with self.subTest(path):
-                self.assertEqual({h.lower() for h in headers} & {h.lower() for h in hints}, set())
-
-    def test_each_request_class_keeps_its_own_books(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        turn = first_turn()
-        grown = {**turn, "messages": turn["messages"] + [assistant(text("ok")), user(text("go"))]}
-        title = request(user(text("hi")), system=TITLE_SYSTEM)
-        main = {"X-Claude-Code-Session-Id": "s1", "X-Claude-Code-Request-Class": "main"}
-        rows = [
-            ("main", turn, main, "first turn"),
-            ("title", title, {**main, "X-Claude-Code-Request-Class": "auxiliary"},
-             "first turn, auxiliary: session title"),
-            ("main again", grown, main, "100.0% as last turn"),
-            ("compaction", grown, {**main, "X-Claude-Code-Request-Class": "compaction",
-                                   "X-Claude-Code-Compaction": "manual"},
-             "first turn, compaction: manual compaction"),
-            ("compacted", turn, {**main, "X-Claude-Code-Context-Compacted": "true"},
-             "as last turn, the first turn after a compaction"),
-            ("main system changed", {**grown, "system": [text("Other.")]}, main,
-             "0.0% as last turn, changed from system on"),
-            # Without hint headers, by system text.
-            ("plain main", turn, {"X-Claude-Code-Session-Id": "s2"}, "first turn"),
-            ("plain title", title, {"X-Claude-Code-Session-Id": "s2"}, "first turn"),
-            ("plain main again", grown, {"X-Claude-Code-Session-Id": "s2"}, "100.0% as last turn"),
-        ]
-        for name, body, headers, said in rows:
-            with self.subTest(name):
-                self.post(body, headers=headers)
-                self.assertTrue(self.route_lines()[-1].endswith(said), self.route_lines()[-1])
-
-    def test_side_requests_go_to_the_side_model_when_one_is_set(self):
-        upstream, side = FakeUpstream(self), FakeUpstream(self)
-        self.start(upstream, side_model="SIDE", side_upstream_url=side.url)
-        title = request(user(text("hi")), system=TITLE_SYSTEM)
-        self.post(title, headers={"X-Claude-Code-Request-Class": "auxiliary"})
-        self.post(title)                                        # no tools, no hint headers
-        self.post(first_turn(), headers={"X-Claude-Code-Request-Class": "main"})
-        self.post(first_turn())
-        self.assertEqual([b["model"] for b in side.posts()], ["SIDE", "SIDE"])
-        self.assertEqual([b["model"] for b in upstream.posts()], ["CODER", "CODER"])
-        self.assertTrue(self.route_lines()[0].startswith("→ side [SIDE]"))
-        _, _, status = self.call("GET", "/status")
-        self.assertEqual((status["routes"]["side"], status["side"]),
-                         (2, {"model": "SIDE", "upstream": side.url}))
-
-    def test_side_requests_go_to_the_coder_without_a_side_model(self):
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        self.post(request(user(text("hi")), system=TITLE_SYSTEM),
-                  headers={"X-Claude-Code-Request-Class": "auxiliary"})
-        self.assertEqual(upstream.posts()[0]["model"], "CODER")
 
 
 ################ Server
