@@ -1825,6 +1825,19 @@ class DocumentTransformTest(unittest.TestCase):
 
 class DocumentTest(RouterTestCase):
 
+    def test_a_turn_of_many_documents_logs_a_few_lines_and_a_count(self):
+        # Each document of the user's turn had its line: 50,000 one-byte documents in a
+        # 3 MB request wrote 3.2 MB of log, and the body limit allows twenty times that.
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        many = [text_document("x")] * 1000
+        status, _, reply = self.post(request(user(text("q"), *many)))
+        self.assertEqual(status, 200, reply)
+        lines = [l for l in self.log.getvalue().splitlines() if "document: " in l]
+        self.assertEqual(len(lines), cr.DOCUMENT_LINES + 1)
+        self.assertTrue(lines[-1].endswith("document: %d more in this turn"
+                                           % (1000 - cr.DOCUMENT_LINES)), lines[-1])
+
     def documents_in_every_place(self):
         """Requests with documents of every source, at the top of a user message and in a
         tool_result, in the user's turn and in an earlier one."""
