@@ -3589,6 +3589,9 @@ def stream_overflow(head, estimated_input, context_length):
     text = opening_error(head)
     return overflow_error(text, estimated_input, context_length) if text else None
 
+
+################ Model listings
+
 # What the server says it has: LM Studio's, llama-server's, vLLM's and Ollama's lists.
 
 # Advice for what the startup check finds, per (problem, kind of server); "" is any other.
@@ -3735,120 +3738,7 @@ def model_report(role, model, kind, models):
     return line, problems
 
 
-################ Vision
-
-# Asking the vision model to describe an image, what its reply leaves as a description,
-# the description cache, and what the router remembers between turns.
-
-# Why a vision request failed, in the words of the marker, for what the router saw itself.
-FAILURE_WORDS = {502: "its server sent a broken response", 504: "no answer in time",
-                 529: "its server is not reachable"}
-
-
-def describe_request(block, context, model):
-    """The request that asks the vision model to describe one image."""
-    content = ([text_block(context)] if context else []) + [
-        {k: v for k, v in block.items() if k != "cache_control"}]
-    return {"model": model, "max_tokens": DESCRIBE_MAX_TOKENS, "temperature": 0,
-            "stream": False, "system": DESCRIBE_PROMPT,
-            "messages": [{"role": "user", "content": content}]}
-
-
-def image_contexts(messages, keys, wanted):
-    """Return {key: (image block, context text)} for the wanted images of the user's turn.
-
-    The context is the user's own words in that turn (not the reminders Claude Code
-    or the router add), or the tool the image came from."""
-    found = {}
-    tools = {b["id"]: b["name"] for m in messages if m["role"] == "assistant"
-             for b in content_blocks(m["content"]) if b.get("type") == "tool_use"}
-    turn = [m for m in messages[current_turn_start(messages):] if m["role"] == "user"]
-    said = " ".join(b["text"] for m in turn for b in content_blocks(m["content"])
-                    if b.get("type") == "text" and not b["text"].startswith("<system-reminder>"))
-    said = said.strip()[:DESCRIBE_CONTEXT_CHARS]
-    for message in turn:
-        for block in content_blocks(message["content"]):
-            inner = [block]
-            context = "The user wrote: %s" % said if said else ""
-            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-                inner = block["content"]
-                context = "This image is the result of the tool %s." % tools.get(
-                    block["tool_use_id"], "call")
-            for item in inner:
-                if is_image(item) and keys[image_data(item)] in wanted:
-                    found.setdefault(keys[image_data(item)], (item, context))
-    return found
-
-
-def reply_text(message):
-    """The text of an Anthropic message object, text blocks joined."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, list):
-        return ""
-    return "".join(b.get("text", "") for b in content
-                   if isinstance(b, dict) and b.get("type") == "text"
-                   and isinstance(b.get("text"), str))
-
-
-def description_text(text, cut_off=False, context=""):
-    """A vision reply's text as an image's description.
-
-    Text the router put in the vision request (its synthetic turns, markers of
-    other images, a describe request's context) is dropped when the model echoes
-    it. A reply that max_tokens cut off loses its repetition (a small model
-    looping), or says that it is cut off, so it is never kept as if it were complete."""
-    for injected in (*INJECTED_TEXTS, context):
-        text = text.replace(injected, "") if injected else text
-    text = re.sub(r"\n{3,}", "\n\n", re.sub(MARKER_PATTERN, "", text)).strip()
-    if cut_off and text:
-        trimmed = trim_repetition(text)
-        text = trimmed if trimmed != text else "%s %s" % (text, CUT_OFF_NOTE)
-    return text
-
-
-def trim_repetition(text):
-    """text up to the end of the first copy of a sentence or line run it repeats to its end."""
-    spans = [m.span() for m in re.finditer(r"[^.!?\n]+[.!?]*", text)]
-    units = [text[a:b].strip() for a, b in spans]
-    n, best = len(units), None
-    for period in range(1, min(n // 3, REPEAT_MAX_UNITS) + 1):
-        start = n - period          # the repeating tail begins here; its last unit may be cut
-        while start > 0 and (units[start - 1] == units[start - 1 + period] or (
-                start - 1 + period == n - 1 and units[start - 1].startswith(units[-1]))):
-            start -= 1
-        if n - start >= 3 * period and (best is None or start < best[0]):
-            best = (start, period)
-    if best is None:
-        return text
-    return text[:spans[best[0] + best[1] - 1][1]].rstrip()
-
-
-def describe_image(url, block, context, model, key="", client=None):
-    """Return (description or "", prompt bytes, failure) from the vision model; failure is
-    None or (why in a few words, for the marker; what /status is told; a status or None).
-
-    With client (its socket), raise ClientGone if it hangs up first."""
-    request = describe_request(block, context, model)
-    try:
-        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key, client=client)
-    except ProxyError as e:
-        log("! describe failed: %s" % e)
-        return "", 0, (FAILURE_WORDS.get(e.status, "error %d" % e.status), str(e), e.status)
-    sent = len(json.dumps(request))
-    if status != 200:
-        log("! describe failed: upstream status %d" % status)
-        message = upstream_message(json.dumps(reply).encode())
-        return "", sent, (short_reason(message) or "error %d" % status, message, status)
-    if type(reply) is not dict:
-        # Whatever a server answers, its turn fails with a reason, never with a 500 that
-        # every retry meets again.
-        log("! describe failed: the reply is not a JSON object")
-        return "", sent, (FAILURE_WORDS[502], "describe: the vision model's reply is not a "
-                          "JSON object, so %s" % FAILURE_WORDS[502], 502)
-    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
-    return text, sent, None if text else (
-        "it gave no description", "describe: it gave no description", None)
-
+################ Description cache
 
 class DescriptionCache:
     """Image descriptions by image hash: a bounded dict, kept in a JSON-lines file.
@@ -4067,6 +3957,121 @@ class DescriptionCache:
         with self.lock:
             self.lines = len(keep)
             self.file, self.offset = (info.st_dev, info.st_ino), info.st_size
+
+
+################ Vision
+
+# Asking the vision model to describe an image, what its reply leaves as a description,
+# and what the router remembers between turns.
+
+# Why a vision request failed, in the words of the marker, for what the router saw itself.
+FAILURE_WORDS = {502: "its server sent a broken response", 504: "no answer in time",
+                 529: "its server is not reachable"}
+
+
+def describe_request(block, context, model):
+    """The request that asks the vision model to describe one image."""
+    content = ([text_block(context)] if context else []) + [
+        {k: v for k, v in block.items() if k != "cache_control"}]
+    return {"model": model, "max_tokens": DESCRIBE_MAX_TOKENS, "temperature": 0,
+            "stream": False, "system": DESCRIBE_PROMPT,
+            "messages": [{"role": "user", "content": content}]}
+
+
+def image_contexts(messages, keys, wanted):
+    """Return {key: (image block, context text)} for the wanted images of the user's turn.
+
+    The context is the user's own words in that turn (not the reminders Claude Code
+    or the router add), or the tool the image came from."""
+    found = {}
+    tools = {b["id"]: b["name"] for m in messages if m["role"] == "assistant"
+             for b in content_blocks(m["content"]) if b.get("type") == "tool_use"}
+    turn = [m for m in messages[current_turn_start(messages):] if m["role"] == "user"]
+    said = " ".join(b["text"] for m in turn for b in content_blocks(m["content"])
+                    if b.get("type") == "text" and not b["text"].startswith("<system-reminder>"))
+    said = said.strip()[:DESCRIBE_CONTEXT_CHARS]
+    for message in turn:
+        for block in content_blocks(message["content"]):
+            inner = [block]
+            context = "The user wrote: %s" % said if said else ""
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                inner = block["content"]
+                context = "This image is the result of the tool %s." % tools.get(
+                    block["tool_use_id"], "call")
+            for item in inner:
+                if is_image(item) and keys[image_data(item)] in wanted:
+                    found.setdefault(keys[image_data(item)], (item, context))
+    return found
+
+
+def reply_text(message):
+    """The text of an Anthropic message object, text blocks joined."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return ""
+    return "".join(b.get("text", "") for b in content
+                   if isinstance(b, dict) and b.get("type") == "text"
+                   and isinstance(b.get("text"), str))
+
+
+def description_text(text, cut_off=False, context=""):
+    """A vision reply's text as an image's description.
+
+    Text the router put in the vision request (its synthetic turns, markers of
+    other images, a describe request's context) is dropped when the model echoes
+    it. A reply that max_tokens cut off loses its repetition (a small model
+    looping), or says that it is cut off, so it is never kept as if it were complete."""
+    for injected in (*INJECTED_TEXTS, context):
+        text = text.replace(injected, "") if injected else text
+    text = re.sub(r"\n{3,}", "\n\n", re.sub(MARKER_PATTERN, "", text)).strip()
+    if cut_off and text:
+        trimmed = trim_repetition(text)
+        text = trimmed if trimmed != text else "%s %s" % (text, CUT_OFF_NOTE)
+    return text
+
+
+def trim_repetition(text):
+    """text up to the end of the first copy of a sentence or line run it repeats to its end."""
+    spans = [m.span() for m in re.finditer(r"[^.!?\n]+[.!?]*", text)]
+    units = [text[a:b].strip() for a, b in spans]
+    n, best = len(units), None
+    for period in range(1, min(n // 3, REPEAT_MAX_UNITS) + 1):
+        start = n - period          # the repeating tail begins here; its last unit may be cut
+        while start > 0 and (units[start - 1] == units[start - 1 + period] or (
+                start - 1 + period == n - 1 and units[start - 1].startswith(units[-1]))):
+            start -= 1
+        if n - start >= 3 * period and (best is None or start < best[0]):
+            best = (start, period)
+    if best is None:
+        return text
+    return text[:spans[best[0] + best[1] - 1][1]].rstrip()
+
+
+def describe_image(url, block, context, model, key="", client=None):
+    """Return (description or "", prompt bytes, failure) from the vision model; failure is
+    None or (why in a few words, for the marker; what /status is told; a status or None).
+
+    With client (its socket), raise ClientGone if it hangs up first."""
+    request = describe_request(block, context, model)
+    try:
+        status, reply = fetch_json(url, "POST", "/v1/messages", request, key=key, client=client)
+    except ProxyError as e:
+        log("! describe failed: %s" % e)
+        return "", 0, (FAILURE_WORDS.get(e.status, "error %d" % e.status), str(e), e.status)
+    sent = len(json.dumps(request))
+    if status != 200:
+        log("! describe failed: upstream status %d" % status)
+        message = upstream_message(json.dumps(reply).encode())
+        return "", sent, (short_reason(message) or "error %d" % status, message, status)
+    if type(reply) is not dict:
+        # Whatever a server answers, its turn fails with a reason, never with a 500 that
+        # every retry meets again.
+        log("! describe failed: the reply is not a JSON object")
+        return "", sent, (FAILURE_WORDS[502], "describe: the vision model's reply is not a "
+                          "JSON object, so %s" % FAILURE_WORDS[502], 502)
+    text = description_text(reply_text(reply), reply.get("stop_reason") == "max_tokens", context)
+    return text, sent, None if text else (
+        "it gave no description", "describe: it gave no description", None)
 
 
 class Vision:

@@ -2420,81 +2420,6 @@ class UpstreamTest(unittest.TestCase):
                 got = cr.stream_overflow(head, 100, 200)
                 self.assertEqual(got and got["error"]["message"], expected)
 
-    def test_models_from_listings(self):
-        lmstudio = {"models": [
-            {"key": "qwen/coder", "type": "llm", "capabilities": {"vision": False},
-             "loaded_instances": [{"id": "qwen/coder", "config": {"context_length": 65536}}]},
-            {"key": "dev/vision", "capabilities": {"vision": True}, "loaded_instances": []}]}
-        llama = {"object": "list", "data": [{"id": "q05", "meta": {"n_ctx": 32768}}]}
-        self.assertEqual(cr.models_from_listing(lmstudio), {
-            "qwen/coder": {"loaded": True, "context_length": 65536, "vision": False},
-            "dev/vision": {"loaded": False, "context_length": None, "vision": True}})
-        self.assertEqual(cr.models_from_listing(llama),
-                         {"q05": {"loaded": True, "context_length": 32768, "vision": None}})
-        vllm = {"object": "list", "data": [{"id": "Qwen/Qwen3-Coder", "object": "model",
-                                            "owned_by": "vllm", "max_model_len": 32768},
-                                           {"id": "odd", "max_model_len": "32768"}]}
-        self.assertEqual(cr.models_from_listing(vllm), {
-            "Qwen/Qwen3-Coder": {"loaded": True, "context_length": 32768, "vision": None},
-            "odd": {"loaded": True, "context_length": None, "vision": None}})
-        self.assertEqual(cr.models_from_listing(["junk"]), {})
-
-    def test_llama_server_says_whether_a_model_takes_images(self):
-        rows = [("no mmproj", LLAMA_LISTING, False),
-                ("mmproj", llama_listing(vision=True), True),
-                ("capabilities only", {"models": [{"model": "q", "capabilities": ["completion",
-                                                                                 "multimodal"]}],
-                                       "data": [{"id": "q"}]}, True),
-                ("says nothing", {"data": [{"id": "q"}]}, None)]
-        for name, listing, vision in rows:
-            with self.subTest(name):
-                found = cr.models_from_listing(listing)
-                self.assertEqual(list(found.values())[0]["vision"], vision)
-
-    def test_server_kind_by_the_listing_that_answered(self):
-        rows = [("/api/v1/models", {"models": []}, "lmstudio"),
-                ("/v1/models", LLAMA_LISTING, "llama.cpp"),
-                ("/v1/models", {"data": [{"id": "m", "owned_by": "vllm"}]}, "vllm"),
-                ("/v1/models", {"data": [{"id": "m:7b", "owned_by": "library"}]}, "ollama"),
-                ("/v1/models", {"data": [{"id": "m"}]}, "other"), ("/v1/models", [], "other")]
-        for path, listing, kind in rows:
-            with self.subTest(kind):
-                self.assertEqual(cr.server_kind(path, listing), kind)
-
-    def test_model_report_says_what_it_found_and_fits_its_advice_to_the_server(self):
-        lmstudio = {"c": {"loaded": False, "context_length": None, "vision": None},
-                    "v": {"loaded": True, "context_length": 4096, "vision": False}}
-        line, problems = cr.model_report("vision", "v", "lmstudio", lmstudio)
-        self.assertEqual(line, "vision v: loaded, 4096-token context, text only")
-        self.assertEqual(len(problems), 2)
-        self.assertIn("cannot see images", problems[0])
-        self.assertIn("lms unload v && lms load v --context-length 32768", problems[1])
-        line, problems = cr.model_report("coder", "c", "lmstudio", lmstudio)
-        self.assertEqual((line, len(problems)), ("coder c: not loaded, context unknown, "
-                                                 "images unknown", 1))
-        self.assertIn("lms load c", problems[0])
-        _, problems = cr.model_report("coder", "x/y", "lmstudio", lmstudio)
-        self.assertIn("not on the lmstudio server, which has: c, v. Fix: lms get x/y", problems[0])
-        for kind in ("llama.cpp", "vllm", "ollama", "other"):
-            with self.subTest(kind):
-                models = {"a": {"loaded": True, "context_length": 4096, "vision": False},
-                          "b": {"loaded": True, "context_length": 4096, "vision": False}}
-                lines = [l for role in ("coder", "vision")
-                         for l in cr.model_report(role, "z", kind, models)[1]
-                         + cr.model_report(role, "a", kind, models)[1]]
-                self.assertTrue(lines)
-                self.assertFalse([l for l in lines if "lms " in l], lines)
-                self.assertIn("which has: a, b", lines[0])
-
-    def test_a_llama_server_with_one_model_serves_any_name(self):
-        models = cr.models_from_listing(LLAMA_LISTING)
-        line, problems = cr.model_report("vision", "dev/vision", "llama.cpp", models)
-        self.assertEqual(line, "vision dev/vision (served by qwen2.5-coder-0.5b, the server's only "
-                               "model): loaded, 32768-token context, text only")
-        self.assertEqual(len(problems), 1)
-        self.assertIn("--mmproj", problems[0])
-        self.assertNotIn("lms", problems[0])
-
     def test_upstream_messages_in_each_servers_shape(self):
         rows = [(b'{"type":"error","error":{"type":"api_error","message":"boom"}}', "boom"),
                 (b'{"error":"model not found"}', "model not found"),
@@ -2795,74 +2720,88 @@ class UpstreamTrustTest(RouterTestCase):
         self.assertIn("skipped 2 unreadable line(s)", self.log.getvalue())
 
 
-################ Vision
+################ Model listings
 
-class VisionTest(unittest.TestCase):
+class ModelListingTest(unittest.TestCase):
+    """What a model server's listing says it has, and the advice fitted to it."""
 
-    def test_failures_keep_their_first_reason_are_bounded_and_retried_after_a_while(self):
-        memory = cr.Vision(None, None, max_entries=2)
-        memory.note_failure(["a"], "first")
-        memory.note_failure(["a"], "second")
-        self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})
-        self.assertEqual(memory.recent_failures(["a", "b"]), {"a"})
-        memory.retry_after = 0
-        self.assertEqual(memory.recent_failures(["a"]), set())
-        self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})   # still shown
-        memory.note_failure(["b"], "b's")
-        memory.note_failure(["c"], "c's")
-        self.assertEqual(memory.failure_reasons(["a", "b", "c"]), {"b": "b's", "c": "c's"})
+    def test_models_from_listings(self):
+        lmstudio = {"models": [
+            {"key": "qwen/coder", "type": "llm", "capabilities": {"vision": False},
+             "loaded_instances": [{"id": "qwen/coder", "config": {"context_length": 65536}}]},
+            {"key": "dev/vision", "capabilities": {"vision": True}, "loaded_instances": []}]}
+        llama = {"object": "list", "data": [{"id": "q05", "meta": {"n_ctx": 32768}}]}
+        self.assertEqual(cr.models_from_listing(lmstudio), {
+            "qwen/coder": {"loaded": True, "context_length": 65536, "vision": False},
+            "dev/vision": {"loaded": False, "context_length": None, "vision": True}})
+        self.assertEqual(cr.models_from_listing(llama),
+                         {"q05": {"loaded": True, "context_length": 32768, "vision": None}})
+        vllm = {"object": "list", "data": [{"id": "Qwen/Qwen3-Coder", "object": "model",
+                                            "owned_by": "vllm", "max_model_len": 32768},
+                                           {"id": "odd", "max_model_len": "32768"}]}
+        self.assertEqual(cr.models_from_listing(vllm), {
+            "Qwen/Qwen3-Coder": {"loaded": True, "context_length": 32768, "vision": None},
+            "odd": {"loaded": True, "context_length": None, "vision": None}})
+        self.assertEqual(cr.models_from_listing(["junk"]), {})
 
-    def test_claims_are_all_or_nothing_and_released_with_a_wake_up(self):
-        memory = cr.Vision(None, None)
-        self.assertEqual(memory.claim(["a"], ["a"]), (["a"], {}))
-        claimed, busy = memory.claim(["b"], ["a", "b"])
-        self.assertEqual((claimed, len(busy)), ([], 1))
-        self.assertNotIn("b", memory.pending)
-        memory.release(["a"])
-        self.assertEqual(busy["a"].result(0), (None, None))     # released, nothing came of it
-        self.assertEqual(memory.claim(["b"], ["a", "b"]), (["b"], {}))
-
-    def test_a_waiting_turn_gets_the_description_or_the_failure_from_its_future(self):
-        memory = cr.Vision(None, None)
-        memory.claim(["a", "b"], ["a", "b"])
-        _, busy = memory.claim([], ["a", "b"])
-        memory.resolve(["a"], "a red square")
-        memory.resolve(["b"], failure="image input is not supported")
-        self.assertEqual({k: f.result(0) for k, f in busy.items()},
-                         {"a": ("a red square", None), "b": (None, "image input is not supported")})
-        self.assertEqual(memory.pending, {})
-
-    def test_describe_request_is_short_and_deterministic(self):
-        got = cr.describe_request(image(PNG_A), "The user wrote: hi", "V")
-        self.assertEqual(got, cr.describe_request(image(PNG_A), "The user wrote: hi", "V"))
-        self.assertEqual(got["messages"], [user(text("The user wrote: hi"), image(PNG_A))])
-        self.assertNotIn("tools", got)
-
-    def test_descriptions_keep_only_the_models_own_complete_text(self):
-        rows = [
-            ("as it is", "A cat.", False, "A cat."),
-            ("router text dropped", cr.SYNTHETIC_USER_TEXT + " A chart. <<IMAGE DESCRIPTION: "
-             "old one>> " + cr.LIFTED_IMAGE_TEXT, False, "A chart."),
-            ("looping sentence", "A form. It is red. It is red. It is red. It i", True,
-             "A form. It is red."),
-            ("looping lines", "- a\n- b\n- a\n- b\n- a\n- b\n- a", True, "- a\n- b"),
-            ("cut, no loop", "A form with two fields and a butt", True,
-             "A form with two fields and a butt " + cr.CUT_OFF_NOTE),
-            ("a sentence said twice is no loop", "Red. Red. Blue.", True,
-             "Red. Red. Blue. " + cr.CUT_OFF_NOTE),
-            ("only router text", cr.SYNTHETIC_USER_TEXT, True, ""),
-        ]
-        for name, reply, cut_off, expected in rows:
+    def test_llama_server_says_whether_a_model_takes_images(self):
+        rows = [("no mmproj", LLAMA_LISTING, False),
+                ("mmproj", llama_listing(vision=True), True),
+                ("capabilities only", {"models": [{"model": "q", "capabilities": ["completion",
+                                                                                 "multimodal"]}],
+                                       "data": [{"id": "q"}]}, True),
+                ("says nothing", {"data": [{"id": "q"}]}, None)]
+        for name, listing, vision in rows:
             with self.subTest(name):
-                self.assertEqual(cr.description_text(reply, cut_off), expected)
+                found = cr.models_from_listing(listing)
+                self.assertEqual(list(found.values())[0]["vision"], vision)
 
-    def test_a_describe_requests_context_is_not_kept_when_echoed(self):
-        # The real OCR vision server answered "[Image: ...]\n\nThe user wrote: <prompt>".
-        context = "The user wrote: Look at @shape.png again."
-        reply = "[Image: a red square.]\n\n%s\n\n[Image: a red square.]" % context
-        self.assertEqual(cr.description_text(reply, False, context),
-                         "[Image: a red square.]\n\n[Image: a red square.]")
+    def test_server_kind_by_the_listing_that_answered(self):
+        rows = [("/api/v1/models", {"models": []}, "lmstudio"),
+                ("/v1/models", LLAMA_LISTING, "llama.cpp"),
+                ("/v1/models", {"data": [{"id": "m", "owned_by": "vllm"}]}, "vllm"),
+                ("/v1/models", {"data": [{"id": "m:7b", "owned_by": "library"}]}, "ollama"),
+                ("/v1/models", {"data": [{"id": "m"}]}, "other"), ("/v1/models", [], "other")]
+        for path, listing, kind in rows:
+            with self.subTest(kind):
+                self.assertEqual(cr.server_kind(path, listing), kind)
 
+    def test_model_report_says_what_it_found_and_fits_its_advice_to_the_server(self):
+        lmstudio = {"c": {"loaded": False, "context_length": None, "vision": None},
+                    "v": {"loaded": True, "context_length": 4096, "vision": False}}
+        line, problems = cr.model_report("vision", "v", "lmstudio", lmstudio)
+        self.assertEqual(line, "vision v: loaded, 4096-token context, text only")
+        self.assertEqual(len(problems), 2)
+        self.assertIn("cannot see images", problems[0])
+        self.assertIn("lms unload v && lms load v --context-length 32768", problems[1])
+        line, problems = cr.model_report("coder", "c", "lmstudio", lmstudio)
+        self.assertEqual((line, len(problems)), ("coder c: not loaded, context unknown, "
+                                                 "images unknown", 1))
+        self.assertIn("lms load c", problems[0])
+        _, problems = cr.model_report("coder", "x/y", "lmstudio", lmstudio)
+        self.assertIn("not on the lmstudio server, which has: c, v. Fix: lms get x/y", problems[0])
+        for kind in ("llama.cpp", "vllm", "ollama", "other"):
+            with self.subTest(kind):
+                models = {"a": {"loaded": True, "context_length": 4096, "vision": False},
+                          "b": {"loaded": True, "context_length": 4096, "vision": False}}
+                lines = [l for role in ("coder", "vision")
+                         for l in cr.model_report(role, "z", kind, models)[1]
+                         + cr.model_report(role, "a", kind, models)[1]]
+                self.assertTrue(lines)
+                self.assertFalse([l for l in lines if "lms " in l], lines)
+                self.assertIn("which has: a, b", lines[0])
+
+    def test_a_llama_server_with_one_model_serves_any_name(self):
+        models = cr.models_from_listing(LLAMA_LISTING)
+        line, problems = cr.model_report("vision", "dev/vision", "llama.cpp", models)
+        self.assertEqual(line, "vision dev/vision (served by qwen2.5-coder-0.5b, the server's only "
+                               "model): loaded, 32768-token context, text only")
+        self.assertEqual(len(problems), 1)
+        self.assertIn("--mmproj", problems[0])
+        self.assertNotIn("lms", problems[0])
+
+
+################ Description cache
 
 class CacheTest(unittest.TestCase):
 
@@ -3010,6 +2949,75 @@ class CacheTest(unittest.TestCase):
             f.write(b'{"hash": "k2", "description": "two"}\n')
         self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
         self.assertIn("skipped 1 unreadable line(s)", self.log.getvalue())
+
+
+################ Vision
+
+class VisionTest(unittest.TestCase):
+
+    def test_failures_keep_their_first_reason_are_bounded_and_retried_after_a_while(self):
+        memory = cr.Vision(None, None, max_entries=2)
+        memory.note_failure(["a"], "first")
+        memory.note_failure(["a"], "second")
+        self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})
+        self.assertEqual(memory.recent_failures(["a", "b"]), {"a"})
+        memory.retry_after = 0
+        self.assertEqual(memory.recent_failures(["a"]), set())
+        self.assertEqual(memory.failure_reasons(["a"]), {"a": "first"})   # still shown
+        memory.note_failure(["b"], "b's")
+        memory.note_failure(["c"], "c's")
+        self.assertEqual(memory.failure_reasons(["a", "b", "c"]), {"b": "b's", "c": "c's"})
+
+    def test_claims_are_all_or_nothing_and_released_with_a_wake_up(self):
+        memory = cr.Vision(None, None)
+        self.assertEqual(memory.claim(["a"], ["a"]), (["a"], {}))
+        claimed, busy = memory.claim(["b"], ["a", "b"])
+        self.assertEqual((claimed, len(busy)), ([], 1))
+        self.assertNotIn("b", memory.pending)
+        memory.release(["a"])
+        self.assertEqual(busy["a"].result(0), (None, None))     # released, nothing came of it
+        self.assertEqual(memory.claim(["b"], ["a", "b"]), (["b"], {}))
+
+    def test_a_waiting_turn_gets_the_description_or_the_failure_from_its_future(self):
+        memory = cr.Vision(None, None)
+        memory.claim(["a", "b"], ["a", "b"])
+        _, busy = memory.claim([], ["a", "b"])
+        memory.resolve(["a"], "a red square")
+        memory.resolve(["b"], failure="image input is not supported")
+        self.assertEqual({k: f.result(0) for k, f in busy.items()},
+                         {"a": ("a red square", None), "b": (None, "image input is not supported")})
+        self.assertEqual(memory.pending, {})
+
+    def test_describe_request_is_short_and_deterministic(self):
+        got = cr.describe_request(image(PNG_A), "The user wrote: hi", "V")
+        self.assertEqual(got, cr.describe_request(image(PNG_A), "The user wrote: hi", "V"))
+        self.assertEqual(got["messages"], [user(text("The user wrote: hi"), image(PNG_A))])
+        self.assertNotIn("tools", got)
+
+    def test_descriptions_keep_only_the_models_own_complete_text(self):
+        rows = [
+            ("as it is", "A cat.", False, "A cat."),
+            ("router text dropped", cr.SYNTHETIC_USER_TEXT + " A chart. <<IMAGE DESCRIPTION: "
+             "old one>> " + cr.LIFTED_IMAGE_TEXT, False, "A chart."),
+            ("looping sentence", "A form. It is red. It is red. It is red. It i", True,
+             "A form. It is red."),
+            ("looping lines", "- a\n- b\n- a\n- b\n- a\n- b\n- a", True, "- a\n- b"),
+            ("cut, no loop", "A form with two fields and a butt", True,
+             "A form with two fields and a butt " + cr.CUT_OFF_NOTE),
+            ("a sentence said twice is no loop", "Red. Red. Blue.", True,
+             "Red. Red. Blue. " + cr.CUT_OFF_NOTE),
+            ("only router text", cr.SYNTHETIC_USER_TEXT, True, ""),
+        ]
+        for name, reply, cut_off, expected in rows:
+            with self.subTest(name):
+                self.assertEqual(cr.description_text(reply, cut_off), expected)
+
+    def test_a_describe_requests_context_is_not_kept_when_echoed(self):
+        # The real OCR vision server answered "[Image: ...]\n\nThe user wrote: <prompt>".
+        context = "The user wrote: Look at @shape.png again."
+        reply = "[Image: a red square.]\n\n%s\n\n[Image: a red square.]" % context
+        self.assertEqual(cr.description_text(reply, False, context),
+                         "[Image: a red square.]\n\n[Image: a red square.]")
 
 
 class VisionModeTest(RouterTestCase):
