@@ -3451,26 +3451,6 @@ def server_start_mark(url, timeout=CONNECT_TIMEOUT, key=""):
     return "%s %s %s" % (props["media_marker"], props.get("build_info"), props.get("model_path"))
 
 
-def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
-    """Return (kind of server, {model id: info}) from the server at url, LM Studio's API first.
-
-    (None, None) when it is down; kind "needs-key" when it refused the listing."""
-    found, kind = None, None
-    for path in ("/api/v1/models", "/v1/models"):
-        try:
-            status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
-                                         connect_timeout=timeout, key=key)
-        except ProxyError:
-            return None, None
-        if status in (401, 403):
-            return "needs-key", {}
-        if status == 200:
-            found = {**models_from_listing(listing), **(found or {})}
-            kind = kind or server_kind(path, listing)
-            if found and path == "/api/v1/models":
-                break
-    return kind or "other", found if found is not None else {}
-
 # What a model server's refusal means, and how Claude Code should take it.
 
 # Error statuses a retry may fix: a model loading, a server busy or briefly away. Claude Code
@@ -3736,6 +3716,27 @@ def model_report(role, model, kind, models):
         problems.append("vision model %s is loaded with %d context. Fix: %s"
                         % (served, context, fix_for("small", kind, role, model)))
     return line, problems
+
+
+def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
+    """Return (kind of server, {model id: info}) from the server at url, LM Studio's API first.
+
+    (None, None) when it is down; kind "needs-key" when it refused the listing."""
+    found, kind = None, None
+    for path in ("/api/v1/models", "/v1/models"):
+        try:
+            status, listing = fetch_json(url, "GET", path, read_timeout=timeout,
+                                         connect_timeout=timeout, key=key)
+        except ProxyError:
+            return None, None
+        if status in (401, 403):
+            return "needs-key", {}
+        if status == 200:
+            found = {**models_from_listing(listing), **(found or {})}
+            kind = kind or server_kind(path, listing)
+            if found and path == "/api/v1/models":
+                break
+    return kind or "other", found if found is not None else {}
 
 
 ################ Description cache
