@@ -5307,10 +5307,10 @@ class Warmer:
     remember / head_request: keep a coder prompt's head per (model, upstream), on disk
     only when it changes; load reads them back at start (a damaged file is ignored
     with one warning). note_prompt / prompt_of: the last coder prompt, whole, for
-    the warm-up after a vision turn. claim, run, attach, cancel: one warm-up at a
-    time (Server.warm starts it); a request about to go to the coder's server cancels
-    it at once (Server.upstream_wanted). status:
-    /status's warm_up."""
+    the warm-up after a vision turn. check_coder sees a server's coder cache gone;
+    start (Server.warm calls it) starts a warm-up, claim, run, attach, cancel keep it
+    to one at a time; a request about to go to the coder's server cancels it at once
+    (Server.upstream_wanted). status: /status's warm_up."""
 
     def __init__(self, directory, enabled):
         self.enabled = enabled              # False: no warm-ups and no heads file
@@ -5422,6 +5422,62 @@ class Warmer:
         return {**body, "max_tokens": 1, "stream": False}
 
     # The warm-up.
+
+    def check_coder(self, server):
+        """Look at whether server's coder is loaded and when its server started; warm it when
+        that shows its cache gone: newly loaded (LM Studio's list), or its server restarted
+        (llama-server's /props)."""
+        kind, models = server.listings.get(server.upstream_url, (None, {}))
+        info, _ = find_model(models, kind, server.coder_model)
+        # Ollama's /v1/models lists every model pulled, loaded or not.
+        loaded = bool(info and info.get("loaded")) and kind != "ollama"
+        mark = server_start_mark(server.upstream_url, server.connect_timeout,
+                                 server.upstream_key) if loaded and kind == "llama.cpp" else None
+        with server.stats_lock:
+            previous = server.coder_seen
+            if mark is None and previous:
+                mark = previous[1]      # not answering now is no restart
+            loaded = loaded and mark != "sleeping"
+            server.coder_seen = loaded, mark
+        if previous is None or not loaded:
+            return
+        if not previous[0]:
+            self.start(server, "the coder was loaded")
+        elif previous[1] and mark != previous[1]:
+            self.start(server, "the model server restarted")
+
+    def start(self, server, reason, body=None):
+        """Start a warm-up of server's coder: body, else the last coder prompt, else the head
+        kept for it; True if one started.
+
+        It runs in a thread of its own, the one thread the router starts itself: the
+        point is to read the prompt while Claude Code starts and the user types, before
+        any request comes to wait on. It lives for one request. Never while a turn is in
+        flight, never two at once, and never to a coder the server's list does not show
+        loaded, since warming must not load a model nobody asked for.
+
+        Once a turn has been sent, the last coder prompt goes whole, not the head: the
+        server may well hold it still (a restart seen only after the turn that followed
+        it, a JIT load made by a turn), and the head alone with a new end would push the
+        conversation out of a one-slot cache, where the whole prompt costs one token."""
+        if not self.enabled or not (server.coder_seen and server.coder_seen[0]):
+            return False
+        what = "coder prompt"
+        body = body or self.prompt_of()
+        if body is None:
+            what = "coder prefix"
+            body = self.head_request(server.coder_model, server.upstream_url)
+        if body is None:
+            return False
+        with server.stats_lock:   # held across the claim: a turn counted in flight now waits
+            if server.in_flight or not self.claim(reason, what):
+                return False
+        # Not streamed, so no byte comes before the whole prompt is read: 10 minutes on a
+        # busy CPU for Claude Code's head, where READ_TIMEOUT would give up on it.
+        threading.Thread(target=self.run, name="warm-up", daemon=True, args=(
+            server.upstream_url, body, server.upstream_key,
+            max(server.read_timeout, WARM_UP_TIMEOUT), server.connect_timeout)).start()
+        return True
 
     def claim(self, reason, what):
         """Mark a warm-up as running and return True, unless one already is."""
@@ -5632,8 +5688,9 @@ class Server(BoundedServer):
     /status document, turns_status() its turns in flight. Models: known_models(),
     claim_refresh() and refresh_models() keep the upstreams' lists; model_info() and
     coder_context() read them; upstream_token_count() asks the coder's server for a count;
-    check_upstream() and preload() run at startup. Warm-ups: check_coder() sees the
-    coder's cache gone, warm() starts one (see Warmer), upstream_wanted() cancels it."""
+    check_upstream() and preload() run at startup. Warm-ups: refresh_models() has
+    Warmer.check_coder() see the coder's cache gone, warm() starts one (Warmer.start),
+    upstream_wanted() cancels it."""
 
     request_queue_size = 128    # past the default 5, bursts of connects wait 1 s for a SYN retry
     daemon_threads = True       # a stuck request never keeps Ctrl-C from ending the router
@@ -5860,66 +5917,14 @@ class Server(BoundedServer):
                     merged.update(self.listings.get(url, (None, {}))[1])
                 self.models = merged
         if self.warmer.enabled:
-            self.check_coder()
+            self.warmer.check_coder(self)
         return answers
 
     # Warm-ups.
 
-    def check_coder(self):
-        """Look at whether the coder is loaded and when its server started; warm it when
-        that shows its cache gone: newly loaded (LM Studio's list), or its server restarted
-        (llama-server's /props)."""
-        kind, models = self.listings.get(self.upstream_url, (None, {}))
-        info, _ = find_model(models, kind, self.coder_model)
-        # Ollama's /v1/models lists every model pulled, loaded or not.
-        loaded = bool(info and info.get("loaded")) and kind != "ollama"
-        mark = server_start_mark(self.upstream_url, self.connect_timeout, self.upstream_key) \
-            if loaded and kind == "llama.cpp" else None
-        with self.stats_lock:
-            previous = self.coder_seen
-            if mark is None and previous:
-                mark = previous[1]      # not answering now is no restart
-            loaded = loaded and mark != "sleeping"
-            self.coder_seen = loaded, mark
-        if previous is None or not loaded:
-            return
-        if not previous[0]:
-            self.warm("the coder was loaded")
-        elif previous[1] and mark != previous[1]:
-            self.warm("the model server restarted")
-
     def warm(self, reason, body=None):
-        """Start a warm-up of the coder: body, else the last coder prompt, else the head kept
-        for it; True if one started.
-
-        It runs in a thread of its own, the one thread the router starts itself: the
-        point is to read the prompt while Claude Code starts and the user types, before
-        any request comes to wait on. It lives for one request. Never while a turn is in
-        flight, never two at once, and never to a coder the server's list does not show
-        loaded, since warming must not load a model nobody asked for.
-
-        Once a turn has been sent, the last coder prompt goes whole, not the head: the
-        server may well hold it still (a restart seen only after the turn that followed
-        it, a JIT load made by a turn), and the head alone with a new end would push the
-        conversation out of a one-slot cache, where the whole prompt costs one token."""
-        if not self.warmer.enabled or not (self.coder_seen and self.coder_seen[0]):
-            return False
-        what = "coder prompt"
-        body = body or self.warmer.prompt_of()
-        if body is None:
-            what = "coder prefix"
-            body = self.warmer.head_request(self.coder_model, self.upstream_url)
-        if body is None:
-            return False
-        with self.stats_lock:   # held across the claim: a turn counted in flight now waits
-            if self.in_flight or not self.warmer.claim(reason, what):
-                return False
-        # Not streamed, so no byte comes before the whole prompt is read: 10 minutes on a
-        # busy CPU for Claude Code's head, where READ_TIMEOUT would give up on it.
-        threading.Thread(target=self.warmer.run, name="warm-up", daemon=True, args=(
-            self.upstream_url, body, self.upstream_key, max(self.read_timeout, WARM_UP_TIMEOUT),
-            self.connect_timeout)).start()
-        return True
+        """Start a warm-up of the coder (Warmer.start); True if one started."""
+        return self.warmer.start(self, reason, body)
 
     def coder_context(self):
         """The coder's context length as its server last said it, or None."""
