@@ -6048,20 +6048,7 @@ def build_parser(environ):
     add("--host", default=env("HOST", HOST), help="address to listen on (default: %(default)s)")
     add("--port", type=port_number, default=env("PORT", str(PORT)),
         help="port to listen on (default: %(default)s)")
-    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
-        help="the model server (default: %(default)s)")
-    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
-        help="the vision model's server (default: the upstream)")
-    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
-        help="model for text turns (default: %(default)s)")
-    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
-        help="model for turns with new images; none (or empty): text only, images reach "
-             "the coder as a marker (default: %(default)s)")
-    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
-        help="answer: the vision model answers the turn; describe: it only describes "
-             "each new image and the coder answers (default: %(default)s)")
-    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
-        help="where image descriptions are kept (default: %(default)s)")
+    add_model_options(add, env)
     add("--token", default=env("TOKEN", ""),
         help="require this x-api-key or Bearer token (needed to listen beyond loopback)")
     add("--upstream-key", default=env("UPSTREAM_KEY", ""),
@@ -6085,6 +6072,24 @@ def build_parser(environ):
     add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
         help="log every request line")
     return parser
+
+
+def add_model_options(add, env):
+    """Add the options saying where the models are and how the router uses them."""
+    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
+        help="the model server (default: %(default)s)")
+    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
+        help="the vision model's server (default: the upstream)")
+    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
+        help="model for text turns (default: %(default)s)")
+    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
+        help="model for turns with new images; none (or empty): text only, images reach "
+             "the coder as a marker (default: %(default)s)")
+    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
+        help="answer: the vision model answers the turn; describe: it only describes "
+             "each new image and the coder answers (default: %(default)s)")
+    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
+        help="where image descriptions are kept (default: %(default)s)")
 
 
 def parse_settings(argv, environ):
