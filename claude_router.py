@@ -6317,6 +6317,21 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def log_start(server):
+    """Load the description and document caches; log the banner saying what the router serves."""
+    loaded = server.vision.cache.load()
+    documents = server.documents.cache.load()
+    log("🔀 claude-router on :%d" % server.server_port)
+    log("coder → %s" % server.coder_model)
+    log("vision → %s%s" % (server.vision_model or "none (text only: images reach the coder as "
+                           "a marker)", "" if server.vision_mode == "answer" or not
+                           server.vision_model else " (describe mode)"))
+    log("cache: %d description(s) in %s" % (loaded, server.vision.cache.path))
+    log("cache: %d document(s) in %s" % (documents, server.documents.cache.path))
+    if server.side_model:
+        log("side → %s on %s" % (server.side_model, server.side_upstream_url))
+
+
 def main(argv=None, environ=None):
     """Run the router until Ctrl-C (or, with --statusline, print the status line)."""
     environ = os.environ if environ is None else environ
@@ -6339,17 +6354,7 @@ def main(argv=None, environ=None):
     except OSError as e:
         sys.exit("claude-router: cannot listen on %s:%d: %s" % (args.host, args.port,
                                                                e.strerror or e))
-    loaded = server.vision.cache.load()
-    documents = server.documents.cache.load()
-    log("🔀 claude-router on :%d" % server.server_port)
-    log("coder → %s" % server.coder_model)
-    log("vision → %s%s" % (server.vision_model or "none (text only: images reach the coder as "
-                           "a marker)", "" if server.vision_mode == "answer" or not
-                           server.vision_model else " (describe mode)"))
-    log("cache: %d description(s) in %s" % (loaded, server.vision.cache.path))
-    log("cache: %d document(s) in %s" % (documents, server.documents.cache.path))
-    if server.side_model:
-        log("side → %s on %s" % (server.side_model, server.side_upstream_url))
+    log_start(server)
     server.warmer.load()
     for line in server.check_upstream(args.preload):
         log(line)
