@@ -3004,6 +3004,15 @@ def drop_oldest(entries, bound):
         del entries[key]
 
 
+def put_newest(entries, items, bound):
+    """Put each (key, value) of items in the dict entries as its newest, then drop the oldest
+    past bound. Caller holds its lock."""
+    for key, value in items:
+        entries.pop(key, None)
+        entries[key] = value
+    drop_oldest(entries, bound)
+
+
 class PromptMemory:
     """What the router remembers of the prompts it sent: bounded, one lock.
 
@@ -3831,10 +3840,7 @@ class DescriptionCache:
         except FileNotFoundError:
             return 0
         with self.lock:
-            for key, text, _ in records:
-                self.entries.pop(key, None)
-                self.entries[key] = text
-            drop_oldest(self.entries, self.max_entries)
+            put_newest(self.entries, ((key, text) for key, text, _ in records), self.max_entries)
             if (self.file, self.offset) == (seen, offset):  # no other thread read on meanwhile
                 self.lines = self.lines + lines if same else lines
                 self.file, self.offset = file, end
@@ -3890,10 +3896,7 @@ class DescriptionCache:
         if not descriptions:
             return
         with self.lock:
-            for key, text in descriptions.items():
-                self.entries.pop(key, None)
-                self.entries[key] = text
-            drop_oldest(self.entries, self.max_entries)
+            put_newest(self.entries, descriptions.items(), self.max_entries)
         if not self.path or not on_disk:
             return
         now = round(time.time(), 3)
@@ -4278,9 +4281,7 @@ class DocumentCache(DescriptionCache):
     def keep_images(self, key, images):
         """Keep the page images of the document key, the oldest document's going first."""
         with self.lock:
-            self.images.pop(key, None)
-            self.images[key] = images
-            drop_oldest(self.images, DOCUMENT_IMAGES_KEPT)
+            put_newest(self.images, ((key, images),), DOCUMENT_IMAGES_KEPT)
 
     def kept_images(self, key):
         """The page images kept of the document key, or None."""
@@ -5364,16 +5365,12 @@ class Warmer:
         with self.lock:
             if self.seen.get((model, upstream)) == seen:
                 return
-            self.seen.pop((model, upstream), None)
-            self.seen[(model, upstream)] = seen
-            drop_oldest(self.seen, HEADS_KEPT)
+            put_newest(self.seen, (((model, upstream), seen),), HEADS_KEPT)
         head = json.dumps(head)
         with self.lock:
             if self.heads.get((model, upstream)) == head:
                 return
-            self.heads.pop((model, upstream), None)
-            self.heads[(model, upstream)] = head
-            drop_oldest(self.heads, HEADS_KEPT)
+            put_newest(self.heads, (((model, upstream), head),), HEADS_KEPT)
         self.write()
 
     def write(self):
@@ -5387,10 +5384,7 @@ class Warmer:
             except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 heads = {}      # damaged: load said so; ours replace it
             with self.lock:
-                for key, head in self.heads.items():
-                    heads.pop(key, None)
-                    heads[key] = head
-            drop_oldest(heads, HEADS_KEPT)
+                put_newest(heads, self.heads.items(), HEADS_KEPT)
             text = json.dumps({"heads": [{"model": m, "upstream": u, "head": json.loads(h)}
                                          for (m, u), h in heads.items()]})
             temporary = "%s.%d.tmp" % (self.path, os.getpid())
