@@ -574,6 +574,32 @@ def object_stream_pdf(content):
     return b"".join(out)
 
 
+def catalog_stream_pdf(content, stale=False):
+    """A PDF 1.5 whose objects 1-4, the catalog first, sit in object stream 6.
+
+    With stale, an older object stream 6 (its object 1 no catalog) stands first and the
+    cross-reference stream points at it: a damaged file, read again by a scan."""
+    inner = page_objects(content)
+    header = body = b""
+    for num in (1, 2, 3, 4):
+        header += b"%d %d " % (num, len(body))
+        body += inner[num - 1] + b"\n"
+    out, offsets = [b"%PDF-1.5\n"], {}
+    if stale:
+        offsets[6] = len(out[0])
+        out.append(b"6 0 obj\n%s\nendobj\n" % pdf_stream(b"/Type /ObjStm /N 1 /First 4", b"1 0 42"))
+    objstm = pdf_stream(b"/Type /ObjStm /N 4 /First %d" % len(header), header + body)
+    for num, obj in ((5, inner[4]), (6, objstm)):
+        offsets.setdefault(num, sum(map(len, out)))
+        out.append(b"%d 0 obj\n%s\nendobj\n" % (num, obj))
+    offsets[7] = sum(map(len, out))
+    rows = [b"\x00\x00\x00\xff"] + [b"\x02\x00\x06" + bytes([num - 1]) for num in (1, 2, 3, 4)]
+    rows += [b"\x01" + offsets[num].to_bytes(2, "big") + b"\x00" for num in (5, 6, 7)]
+    xref = pdf_stream(b"/Type /XRef /Size 8 /W [1 2 1] /Root 1 0 R", b"".join(rows))
+    out.append(b"7 0 obj\n%s\nendobj\nstartxref\n%d\n%%%%EOF\n" % (xref, offsets[7]))
+    return b"".join(out)
+
+
 def image_pdf(image_object):
     """A one-page PDF whose page only draws the image XObject image_object."""
     objects = page_objects(b"q 200 0 0 100 0 0 cm /Im1 Do Q",
@@ -1407,6 +1433,15 @@ class PdfObjectsTest(unittest.TestCase):
         self.assertEqual(text_of(data[:at] + b"startxref\n99999\n%%EOF\n"), "Still here")
         shifted = data.replace(b"0000000009 00000 n", b"0000000001 00000 n")
         self.assertEqual(text_of(shifted), "Still here")
+
+    def test_a_scan_reads_object_streams_again(self):
+        # The cross-reference stream points at an old object stream 6, whose object 1 is
+        # no catalog, so the file is scanned: the scan finds the newer stream 6, which the
+        # reader must read again, not take from what it kept of the old one.
+        data = catalog_stream_pdf(b"BT /F1 12 Tf 72 720 Td (The newer stream) Tj ET", stale=True)
+        self.assertEqual(text_of(data), "The newer stream")
+        self.assertEqual(text_of(catalog_stream_pdf(b"BT /F1 12 Tf (Not damaged) Tj ET")),
+                         "Not damaged")
 
     def test_damaged_files(self):
         for data, reason in ((b"%PDF-1.4\n garbage only", "damaged: no cross-reference table"),
