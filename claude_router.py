@@ -1565,14 +1565,20 @@ class PdfFile:
             self.read_xref_chain()
         except (DocumentError, *BROKEN):
             self.xref, self.trailer = {}, {}
+        # The key before the catalog: a catalog in an object stream is read decrypted.
+        self.setup_encryption()
         if not isinstance(self.resolve(self.trailer.get("Root")), dict):
-            self.xref, self.trailer = self.scan_objects(), {}
+            scanned = self.scan_objects()
+            self.xref, self.trailer = dict(scanned), {}
             self.objects, self.object_streams = {}, {}
             self.find_trailer()
+            if self.key is None and self.setup_encryption():
+                # The object streams found before the key was known are read again.
+                self.xref = scanned
+                self.find_trailer()
         if not isinstance(self.resolve(self.trailer.get("Root")), dict):
             raise DocumentError("damaged: no cross-reference table" if not self.xref
                                 else "damaged: no document catalog")
-        self.setup_encryption()
 
     def read_xref_chain(self):
         """Read every cross-reference section from the last startxref back along /Prev."""
@@ -1666,7 +1672,7 @@ class PdfFile:
             self.xref.setdefault(contained, (2, num, index))
 
     def setup_encryption(self):
-        """Find the file key for an encrypted file, or raise why it cannot be read."""
+        """Find the file key for an encrypted file (True once it is set), or raise why not."""
         encrypt = self.resolve(self.trailer.get("Encrypt"))
         if not isinstance(encrypt, dict):
             return
@@ -1683,6 +1689,7 @@ class PdfFile:
         # Objects already read were read before the key was known.
         self.objects = {n: value for n, value in self.objects.items() if n == self.encrypt_num}
         self.object_streams = {}
+        return True
 
     def spend_content(self, size):
         """Count a content stream of size bytes as run; raise DocumentError past the allowance."""

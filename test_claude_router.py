@@ -514,8 +514,9 @@ def rc4(key, data):
     return bytes(out)
 
 
-def encrypted_pdf(content, revision, user=b"", owner=b"owner", aes=False):
-    """A one-page PDF encrypted by the standard security handler (ISO 32000-1 7.6.3)."""
+def standard_security(revision, user=b"", owner=b"owner", aes=False):
+    """Return (file key, encryption dictionary, trailer's /ID) of the standard security
+    handler (ISO 32000-1 7.6.3)."""
     length, file_id, permissions = (5 if revision == 2 else 16), b"0123456789abcdef", -4
     owner_key = hashlib.md5((owner + PAD)[:32]).digest()
     for _ in range(50 if revision >= 3 else 0):
@@ -534,13 +535,23 @@ def encrypted_pdf(content, revision, user=b"", owner=b"owner", aes=False):
         for i in range(1, 20):
             u = rc4(bytes(k ^ i for k in key), u)
         u += bytes(16)
-    object_key = hashlib.md5(key + (5).to_bytes(3, "little") + bytes(2)).digest()[:length + 5]
-    objects = page_objects(pdf_stream(b"", rc4(object_key, content)))
     filters = b"/V 4 /CF << /StdCF << /CFM /AESV2 /Length 16 >> >> /StmF /StdCF /StrF /StdCF" \
         if aes else b"/V %d /Length %d" % (1 if revision == 2 else 2, length * 8)
-    objects.append(b"<< /Filter /Standard %s /R %d /O <%s> /U <%s> /P %d >>"
-                   % (filters, revision, o.hex().encode(), u.hex().encode(), permissions))
-    return build_pdf(objects, b"/Encrypt 6 0 R /ID [<%s> <%s>]" % ((file_id.hex().encode(),) * 2))
+    encrypt = (b"<< /Filter /Standard %s /R %d /O <%s> /U <%s> /P %d >>"
+               % (filters, revision, o.hex().encode(), u.hex().encode(), permissions))
+    return key, encrypt, b"/ID [<%s> <%s>]" % ((file_id.hex().encode(),) * 2)
+
+
+def object_key(key, num):
+    """Return the RC4 key of object num, generation 0 (ISO 32000-1 7.6.2 algorithm 1)."""
+    return hashlib.md5(key + num.to_bytes(3, "little") + bytes(2)).digest()[:len(key) + 5]
+
+
+def encrypted_pdf(content, revision, user=b"", owner=b"owner", aes=False):
+    """A one-page PDF encrypted by the standard security handler (ISO 32000-1 7.6.3)."""
+    key, encrypt, file_id = standard_security(revision, user, owner, aes)
+    objects = page_objects(pdf_stream(b"", rc4(object_key(key, 5), content))) + [encrypt]
+    return build_pdf(objects, b"/Encrypt 6 0 R " + file_id)
 
 
 def object_stream_pdf(content):
@@ -574,12 +585,18 @@ def object_stream_pdf(content):
     return b"".join(out)
 
 
-def catalog_stream_pdf(content, stale=False):
+def catalog_stream_pdf(content, stale=False, encrypted=False):
     """A PDF 1.5 whose objects 1-4, the catalog first, sit in object stream 6.
 
     With stale, an older object stream 6 (its object 1 no catalog) stands first and the
-    cross-reference stream points at it: a damaged file, read again by a scan."""
-    inner = page_objects(content)
+    cross-reference stream points at it: a damaged file, read again by a scan. With
+    encrypted, RC4 128-bit under an empty user password, its /Encrypt object 8."""
+    key, encrypt, file_id = standard_security(3) if encrypted else (None, None, b"")
+
+    def seal(num, data):
+        """Encrypt the stream data of object num when the file is encrypted."""
+        return rc4(object_key(key, num), data) if encrypted else data
+    inner = page_objects(pdf_stream(b"", seal(5, content)))
     header = body = b""
     for num in (1, 2, 3, 4):
         header += b"%d %d " % (num, len(body))
@@ -588,14 +605,16 @@ def catalog_stream_pdf(content, stale=False):
     if stale:
         offsets[6] = len(out[0])
         out.append(b"6 0 obj\n%s\nendobj\n" % pdf_stream(b"/Type /ObjStm /N 1 /First 4", b"1 0 42"))
-    objstm = pdf_stream(b"/Type /ObjStm /N 4 /First %d" % len(header), header + body)
-    for num, obj in ((5, inner[4]), (6, objstm)):
-        offsets.setdefault(num, sum(map(len, out)))
-        out.append(b"%d 0 obj\n%s\nendobj\n" % (num, obj))
+    objstm = pdf_stream(b"/Type /ObjStm /N 4 /First %d" % len(header), seal(6, header + body))
+    for num, obj in ((5, inner[4]), (6, objstm), (8, encrypt)):
+        if obj:
+            offsets.setdefault(num, sum(map(len, out)))
+            out.append(b"%d 0 obj\n%s\nendobj\n" % (num, obj))
     offsets[7] = sum(map(len, out))
     rows = [b"\x00\x00\x00\xff"] + [b"\x02\x00\x06" + bytes([num - 1]) for num in (1, 2, 3, 4)]
-    rows += [b"\x01" + offsets[num].to_bytes(2, "big") + b"\x00" for num in (5, 6, 7)]
-    xref = pdf_stream(b"/Type /XRef /Size 8 /W [1 2 1] /Root 1 0 R", b"".join(rows))
+    rows += [b"\x01" + offsets[num].to_bytes(2, "big") + b"\x00" for num in sorted(offsets)]
+    xref = pdf_stream(b"/Type /XRef /Size %d /W [1 2 1] /Root 1 0 R %s %s" % (
+        max(offsets) + 1, b"/Encrypt 8 0 R" if encrypted else b"", file_id), b"".join(rows))
     out.append(b"7 0 obj\n%s\nendobj\nstartxref\n%d\n%%%%EOF\n" % (xref, offsets[7]))
     return b"".join(out)
 
@@ -1313,6 +1332,16 @@ class PdfSyntaxTest(unittest.TestCase):
             with self.subTest(revision=revision):
                 data = encrypted_pdf(b"BT /F1 12 Tf 72 720 Td (Copy protected) Tj ET", revision)
                 self.assertEqual(text_of(data), "Copy protected")
+
+    def test_rc4_with_the_catalog_in_an_object_stream(self):
+        # The catalog was looked for before the key was known, in an object stream not
+        # yet decrypted: such a file read as damaged. Once found by a scan, an object
+        # stream read before the key must be read again.
+        data = catalog_stream_pdf(b"BT /F1 12 Tf 72 720 Td (Catalog in a stream) Tj ET",
+                                  encrypted=True)
+        self.assertEqual(text_of(data), "Catalog in a stream")
+        at = data.rindex(b"startxref")
+        self.assertEqual(text_of(data[:at] + b"startxref\n99999\n%%EOF\n"), "Catalog in a stream")
 
     def test_user_password_and_aes_give_their_reasons(self):
         content = b"BT /F1 12 Tf 72 720 Td (Secret) Tj ET"
