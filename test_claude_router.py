@@ -5065,13 +5065,33 @@ class LauncherTest(RouterTestCase):
                                 os.path.dirname(os.path.realpath(sys.executable))]),
                "HOME": self.cache_dir, "CLAUDE_ROUTER_PORT": str(port),
                "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir, "ANTHROPIC_API_KEY": "sk-real-key",
+               # No spare ports unless a test wants them: --stop stops any claude-router on
+               # a spare port, which may be another suite's, and runs a process for each.
+               "CLAUDE_LOCAL_PORTS": "0",
                **({"CLAUDE_ROUTER_UPSTREAM": router.upstream_url,
                    "CLAUDE_ROUTER_CODER_MODEL": router.coder_model,
                    "CLAUDE_ROUTER_VISION_MODEL": router.vision_model or "none"} if router else {}),
                **(extra_env or {})}
         launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
-        return subprocess.run(["bash", launcher, *args], env=env, capture_output=True,
-                              text=True, timeout=TIMEOUT * 3, cwd=cwd or self.cache_dir)
+        proc = self.popen_in_group(["bash", launcher, *args], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, cwd=cwd or self.cache_dir)
+        out, err = proc.communicate(timeout=TIMEOUT * 3)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def popen_in_group(self, command, **given):
+        """Start command in a process group of its own, which the test kills when it ends.
+
+        The router claude-local starts (nohup, in the background) stays in that group after
+        claude-local exits: killing the group ends it even when the test failed before it
+        learned the router's pid, so no test leaves a router running."""
+        proc = subprocess.Popen(command, start_new_session=True, text=True, **given)
+        def kill_group():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=TIMEOUT)
+        self.addCleanup(kill_group)
+        return proc
 
     def settings_given(self, done):
         """The JSON claude-local passed to claude with --settings, or None; and the other args
@@ -5188,21 +5208,19 @@ class LauncherTest(RouterTestCase):
         os.chmod(os.path.join(bin_dir, "claude"), 0o755)
         env = {"PATH": bin_dir + ":" + os.environ["PATH"], "HOME": self.cache_dir,
                "CLAUDE_ROUTER_PORT": str(port), "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir,
-               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9"}
+               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9", "CLAUDE_LOCAL_PORTS": "0"}
         launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
         for run in ("first", "again"):
             master, slave = pty.openpty()
             self.addCleanup(os.close, master)
-            proc = subprocess.Popen(["bash", launcher], stdin=slave, stderr=slave,
-                                    stdout=subprocess.PIPE, env=env, cwd=self.cache_dir, text=True)
+            proc = self.popen_in_group(["bash", launcher], stdin=slave, stderr=slave,
+                                       stdout=subprocess.PIPE, env=env, cwd=self.cache_dir)
             os.close(slave)
-            self.addCleanup(proc.kill)
             shown = b""
             while b"Press Enter" not in shown and b"not reachable yet" not in shown:
                 ready, _, _ = select.select([master], [], [], TIMEOUT * 3)   # it starts a router
                 self.assertTrue(ready, shown)
                 shown += os.read(master, 4096)
-            self.stop_later(port)
             if run == "first":
                 while b"Press Enter" not in shown:
                     ready, _, _ = select.select([master], [], [], TIMEOUT)
@@ -5216,15 +5234,10 @@ class LauncherTest(RouterTestCase):
             self.assertEqual(stop.returncode, 0, stop.stderr)
         self.assertNotIn(b"Press Enter", shown)     # a problem it was paused for once
 
-    def stop_later(self, port):
-        """Make sure the router claude-local started on port is gone when the test ends."""
-        status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+    def status_of(self, port):
+        """The /status document of the router on port."""
+        return json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             "http://127.0.0.1:%d/status" % port, timeout=TIMEOUT).read())
-        def stop():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(status["pid"], signal.SIGTERM)
-        self.addCleanup(stop)
-        return status
 
     def test_a_router_with_other_settings_is_not_reused_and_the_users_settings_run(self):
         # issue 16: a router started with the defaults answered on the port, claude-local
@@ -5235,11 +5248,12 @@ class LauncherTest(RouterTestCase):
         port = router.server_port
         wanted = {"CLAUDE_ROUTER_UPSTREAM": mine.url, "CLAUDE_ROUTER_CODER_MODEL": "MINE",
                   "CLAUDE_ROUTER_SIDE_MODEL": "SIDE"}
+        wanted["CLAUDE_LOCAL_PORTS"] = "3"     # few: --stop stops what answers on each
         done = self.run_launcher(port, ["claude"], wanted, asks=True)
         self.assertEqual(done.returncode, 0, done.stderr)
         # The next free port: port + 1, unless something else holds that one.
         spare = int(re.search(r"ANTHROPIC_BASE_URL=http://127.0.0.1:(\d+)", done.stdout)[1])
-        started = self.stop_later(spare)
+        started = self.status_of(spare)
         self.assertEqual((started["upstream"], started["coder"]["model"]), (mine.url, "MINE"))
         self.assertEqual(done.stderr.splitlines(), [
             "claude-local: the router on :%d runs with other settings than yours:" % port,
@@ -5257,7 +5271,7 @@ class LauncherTest(RouterTestCase):
         self.assertIn("claude-local: This session uses the router with yours already on :%d.\n"
                       % spare, again.stderr)
         self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["SIDE"] * 2, []))
-        stop = self.run_launcher(port, ["claude"], args=("--stop",))
+        stop = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_PORTS": "3"}, args=("--stop",))
         self.assertEqual(stop.returncode, 1)    # the one on :port is this test, not a router
         self.assertIn("not a claude_router.py here", stop.stderr)
         self.assertEqual(stop.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
