@@ -626,8 +626,8 @@ def image_pdf(image_object):
     return build_pdf(objects + [image_object])
 
 
-def png_rows(png):
-    """Return (width, height, colour type, decompressed IDAT) of a PNG, checking its CRCs."""
+def png_chunks(png):
+    """Return {chunk type: its data joined} of a PNG, checking its CRCs."""
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     pos, chunks = 8, {}
     while pos < len(png):
@@ -636,6 +636,12 @@ def png_rows(png):
         assert zlib.crc32(kind + body) == int.from_bytes(png[pos + 8 + size:pos + 12 + size], "big")
         chunks[kind] = chunks.get(kind, b"") + body
         pos += 12 + size
+    return chunks
+
+
+def png_rows(png):
+    """Return (width, height, colour type, decompressed IDAT) of a PNG, checking its CRCs."""
+    chunks = png_chunks(png)
     head = chunks[b"IHDR"]
     return (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big"), head[9],
             zlib.decompress(chunks[b"IDAT"]))
@@ -1654,6 +1660,13 @@ class PdfTextTest(unittest.TestCase):
                                     b"/BitsPerComponent 8 /Filter /FlateDecode /DecodeParms "
                                     b"<< /Predictor 15 /Colors 3 /Columns 2 >>",
                                     zlib.compress(rows)))
+        [(kind, png)] = cr.pdf_pages(data)[0]["images"]
+        self.assertEqual(png_rows(png), (2, 2, 2, rows))
+        # DecodeParms as a list, one per filter: the Flate one is the dict after the null.
+        data = image_pdf(pdf_stream(b"/Subtype /Image /Width 2 /Height 2 /ColorSpace /DeviceRGB "
+                                    b"/BitsPerComponent 8 /Filter [/ASCIIHexDecode /FlateDecode] "
+                                    b"/DecodeParms [null << /Predictor 15 /Colors 3 /Columns 2 >>]",
+                                    zlib.compress(rows).hex().encode() + b">"))
         [(kind, png)] = cr.pdf_pages(data)[0]["images"]
         self.assertEqual(png_rows(png), (2, 2, 2, rows))
 
