@@ -1670,6 +1670,19 @@ class PdfTextTest(unittest.TestCase):
         [(kind, png)] = cr.pdf_pages(data)[0]["images"]
         self.assertEqual(png_rows(png), (2, 2, 2, rows))
 
+    def test_an_indexed_image_keeps_a_palette_png_can_hold(self):
+        # PNG's PLTE holds whole RGB entries, 256 at most: a palette of 7 bytes, or of
+        # 300 entries, made a PNG that decoders refuse.
+        for palette, kept in ((b"\xff\x00\x00\x00\x00\xff\x80", 6), (bytes(range(256)) * 4, 768)):
+            with self.subTest(size=len(palette)):
+                data = image_pdf(pdf_stream(
+                    b"/Subtype /Image /Width 2 /Height 1 /ColorSpace [/Indexed /DeviceRGB 1 <%s>] "
+                    b"/BitsPerComponent 8 /Filter /FlateDecode" % palette.hex().encode(),
+                    zlib.compress(b"\x00\x01")))
+                [(kind, png)] = cr.pdf_pages(data)[0]["images"]
+                self.assertEqual(png_chunks(png)[b"PLTE"], palette[:kept])
+                self.assertEqual(png_rows(png), (2, 1, 3, b"\x00\x00\x01"))
+
 
 if __name__ == "__main__":
     unittest.main()
