@@ -1684,10 +1684,6 @@ class PdfTextTest(unittest.TestCase):
                 self.assertEqual(png_rows(png), (2, 1, 3, b"\x00\x00\x01"))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 ################ Documents
 
 def document(source, **fields):
