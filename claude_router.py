@@ -299,6 +299,14 @@ def outcome_line(status, seconds, message=None):
     return line + ": " + escape_log(message)[:ERROR_TEXT_CHARS] if message else line
 
 
+def short_count(n):
+    """A token count in a few characters: 950, 11.7k, 1.2M."""
+    for size, unit in ((1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return "%.1f%s" % (n / size, unit)
+    return str(n)
+
+
 ################ Reading requests
 
 # The HTTP head of a request, checked before any body is read (RFC 9112); then its body:
@@ -6120,14 +6128,6 @@ def parse_settings(argv, environ):
     if args.vision_model.strip().lower() in ("", "none"):
         args.vision_model = ""
     return args
-
-
-def short_count(n):
-    """A token count in a few characters: 950, 11.7k, 1.2M."""
-    for size, unit in ((1e6, "M"), (1e3, "k")):
-        if n >= size:
-            return "%.1f%s" % (n / size, unit)
-    return str(n)
 
 
 def dig(obj, *names):
