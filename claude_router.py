@@ -145,6 +145,7 @@ CONNECT_TIMEOUT = 5.0                       # s to connect to the upstream
 READ_TIMEOUT = 600.0                        # s between upstream bytes (Claude Code waits 600)
 WARM_UP_TIMEOUT = 3600.0                    # s a warm-up waits for its one token (nobody waits on it)
 STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status, in all
+STATUS_TIMEOUT = 5.0                        # s --stop and claude-local wait for /status
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and per body stall: 408
@@ -6266,7 +6267,9 @@ def is_router_process(pid):
 def stop_router(port, token):
     """Stop the router on the loopback port with SIGTERM; return (exit status, what happened)."""
     try:
-        status, document = fetch_status(port, token)
+        # Not the status line's second: a busy router (or machine) answers later, and taking
+        # it for none said "nothing to stop" and left it running.
+        status, document = fetch_status(port, token, STATUS_TIMEOUT)
     except OSError:
         return 1, "no router answers on :%d; nothing to stop" % port
     if status == 401:

@@ -5059,6 +5059,33 @@ class StopTest(RouterTestCase):
         self.assertEqual(self.call("GET", "/status", conn=self.connect(in_process))[0], 200)
 
 
+    def test_a_router_that_answers_later_than_the_status_lines_second_is_still_found(self):
+        # Under load a router's /status came after the status line's second: --stop said
+        # "nothing to stop" and left it running, and claude-local started a second router.
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        document = json.dumps({"pid": os.getpid(), "coder": {"model": "CODER"}}).encode()
+
+        def answer_late():
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                conn.recv(65536)
+                # Past the status line's deadline, unless the client hangs up before.
+                hung_up, _, _ = select.select([conn], [], [], cr.STATUSLINE_TIMEOUT + 0.2)
+                if not hung_up:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(document), document))
+        thread = threading.Thread(target=answer_late, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        port = listener.getsockname()[1]
+        self.assertEqual(cr.stop_router(port, ""), (1, (
+            "the router on :%d says it is process %d, which is not a claude_router.py here "
+            "(another machine, container or user?); not stopped" % (port, os.getpid()))))
+        self.assertGreaterEqual(cr.STATUS_TIMEOUT, 2 * cr.STATUSLINE_TIMEOUT)
+
+
 class LauncherTest(RouterTestCase):
     """claude-local, run for real with a stand-in `claude` that prints what it was given."""
 
