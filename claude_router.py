@@ -4678,11 +4678,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rewarm = None      # a Turn sets the conversation whose coder prompt to send again
         started = server.request_started(self.connection)
         self.record = started[1]    # the Turn names its route and model in it
+        big = len(self.body) > TRIM_AFTER_BYTES
         try:
             self.handle_request("POST")
         finally:
             seconds = server.request_ended(started, self.sent_status, self.outcome == CLIENT_LEFT)
             log(outcome_line(self.sent_status, seconds, self.outcome))
+            if big:
+                release_freed_memory()
         if self.rewarm is not None:
             server.warm("after a vision turn", server.warmer.prompt_of(self.rewarm))
 
@@ -6314,10 +6317,13 @@ def run_as_import():
         pass
 
 
+TRIM_AFTER_BYTES = 1024 * 1024     # a request body this big has its memory handed back after
+
+
 def release_freed_memory():
     """Hand the C heap's free pages back to the system (glibc only; elsewhere do nothing)."""
     # Compiling this file at start frees about 10 MiB that glibc's malloc keeps for
-    # reuse; an 8 MB request body would come on top of it.
+    # reuse, and so does a screenshot body: the next one would come on top of it.
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
