@@ -1505,11 +1505,12 @@ class PdfFontsTest(unittest.TestCase):
 
     def test_type0_identity_h_with_w_widths(self):
         # Glyph 1 is "a", 2 is "b"; W gives both 500. No space glyph is ever drawn: the
-        # TJ kerning of -300 (0.3 of the font size) is the word break, -20 is not.
+        # TJ kerning of -300 (0.3 of the font size) is the word break, -20 is not. CID 2's
+        # width comes from W's "c1 c2 w" form: read as DW's 100, the b ends short of the a.
         cmap = b"begincmap 1 beginbfrange <0001> <0002> <0061> endbfrange endcmap"
         font = (b"<< /Type /Font /Subtype /Type0 /BaseFont /X /Encoding /Identity-H "
                 b"/DescendantFonts [<< /Type /Font /Subtype /CIDFontType2 /W [1 [500] 2 2 500] "
-                b"/DW 1000 >>] /ToUnicode 6 0 R >>")
+                b"/DW 100 >>] /ToUnicode 6 0 R >>")
         content = (b"BT /F1 10 Tf 72 720 Td [<00010002> -20 <0001> -300 <00020002>] TJ "
                    b"1 0 0 1 72 700 Tm <0002> Tj 1 0 0 1 77 700 Tm <0001> Tj ET")
         data = build_pdf(page_objects(content, extra=(font, pdf_stream(b"", cmap))))
