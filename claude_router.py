@@ -686,6 +686,15 @@ def is_base64(data):
     return rest in (b"", b"=", b"==") and data.endswith(rest.decode())
 
 
+def read_typed(obj, name, kind, default=None):
+    """obj[name] when obj is an object and that value has the JSON type kind, else default.
+
+    What a model server lists is read only through this: a field of another type (a
+    string context_length, a list as a key) is as good as absent, never a crash."""
+    value = obj.get(name) if type(obj) is dict else None
+    return value if type(value) is kind else default
+
+
 ################ Request transforms
 
 # What every request loses or has repaired before a local server sees it.
@@ -1071,6 +1080,243 @@ def rewrite_for_vision(messages):
         out.append({"role": "user",
                     "content": images + (others or [text_block(SYNTHETIC_USER_TEXT)])})
     return out
+
+
+################ Description cache
+
+# What the router learns of an image or a PDF, kept by content hash across turns and
+# restarts: the document reader (below) and the vision model's descriptions keep theirs
+# here, so it comes before both.
+
+def drop_oldest(entries, bound):
+    """Drop the oldest entries of a dict (its insertion order) past bound. Caller holds its lock.
+
+    One pass picks them all: next(iter()) per entry would rescan the holes the earlier
+    deletions left at the dict's front, n squared for a turn that brings n new images."""
+    for key in list(itertools.islice(entries, max(len(entries) - bound, 0))):
+        del entries[key]
+
+
+def put_newest(entries, items, bound):
+    """Put each (key, value) of items in the dict entries as its newest, then drop the oldest
+    past bound. Caller holds its lock."""
+    for key, value in items:
+        entries.pop(key, None)
+        entries[key] = value
+    drop_oldest(entries, bound)
+
+
+class DescriptionCache:
+    """Image descriptions by image hash: a bounded dict, kept in a JSON-lines file.
+
+    The file is append-only; a torn or corrupt line is skipped. When it holds
+    CACHE_REWRITE_FACTOR times the bound, it is rewritten through a temporary file.
+    Every write happens under flock() of a lock file, so routers sharing the
+    directory neither interleave lines nor drop each other's entries; a lookup that
+    misses reads what the others appended since, so none describes an image again.
+
+    load() reads the file at startup; lookup() and store() are what turns use, __len__
+    and status() what /status shows. Below them: refresh() reads what was appended
+    since (read_records, keeping what is_value accepts); store() appends under
+    file_lock(), start_on_new_line() after a torn write, and rewrite() when the file
+    has grown; warn() says a file problem once."""
+
+    file_name = CACHE_FILE
+    field = "description"           # the field of a record that holds what is kept
+    what = "description cache"      # its name in the log
+
+    def __init__(self, directory, max_entries=CACHE_MAX_ENTRIES):
+        self.directory = directory
+        self.path = os.path.join(directory, self.file_name) if directory else None
+        self.max_entries = max_entries
+        self.entries = {}              # image hash -> description (a value), oldest first
+        self.lock = threading.Lock()   # guards entries, lines, file, offset, hits, misses, warned
+        self.lines = 0                 # lines in the file, to know when to rewrite
+        self.file = None               # (st_dev, st_ino) of the file read so far
+        self.offset = 0                # bytes of it read: where its next line starts
+        self.hits = self.misses = 0
+        self.warned = set()
+
+    def warn(self, what, error):
+        """Log a cache problem once per kind."""
+        with self.lock:
+            if what in self.warned:
+                return
+            self.warned.add(what)
+        log("! %s: %s (%s); what it holds stays in memory" % (self.what, what, error))
+
+    def read_records(self, f, start):
+        """Return ([(hash, description, line)], lines, bad lines, end) for the complete
+        lines of f from byte start; end is where the first incomplete one begins.
+
+        A line without its newline is still being written by another router (or was
+        torn by a crash, and the next writer starts a fresh line after it)."""
+        records, lines, bad, end = [], 0, 0, start
+        f.seek(start)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            lines += 1
+            end += len(raw)
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):     # deep nesting is a RecursionError
+                record = None
+            key = read_typed(record, "hash", str)
+            text = record.get(self.field) if key is not None else None
+            if key is None or not self.is_value(text):
+                bad += 1
+                continue
+            records.append((key, text, raw))
+        return records, lines, bad, end
+
+    def is_value(self, value):
+        """True when value, read from the file, is what this cache keeps: a description."""
+        return isinstance(value, str)
+
+    def refresh(self):
+        """Read the lines appended to the file since the last look, or all of it when it
+        was replaced (a rewrite); return how many unreadable lines were skipped."""
+        with self.lock:
+            seen, offset = self.file, self.offset
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == seen and info.st_size == offset:
+                return 0        # the common case: nothing new, one stat()
+            with open(self.path, "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    return 0
+                file = (info.st_dev, info.st_ino)
+                # Read on from offset only in the same file, and only where a line ended.
+                same = file == seen and 0 < offset <= info.st_size \
+                    and os.pread(f.fileno(), 1, offset - 1) == b"\n"
+                records, lines, bad, end = self.read_records(f, offset if same else 0)
+        except FileNotFoundError:
+            return 0
+        with self.lock:
+            put_newest(self.entries, ((key, text) for key, text, _ in records), self.max_entries)
+            if (self.file, self.offset) == (seen, offset):  # no other thread read on meanwhile
+                self.lines = self.lines + lines if same else lines
+                self.file, self.offset = file, end
+        return bad
+
+    def load(self):
+        """Read the file into memory; return how many descriptions it holds."""
+        if not self.path:
+            return 0
+        try:
+            bad = self.refresh()
+        except OSError as e:
+            self.warn("cannot read %s" % self.path, e)
+            return 0
+        if bad:
+            log("! %s: skipped %d unreadable line(s) in %s" % (self.what, bad, self.path))
+        return len(self)
+
+    def lookup(self, keys):
+        """Return {key: description} for the keys that have one, counting hits and misses.
+
+        On a miss, first read what other routers sharing the file appended since."""
+        keys = set(keys)
+        with self.lock:
+            missing = self.path and not keys <= self.entries.keys()
+        if missing:
+            try:
+                bad = self.refresh()
+            except OSError as e:
+                self.warn("cannot read %s" % self.path, e)
+            else:
+                if bad:     # appended since by another router, or damaged on the disk
+                    log("! %s: skipped %d unreadable line(s) in %s" % (self.what, bad, self.path))
+        with self.lock:
+            found = {k: self.entries[k] for k in keys if k in self.entries}
+            self.hits += len(found)
+            self.misses += len(keys) - len(found)
+        return found
+
+    def __len__(self):
+        with self.lock:
+            return len(self.entries)
+
+    def status(self):
+        """The cache's part of /status."""
+        with self.lock:
+            return {"entries": len(self.entries), "hits": self.hits, "misses": self.misses,
+                    "file": self.path}
+
+    def store(self, descriptions, model, on_disk=True):
+        """Remember {key: description} and append them to the file before returning
+        (on_disk False: in memory only)."""
+        if not descriptions:
+            return
+        with self.lock:
+            put_newest(self.entries, descriptions.items(), self.max_entries)
+        if not self.path or not on_disk:
+            return
+        now = round(time.time(), 3)
+        # ASCII JSON: a model's text may hold a lone surrogate ("\ud800" in its JSON),
+        # which has no UTF-8 form; escaped, every line still reads back as it was.
+        data = b"".join(json.dumps({"hash": k, self.field: v, "model": model,
+                                    "time": now}).encode() + b"\n"
+                        for k, v in descriptions.items())
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            with self.file_lock():
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    self.start_on_new_line(fd)
+                    written = os.write(fd, data)
+                    if written != len(data):
+                        raise OSError("short write (%d of %d bytes)" % (written, len(data)))
+                finally:
+                    os.close(fd)
+                self.refresh()      # counts the lines, ours and any another router added
+                with self.lock:
+                    due = self.lines >= self.max_entries * CACHE_REWRITE_FACTOR
+                if due:
+                    self.rewrite()
+        except OSError as e:
+            self.warn("cannot write %s" % self.path, e)
+
+    def start_on_new_line(self, fd):
+        """After a torn write (disk full, crash) begin on a fresh line, not glued to it."""
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+
+    @contextlib.contextmanager
+    def file_lock(self):
+        """Hold an exclusive flock() on the lock file for a with block."""
+        fd = os.open(os.path.join(self.directory, CACHE_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)    # which releases the flock()
+
+    def rewrite(self):
+        """Rewrite the file with its newest max_entries lines, as they were written (model
+        and time too), private like the file itself. Caller holds the file lock."""
+        with open(self.path, "rb") as f:
+            records = self.read_records(f, 0)[0]
+        newest = {}
+        for key, _, raw in records:
+            newest.pop(key, None)
+            newest[key] = raw
+        keep = list(newest.values())[-self.max_entries:]
+        temporary = self.path + ".tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
+            os.fchmod(fd, 0o600)    # a stale temporary file keeps its own mode otherwise
+            f.writelines(keep)
+            f.flush()
+            os.fsync(fd)
+            info = os.fstat(fd)
+        os.replace(temporary, self.path)
+        with self.lock:
+            self.lines = len(keep)
+            self.file, self.offset = (info.st_dev, info.st_ino), info.st_size
 
 
 ################ Documents: PDF syntax
@@ -2770,6 +3016,166 @@ def document_name(block, before):
     return named or block.get("title") or "document"
 
 
+################ Documents: the reader
+
+class DocumentCache(DescriptionCache):
+    """What the router read of each PDF (document_record), by the SHA-256 of its data: in a
+    file of its own beside the descriptions, kept with the same care.
+
+    The page images of scanned PDFs stay in memory only, for a few documents: they
+    are large, and can be read from the PDF again, which comes with every turn."""
+
+    file_name = DOCUMENT_CACHE_FILE
+    field = "document"
+    what = "document cache"
+
+    def __init__(self, directory, max_entries=DOCUMENT_CACHE_MAX_ENTRIES):
+        super().__init__(directory, max_entries)
+        self.images = {}        # document hash -> its page images (document_record); lock guards
+
+    def is_value(self, value):
+        """True when value, read from the file, is a document record."""
+        return is_document_record(value)
+
+    def keep_images(self, key, images):
+        """Keep the page images of the document key, the oldest document's going first."""
+        with self.lock:
+            put_newest(self.images, ((key, images),), DOCUMENT_IMAGES_KEPT)
+
+    def kept_images(self, key):
+        """The page images kept of the document key, or None."""
+        with self.lock:
+            return self.images.get(key)
+
+
+DOCUMENT_LINES = 16     # documents of a turn logged a line each; the rest are counted
+
+
+class DocumentReader:
+    """Puts what the coder can read in place of each document of a request: a PDF is read
+    once (pdf_pages) and kept by content; counts for /status what it did."""
+
+    def __init__(self, directory):
+        self.cache = DocumentCache(directory)
+        self.lock = threading.Lock()    # guards counts
+        self.counts = {"extracted": 0, "cached": 0, "failed": 0}
+
+    def read(self, messages, context_length, quiet=False):
+        """Return (messages with every document block replaced by render_document's blocks,
+        {page image key: what to tell the vision model of it}). Unless quiet (a token count),
+        log a line per document of the user's turn (DOCUMENT_LINES at most) and count each
+        as cached or read now."""
+        keys = document_keys(messages)
+        records = self.cache.lookup(keys.values()) if keys else {}
+        fresh = {key: self.extract(data, key) for data, key in keys.items() if key not in records}
+        records.update(fresh)
+        with self.lock:
+            for key in keys.values() if not quiet else fresh:
+                what = "cached" if key not in fresh else "failed" if "failed" in fresh[key] \
+                    else "extracted"
+                self.counts[what] += 1
+        images = {key: self.page_images(data, key) for data, key in keys.items()
+                  if any(isinstance(p, dict) for p in records[key].get("pages", ()))}
+        contexts, seen = {}, []
+
+        def render(block, before):
+            source, name = block["source"], document_name(block, before)
+            key = keys.get(source.get("data")) if source["type"] == "base64" else None
+            record = records[key] if key else source_record(source)
+            blocks = render_document(block, name, record, images.get(key), context_length)
+            contexts.update(page_contexts(images.get(key), name))
+            seen.append((name, source, record, key in fresh, blocks))
+            return blocks
+
+        turn = current_turn_start(messages)
+        out = map_blocks(messages[:turn], is_document, render)
+        earlier = len(seen)
+        out += map_blocks(messages[turn:], is_document, render)
+        found = seen[earlier:] if not quiet else []
+        # A line each for the first few: 50,000 one-byte documents in a 3 MB request made
+        # 50,000 lines (3.2 MB) of the log, and the body limit allows twenty times that.
+        for document in found[:DOCUMENT_LINES]:
+            log(document_line(*document))
+        if len(found) > DOCUMENT_LINES:
+            log("document: %s more in this turn" % format(len(found) - DOCUMENT_LINES, ","))
+        return out, contexts
+
+    def extract(self, data, key):
+        """Read the PDF in data (base64); return its record, now in the cache, its page images
+        in memory."""
+        try:
+            record, images = document_record(pdf_pages(base64.b64decode(data)))
+        except DocumentError as e:
+            record, images = {"failed": str(e) or "damaged"}, []
+        except Exception as e:
+            # A PDF the reader did not foresee still gets its turn answered, with a marker.
+            # Kept in memory only, so that a fixed router reads it again after a restart.
+            log("! reading a PDF failed: %s: %s; Traceback (most recent call last):\n%s" % (
+                type(e).__name__, escape_log(e)[:200],
+                "".join(traceback.format_tb(e.__traceback__)).rstrip()))
+            record = {"failed": "the router's PDF reader failed (%s)" % type(e).__name__}
+            self.cache.store({key: record}, DOCUMENT_READER, on_disk=False)
+            return record
+        self.cache.store({key: record}, DOCUMENT_READER)
+        if any(images):
+            self.cache.keep_images(key, images)
+        return record
+
+    def page_images(self, data, key):
+        """The page images of the scanned PDF in data: kept in memory, else read again."""
+        images = self.cache.kept_images(key)
+        if images is None:
+            try:
+                images = document_record(pdf_pages(base64.b64decode(data)))[1]
+            except Exception:       # extract() has said why already, in the marker
+                images = []
+            self.cache.keep_images(key, images)
+        return images
+
+    def status(self):
+        """The documents part of /status."""
+        with self.lock:
+            counts = dict(self.counts)
+        with self.cache.lock:
+            return {**counts, "entries": len(self.cache.entries), "file": self.cache.path}
+
+
+def source_record(source):
+    """The record of a document the router does not read as a PDF: None for text and
+    content documents, a failure for those it would have to fetch."""
+    if source["type"] == "url":
+        return {"failed": URL_DOCUMENT_REASON % source["url"]}
+    if source["type"] == "file":
+        return {"failed": FILE_DOCUMENT_REASON % source["file_id"]}
+    return None
+
+
+def page_contexts(images, name):
+    """{image key: the describe request's context} for a scanned PDF's page images."""
+    return {hashlib.sha256(data.encode()).hexdigest(): PAGE_CONTEXT % (number, name)
+            for number, shots in enumerate(images or (), 1) for _, data in shots}
+
+
+def document_line(name, source, record, fresh, blocks):
+    """The log line saying what became of one document (record: see render_document)."""
+    if record and "failed" in record:
+        cached = " (cached)" if source["type"] == "base64" and not fresh else ""
+        return "document: %s could not be read: %s%s" % (
+            escape_log(name), escape_log(record["failed"]), cached)
+    if record:
+        pages = len(record["pages"]) + record["more_pages"]
+        what = "%d page%s, %s chars, %s" % (pages, "" if pages == 1 else "s", format(
+            record_chars(record), ","), "extracted" if fresh else "cached")
+    else:
+        what = "%s source, %s chars" % (source["type"], format(
+            sum(c for _, _, c in source_parts(source)), ","))
+    scans = sum(1 for b in blocks if is_image(b))
+    cut = [b["text"] for b in blocks if b["type"] == "text" and "<<DOCUMENT CUT: " in b["text"]]
+    return "document: %s, %s%s%s" % (
+        escape_log(name), what, ", %d page image(s)" % scans if scans else "",
+        "; cut: " + cut[0].rsplit("<<DOCUMENT CUT: ", 1)[1][:-2] if cut else "")
+
+
 ################ Encoding and estimates
 
 # The body as sent, what it costs in tokens, and how much of it the last turn sent too:
@@ -3017,24 +3423,6 @@ def usage_numbers(usage):
     if not isinstance(usage, dict):
         return {}
     return {k: usage[k] for k in USAGE_FIELDS if type(usage.get(k)) is int}
-
-
-def drop_oldest(entries, bound):
-    """Drop the oldest entries of a dict (its insertion order) past bound. Caller holds its lock.
-
-    One pass picks them all: next(iter()) per entry would rescan the holes the earlier
-    deletions left at the dict's front, n squared for a turn that brings n new images."""
-    for key in list(itertools.islice(entries, max(len(entries) - bound, 0))):
-        del entries[key]
-
-
-def put_newest(entries, items, bound):
-    """Put each (key, value) of items in the dict entries as its newest, then drop the oldest
-    past bound. Caller holds its lock."""
-    for key, value in items:
-        entries.pop(key, None)
-        entries[key] = value
-    drop_oldest(entries, bound)
 
 
 class PromptMemory:
@@ -3627,15 +4015,6 @@ FIXES = {
 }
 
 
-def read_typed(obj, name, kind, default=None):
-    """obj[name] when obj is an object and that value has the JSON type kind, else default.
-
-    What a model server lists is read only through this: a field of another type (a
-    string context_length, a list as a key) is as good as absent, never a crash."""
-    value = obj.get(name) if type(obj) is dict else None
-    return value if type(value) is kind else default
-
-
 def read_objects(obj, name):
     """The objects in the list obj[name]; none when it is no list."""
     return [e for e in read_typed(obj, name, list, []) if type(e) is dict]
@@ -3771,221 +4150,6 @@ def list_models(url, timeout=CONNECT_TIMEOUT, key=""):
             if found and path == "/api/v1/models":
                 break
     return kind or "other", found if found is not None else {}
-
-
-################ Description cache
-
-class DescriptionCache:
-    """Image descriptions by image hash: a bounded dict, kept in a JSON-lines file.
-
-    The file is append-only; a torn or corrupt line is skipped. When it holds
-    CACHE_REWRITE_FACTOR times the bound, it is rewritten through a temporary file.
-    Every write happens under flock() of a lock file, so routers sharing the
-    directory neither interleave lines nor drop each other's entries; a lookup that
-    misses reads what the others appended since, so none describes an image again.
-
-    load() reads the file at startup; lookup() and store() are what turns use, __len__
-    and status() what /status shows. Below them: refresh() reads what was appended
-    since (read_records, keeping what is_value accepts); store() appends under
-    file_lock(), start_on_new_line() after a torn write, and rewrite() when the file
-    has grown; warn() says a file problem once."""
-
-    file_name = CACHE_FILE
-    field = "description"           # the field of a record that holds what is kept
-    what = "description cache"      # its name in the log
-
-    def __init__(self, directory, max_entries=CACHE_MAX_ENTRIES):
-        self.directory = directory
-        self.path = os.path.join(directory, self.file_name) if directory else None
-        self.max_entries = max_entries
-        self.entries = {}              # image hash -> description (a value), oldest first
-        self.lock = threading.Lock()   # guards entries, lines, file, offset, hits, misses, warned
-        self.lines = 0                 # lines in the file, to know when to rewrite
-        self.file = None               # (st_dev, st_ino) of the file read so far
-        self.offset = 0                # bytes of it read: where its next line starts
-        self.hits = self.misses = 0
-        self.warned = set()
-
-    def warn(self, what, error):
-        """Log a cache problem once per kind."""
-        with self.lock:
-            if what in self.warned:
-                return
-            self.warned.add(what)
-        log("! %s: %s (%s); what it holds stays in memory" % (self.what, what, error))
-
-    def read_records(self, f, start):
-        """Return ([(hash, description, line)], lines, bad lines, end) for the complete
-        lines of f from byte start; end is where the first incomplete one begins.
-
-        A line without its newline is still being written by another router (or was
-        torn by a crash, and the next writer starts a fresh line after it)."""
-        records, lines, bad, end = [], 0, 0, start
-        f.seek(start)
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            lines += 1
-            end += len(raw)
-            try:
-                record = json.loads(raw)
-            except (ValueError, RecursionError):     # deep nesting is a RecursionError
-                record = None
-            key = read_typed(record, "hash", str)
-            text = record.get(self.field) if key is not None else None
-            if key is None or not self.is_value(text):
-                bad += 1
-                continue
-            records.append((key, text, raw))
-        return records, lines, bad, end
-
-    def is_value(self, value):
-        """True when value, read from the file, is what this cache keeps: a description."""
-        return isinstance(value, str)
-
-    def refresh(self):
-        """Read the lines appended to the file since the last look, or all of it when it
-        was replaced (a rewrite); return how many unreadable lines were skipped."""
-        with self.lock:
-            seen, offset = self.file, self.offset
-        try:
-            info = os.stat(self.path)
-            if (info.st_dev, info.st_ino) == seen and info.st_size == offset:
-                return 0        # the common case: nothing new, one stat()
-            with open(self.path, "rb") as f:
-                info = os.fstat(f.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    return 0
-                file = (info.st_dev, info.st_ino)
-                # Read on from offset only in the same file, and only where a line ended.
-                same = file == seen and 0 < offset <= info.st_size \
-                    and os.pread(f.fileno(), 1, offset - 1) == b"\n"
-                records, lines, bad, end = self.read_records(f, offset if same else 0)
-        except FileNotFoundError:
-            return 0
-        with self.lock:
-            put_newest(self.entries, ((key, text) for key, text, _ in records), self.max_entries)
-            if (self.file, self.offset) == (seen, offset):  # no other thread read on meanwhile
-                self.lines = self.lines + lines if same else lines
-                self.file, self.offset = file, end
-        return bad
-
-    def load(self):
-        """Read the file into memory; return how many descriptions it holds."""
-        if not self.path:
-            return 0
-        try:
-            bad = self.refresh()
-        except OSError as e:
-            self.warn("cannot read %s" % self.path, e)
-            return 0
-        if bad:
-            log("! %s: skipped %d unreadable line(s) in %s" % (self.what, bad, self.path))
-        return len(self)
-
-    def lookup(self, keys):
-        """Return {key: description} for the keys that have one, counting hits and misses.
-
-        On a miss, first read what other routers sharing the file appended since."""
-        keys = set(keys)
-        with self.lock:
-            missing = self.path and not keys <= self.entries.keys()
-        if missing:
-            try:
-                bad = self.refresh()
-            except OSError as e:
-                self.warn("cannot read %s" % self.path, e)
-            else:
-                if bad:     # appended since by another router, or damaged on the disk
-                    log("! %s: skipped %d unreadable line(s) in %s" % (self.what, bad, self.path))
-        with self.lock:
-            found = {k: self.entries[k] for k in keys if k in self.entries}
-            self.hits += len(found)
-            self.misses += len(keys) - len(found)
-        return found
-
-    def __len__(self):
-        with self.lock:
-            return len(self.entries)
-
-    def status(self):
-        """The cache's part of /status."""
-        with self.lock:
-            return {"entries": len(self.entries), "hits": self.hits, "misses": self.misses,
-                    "file": self.path}
-
-    def store(self, descriptions, model, on_disk=True):
-        """Remember {key: description} and append them to the file before returning
-        (on_disk False: in memory only)."""
-        if not descriptions:
-            return
-        with self.lock:
-            put_newest(self.entries, descriptions.items(), self.max_entries)
-        if not self.path or not on_disk:
-            return
-        now = round(time.time(), 3)
-        # ASCII JSON: a model's text may hold a lone surrogate ("\ud800" in its JSON),
-        # which has no UTF-8 form; escaped, every line still reads back as it was.
-        data = b"".join(json.dumps({"hash": k, self.field: v, "model": model,
-                                    "time": now}).encode() + b"\n"
-                        for k, v in descriptions.items())
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            with self.file_lock():
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    self.start_on_new_line(fd)
-                    written = os.write(fd, data)
-                    if written != len(data):
-                        raise OSError("short write (%d of %d bytes)" % (written, len(data)))
-                finally:
-                    os.close(fd)
-                self.refresh()      # counts the lines, ours and any another router added
-                with self.lock:
-                    due = self.lines >= self.max_entries * CACHE_REWRITE_FACTOR
-                if due:
-                    self.rewrite()
-        except OSError as e:
-            self.warn("cannot write %s" % self.path, e)
-
-    def start_on_new_line(self, fd):
-        """After a torn write (disk full, crash) begin on a fresh line, not glued to it."""
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            os.write(fd, b"\n")
-
-    @contextlib.contextmanager
-    def file_lock(self):
-        """Hold an exclusive flock() on the lock file for a with block."""
-        fd = os.open(os.path.join(self.directory, CACHE_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)    # which releases the flock()
-
-    def rewrite(self):
-        """Rewrite the file with its newest max_entries lines, as they were written (model
-        and time too), private like the file itself. Caller holds the file lock."""
-        with open(self.path, "rb") as f:
-            records = self.read_records(f, 0)[0]
-        newest = {}
-        for key, _, raw in records:
-            newest.pop(key, None)
-            newest[key] = raw
-        keep = list(newest.values())[-self.max_entries:]
-        temporary = self.path + ".tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "wb") as f:
-            os.fchmod(fd, 0o600)    # a stale temporary file keeps its own mode otherwise
-            f.writelines(keep)
-            f.flush()
-            os.fsync(fd)
-            info = os.fstat(fd)
-        os.replace(temporary, self.path)
-        with self.lock:
-            self.lines = len(keep)
-            self.file, self.offset = (info.st_dev, info.st_ino), info.st_size
 
 
 ################ Vision
@@ -4279,166 +4443,6 @@ class Vision:
         with self.lock:
             return {k for k in keys
                     if k in self.failures and now - self.failures[k][0] < self.retry_after}
-
-
-################ Documents: the reader
-
-class DocumentCache(DescriptionCache):
-    """What the router read of each PDF (document_record), by the SHA-256 of its data: in a
-    file of its own beside the descriptions, kept with the same care.
-
-    The page images of scanned PDFs stay in memory only, for a few documents: they
-    are large, and can be read from the PDF again, which comes with every turn."""
-
-    file_name = DOCUMENT_CACHE_FILE
-    field = "document"
-    what = "document cache"
-
-    def __init__(self, directory, max_entries=DOCUMENT_CACHE_MAX_ENTRIES):
-        super().__init__(directory, max_entries)
-        self.images = {}        # document hash -> its page images (document_record); lock guards
-
-    def is_value(self, value):
-        """True when value, read from the file, is a document record."""
-        return is_document_record(value)
-
-    def keep_images(self, key, images):
-        """Keep the page images of the document key, the oldest document's going first."""
-        with self.lock:
-            put_newest(self.images, ((key, images),), DOCUMENT_IMAGES_KEPT)
-
-    def kept_images(self, key):
-        """The page images kept of the document key, or None."""
-        with self.lock:
-            return self.images.get(key)
-
-
-DOCUMENT_LINES = 16     # documents of a turn logged a line each; the rest are counted
-
-
-class DocumentReader:
-    """Puts what the coder can read in place of each document of a request: a PDF is read
-    once (pdf_pages) and kept by content; counts for /status what it did."""
-
-    def __init__(self, directory):
-        self.cache = DocumentCache(directory)
-        self.lock = threading.Lock()    # guards counts
-        self.counts = {"extracted": 0, "cached": 0, "failed": 0}
-
-    def read(self, messages, context_length, quiet=False):
-        """Return (messages with every document block replaced by render_document's blocks,
-        {page image key: what to tell the vision model of it}). Unless quiet (a token count),
-        log a line per document of the user's turn (DOCUMENT_LINES at most) and count each
-        as cached or read now."""
-        keys = document_keys(messages)
-        records = self.cache.lookup(keys.values()) if keys else {}
-        fresh = {key: self.extract(data, key) for data, key in keys.items() if key not in records}
-        records.update(fresh)
-        with self.lock:
-            for key in keys.values() if not quiet else fresh:
-                what = "cached" if key not in fresh else "failed" if "failed" in fresh[key] \
-                    else "extracted"
-                self.counts[what] += 1
-        images = {key: self.page_images(data, key) for data, key in keys.items()
-                  if any(isinstance(p, dict) for p in records[key].get("pages", ()))}
-        contexts, seen = {}, []
-
-        def render(block, before):
-            source, name = block["source"], document_name(block, before)
-            key = keys.get(source.get("data")) if source["type"] == "base64" else None
-            record = records[key] if key else source_record(source)
-            blocks = render_document(block, name, record, images.get(key), context_length)
-            contexts.update(page_contexts(images.get(key), name))
-            seen.append((name, source, record, key in fresh, blocks))
-            return blocks
-
-        turn = current_turn_start(messages)
-        out = map_blocks(messages[:turn], is_document, render)
-        earlier = len(seen)
-        out += map_blocks(messages[turn:], is_document, render)
-        found = seen[earlier:] if not quiet else []
-        # A line each for the first few: 50,000 one-byte documents in a 3 MB request made
-        # 50,000 lines (3.2 MB) of the log, and the body limit allows twenty times that.
-        for document in found[:DOCUMENT_LINES]:
-            log(document_line(*document))
-        if len(found) > DOCUMENT_LINES:
-            log("document: %s more in this turn" % format(len(found) - DOCUMENT_LINES, ","))
-        return out, contexts
-
-    def extract(self, data, key):
-        """Read the PDF in data (base64); return its record, now in the cache, its page images
-        in memory."""
-        try:
-            record, images = document_record(pdf_pages(base64.b64decode(data)))
-        except DocumentError as e:
-            record, images = {"failed": str(e) or "damaged"}, []
-        except Exception as e:
-            # A PDF the reader did not foresee still gets its turn answered, with a marker.
-            # Kept in memory only, so that a fixed router reads it again after a restart.
-            log("! reading a PDF failed: %s: %s; Traceback (most recent call last):\n%s" % (
-                type(e).__name__, escape_log(e)[:200],
-                "".join(traceback.format_tb(e.__traceback__)).rstrip()))
-            record = {"failed": "the router's PDF reader failed (%s)" % type(e).__name__}
-            self.cache.store({key: record}, DOCUMENT_READER, on_disk=False)
-            return record
-        self.cache.store({key: record}, DOCUMENT_READER)
-        if any(images):
-            self.cache.keep_images(key, images)
-        return record
-
-    def page_images(self, data, key):
-        """The page images of the scanned PDF in data: kept in memory, else read again."""
-        images = self.cache.kept_images(key)
-        if images is None:
-            try:
-                images = document_record(pdf_pages(base64.b64decode(data)))[1]
-            except Exception:       # extract() has said why already, in the marker
-                images = []
-            self.cache.keep_images(key, images)
-        return images
-
-    def status(self):
-        """The documents part of /status."""
-        with self.lock:
-            counts = dict(self.counts)
-        with self.cache.lock:
-            return {**counts, "entries": len(self.cache.entries), "file": self.cache.path}
-
-
-def source_record(source):
-    """The record of a document the router does not read as a PDF: None for text and
-    content documents, a failure for those it would have to fetch."""
-    if source["type"] == "url":
-        return {"failed": URL_DOCUMENT_REASON % source["url"]}
-    if source["type"] == "file":
-        return {"failed": FILE_DOCUMENT_REASON % source["file_id"]}
-    return None
-
-
-def page_contexts(images, name):
-    """{image key: the describe request's context} for a scanned PDF's page images."""
-    return {hashlib.sha256(data.encode()).hexdigest(): PAGE_CONTEXT % (number, name)
-            for number, shots in enumerate(images or (), 1) for _, data in shots}
-
-
-def document_line(name, source, record, fresh, blocks):
-    """The log line saying what became of one document (record: see render_document)."""
-    if record and "failed" in record:
-        cached = " (cached)" if source["type"] == "base64" and not fresh else ""
-        return "document: %s could not be read: %s%s" % (
-            escape_log(name), escape_log(record["failed"]), cached)
-    if record:
-        pages = len(record["pages"]) + record["more_pages"]
-        what = "%d page%s, %s chars, %s" % (pages, "" if pages == 1 else "s", format(
-            record_chars(record), ","), "extracted" if fresh else "cached")
-    else:
-        what = "%s source, %s chars" % (source["type"], format(
-            sum(c for _, _, c in source_parts(source)), ","))
-    scans = sum(1 for b in blocks if is_image(b))
-    cut = [b["text"] for b in blocks if b["type"] == "text" and "<<DOCUMENT CUT: " in b["text"]]
-    return "document: %s, %s%s%s" % (
-        escape_log(name), what, ", %d page image(s)" % scans if scans else "",
-        "; cut: " + cut[0].rsplit("<<DOCUMENT CUT: ", 1)[1][:-2] if cut else "")
 
 
 ################ Handler

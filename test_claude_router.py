@@ -1315,6 +1315,156 @@ class ImageTransformTest(unittest.TestCase):
         self.assertEqual(route[:2] + (route[3],), ("coder", "C", 1))
 
 
+################ Description cache
+
+class CacheTest(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.log = capture_log(self)
+
+    def lines(self):
+        with open(os.path.join(self.dir, cr.CACHE_FILE), "rb") as f:
+            return [json.loads(line) for line in f]
+
+    def test_entries_survive_a_new_cache_on_the_same_dir(self):
+        cache = cr.DescriptionCache(self.dir)
+        cache.store({"k1": "one", "k2": "two"}, "V")
+        again = cr.DescriptionCache(self.dir)
+        self.assertEqual(again.load(), 2)
+        self.assertEqual(again.lookup(["k1", "k2", "k3"]), {"k1": "one", "k2": "two"})
+        self.assertEqual((again.hits, again.misses), (2, 1))
+        self.assertEqual({line["model"] for line in self.lines()}, {"V"})
+
+    def test_any_text_a_model_sends_is_stored_and_read_back(self):
+        # A lone surrogate arrives as "\ud800" in a model's JSON and has no UTF-8 form.
+        texts = {"k1": "naïve 漢字 ✓", "k2": "broken \ud800 pair", "k3": "quote \" and \\n"}
+        cache = cr.DescriptionCache(self.dir)
+        cache.store(texts, "V")
+        again = cr.DescriptionCache(self.dir)
+        self.assertEqual(again.load(), 3)
+        self.assertEqual(again.lookup(list(texts)), texts)
+
+    def test_torn_and_corrupt_lines_are_skipped(self):
+        cr.DescriptionCache(self.dir).store({"k1": "one"}, "V")
+        with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
+            f.write(b'\xff\xfegarbage\n{"hash": 5, "description": "x"}\n[]\n{"hash": "k2", "desc')
+        cache = cr.DescriptionCache(self.dir)
+        self.assertEqual(cache.load(), 1)
+        # The last line has no newline: another router may be writing it still.
+        self.assertIn("skipped 3 unreadable line(s)", self.log.getvalue())
+        cache.store({"k3": "three"}, "V")      # starts on a fresh line after the torn one
+        self.assertEqual(cr.DescriptionCache(self.dir).load(), 2)
+        self.assertIn("skipped 4 unreadable line(s)", self.log.getvalue())
+
+    def test_bounded_with_oldest_evicted_and_file_rewritten(self):
+        cache = cr.DescriptionCache(self.dir, max_entries=3)
+        for i in range(7):
+            cache.store({"k%d" % i: "d%d" % i}, "V")
+        self.assertEqual(list(cache.entries), ["k4", "k5", "k6"])
+        self.assertLessEqual(len(self.lines()), 3 * cr.CACHE_REWRITE_FACTOR)
+        again = cr.DescriptionCache(self.dir, max_entries=3)
+        again.load()
+        self.assertEqual(list(again.entries), ["k4", "k5", "k6"])
+
+    def test_two_caches_and_twenty_threads_lose_nothing(self):
+        first, second = cr.DescriptionCache(self.dir), cr.DescriptionCache(self.dir)
+        start = threading.Barrier(20)
+
+        def store(i):
+            start.wait(TIMEOUT)
+            for j in range(25):
+                (first if i % 2 else second).store({"k%d-%d" % (i, j): "x" * (i * 100 + j)}, "V")
+
+        threads = [threading.Thread(target=store, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual(len(self.lines()), 500)
+        self.assertEqual(cr.DescriptionCache(self.dir).load(), 500)
+
+    def test_two_caches_rewriting_keep_each_others_entries(self):
+        first = cr.DescriptionCache(self.dir, max_entries=100)
+        second = cr.DescriptionCache(self.dir, max_entries=100)
+        for i in range(150):
+            (first if i % 2 else second).store({"k%d" % i: "d"}, "V")
+        reader = cr.DescriptionCache(self.dir, max_entries=100)
+        reader.load()
+        self.assertEqual(list(reader.entries), ["k%d" % i for i in range(50, 150)])
+
+    def test_rewrite_keeps_the_file_private_and_every_field(self):
+        # The first rewrite made the file, which holds screenshot text verbatim,
+        # world-readable, and dropped each line's model and time.
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        cache = cr.DescriptionCache(self.dir, max_entries=3)
+        for i in range(3 * cr.CACHE_REWRITE_FACTOR):
+            cache.store({"k%d" % i: "d%d" % i}, "V%d" % i)
+        lines = self.lines()
+        self.assertEqual([line["hash"] for line in lines], ["k3", "k4", "k5"])  # rewritten
+        self.assertEqual(os.stat(os.path.join(self.dir, cr.CACHE_FILE)).st_mode & 0o777, 0o600)
+        for i, line in enumerate(lines, 3):
+            self.assertEqual((line["description"], line["model"]), ("d%d" % i, "V%d" % i))
+            self.assertIsInstance(line["time"], float)
+
+    def test_two_caches_see_each_others_new_descriptions(self):
+        # Routers sharing a directory read only at startup, so each described the
+        # same screenshot again.
+        first, second = cr.DescriptionCache(self.dir, max_entries=3), cr.DescriptionCache(self.dir)
+        first.load(), second.load()
+        first.store({"k1": "one"}, "V")
+        self.assertEqual(second.lookup(["k1"]), {"k1": "one"})
+        second.store({"k2": "two"}, "V")
+        self.assertEqual(first.lookup(["k1", "k2"]), {"k1": "one", "k2": "two"})
+        for i in range(3, 9):       # the first cache rewrites (replaces) the file meanwhile
+            first.store({"k%d" % i: "d%d" % i}, "V")
+        self.assertEqual(second.lookup(["k8"]), {"k8": "d8"})
+        path = os.path.join(self.dir, cr.CACHE_FILE)
+        with open(path, "ab") as f:     # a line another router is still writing
+            f.write(b'{"hash": "k9", "descr')
+        self.assertEqual(second.lookup(["k9"]), {})
+        with open(path, "ab") as f:
+            f.write(b'iption": "nine"}\n')
+        self.assertEqual(second.lookup(["k9"]), {"k9": "nine"})
+        self.assertEqual((second.hits, second.misses), (3, 1))
+
+    def test_unwritable_dir_keeps_serving_from_memory_and_warns_once(self):
+        blocker = os.path.join(self.dir, "file")
+        open(blocker, "w").close()
+        cache = cr.DescriptionCache(os.path.join(blocker, "sub"))
+        cache.store({"k1": "one"}, "V")
+        cache.store({"k2": "two"}, "V")
+        self.assertEqual(cache.lookup(["k1", "k2"]), {"k1": "one", "k2": "two"})
+        self.assertEqual(self.log.getvalue().count("cannot write"), 1)
+
+    def test_disk_full_loses_nothing_already_stored(self):
+        cache = cr.DescriptionCache(self.dir)
+        cache.store({"k1": "one"}, "V")
+        path = os.path.join(self.dir, cr.CACHE_FILE)
+        before = open(path, "rb").read()
+        # /dev/full fails every write with ENOSPC: a real full disk for this file.
+        os.replace(path, path + ".kept")
+        os.symlink("/dev/full", path)
+        cache.store({"k2": "two"}, "V")
+        self.assertIn("cannot write", self.log.getvalue())
+        self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
+        os.remove(path)
+        os.replace(path + ".kept", path)
+        self.assertEqual(open(path, "rb").read(), before)
+
+    def test_an_unreadable_line_another_router_appended_is_skipped_with_a_warning(self):
+        # Lines read on a lookup's miss were skipped without a word (issue 14, section 3).
+        cache = cr.DescriptionCache(self.dir)
+        cache.store({"k1": "one"}, "V")
+        with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
+            f.write(b'{"hash": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+            f.write(b'{"hash": "k2", "description": "two"}\n')
+        self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
+        self.assertIn("skipped 1 unreadable line(s)", self.log.getvalue())
+
+
 ################ Documents: PDF syntax
 
 class PdfSyntaxTest(unittest.TestCase):
@@ -1909,6 +2059,8 @@ class DocumentTransformTest(unittest.TestCase):
                                 str(caught.exception))
         cr.validate_request(request(user(document(pdf, title=None, context="c"))))
 
+
+################ Documents: the reader
 
 class DocumentTest(RouterTestCase):
 
@@ -2886,156 +3038,6 @@ class ModelListingTest(unittest.TestCase):
         self.assertEqual(len(problems), 1)
         self.assertIn("--mmproj", problems[0])
         self.assertNotIn("lms", problems[0])
-
-
-################ Description cache
-
-class CacheTest(unittest.TestCase):
-
-    def setUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.log = capture_log(self)
-
-    def lines(self):
-        with open(os.path.join(self.dir, cr.CACHE_FILE), "rb") as f:
-            return [json.loads(line) for line in f]
-
-    def test_entries_survive_a_new_cache_on_the_same_dir(self):
-        cache = cr.DescriptionCache(self.dir)
-        cache.store({"k1": "one", "k2": "two"}, "V")
-        again = cr.DescriptionCache(self.dir)
-        self.assertEqual(again.load(), 2)
-        self.assertEqual(again.lookup(["k1", "k2", "k3"]), {"k1": "one", "k2": "two"})
-        self.assertEqual((again.hits, again.misses), (2, 1))
-        self.assertEqual({line["model"] for line in self.lines()}, {"V"})
-
-    def test_any_text_a_model_sends_is_stored_and_read_back(self):
-        # A lone surrogate arrives as "\ud800" in a model's JSON and has no UTF-8 form.
-        texts = {"k1": "naïve 漢字 ✓", "k2": "broken \ud800 pair", "k3": "quote \" and \\n"}
-        cache = cr.DescriptionCache(self.dir)
-        cache.store(texts, "V")
-        again = cr.DescriptionCache(self.dir)
-        self.assertEqual(again.load(), 3)
-        self.assertEqual(again.lookup(list(texts)), texts)
-
-    def test_torn_and_corrupt_lines_are_skipped(self):
-        cr.DescriptionCache(self.dir).store({"k1": "one"}, "V")
-        with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
-            f.write(b'\xff\xfegarbage\n{"hash": 5, "description": "x"}\n[]\n{"hash": "k2", "desc')
-        cache = cr.DescriptionCache(self.dir)
-        self.assertEqual(cache.load(), 1)
-        # The last line has no newline: another router may be writing it still.
-        self.assertIn("skipped 3 unreadable line(s)", self.log.getvalue())
-        cache.store({"k3": "three"}, "V")      # starts on a fresh line after the torn one
-        self.assertEqual(cr.DescriptionCache(self.dir).load(), 2)
-        self.assertIn("skipped 4 unreadable line(s)", self.log.getvalue())
-
-    def test_bounded_with_oldest_evicted_and_file_rewritten(self):
-        cache = cr.DescriptionCache(self.dir, max_entries=3)
-        for i in range(7):
-            cache.store({"k%d" % i: "d%d" % i}, "V")
-        self.assertEqual(list(cache.entries), ["k4", "k5", "k6"])
-        self.assertLessEqual(len(self.lines()), 3 * cr.CACHE_REWRITE_FACTOR)
-        again = cr.DescriptionCache(self.dir, max_entries=3)
-        again.load()
-        self.assertEqual(list(again.entries), ["k4", "k5", "k6"])
-
-    def test_two_caches_and_twenty_threads_lose_nothing(self):
-        first, second = cr.DescriptionCache(self.dir), cr.DescriptionCache(self.dir)
-        start = threading.Barrier(20)
-
-        def store(i):
-            start.wait(TIMEOUT)
-            for j in range(25):
-                (first if i % 2 else second).store({"k%d-%d" % (i, j): "x" * (i * 100 + j)}, "V")
-
-        threads = [threading.Thread(target=store, args=(i,)) for i in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-        self.assertEqual(len(self.lines()), 500)
-        self.assertEqual(cr.DescriptionCache(self.dir).load(), 500)
-
-    def test_two_caches_rewriting_keep_each_others_entries(self):
-        first = cr.DescriptionCache(self.dir, max_entries=100)
-        second = cr.DescriptionCache(self.dir, max_entries=100)
-        for i in range(150):
-            (first if i % 2 else second).store({"k%d" % i: "d"}, "V")
-        reader = cr.DescriptionCache(self.dir, max_entries=100)
-        reader.load()
-        self.assertEqual(list(reader.entries), ["k%d" % i for i in range(50, 150)])
-
-    def test_rewrite_keeps_the_file_private_and_every_field(self):
-        # The first rewrite made the file, which holds screenshot text verbatim,
-        # world-readable, and dropped each line's model and time.
-        old_umask = os.umask(0o022)
-        self.addCleanup(os.umask, old_umask)
-        cache = cr.DescriptionCache(self.dir, max_entries=3)
-        for i in range(3 * cr.CACHE_REWRITE_FACTOR):
-            cache.store({"k%d" % i: "d%d" % i}, "V%d" % i)
-        lines = self.lines()
-        self.assertEqual([line["hash"] for line in lines], ["k3", "k4", "k5"])  # rewritten
-        self.assertEqual(os.stat(os.path.join(self.dir, cr.CACHE_FILE)).st_mode & 0o777, 0o600)
-        for i, line in enumerate(lines, 3):
-            self.assertEqual((line["description"], line["model"]), ("d%d" % i, "V%d" % i))
-            self.assertIsInstance(line["time"], float)
-
-    def test_two_caches_see_each_others_new_descriptions(self):
-        # Routers sharing a directory read only at startup, so each described the
-        # same screenshot again.
-        first, second = cr.DescriptionCache(self.dir, max_entries=3), cr.DescriptionCache(self.dir)
-        first.load(), second.load()
-        first.store({"k1": "one"}, "V")
-        self.assertEqual(second.lookup(["k1"]), {"k1": "one"})
-        second.store({"k2": "two"}, "V")
-        self.assertEqual(first.lookup(["k1", "k2"]), {"k1": "one", "k2": "two"})
-        for i in range(3, 9):       # the first cache rewrites (replaces) the file meanwhile
-            first.store({"k%d" % i: "d%d" % i}, "V")
-        self.assertEqual(second.lookup(["k8"]), {"k8": "d8"})
-        path = os.path.join(self.dir, cr.CACHE_FILE)
-        with open(path, "ab") as f:     # a line another router is still writing
-            f.write(b'{"hash": "k9", "descr')
-        self.assertEqual(second.lookup(["k9"]), {})
-        with open(path, "ab") as f:
-            f.write(b'iption": "nine"}\n')
-        self.assertEqual(second.lookup(["k9"]), {"k9": "nine"})
-        self.assertEqual((second.hits, second.misses), (3, 1))
-
-    def test_unwritable_dir_keeps_serving_from_memory_and_warns_once(self):
-        blocker = os.path.join(self.dir, "file")
-        open(blocker, "w").close()
-        cache = cr.DescriptionCache(os.path.join(blocker, "sub"))
-        cache.store({"k1": "one"}, "V")
-        cache.store({"k2": "two"}, "V")
-        self.assertEqual(cache.lookup(["k1", "k2"]), {"k1": "one", "k2": "two"})
-        self.assertEqual(self.log.getvalue().count("cannot write"), 1)
-
-    def test_disk_full_loses_nothing_already_stored(self):
-        cache = cr.DescriptionCache(self.dir)
-        cache.store({"k1": "one"}, "V")
-        path = os.path.join(self.dir, cr.CACHE_FILE)
-        before = open(path, "rb").read()
-        # /dev/full fails every write with ENOSPC: a real full disk for this file.
-        os.replace(path, path + ".kept")
-        os.symlink("/dev/full", path)
-        cache.store({"k2": "two"}, "V")
-        self.assertIn("cannot write", self.log.getvalue())
-        self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
-        os.remove(path)
-        os.replace(path + ".kept", path)
-        self.assertEqual(open(path, "rb").read(), before)
-
-    def test_an_unreadable_line_another_router_appended_is_skipped_with_a_warning(self):
-        # Lines read on a lookup's miss were skipped without a word (issue 14, section 3).
-        cache = cr.DescriptionCache(self.dir)
-        cache.store({"k1": "one"}, "V")
-        with open(os.path.join(self.dir, cr.CACHE_FILE), "ab") as f:
-            f.write(b'{"hash": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
-            f.write(b'{"hash": "k2", "description": "two"}\n')
-        self.assertEqual(cache.lookup(["k2"]), {"k2": "two"})
-        self.assertIn("skipped 1 unreadable line(s)", self.log.getvalue())
 
 
 ################ Vision
