@@ -1321,8 +1321,8 @@ class DescriptionCache:
 
 ################ Documents: PDF syntax
 
-# Tokens and operators (ISO 32000-1 7.2, 7.3), stream filters and the standard security
-# handler: what turns a PDF's bytes into objects and a content stream into operators.
+# Tokens and operators (ISO 32000-1 7.2, 7.3): what turns a PDF's bytes into objects and a
+# content stream into operators.
 
 class DocumentError(Exception):
     """A PDF we cannot read; str(error) says why in a few words, fit for a marker."""
@@ -1592,6 +1592,8 @@ def first_value(data, pos=0, end=None):
         return operands[0] if operands else None
     return None
 
+
+################ Documents: filters and encryption
 
 # Stream filters (ISO 32000-1 7.4). Image codecs stay encoded: a JPEG is handed on as
 # it is, and the others are formats a vision model does not read. LZW and RunLength,

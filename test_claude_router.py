@@ -1476,40 +1476,6 @@ class PdfSyntaxTest(unittest.TestCase):
         self.assertEqual(text_of(build_pdf(page_objects(content))),
                          "a (nested (twice)) string\nafter")
 
-    def test_zip_bomb_is_bounded(self):
-        bomb = zlib.compress(b"BT /F1 12 Tf (x) Tj ET " + b" " * 4_000_000, 9)
-        data = build_pdf(page_objects(pdf_stream(b"/Filter /FlateDecode", bomb)))
-        with self.assertRaisesRegex(cr.DocumentError, "too large once decompressed"):
-            cr.pdf_pages(data, max_inflate=1_000_000)
-        self.assertEqual(text_of(data), "x")
-
-    def test_rc4_empty_user_password(self):
-        for revision in (2, 3):
-            with self.subTest(revision=revision):
-                data = encrypted_pdf(b"BT /F1 12 Tf 72 720 Td (Copy protected) Tj ET", revision)
-                self.assertEqual(text_of(data), "Copy protected")
-
-    def test_rc4_with_the_catalog_in_an_object_stream(self):
-        # The catalog was looked for before the key was known, in an object stream not
-        # yet decrypted: such a file read as damaged. Once found by a scan, an object
-        # stream read before the key must be read again.
-        data = catalog_stream_pdf(b"BT /F1 12 Tf 72 720 Td (Catalog in a stream) Tj ET",
-                                  encrypted=True)
-        self.assertEqual(text_of(data), "Catalog in a stream")
-        at = data.rindex(b"startxref")
-        self.assertEqual(text_of(data[:at] + b"startxref\n99999\n%%EOF\n"), "Catalog in a stream")
-
-    def test_user_password_and_aes_give_their_reasons(self):
-        content = b"BT /F1 12 Tf 72 720 Td (Secret) Tj ET"
-        with self.assertRaisesRegex(cr.DocumentError, "^encrypted$"):
-            cr.pdf_pages(encrypted_pdf(content, 3, user=b"secret"))
-        with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
-            cr.pdf_pages(encrypted_pdf(content, 4, aes=True))
-        aes256 = build_pdf(page_objects(content) + [b"<< /Filter /Standard /V 5 /R 6 >>"],
-                           b"/Encrypt 6 0 R")
-        with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
-            cr.pdf_pages(aes256)
-
     def test_a_long_run_of_digits_is_read_in_linear_time(self):
         # The number pattern split a run of digits followed by a letter every way there
         # is before the bare word matched it: 8,000 digits took 0.9 s, 16 times 2,000's;
@@ -1549,6 +1515,45 @@ class PdfSyntaxTest(unittest.TestCase):
                         b"".join(b"%d 0 obj (" % n for n in range(1, 10_000)), b"trailer (" * 10_000):
             with self.assertRaisesRegex(cr.DocumentError, "damaged"):
                 cr.pdf_pages(b"%PDF-1.4\n" + damaged)
+
+
+################ Documents: filters and encryption
+
+class PdfFiltersTest(unittest.TestCase):
+
+    def test_zip_bomb_is_bounded(self):
+        bomb = zlib.compress(b"BT /F1 12 Tf (x) Tj ET " + b" " * 4_000_000, 9)
+        data = build_pdf(page_objects(pdf_stream(b"/Filter /FlateDecode", bomb)))
+        with self.assertRaisesRegex(cr.DocumentError, "too large once decompressed"):
+            cr.pdf_pages(data, max_inflate=1_000_000)
+        self.assertEqual(text_of(data), "x")
+
+    def test_rc4_empty_user_password(self):
+        for revision in (2, 3):
+            with self.subTest(revision=revision):
+                data = encrypted_pdf(b"BT /F1 12 Tf 72 720 Td (Copy protected) Tj ET", revision)
+                self.assertEqual(text_of(data), "Copy protected")
+
+    def test_rc4_with_the_catalog_in_an_object_stream(self):
+        # The catalog was looked for before the key was known, in an object stream not
+        # yet decrypted: such a file read as damaged. Once found by a scan, an object
+        # stream read before the key must be read again.
+        data = catalog_stream_pdf(b"BT /F1 12 Tf 72 720 Td (Catalog in a stream) Tj ET",
+                                  encrypted=True)
+        self.assertEqual(text_of(data), "Catalog in a stream")
+        at = data.rindex(b"startxref")
+        self.assertEqual(text_of(data[:at] + b"startxref\n99999\n%%EOF\n"), "Catalog in a stream")
+
+    def test_user_password_and_aes_give_their_reasons(self):
+        content = b"BT /F1 12 Tf 72 720 Td (Secret) Tj ET"
+        with self.assertRaisesRegex(cr.DocumentError, "^encrypted$"):
+            cr.pdf_pages(encrypted_pdf(content, 3, user=b"secret"))
+        with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
+            cr.pdf_pages(encrypted_pdf(content, 4, aes=True))
+        aes256 = build_pdf(page_objects(content) + [b"<< /Filter /Standard /V 5 /R 6 >>"],
+                           b"/Encrypt 6 0 R")
+        with self.assertRaisesRegex(cr.DocumentError, "^AES encryption is not supported$"):
+            cr.pdf_pages(aes256)
 
     def test_filters_are_bounded_in_memory(self):
         # A row as wide as /Columns says was allocated whole (/Columns 4000000000 was
