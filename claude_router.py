@@ -1808,10 +1808,14 @@ BROKEN = (ValueError, TypeError, KeyError, IndexError, AttributeError, Recursion
 class PdfFile:
     """A PDF's objects, read lazily through its cross-reference data, and decrypted.
 
-    __init__ reads the cross-reference sections (tables and streams, newest first along
-    /Prev), or scans for "n g obj" when they are broken, then sets up decryption.
-    resolve/get/fetch give objects; stream_data decodes a stream against the inflate
-    budget; iter_pages walks the page tree."""
+    __init__ reads the cross-reference sections (read_xref_chain: read_xref_table and
+    read_xref_stream, newest first along /Prev), or, when they are broken, scans for
+    "n g obj" (scan_objects, find_trailer, register_object_stream); then
+    setup_encryption finds the key, and object_key derives each object's.
+    resolve/get/fetch give objects, read by object_at and make_stream, or from an
+    object stream by object_stream and object_in_stream; stream_data decodes a stream
+    against the inflate budget, spend_content and spend_codes count what is run;
+    iter_pages walks the page tree, page_count says what it claims."""
 
     def __init__(self, data, max_inflate=PDF_MAX_INFLATE, max_content=PDF_MAX_CONTENT,
                  max_codes=PDF_MAX_FONT_CODES):
@@ -2550,7 +2554,8 @@ class PageText:
 
     run interprets a content stream; graphics_state, move, text_state, show_operator
     and draw_xobject are its operators; show places one string, and separator decides
-    from where it stands whether a space or a new line comes before it."""
+    from where it stands whether a space or a new line comes before it; font_for reads
+    a font once per document; text is the page's text."""
 
     def __init__(self, doc, fonts):
         """Start a page of doc; fonts is the document's {font key: Font} shared by its pages."""
@@ -5340,12 +5345,12 @@ class Warmer:
     """The heads of coder prompts (kept on disk) and the one warm-up that may run.
 
     remember / head_request: keep a coder prompt's head per (model, upstream), on disk
-    only when it changes; load reads them back at start (a damaged file is ignored
-    with one warning). note_prompt / prompt_of: the last coder prompt, whole, for
-    the warm-up after a vision turn. check_coder sees a server's coder cache gone;
-    start (Server.warm calls it) starts a warm-up, claim, run, attach, cancel keep it
-    to one at a time; a request about to go to the coder's server cancels it at once
-    (Server.upstream_wanted). status: /status's warm_up."""
+    (write) only when it changes; load (with read) reads them back at start (a damaged
+    file is ignored with one warning). note_prompt / prompt_of: the last coder prompt,
+    whole, for the warm-up after a vision turn. check_coder sees a server's coder cache
+    gone; start (Server.warm calls it) starts a warm-up, claim, run, attach, cancel,
+    finish keep it to one at a time; a request about to go to the coder's server cancels
+    it at once (Server.upstream_wanted). status: /status's warm_up."""
 
     def __init__(self, directory, enabled):
         self.enabled = enabled              # False: no warm-ups and no heads file
