@@ -5107,7 +5107,7 @@ class LauncherTest(RouterTestCase):
            "print('reply:', conn.getresponse().status)\n" % TIMEOUT)
 
     def run_launcher(self, port, path_dirs, extra_env=None, args=("-p", "say hi"), cwd=None,
-                     asks=False):
+                     asks=False, launcher=None):
         """Run claude-local with a stand-in claude that prints its environment and arguments
         (and, when asks, sends one request); with the settings of self.router, if one runs."""
         bin_dir = tempfile.mkdtemp()
@@ -5129,7 +5129,8 @@ class LauncherTest(RouterTestCase):
                    "CLAUDE_ROUTER_CODER_MODEL": router.coder_model,
                    "CLAUDE_ROUTER_VISION_MODEL": router.vision_model or "none"} if router else {}),
                **(extra_env or {})}
-        launcher = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local")
+        launcher = launcher or os.path.join(os.path.dirname(os.path.abspath(cr.__file__)),
+                                            "claude-local")
         proc = self.popen_in_group(["bash", launcher, *args], env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, cwd=cwd or self.cache_dir)
         out, err = proc.communicate(timeout=TIMEOUT * 3)
@@ -5378,6 +5379,35 @@ class LauncherTest(RouterTestCase):
                 self.assertTrue(given.endswith(" ".join((*args, "-p", "hi"))), given)
                 if where:
                     os.remove(os.path.join(*where))
+
+    def test_a_router_that_never_answers_is_waited_for_claude_local_wait_seconds(self):
+        # Each look at the port starts Python, here slowly as on a loaded machine: counted in
+        # tries, 10 s of them took 25 s.
+        here = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, here, True)
+        launcher = os.path.join(here, "claude-local")
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local"),
+                    launcher)
+        with open(os.path.join(here, "claude_router.py"), "w") as f:
+            # The router's code for claude-local's questions; run, a router that never answers.
+            f.write("import importlib.util, sys, time\n"
+                    "time.sleep(0.5)\n"
+                    "spec = importlib.util.spec_from_file_location('real_router', %r)\n"
+                    "real = importlib.util.module_from_spec(spec)\n"
+                    "spec.loader.exec_module(real)\n"
+                    "globals().update({k: v for k, v in vars(real).items() if k[:2] != '__'})\n"
+                    "if __name__ == '__main__':\n"
+                    "    time.sleep(%d)\n" % (os.path.abspath(cr.__file__), TIMEOUT * 3))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        started = time.monotonic()
+        done = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_WAIT": "2"}, launcher=launcher)
+        waited = time.monotonic() - started
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("the router did not start", done.stderr)
+        self.assertGreater(waited, 1)
+        self.assertLess(waited, 6)
 
     def test_says_so_when_claude_is_missing(self):
         done = self.run_launcher(9, [])
