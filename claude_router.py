@@ -19,9 +19,9 @@ Environment (each is the default of the flag of the same name; see --help):
   CLAUDE_ROUTER_HOST, CLAUDE_ROUTER_PORT       where to listen (127.0.0.1:3000)
   CLAUDE_ROUTER_UPSTREAM                       the model server (http://127.0.0.1:1234)
   CLAUDE_ROUTER_VISION_UPSTREAM                the vision model's server (default: upstream)
-  CLAUDE_ROUTER_CODER_MODEL, _VISION_MODEL     model ids as the server lists them (vision: none)
-  CLAUDE_ROUTER_VISION_MODE                    answer (the seed's) or describe
-  CLAUDE_ROUTER_CACHE_DIR                      where image descriptions are kept
+  CLAUDE_ROUTER_CODER_MODEL, _VISION_MODEL     model ids as the server lists them (vision none: text only)
+  CLAUDE_ROUTER_VISION_MODE                    answer (the default) or describe
+  CLAUDE_ROUTER_CACHE_DIR                      where descriptions, PDF texts and prompt heads are kept
   CLAUDE_ROUTER_TOKEN                          required of clients when set
   CLAUDE_ROUTER_UPSTREAM_KEY                   sent to the model server(s) as a Bearer key
   CLAUDE_ROUTER_PRELOAD, CLAUDE_ROUTER_VERBOSE 1 to load missing models / log requests
@@ -6121,7 +6121,8 @@ def add_model_options(add, env):
         help="answer: the vision model answers the turn; describe: it only describes "
              "each new image and the coder answers (default: %(default)s)")
     add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
-        help="where image descriptions are kept (default: %(default)s)")
+        help="where image descriptions, PDF texts and the warm-up's prompt heads are kept "
+             "(default: %(default)s)")
 
 
 def parse_settings(argv, environ):
