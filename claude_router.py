@@ -6318,8 +6318,11 @@ def run_as_import():
     # Run as a script (python3 claude_router.py), the file's syntax tree, about 19 MiB,
     # lives until the script returns, which a server never does: CPython frees it only
     # after running the script's code. Imported, it is freed once the module is compiled.
-    boot = ("import os, sys; sys.argv.pop(0); sys.path[0] = os.path.dirname(sys.argv[0]); "
-            "import claude_router; claude_router.main()")
+    boot = ("import os, sys, importlib.util as iu; sys.argv.pop(0); "
+            "sys.path[0] = os.path.dirname(sys.argv[0]); "     # as for the script
+            "spec = iu.spec_from_file_location('claude_router', sys.argv[0]); "  # any file name
+            "sys.modules['claude_router'] = m = iu.module_from_spec(spec); "
+            "spec.loader.exec_module(m); m.main()")
     sys.stdout.flush()
     sys.stderr.flush()
     try:

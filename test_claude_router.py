@@ -5025,6 +5025,21 @@ class StopTest(RouterTestCase):
         return subprocess.run([sys.executable, self.script(), "--stop"], env=env,
                               capture_output=True, text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
 
+    def test_a_copy_under_another_name_serves_and_ends_on_sigterm(self):
+        # Run as a script, the router starts itself again as a module, by its file's path:
+        # "import claude_router" found no router named otherwise, and exited at start.
+        copy = os.path.join(self.cache_dir, "my-router.py")
+        shutil.copy(self.script(), copy)
+        proc = subprocess.Popen([sys.executable, copy, "--port", "0", "--upstream",
+                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        while "claude-router on" not in proc.stderr.readline():
+            self.assertIsNone(proc.poll())
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertIn("bye", proc.stderr.read())
+
     def test_stops_the_router_on_the_port_which_exits_0(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
