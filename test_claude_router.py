@@ -5030,12 +5030,18 @@ class StopTest(RouterTestCase):
         # "import claude_router" found no router named otherwise, and exited at start.
         copy = os.path.join(self.cache_dir, "my-router.py")
         shutil.copy(self.script(), copy)
-        proc = subprocess.Popen([sys.executable, copy, "--port", "0", "--upstream",
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, copy, "--port", str(port), "--upstream",
                                  "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
                                 stderr=subprocess.PIPE, text=True)
         self.addCleanup(proc.kill)
         while "claude-router on" not in proc.stderr.readline():
             self.assertIsNone(proc.poll())
+        # serving (its SIGTERM handler set) once it answers; --stop signals only a file
+        # named claude_router.py
+        self.assertEqual(cr.fetch_status(port, "", TIMEOUT)[0], 200)
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertIn("bye", proc.stderr.read())
