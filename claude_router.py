@@ -6036,115 +6036,10 @@ class Server(BoundedServer):
         return said
 
 
-################ Main
+################ Status line and stopping
 
-def port_number(text):
-    """argparse type: a TCP port."""
-    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text)
-    return int(text)
-
-
-def http_url(text):
-    """argparse type: an http:// URL with a host."""
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme != "http" or not parts.hostname:
-        raise argparse.ArgumentTypeError("%r is not an http:// URL" % text)
-    try:
-        parts.port
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r has a bad port" % text) from None
-    return text.rstrip("/")
-
-
-def env_flag(text):
-    """argparse type: a yes/no setting (bool("0") is True, so this parses it)."""
-    if text.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.strip().lower() in ("", "0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError("%r is not 1 or 0" % text)
-
-
-def build_parser(environ):
-    """The command line; each default comes from environ, else the constant."""
-    def env(name, default):
-        return environ.get("CLAUDE_ROUTER_" + name, default)
-
-    parser = argparse.ArgumentParser(
-        prog="claude_router.py", description="Route Claude Code to local models.",
-        epilog="Each option's default can be set with the CLAUDE_ROUTER_* variable named "
-               "after it (--coder-model: CLAUDE_ROUTER_CODER_MODEL).")
-    parser.error = lambda message: sys.exit("claude-router: " + message)
-    add = parser.add_argument
-    add("--host", default=env("HOST", HOST), help="address to listen on (default: %(default)s)")
-    add("--port", type=port_number, default=env("PORT", str(PORT)),
-        help="port to listen on (default: %(default)s)")
-    add_model_options(add, env)
-    add("--token", default=env("TOKEN", ""),
-        help="require this x-api-key or Bearer token (needed to listen beyond loopback)")
-    add("--upstream-key", default=env("UPSTREAM_KEY", ""),
-        help="send this key to the model server(s) as Authorization: Bearer, for servers "
-             "that require one (default: CLAUDE_ROUTER_UPSTREAM_KEY if set; never shown)")
-    add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
-        help="load missing models through LM Studio's API at startup")
-    add("--no-warm", dest="warm", action="store_false",
-        default=env_flag(env("WARM", "1" if WARM else "0")),
-        help="do not warm the coder's prompt cache ahead of the first turn "
-             "(CLAUDE_ROUTER_WARM=0 does the same)")
-    add("--side-model", default=env("SIDE_MODEL", SIDE_MODEL),
-        help="model for side requests (session titles, checks) (default: the coder)")
-    add("--side-upstream", type=http_url, default=env("SIDE_UPSTREAM", SIDE_UPSTREAM_URL or None),
-        help="the side model's server (default: the upstream)")
-    add("--stop", action="store_true",
-        help="stop the router running on --port (CLAUDE_ROUTER_PORT) and exit")
-    add("--statusline", action="store_true",
-        help="print one line on the router running on CLAUDE_ROUTER_PORT (for Claude Code's "
-             "statusLine setting; claude-local offers it) and exit")
-    add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
-        help="log every request line")
-    return parser
-
-
-def add_model_options(add, env):
-    """Add the options saying where the models are and how the router uses them."""
-    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
-        help="the model server (default: %(default)s)")
-    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
-        help="the vision model's server (default: the upstream)")
-    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
-        help="model for text turns (default: %(default)s)")
-    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
-        help="model for turns with new images; none (or empty): text only, images reach "
-             "the coder as a marker (default: %(default)s)")
-    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
-        help="answer: the vision model answers the turn; describe: it only describes "
-             "each new image and the coder answers (default: %(default)s)")
-    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
-        help="where image descriptions, PDF texts and the warm-up's prompt heads are kept "
-             "(default: %(default)s)")
-
-
-def parse_settings(argv, environ):
-    """Parse and check the settings; exit with one line when they are wrong."""
-    try:
-        parser = build_parser(environ)
-    except argparse.ArgumentTypeError as e:
-        sys.exit("claude-router: %s" % e)
-    args = parser.parse_args(argv)
-    if args.vision_mode not in VISION_MODES:
-        parser.error("vision mode %r is not one of %s" % (args.vision_mode, ", ".join(VISION_MODES)))
-    if not is_loopback_host(args.host) and not args.token:
-        parser.error("listening on %s needs a token (--token or CLAUDE_ROUTER_TOKEN)" % args.host)
-    if args.upstream_key and not re.fullmatch(r"[!-~]+", args.upstream_key):
-        parser.error("the upstream key must be printable ASCII without spaces")   # never echo it
-    if args.token and not re.fullmatch(r"[!-~]+", args.token):
-        # Clients send it in a header, and header bytes have no agreed encoding beyond ASCII.
-        parser.error("the token must be printable ASCII without spaces")
-    if args.vision_model.strip().lower() in ("", "none"):
-        args.vision_model = ""
-    return args
-
+# What runs beside a router rather than in it: --statusline reads a running router's
+# /status into one short line, --stop ends the router on a port.
 
 def dig(obj, *names):
     """obj[name][name]..., or None where a level is missing or not an object."""
@@ -6310,6 +6205,116 @@ def stop_router(port, token):
                 port, pid, document.get("upstream"), (document.get("coder") or {}).get("model"))
         time.sleep(0.05)
     return 1, "sent SIGTERM to the router on :%d (pid %d), but it still answers" % (port, pid)
+
+
+################ Main
+
+def port_number(text):
+    """argparse type: a TCP port."""
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    return int(text)
+
+
+def http_url(text):
+    """argparse type: an http:// URL with a host."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme != "http" or not parts.hostname:
+        raise argparse.ArgumentTypeError("%r is not an http:// URL" % text)
+    try:
+        parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r has a bad port" % text) from None
+    return text.rstrip("/")
+
+
+def env_flag(text):
+    """argparse type: a yes/no setting (bool("0") is True, so this parses it)."""
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("%r is not 1 or 0" % text)
+
+
+def build_parser(environ):
+    """The command line; each default comes from environ, else the constant."""
+    def env(name, default):
+        return environ.get("CLAUDE_ROUTER_" + name, default)
+
+    parser = argparse.ArgumentParser(
+        prog="claude_router.py", description="Route Claude Code to local models.",
+        epilog="Each option's default can be set with the CLAUDE_ROUTER_* variable named "
+               "after it (--coder-model: CLAUDE_ROUTER_CODER_MODEL).")
+    parser.error = lambda message: sys.exit("claude-router: " + message)
+    add = parser.add_argument
+    add("--host", default=env("HOST", HOST), help="address to listen on (default: %(default)s)")
+    add("--port", type=port_number, default=env("PORT", str(PORT)),
+        help="port to listen on (default: %(default)s)")
+    add_model_options(add, env)
+    add("--token", default=env("TOKEN", ""),
+        help="require this x-api-key or Bearer token (needed to listen beyond loopback)")
+    add("--upstream-key", default=env("UPSTREAM_KEY", ""),
+        help="send this key to the model server(s) as Authorization: Bearer, for servers "
+             "that require one (default: CLAUDE_ROUTER_UPSTREAM_KEY if set; never shown)")
+    add("--preload", action="store_true", default=env_flag(env("PRELOAD", "0")),
+        help="load missing models through LM Studio's API at startup")
+    add("--no-warm", dest="warm", action="store_false",
+        default=env_flag(env("WARM", "1" if WARM else "0")),
+        help="do not warm the coder's prompt cache ahead of the first turn "
+             "(CLAUDE_ROUTER_WARM=0 does the same)")
+    add("--side-model", default=env("SIDE_MODEL", SIDE_MODEL),
+        help="model for side requests (session titles, checks) (default: the coder)")
+    add("--side-upstream", type=http_url, default=env("SIDE_UPSTREAM", SIDE_UPSTREAM_URL or None),
+        help="the side model's server (default: the upstream)")
+    add("--stop", action="store_true",
+        help="stop the router running on --port (CLAUDE_ROUTER_PORT) and exit")
+    add("--statusline", action="store_true",
+        help="print one line on the router running on CLAUDE_ROUTER_PORT (for Claude Code's "
+             "statusLine setting; claude-local offers it) and exit")
+    add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
+        help="log every request line")
+    return parser
+
+
+def add_model_options(add, env):
+    """Add the options saying where the models are and how the router uses them."""
+    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
+        help="the model server (default: %(default)s)")
+    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
+        help="the vision model's server (default: the upstream)")
+    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
+        help="model for text turns (default: %(default)s)")
+    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
+        help="model for turns with new images; none (or empty): text only, images reach "
+             "the coder as a marker (default: %(default)s)")
+    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
+        help="answer: the vision model answers the turn; describe: it only describes "
+             "each new image and the coder answers (default: %(default)s)")
+    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
+        help="where image descriptions, PDF texts and the warm-up's prompt heads are kept "
+             "(default: %(default)s)")
+
+
+def parse_settings(argv, environ):
+    """Parse and check the settings; exit with one line when they are wrong."""
+    try:
+        parser = build_parser(environ)
+    except argparse.ArgumentTypeError as e:
+        sys.exit("claude-router: %s" % e)
+    args = parser.parse_args(argv)
+    if args.vision_mode not in VISION_MODES:
+        parser.error("vision mode %r is not one of %s" % (args.vision_mode, ", ".join(VISION_MODES)))
+    if not is_loopback_host(args.host) and not args.token:
+        parser.error("listening on %s needs a token (--token or CLAUDE_ROUTER_TOKEN)" % args.host)
+    if args.upstream_key and not re.fullmatch(r"[!-~]+", args.upstream_key):
+        parser.error("the upstream key must be printable ASCII without spaces")   # never echo it
+    if args.token and not re.fullmatch(r"[!-~]+", args.token):
+        # Clients send it in a header, and header bytes have no agreed encoding beyond ASCII.
+        parser.error("the token must be printable ASCII without spaces")
+    if args.vision_model.strip().lower() in ("", "none"):
+        args.vision_model = ""
+    return args
 
 
 def run_as_import():

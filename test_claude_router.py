@@ -4828,45 +4828,7 @@ class StartupCheckTest(RouterTestCase):
                                          % (upstream.url, said)])
 
 
-################ Main
-
-class SettingsTest(unittest.TestCase):
-
-    def parse(self, argv, environ=None):
-        return cr.parse_settings(argv, environ or {})
-
-    def test_precedence_flag_over_environment_over_constant(self):
-        self.assertEqual(self.parse([]).port, cr.PORT)
-        self.assertEqual(self.parse([], {"CLAUDE_ROUTER_PORT": "4000"}).port, 4000)
-        self.assertEqual(self.parse(["--port", "5000"], {"CLAUDE_ROUTER_PORT": "4000"}).port, 5000)
-        env = {"CLAUDE_ROUTER_CODER_MODEL": "c", "CLAUDE_ROUTER_VISION_MODEL": "v",
-               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9/", "CLAUDE_ROUTER_CACHE_DIR": "/d",
-               "CLAUDE_ROUTER_VISION_MODE": "describe", "CLAUDE_ROUTER_VERBOSE": "1"}
-        args = self.parse([], env)
-        self.assertEqual((args.coder_model, args.vision_model, args.upstream, args.cache_dir,
-                          args.vision_mode, args.verbose),
-                         ("c", "v", "http://127.0.0.1:9", "/d", "describe", True))
-
-    def test_bad_values_exit_with_one_line(self):
-        rows = [(["--port", "x"], {}), ([], {"CLAUDE_ROUTER_PORT": "http"}),
-                (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
-                ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
-                (["--host", "0.0.0.0"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM_KEY": "s3cr et"}),
-                (["--upstream-key", "k\r\nX-Evil: 1"], {}),
-                ([], {"CLAUDE_ROUTER_TOKEN": "p\u00e4sswort"}), (["--token", "two words"], {})]
-        for argv, environ in rows:
-            with self.subTest(argv=argv, environ=environ):
-                err = io.StringIO()
-                with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(err):
-                    self.parse(argv, environ)
-                message = str(ctx.exception.code) + err.getvalue()
-                self.assertTrue(message.startswith("claude-router: "), message)
-                self.assertEqual(message.strip().count("\n"), 0, message)
-                self.assertNotIn("s3cr", message)
-
-    def test_other_hosts_need_a_token(self):
-        self.assertEqual(self.parse(["--host", "0.0.0.0", "--token", "t"]).token, "t")
-
+################ Status line and stopping
 
 class StatusLineTest(RouterTestCase):
     """python3 claude_router.py --statusline, run for real as Claude Code runs it."""
@@ -5113,6 +5075,46 @@ class StopTest(RouterTestCase):
             "the router on :%d says it is process %d, which is not a claude_router.py here "
             "(another machine, container or user?); not stopped" % (port, os.getpid()))))
         self.assertGreaterEqual(cr.STATUS_TIMEOUT, 2 * cr.STATUSLINE_TIMEOUT)
+
+
+################ Main
+
+class SettingsTest(unittest.TestCase):
+
+    def parse(self, argv, environ=None):
+        return cr.parse_settings(argv, environ or {})
+
+    def test_precedence_flag_over_environment_over_constant(self):
+        self.assertEqual(self.parse([]).port, cr.PORT)
+        self.assertEqual(self.parse([], {"CLAUDE_ROUTER_PORT": "4000"}).port, 4000)
+        self.assertEqual(self.parse(["--port", "5000"], {"CLAUDE_ROUTER_PORT": "4000"}).port, 5000)
+        env = {"CLAUDE_ROUTER_CODER_MODEL": "c", "CLAUDE_ROUTER_VISION_MODEL": "v",
+               "CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:9/", "CLAUDE_ROUTER_CACHE_DIR": "/d",
+               "CLAUDE_ROUTER_VISION_MODE": "describe", "CLAUDE_ROUTER_VERBOSE": "1"}
+        args = self.parse([], env)
+        self.assertEqual((args.coder_model, args.vision_model, args.upstream, args.cache_dir,
+                          args.vision_mode, args.verbose),
+                         ("c", "v", "http://127.0.0.1:9", "/d", "describe", True))
+
+    def test_bad_values_exit_with_one_line(self):
+        rows = [(["--port", "x"], {}), ([], {"CLAUDE_ROUTER_PORT": "http"}),
+                (["--upstream", "ftp://h"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM": "localhost:1234"}),
+                ([], {"CLAUDE_ROUTER_VERBOSE": "maybe"}), ([], {"CLAUDE_ROUTER_VISION_MODE": "x"}),
+                (["--host", "0.0.0.0"], {}), ([], {"CLAUDE_ROUTER_UPSTREAM_KEY": "s3cr et"}),
+                (["--upstream-key", "k\r\nX-Evil: 1"], {}),
+                ([], {"CLAUDE_ROUTER_TOKEN": "p\u00e4sswort"}), (["--token", "two words"], {})]
+        for argv, environ in rows:
+            with self.subTest(argv=argv, environ=environ):
+                err = io.StringIO()
+                with self.assertRaises(SystemExit) as ctx, contextlib.redirect_stderr(err):
+                    self.parse(argv, environ)
+                message = str(ctx.exception.code) + err.getvalue()
+                self.assertTrue(message.startswith("claude-router: "), message)
+                self.assertEqual(message.strip().count("\n"), 0, message)
+                self.assertNotIn("s3cr", message)
+
+    def test_other_hosts_need_a_token(self):
+        self.assertEqual(self.parse(["--host", "0.0.0.0", "--token", "t"]).token, "t")
 
 
 class LauncherTest(RouterTestCase):
