@@ -6,8 +6,8 @@ forwards each turn to an Anthropic-compatible local server (LM Studio, llama.cpp
 llama-server, Ollama, vLLM), choosing the model per turn: a turn that brings an
 image the router has not seen goes to the vision model, whose answer is cached as
 that image's description; every other turn goes to the coder model, with images
-replaced by their cached descriptions. On the way it repairs what strict local
-chat templates reject.
+replaced by their cached descriptions; a PDF reaches the coder as its text. On the
+way it repairs what strict local chat templates reject.
 
 Run:   python3 claude_router.py            (then: claude-local, or point
        ANTHROPIC_BASE_URL at http://127.0.0.1:3000)
