@@ -6237,6 +6237,25 @@ def env_flag(text):
     raise argparse.ArgumentTypeError("%r is not 1 or 0" % text)
 
 
+def add_model_options(add, env):
+    """Add the options saying where the models are and how the router uses them."""
+    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
+        help="the model server (default: %(default)s)")
+    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
+        help="the vision model's server (default: the upstream)")
+    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
+        help="model for text turns (default: %(default)s)")
+    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
+        help="model for turns with new images; none (or empty): text only, images reach "
+             "the coder as a marker (default: %(default)s)")
+    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
+        help="answer: the vision model answers the turn; describe: it only describes "
+             "each new image and the coder answers (default: %(default)s)")
+    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
+        help="where image descriptions, PDF texts and the warm-up's prompt heads are kept "
+             "(default: %(default)s)")
+
+
 def build_parser(environ):
     """The command line; each default comes from environ, else the constant."""
     def env(name, default):
@@ -6275,25 +6294,6 @@ def build_parser(environ):
     add("--verbose", action="store_true", default=env_flag(env("VERBOSE", "0")),
         help="log every request line")
     return parser
-
-
-def add_model_options(add, env):
-    """Add the options saying where the models are and how the router uses them."""
-    add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
-        help="the model server (default: %(default)s)")
-    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
-        help="the vision model's server (default: the upstream)")
-    add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
-        help="model for text turns (default: %(default)s)")
-    add("--vision-model", default=env("VISION_MODEL", VISION_MODEL),
-        help="model for turns with new images; none (or empty): text only, images reach "
-             "the coder as a marker (default: %(default)s)")
-    add("--vision-mode", choices=VISION_MODES, default=env("VISION_MODE", VISION_MODE),
-        help="answer: the vision model answers the turn; describe: it only describes "
-             "each new image and the coder answers (default: %(default)s)")
-    add("--cache-dir", default=env("CACHE_DIR", CACHE_DIR),
-        help="where image descriptions, PDF texts and the warm-up's prompt heads are kept "
-             "(default: %(default)s)")
 
 
 def parse_settings(argv, environ):
