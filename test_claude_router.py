@@ -202,6 +202,18 @@ class FakeServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
 
+def refused_port(test):
+    """A loopback port where connections are refused for the whole test.
+
+    Bound and not listening: a port merely found free and let go can be taken meanwhile by
+    any server on the machine (another suite's fake upstream answered a test's "down"
+    vision server)."""
+    sock = socket.socket()
+    test.addCleanup(sock.close)
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
 class FakeUpstream:
     """A real HTTP server playing the model server: scripted replies, recorded requests.
 
@@ -665,9 +677,7 @@ class LoggingTest(RouterTestCase):
         self.assertIn("\\x1b[31mred", log)
 
     def test_routers_own_refusals_say_whether_to_retry(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            down = "http://127.0.0.1:%d" % s.getsockname()[1]
+        down = "http://127.0.0.1:%d" % refused_port(self)
         self.start(down, token="t")
         rows = [({"x-api-key": "t"}, 529, None), ({"x-api-key": "wrong"}, 401, "false")]
         for headers, expected, should_retry in rows:
@@ -2680,9 +2690,7 @@ class UpstreamFaultTest(RouterTestCase):
     """A model server that is down, silent, or asks for a key."""
 
     def test_upstream_down_is_529_naming_it(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = refused_port(self)
         router = self.start("http://127.0.0.1:%d" % port)
         status, _, reply = self.post(request(user(text("hi"))))
         self.assertEnvelope(status, reply, 529, "overloaded_error")
@@ -3328,9 +3336,7 @@ class VisionFailureTest(RouterTestCase):
         self.assertTrue(gone.wait(TIMEOUT), "the router kept waiting for a client that left")
 
     def test_vision_server_down_silent_or_failing_in_stream_falls_back(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            refused = "http://127.0.0.1:%d" % s.getsockname()[1]
+        refused = "http://127.0.0.1:%d" % refused_port(self)
         hang = threading.Event()
         self.addCleanup(hang.set)
         lm_studio_error = stream_reply([("error", {"type": "error", "error": {
@@ -3404,9 +3410,7 @@ class VisionFailureTest(RouterTestCase):
                 os.mkdir(self.cache_dir)
 
     def test_one_server_down_for_both_models_is_529_and_not_remembered(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            url = "http://127.0.0.1:%d" % s.getsockname()[1]
+        url = "http://127.0.0.1:%d" % refused_port(self)
         router = self.start(url)
         status, _, reply = self.post(request(user(image(PNG_B))))
         self.assertEnvelope(status, reply, 529, "overloaded_error")
@@ -4782,9 +4786,7 @@ class StartupCheckTest(RouterTestCase):
                       "qwen/other. Fix: lms get CODER, or set --coder-model to one of those", lines)
 
     def test_unreachable_upstream_is_said_and_kept_for_status(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = refused_port(self)
         router = self.start("http://127.0.0.1:%d" % port)
         lines = router.check_upstream()
         self.assertEqual(lines, ["! upstream http://127.0.0.1:%d is not reachable yet; requests "
@@ -4940,9 +4942,7 @@ class StatusLineTest(RouterTestCase):
                          r"^router: coder CODER · last: coder interrupted after \d+\.\d s\n$")
 
     def test_with_no_router_it_says_so_and_exits_0(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = refused_port(self)
         done = self.statusline(port)
         self.assertEqual((done.returncode, done.stdout, done.stderr),
                          (0, "router: none on :%d\n" % port, ""))
@@ -5235,9 +5235,7 @@ class LauncherTest(RouterTestCase):
         self.assertIn("args: --permission-mode default --settings {}\n", done.stdout)  # theirs only
 
     def test_a_router_it_starts_tells_its_problems_and_log_before_claude_starts(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            dead = s.getsockname()[1]
+        dead = refused_port(self)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
