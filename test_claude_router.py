@@ -5327,7 +5327,9 @@ class LauncherTest(RouterTestCase):
         port = router.server_port
         wanted = {"CLAUDE_ROUTER_UPSTREAM": mine.url, "CLAUDE_ROUTER_CODER_MODEL": "MINE",
                   "CLAUDE_ROUTER_SIDE_MODEL": "SIDE"}
-        wanted["CLAUDE_LOCAL_PORTS"] = "3"     # few: --stop stops what answers on each
+        # As many spares as by default: loopback connections hold runs of ports next to one
+        # another, and with 3 all were taken once ("no free port").
+        wanted["CLAUDE_LOCAL_PORTS"] = "10"
         done = self.run_launcher(port, ["claude"], wanted, asks=True)
         self.assertEqual(done.returncode, 0, done.stderr)
         # The next free port: port + 1, unless something else holds that one.
@@ -5350,7 +5352,7 @@ class LauncherTest(RouterTestCase):
         self.assertIn("claude-local: This session uses the router with yours already on :%d.\n"
                       % spare, again.stderr)
         self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["SIDE"] * 2, []))
-        stop = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_PORTS": "3"}, args=("--stop",))
+        stop = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_PORTS": "10"}, args=("--stop",))
         self.assertEqual(stop.returncode, 1)    # the one on :port is this test, not a router
         self.assertIn("not a claude_router.py here", stop.stderr)
         self.assertEqual(stop.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
