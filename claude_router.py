@@ -6323,11 +6323,16 @@ def run_as_import():
     # Run as a script (python3 claude_router.py), the file's syntax tree, about 19 MiB,
     # lives until the script returns, which a server never does: CPython frees it only
     # after running the script's code. Imported, it is freed once the module is compiled.
-    boot = ("import os, sys, importlib.util as iu; sys.argv.pop(0); "
-            "sys.path[0] = os.path.dirname(sys.argv[0]); "     # as for the script
-            "spec = iu.spec_from_file_location('claude_router', sys.argv[0]); "  # any file name
+    # The loader is named: from the path alone, importlib finds none for a file whose
+    # name lacks .py (~/bin/claude-router). Read from stdin, there is no file to load.
+    boot = ("import os, sys, importlib.util as iu, importlib.machinery as im; "
+            "sys.argv.pop(0); sys.path[0] = os.path.dirname(sys.argv[0]); "  # as for the script
+            "spec = iu.spec_from_file_location('claude_router', sys.argv[0], "
+            "loader=im.SourceFileLoader('claude_router', sys.argv[0])); "
             "sys.modules['claude_router'] = m = iu.module_from_spec(spec); "
             "spec.loader.exec_module(m); m.main()")
+    if not os.path.isfile(__file__):
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -4990,7 +4990,15 @@ class StopTest(RouterTestCase):
     def test_a_copy_under_another_name_serves_and_ends_on_sigterm(self):
         # Run as a script, the router starts itself again as a module, by its file's path:
         # "import claude_router" found no router named otherwise, and exited at start.
-        copy = os.path.join(self.cache_dir, "my-router.py")
+        self.check_copy_serves("my-router.py")
+
+    def test_a_copy_named_without_py_serves(self):
+        # ~/bin/claude-router: a name with no .py found no loader and exited at start.
+        self.check_copy_serves("claude-router")
+
+    def check_copy_serves(self, name):
+        """Run a copy of the router named name; check it serves and ends 0 on SIGTERM."""
+        copy = os.path.join(self.cache_dir, name)
         shutil.copy(self.script(), copy)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
