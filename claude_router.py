@@ -6167,9 +6167,12 @@ def is_router_process(pid):
                 words = f.read().decode("utf-8", "replace").split("\0")
         except OSError:
             return False
-    else:       # macOS, BSD: ask ps
-        words = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], text=True,
-                               capture_output=True, timeout=STATUSLINE_TIMEOUT).stdout.split()
+    else:       # macOS, BSD: ask ps; -ww, since BSD ps cuts the column to a terminal's width
+        try:    # and the router's re-start as a module puts its path after ~330 characters
+            words = subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(pid)], text=True,
+                                   capture_output=True, timeout=STATUS_TIMEOUT).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            return False
     return any(os.path.basename(word) == "claude_router.py" or (before, word) == (
         "-m", "claude_router") for before, word in zip([""] + words, words))
 
