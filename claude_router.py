@@ -6244,7 +6244,7 @@ def add_model_options(add, env):
     """Add the options saying where the models are and how the router uses them."""
     add("--upstream", type=http_url, default=env("UPSTREAM", UPSTREAM_URL),
         help="the model server (default: %(default)s)")
-    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", None),
+    add("--vision-upstream", type=http_url, default=env("VISION_UPSTREAM", VISION_UPSTREAM_URL or None),
         help="the vision model's server (default: the upstream)")
     add("--coder-model", default=env("CODER_MODEL", CODER_MODEL),
         help="model for text turns (default: %(default)s)")
