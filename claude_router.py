@@ -3993,12 +3993,6 @@ def opening_error(head):
     return json.dumps(event) if event else first.decode("utf-8", "replace")
 
 
-def stream_overflow(head, estimated_input, context_length):
-    """The "prompt is too long" envelope if a stream opens with an overflow error event, else None."""
-    text = opening_error(head)
-    return overflow_error(text, estimated_input, context_length) if text else None
-
-
 ################ Model listings
 
 # What the server says it has: LM Studio's, llama-server's, vLLM's and Ollama's lists.

@@ -2660,7 +2660,7 @@ class UpstreamTest(unittest.TestCase):
             with self.subTest(name):
                 self.assertIsNone(cr.overflow_error(upstream_text, 4000, 32768))
 
-    def test_stream_overflow_looks_only_at_an_opening_error_event(self):
+    def test_an_overflow_is_read_only_in_an_opening_error_event(self):
         overflow = {"type": "error", "error": {"message": "request (9 tokens) exceeds the "
                                                "available context size (8 tokens)"}}
         rows = [("error event", sse(("error", overflow)), "prompt is too long: 9 tokens > 8 maximum"),
@@ -2671,7 +2671,8 @@ class UpstreamTest(unittest.TestCase):
                                                   "context size (8 tokens)")), None)]
         for name, head, expected in rows:
             with self.subTest(name):
-                got = cr.stream_overflow(head, 100, 200)
+                text = cr.opening_error(head)     # as a turn reads a stream's head
+                got = text and cr.overflow_error(text, 100, 200)
                 self.assertEqual(got and got["error"]["message"], expected)
 
     def test_upstream_messages_in_each_servers_shape(self):
