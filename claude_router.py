@@ -3662,10 +3662,16 @@ DROP_REQUEST_HEADERS = HOP_BY_HOP | HINT_HEADERS | {
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
 
 
+def connection_tokens(headers):
+    """The lower-case tokens of every Connection header (RFC 9110 7.6.1: close, keep-alive,
+    and the names of hop-by-hop fields)."""
+    return {t.strip().lower() for v in headers.get_all("connection") or () for t in v.split(",")}
+
+
 def filter_headers(headers, drop):
     """Return [(name, value)] without the drop set, headers named in Connection, and any
     header that is not a plain field line (see is_plain_field)."""
-    named = {t.strip().lower() for v in headers.get_all("connection") or [] for t in v.split(",")}
+    named = connection_tokens(headers)
     return [(k, v) for k, v in headers.items()
             if k.lower() not in drop and k.lower() not in named and is_plain_field(k, v)]
 
@@ -4540,8 +4546,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         method, path, query, minor = match.groups()
         self.command, self.request_version = method.decode(), "HTTP/1.%s" % minor.decode()
         self.headers = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
-        connection = {t.strip().lower() for v in self.headers.get_all("connection") or ()
-                      for t in v.split(",")}
+        connection = connection_tokens(self.headers)
         self.close_connection = "close" in connection or (
             minor == b"0" and "keep-alive" not in connection)
         path = normalize_path(path.decode())
