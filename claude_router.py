@@ -909,16 +909,21 @@ def image_data(block):
     return source["url"] if source.get("type") == "url" else source["data"]
 
 
-def image_keys(messages):
-    """Return {image data string: sha256 hex} for every image in messages, each hashed once."""
+def content_keys(messages, data_of):
+    """Return {data string: sha256 hex} for every block of messages whose data_of(block) is
+    not None, each hashed once."""
     keys = {}
     for message in messages:
         for block in iter_blocks(message):
-            if is_image(block):
-                data = image_data(block)
-                if data not in keys:
-                    keys[data] = hashlib.sha256(data.encode()).hexdigest()
+            data = data_of(block)
+            if data is not None and data not in keys:
+                keys[data] = hashlib.sha256(data.encode()).hexdigest()
     return keys
+
+
+def image_keys(messages):
+    """Return {image data string: sha256 hex} for every image in messages, each hashed once."""
+    return content_keys(messages, lambda block: image_data(block) if is_image(block) else None)
 
 
 def iter_blocks(message):
@@ -2830,16 +2835,16 @@ def file_read_name(text):
     return re.split(r"[/\\]", match.group(1))[-1] or None if match else None
 
 
+def base64_document_data(block):
+    """The base64 data of a base64 (PDF) document block, else None."""
+    if is_document(block) and block["source"]["type"] == "base64":
+        return block["source"]["data"]
+    return None
+
+
 def document_keys(messages):
     """Return {base64 data: sha256 hex} for every base64 (PDF) document in messages."""
-    keys = {}
-    for message in messages:
-        for block in iter_blocks(message):
-            if is_document(block) and block["source"]["type"] == "base64":
-                data = block["source"]["data"]
-                if data not in keys:
-                    keys[data] = hashlib.sha256(data.encode()).hexdigest()
-    return keys
+    return content_keys(messages, base64_document_data)
 
 
 def document_record(pages, max_chars=DOCUMENT_MAX_CHARS):
