@@ -5251,8 +5251,9 @@ class Turn:
 
     def vision_error(self, status, raw):
         """A few words for the vision model's error answer (raw: its body or error event)."""
-        self.server.note_error(upstream_message(raw), status)
-        return short_reason(upstream_message(raw)) or "error %d" % status
+        message = upstream_message(raw)
+        self.server.note_error(message, status)
+        return short_reason(message) or "error %d" % status
 
     def vision_failure(self, error):
         """A few words for a ProxyError of the vision model's request; raise it again for the
