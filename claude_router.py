@@ -154,6 +154,7 @@ LINGER_TIMEOUT = 10.0                       # s we drop what a refused client st
 MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
 MAX_HEADERS = 100                           # header lines per request
 MODELS_TTL = 30.0                           # s between looks at the upstream's model list
+LISTING_TTL = 5.0                           # s: GET /v1/models has the list looked at again
 RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MAX_EVENT_BYTES = 1024 * 1024               # one upstream SSE event; past it the stream ends
@@ -4788,8 +4789,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, self.server.status())
 
     def models(self):
-        """GET /v1/models: the upstream's models, else the configured two, Anthropic's shape."""
-        ids = list(self.server.known_models(refresh=True) or ()) or [
+        """GET /v1/models: the upstreams' models as last seen, else the configured two, in
+        Anthropic's shape.
+
+        A list older than LISTING_TTL is looked at again after the answer, on a closed
+        connection, by one request at a time: a client polling this reaches the model
+        server at most once per LISTING_TTL, and never waits for it."""
+        if self.server.claim_refresh(LISTING_TTL):
+            self.refresh_due = True
+            self.close_connection = True
+        ids = list(self.server.known_models() or ()) or [
             m for m in (self.server.coder_model, self.server.vision_model) if m]
         data = [{"type": "model", "id": i, "display_name": i,
                  "created_at": "1970-01-01T00:00:00Z"} for i in ids]
@@ -5922,18 +5931,18 @@ class Server(BoundedServer):
 
     # The upstream's models.
 
-    def known_models(self, refresh=False):
-        """{model id: info} of both upstreams as last seen (None: never seen); refresh asks now."""
-        if refresh:
-            self.refresh_models()
+    def known_models(self):
+        """{model id: info} of both upstreams as last seen (None: never seen)."""
         return self.models
 
-    def claim_refresh(self):
-        """True for the one request that finds the model list stale; it refreshes the list.
+    def claim_refresh(self, ttl=None):
+        """True for the one request that finds the model list older than models_ttl (or ttl,
+        when shorter); it refreshes the list.
 
         The others go on with the list as it is, so no client waits for a slow listing."""
+        ttl = self.models_ttl if ttl is None else min(ttl, self.models_ttl)
         with self.stats_lock:
-            if time.monotonic() - self.models_time <= self.models_ttl:
+            if time.monotonic() - self.models_time <= ttl:
                 return False
             self.models_time = time.monotonic()
             return True

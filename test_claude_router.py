@@ -3472,6 +3472,29 @@ class HandlerTest(RouterTestCase):
         status, _, reply = self.call("GET", "/v1/models")
         self.assertEqual((status, [m["id"] for m in reply["data"]]), (200, ["CODER", "VISION"]))
 
+    def test_a_client_polling_the_model_list_never_reaches_the_model_server(self):
+        # Every GET /v1/models asked each upstream for its list, inline: a client polling
+        # it made the router poll the model server as fast.
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        self.start(upstream)        # its start's look is seconds fresh
+        seen = len(upstream.requests)
+        for _ in range(20):
+            status, _, reply = self.call("GET", "/v1/models?limit=1000")
+            self.assertEqual((status, [m["id"] for m in reply["data"]]),
+                             (200, ["qwen2.5-coder-0.5b"]))
+        self.assertEqual(upstream.requests[seen:], [])
+
+    def test_a_stale_model_list_is_served_as_known_and_looked_at_after_the_answer(self):
+        upstream = FakeUpstream(self, listing=LLAMA_LISTING)
+        self.start(upstream, models_ttl=0)      # every request finds the list stale
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        upstream.listing_gate = gate            # a listing that does not answer yet
+        status, headers, reply = self.call("GET", "/v1/models")
+        self.assertEqual((status, [m["id"] for m in reply["data"]], headers["Connection"]),
+                         (200, ["qwen2.5-coder-0.5b"], "close"))
+        gate.set()
+
     def test_count_tokens_is_forwarded_when_the_upstream_counts(self):
         upstream = FakeUpstream(self, count_tokens=(200, {"input_tokens": 42}))
         self.start(upstream)
