@@ -148,7 +148,8 @@ STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the route
 STATUS_TIMEOUT = 5.0                        # s --stop and claude-local wait for /status
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
-REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and per body stall: 408
+REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and at least for a body: 408
+BODY_TIME_PER_MB = 4.0                      # s more a request body may take per MiB (256 KiB/s)
 MAX_CONNECTIONS = 128                       # client connections served at once; past it, a 503
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
 MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
@@ -4467,7 +4468,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     Protocol: handle() serves the connection; handle_one_request() waits for a request
     (await_request), reads its head (read_head, read_line) and dispatches it;
-    handle_request() checks access, reads the body (receive_body) and routes it;
+    handle_request() checks access, reads the body (receive_body, read_exactly) and routes it;
     handle_routed() counts and times /v1/messages. refuse() answers a ProxyError,
     answer_unexpected() a bug; finish() and linger() close after a refused request.
     Answers: send_response, send_json, write_client, end_stream and end_response.
@@ -4597,17 +4598,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length and self.request_version == "HTTP/1.1" and \
                 self.headers.get("expect", "").lower() == "100-continue":
             self.write_client(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            body = self.rfile.read(length)
-        except TIMEOUT_ERRORS:
-            self.unread_input = False
-            self.close_connection = True
-            raise ProxyError(408, "the request body stalled") from None
-        if len(body) < length:
-            raise ProxyError(400, "request body ended after %d of %d bytes" % (len(body), length))
+        self.body = self.read_exactly(length) if length else b""
         self.unread_input = False
         self.connection.settimeout(self.timeout)    # writing the answer may take long
-        self.body = body
+
+    def read_exactly(self, length):
+        """Return the body's length bytes (a bytearray); 408 once they have taken longer than
+        request_timeout and body_time_per_mb seconds per MiB, however slowly they trickle in.
+
+        A socket timeout bounds each wait for bytes only, so a body sent a byte every few
+        seconds held its thread and its connection's slot for as long as the client liked."""
+        server = self.server
+        deadline = time.monotonic() + server.request_timeout + \
+            length / (1 << 20) * server.body_time_per_mb
+        body, got = bytearray(length), 0
+        with memoryview(body) as view:
+            try:
+                while got < length:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout("timed out")
+                    self.connection.settimeout(left)
+                    read = self.rfile.readinto1(view[got:])     # what one read brings
+                    if not read:
+                        raise ProxyError(400, "request body ended after %d of %d bytes"
+                                         % (got, length))
+                    got += read
+            except TIMEOUT_ERRORS:
+                self.unread_input = False   # a stalled client sends nothing more to wait for
+                self.close_connection = True
+                raise ProxyError(408, "the request body did not arrive in time (%d of %d bytes)"
+                                 % (got, length)) from None
+        return body
 
     def refuse(self, error):
         """Answer a ProxyError with Anthropic's envelope; close if the request was not all read."""
@@ -5765,6 +5787,7 @@ class Server(BoundedServer):
         self.verbose = verbose
         self.read_timeout = read_timeout
         self.request_timeout = REQUEST_TIMEOUT
+        self.body_time_per_mb = BODY_TIME_PER_MB
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.models_ttl = models_ttl

@@ -3672,6 +3672,31 @@ class RequestFramingTest(RouterTestCase):
         self.assertLess(time.monotonic() - started, 3.0)       # the trickle ran on for 5 s
         self.assertEqual(headers["connection"], "close")
 
+    def test_a_body_has_time_by_its_size_and_one_trickled_gets_408_by_its_deadline(self):
+        # The body had a timeout per read only: sent a byte every few seconds, up to 64 MB,
+        # it held its thread and its connection's slot for as long as the client liked.
+        self.start(FakeUpstream(self))
+        self.router.request_timeout, self.router.body_time_per_mb = 0.3, 2.0
+        ok = json.dumps(request(user(text("x" * (1 << 20))))).encode()
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(ok))
+        for piece in range(0, len(ok), len(ok) // 8 + 1):   # 1 MiB in 0.45 s: slow, but on time
+            select.select([sock], [], [], 0.05)
+            sock.sendall(ok[piece:piece + len(ok) // 8 + 1])
+        self.assertEqual(read_response(sock)[0], 200)
+        self.router.body_time_per_mb = 0.0
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(ok), ok[:100]))
+        started = time.monotonic()
+        # select is the pace: a byte every 0.05 s until the router answers (or TIMEOUT).
+        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() - started < TIMEOUT:
+            sock.sendall(b"x")
+        status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 408)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(headers["connection"], "close")
+
     def test_connections_past_the_cap_get_503_at_once_and_no_thread(self):
         # Every connection got a thread, idle ones too: 1,200 idle sockets made 1,201
         # threads before a request was read (issue 14, section 4).
