@@ -3765,23 +3765,136 @@ def final_response(conn):
     return resp
 
 
-def has_buffered_bytes(resp, sock):
-    """True when resp has body bytes at hand, so reading it now will not wait for the upstream."""
-    if resp.fp is None or resp.length == 0:
-        return True         # its body is all read: the next read returns b"" at once
+# A chunk's head: the CRLF that ends the chunk before it, then its size line (RFC 9112 7.1).
+# The size is hex digits only (int() would also take a sign, "0x", "_" and spaces); what
+# follows a ';' is an extension, which a recipient must ignore if it does not know it.
+CHUNK_HEAD = re.compile(rb"\r\n([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?\r\n")
+MAX_CHUNK_HEAD = 4096       # bytes of a chunk's head: size line, extensions and CRLFs
+
+
+class ChunkError(http.client.HTTPException):
+    """An upstream's chunked body broke its framing (RFC 9112 7.1)."""
+
+
+class ChunkedBody:
+    """A chunked response body, decoded from whole reads of the connection.
+
+    http.client's read1 returns at most one chunk a call, through four Python calls,
+    and whether more is at hand cost a peek and two settimeout calls; model servers
+    send each SSE event as a chunk of its own, so all of that was paid per event. One
+    read() here takes what the connection holds and decodes every chunk in it; the
+    bytes left are a chunk still arriving, so after a read that did not fill its
+    buffer nothing more is at hand until the socket has some, which poll sees.
+    The last chunk ends the body: its trailers (RFC 9112 7.1.2), which a recipient may
+    discard, are never read or waited for, since the connection is closed after it."""
+
+    def __init__(self, fp, sock):
+        self.fp = fp            # http.client's buffered reader of the connection
+        self.sock = sock
+        self.held = b"\r\n"     # bytes not yet decoded: as if a chunk had just ended, so
+                                # each size line comes after a CRLF (see CHUNK_HEAD)
+        self.left = 0           # bytes of the current chunk's data still to come
+        self.ended = False      # the last chunk has come
+        self.broken = None      # what is wrong with the framing, once it is
+        self.unsure = True      # the reader may hold bytes: before the first read, or
+                                # after a read that filled the whole size asked
+
+    def read(self, size):
+        """Return the data that one read of the connection brings: b"" if it held framing
+        only, or at the end (then ended is set).
+
+        Raise IncompleteRead if the connection ends before the last chunk, ChunkError
+        once the framing is broken (the data before the break is returned first)."""
+        if self.broken:
+            raise ChunkError(self.broken)
+        if self.ended:
+            return b""
+        data = self.fp.read1(size)     # what the reader holds, or one read of the socket
+        if not data:
+            raise http.client.IncompleteRead(b"")
+        # A read1 that returns less than asked left nothing in the reader.
+        self.unsure = len(data) == size
+        return self.decode(self.held + data if self.held else data)
+
+    def decode(self, data):
+        """Return the chunk data in data, all bytes not yet decoded; hold a chunk head cut off."""
+        parts, at, end = [], 0, len(data)
+        self.held = b""
+        while at < end:
+            if self.left:
+                part = data[at:at + self.left]
+                parts.append(part)
+                at += len(part)
+                self.left -= len(part)
+                continue
+            head = CHUNK_HEAD.match(data, at)
+            if head is None or head.end() - at > MAX_CHUNK_HEAD:
+                self.held = data[at:]
+                self.broken = chunk_head_problem(self.held)
+                break
+            at, self.left = head.end(), int(head[1], 16)
+            if not self.left:
+                self.ended = True
+                break
+        return b"".join(parts)
+
+    def at_hand(self):
+        """True when a read now will not wait for the upstream."""
+        return self.ended or bool(self.broken) or (
+            self.unsure and has_buffered_bytes(self.fp, self.sock))
+
+
+def chunk_head_problem(rest):
+    """What is wrong with rest, the start of a chunk head that CHUNK_HEAD did not match (or
+    too long), or None when it may be one cut off by a read."""
+    if not b"\r\n".startswith(rest[:2]):
+        return "no CRLF after a chunk's data"
+    line_end = rest.find(b"\n", 2)
+    if (len(rest) if line_end < 0 else line_end + 1) > MAX_CHUNK_HEAD:
+        return "a chunk size line of over %d bytes" % MAX_CHUNK_HEAD
+    return "a chunk size that is not hex digits" if line_end >= 0 else None
+
+
+class PlainBody:
+    """A body framed by its Content-Length or by the connection's close, read with http.client
+    (read/ended/at_hand as ChunkedBody's)."""
+
+    def __init__(self, resp):
+        self.resp = resp
+        self.ended = False
+        self.drained = False    # the last look found no byte at hand
+
+    def read(self, size):
+        """Return what one read of the body brings; b"" at its end (then ended is set)."""
+        data = self.resp.read1(size)
+        self.ended, self.drained = not data, False
+        return data
+
+    def at_hand(self):
+        """True when a read now will not wait for the upstream."""
+        resp = self.resp
+        if resp.fp is None or resp.length == 0:
+            return True         # its body is all read: the next read returns b"" at once
+        if not self.drained:    # drained, bytes can only come to the socket, which poll sees
+            self.drained = not has_buffered_bytes(resp.fp, resp.upstream_sock)
+        return not self.drained
+
+
+def upstream_body(resp):
+    """The reader of resp's body: ChunkedBody or PlainBody."""
+    return ChunkedBody(resp.fp, resp.upstream_sock) if resp.chunked else PlainBody(resp)
+
+
+def has_buffered_bytes(fp, sock):
+    """True when the buffered reader fp of sock has bytes at hand, so reading it will not wait."""
     timeout = sock.gettimeout()
     sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
     try:
-        pending = resp.fp.peek(1)
+        return bool(fp.peek(1))
     except OSError:
         return True         # let the read itself report what is wrong
     finally:
         sock.settimeout(timeout)
-    if resp.chunked and resp.chunk_left == 0:
-        # http.client leaves the CRLF that ends a chunk (RFC 9112 7.1) unread until the
-        # next read, so a stream paused between events has just those two bytes here.
-        pending = pending[2:]
-    return bool(pending)
 
 
 def has_hung_up(client):
@@ -3801,7 +3914,7 @@ def has_left(client):
     return bool(poller.poll(0)) and has_hung_up(client)
 
 
-def await_upstream(sock, client, timeout, resp=None):
+def await_upstream(sock, client, timeout, body=None):
     """Return once the upstream has bytes for us; raise ClientGone if the client hangs up first.
 
     A local model reads a long prompt for seconds to minutes before its first byte.
@@ -3809,8 +3922,10 @@ def await_upstream(sock, client, timeout, resp=None):
     ours at once stops the model, where waiting for its next write (or, for a
     non-streamed request, its whole answer) keeps a one-slot server busy for nobody
     and queues the user's next prompt behind it. timeout bounds the silence, as the
-    socket timeout would (socket.timeout, which upstream_failure reports as a 504)."""
-    if resp is not None and has_buffered_bytes(resp, sock):
+    socket timeout would (socket.timeout, which upstream_failure reports as a 504).
+    body, if given, is the response's body reader (ChunkedBody or PlainBody), which may
+    hold bytes that poll cannot see."""
+    if body is not None and body.at_hand():
         return
     deadline = None if timeout is None else time.monotonic() + timeout
     # poll, not selectors: this runs between reads of every stream, and a poll object
@@ -4886,8 +5001,8 @@ class Relay:
         self.conn = conn
         self.resp = resp
         self.url = url
+        self.body = upstream_body(resp)     # reads its body: a chunked one many chunks a read
         self.splitter = EventSplitter()     # an event stream's bytes, as whole events
-        self.drained = False                # the last look found no byte at hand
         self.relayed = 0        # bytes of the answer's body the client has been sent
         self.deltas = 0         # of them, pieces of the answer (content_block_delta events)
 
@@ -4912,9 +5027,8 @@ class Relay:
     def wait(self):
         """Return once the response has bytes to read; raise ClientGone if the client hangs up first."""
         try:
-            # Drained, bytes can only come to the socket, which poll watches: no look first.
             await_upstream(self.resp.upstream_sock, self.handler.connection,
-                           self.handler.server.read_timeout, None if self.drained else self.resp)
+                           self.handler.server.read_timeout, self.body)
         except ClientGone:
             self.client_left()      # before the upstream is closed, so the log never lags it
             raise
@@ -4932,19 +5046,16 @@ class Relay:
         before our status goes out, so what they say can still decide it (a status is
         sent once).
 
-        Reads until an event is complete (or STREAM_HEAD_BYTES are held, or the end):
-        one read1 of a chunked body returns at most one chunk, and an opening error
-        event may come in several. What is held stays in the splitter for pump()."""
+        Reads until an event is complete (or STREAM_HEAD_BYTES are held, or the end): an
+        opening error event may come in several reads. What is held stays in the
+        splitter for pump()."""
         if not is_event_stream(self.resp):
             return b""
         head = b""
         try:
-            while not head and self.splitter.size < STREAM_HEAD_BYTES:
+            while not head and self.splitter.size < STREAM_HEAD_BYTES and not self.body.ended:
                 self.wait()
-                data = self.resp.read1(RELAY_BUFFER)
-                if not data:
-                    break
-                head = self.splitter.feed(data)
+                head = self.splitter.feed(self.body.read(RELAY_BUFFER))
         except (OSError, http.client.HTTPException) as e:
             raise upstream_failure(e, self.url) from None
         except EventTooLarge:
@@ -5055,27 +5166,24 @@ class Relay:
         """Wait for the upstream; return (the whole events of what it has sent by now, whether
         its stream ended, None or (what, why) it failed).
 
-        read1 returns what one read brings; read(n) would wait for n bytes and hold
-        tokens back (urllib3#2123). One read returns one chunk of a chunked body, so
-        what further reads find at hand, up to RELAY_BUFFER bytes, goes out with it:
-        one write for a burst of events, and never a wait for more."""
+        A read returns what the connection brings, not a wait for a size (read(n) would
+        hold tokens back, urllib3#2123); what further reads find at hand, up to
+        RELAY_BUFFER bytes, goes out with it: one write for a burst of events, and never
+        a wait for more. A chunked body's one read takes every chunk at hand."""
         events, size = [], 0
         try:
             self.wait()
-            self.drained = False
             while True:
-                data = self.resp.read1(RELAY_BUFFER)
-                events.append(self.splitter.feed(data))
+                events.append(self.splitter.feed(self.body.read(RELAY_BUFFER)))
                 size += len(events[-1])
-                if not data:
+                if self.body.ended:
                     partial = self.splitter.has_partial()
                     return b"".join(events), True, (("broke off", "it ended inside an event")
                                                     if partial else None)
-                if size >= RELAY_BUFFER:
+                if size >= RELAY_BUFFER or not self.body.at_hand():
                     return b"".join(events), False, None
-                if not has_buffered_bytes(self.resp, self.resp.upstream_sock):
-                    self.drained = True
-                    return b"".join(events), False, None
+        except ChunkError as e:
+            return b"".join(events), True, ("broke off", str(e))
         except (OSError, http.client.HTTPException) as e:
             return b"".join(events), True, (
                 "stalled" if isinstance(e, TIMEOUT_ERRORS) else "broke off", type(e).__name__)
