@@ -2973,6 +2973,176 @@ class UpstreamTrustTest(RouterTestCase):
         self.assertIn("skipped 2 unreadable line(s)", self.log.getvalue())
 
 
+def chunk(data, size_line=None):
+    """One chunk of data, its size line as given (without CRLF) or as it should be."""
+    return (b"%X" % len(data) if size_line is None else size_line) + b"\r\n" + data + b"\r\n"
+
+
+def framed_reply(first, rest=b"", gate=None, hold=None):
+    """A streamed reply whose body is written as raw bytes, framing and all: first, then rest
+    once gate is set; then the connection closes, or stays open until hold is set."""
+    def reply(handler):
+        begin_stream(handler)
+        handler.close_connection = True
+        try:
+            handler.wfile.write(first)
+            if gate is not None:
+                gate.wait(TIMEOUT)
+            if rest:
+                handler.wfile.write(rest)
+            if hold is not None:    # past the client's timeout: a router that waits fails
+                hold.wait(TIMEOUT * 4)
+        except OSError:
+            pass        # the router closed the connection first: what this test wants
+    return reply
+
+
+class ChunkedBodyTest(RouterTestCase):
+    """A model server's chunked body (RFC 9112 7.1), decoded many chunks a read: its bytes
+    are hostile input, read strictly and within bounds."""
+
+    events = text_events("chunked framing")
+
+    def stream_of(self, reply, **settings):
+        """Start a router on an upstream answering with reply; return (status, raw body) of
+        a streamed request."""
+        self.start(FakeUpstream(self, [reply]), **settings)
+        status, _, raw = self.post(request(user(text("hi")), stream=True))
+        return status, raw
+
+    def held_open(self):
+        """An Event an upstream holds its connection open on, set when the test ends."""
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        return hold
+
+    def assertBrokeOff(self, raw, complete, why):
+        """raw is the whole events complete, then one error event; the log says why."""
+        self.assertEqual(raw[:len(complete)], complete)
+        name, data = cr.parse_sse_event(raw[len(complete):].strip())
+        self.assertEqual((name, data["error"]["type"]), ("error", "overloaded_error"), raw)
+        self.assertIn("broke off", data["error"]["message"])
+        self.assertIn("upstream stream broke off (%s" % why, self.log.getvalue())
+
+    def test_chunk_sizes_are_hex_digits_and_extensions_are_ignored(self):
+        # int(size, 16) also took a sign, "0x", "_" and spaces: bytes a server never
+        # means as a size.
+        e0, e1 = sse(self.events[0]), sse(self.events[1])
+        rest = b"".join(chunk(sse(e)) for e in self.events[2:]) + b"0;last=yes\r\n\r\n"
+        rows = [(b"%x" % len(e1), True), (b"%04X" % len(e1), True),
+                (b"%X;name=value" % len(e1), True), (b'%X \t; a="b;c" ;d' % len(e1), True),
+                (b"+%X" % len(e1), False), (b"0x%X" % len(e1), False),
+                (b" %X" % len(e1), False), (b"%X " % len(e1), False),
+                (b"1_%X" % len(e1), False), (b"", False), (b"%X\x00" % len(e1), False)]
+        for size_line, valid in rows:
+            with self.subTest(size_line):
+                status, raw = self.stream_of(framed_reply(
+                    chunk(e0) + chunk(e1, size_line) + rest))
+                self.assertEqual(status, 200)
+                if valid:
+                    self.assertEqual(raw, sse(*self.events))
+                else:
+                    self.assertBrokeOff(raw, e0, "a chunk size that is not hex digits")
+
+    def test_chunk_data_without_its_crlf_ends_the_stream(self):
+        # http.client tossed the two bytes after a chunk's data, whatever they were.
+        e0, e1, e2 = (sse(e) for e in self.events[:3])
+        rows = [("other bytes", chunk(e0) + b"%X\r\n%s--" % (len(e1), e1) + chunk(e2), e0 + e1),
+                ("a size one short", chunk(e0) + chunk(e1, b"%X" % (len(e1) - 1)) + chunk(e2),
+                 e0)]
+        for name, body, complete in rows:
+            with self.subTest(name):
+                status, raw = self.stream_of(framed_reply(body + b"0\r\n\r\n"))
+                self.assertEqual(status, 200)
+                self.assertBrokeOff(raw, complete, "no CRLF after a chunk's data")
+
+    def test_a_chunk_cut_anywhere_across_reads_arrives_whole(self):
+        # The router reads the first write (one send) whole before the test lets the rest
+        # go, so each row cuts a read where it says; an event whose data is in is relayed.
+        e0, e1 = sse(self.events[0]), sse(self.events[1])
+        c1 = chunk(e1)
+        digits = len(b"%X" % len(e1))
+        tail = b"".join(chunk(sse(e)) for e in self.events[2:])
+        rows = [("in the size", 1), ("before the CR", digits), ("between CR and LF", digits + 1),
+                ("before the data", digits + 2), ("in the data", digits + 12),
+                ("before the CRLF after data", len(c1) - 2),
+                ("between that CR and LF", len(c1) - 1)]
+        rows = [(name, chunk(e0) + c1[:cut], c1[cut:] + tail + b"0\r\n\r\n",
+                 e0 + e1 if cut >= len(c1) - 2 else e0) for name, cut in rows] + [
+            (name, chunk(e0) + c1 + tail + end[:cut], end[cut:], sse(*self.events))
+            for name, end, cut in [("in the last chunk", b"0\r\n\r\n", 1),
+                                   ("in the last chunk's CRLF", b"0\r\n\r\n", 2)]]
+        for name, first, rest, before in rows:
+            with self.subTest(name):
+                gate = threading.Event()
+                self.addCleanup(gate.set)
+                self.start(FakeUpstream(self, [framed_reply(first, rest, gate)]))
+                conn = self.connect()
+                conn.request("POST", "/v1/messages",
+                             json.dumps(request(user(text("hi")), stream=True)))
+                resp = conn.getresponse()
+                got = b""
+                while len(got) < len(before):
+                    got += resp.read1(65536)
+                self.assertEqual(got, before)
+                gate.set()
+                self.assertEqual(got + resp.read(), sse(*self.events))
+
+    def test_the_last_chunk_ends_the_stream_without_waiting_for_trailers(self):
+        # http.client read trailers until their blank line: a server that sent "0" and
+        # kept its connection open stalled a complete answer until the read timeout.
+        body = b"".join(chunk(sse(e)) for e in self.events)
+        rows = [("trailers", b"0\r\nX-Sum: 1\r\nX-Other: 2\r\n\r\n"),
+                ("trailers not ended", b"0\r\nX-Sum: 1\r\n"),
+                ("a flood of trailers", b"0\r\n" + b"X-Pad: %s\r\n" % (b"p" * 1000) * 200)]
+        for name, end in rows:
+            with self.subTest(name):
+                status, raw = self.stream_of(framed_reply(body + end, hold=self.held_open()),
+                                             read_timeout=TIMEOUT * 4)
+                self.assertEqual((status, raw), (200, sse(*self.events)))
+        self.assertNotIn("broke off", self.log.getvalue())
+
+    def test_a_size_line_past_the_bound_ends_the_stream(self):
+        # A size line held whole until its line end (http.client allowed 64 KiB and
+        # waited for it).
+        e0, e1 = sse(self.events[0]), sse(self.events[1])
+        long_size = b"1" + b"0" * cr.MAX_CHUNK_HEAD
+        rows = [("a size without end", chunk(e0) + long_size),
+                ("a long extension", chunk(e0) + chunk(e1, b"%X;x=%s" % (
+                    len(e1), b"y" * cr.MAX_CHUNK_HEAD)) + b"0\r\n\r\n")]
+        for name, body in rows:
+            with self.subTest(name):
+                status, raw = self.stream_of(framed_reply(body, hold=self.held_open()),
+                                             read_timeout=TIMEOUT * 4)
+                self.assertEqual(status, 200)
+                self.assertBrokeOff(raw, e0, "a chunk size line of over %d bytes"
+                                    % cr.MAX_CHUNK_HEAD)
+
+    def test_an_early_end_anywhere_ends_with_an_error_event(self):
+        e0, e1 = sse(self.events[0]), sse(self.events[1])
+        c0, c1 = chunk(e0), chunk(e1)
+        digits = len(b"%X" % len(e1))
+        body = b"".join(chunk(sse(e)) for e in self.events)
+        rows = [(name, c0 + c1[:cut], e0 + e1 if cut >= len(c1) - 2 else e0) for name, cut in [
+            ("before a chunk", 0), ("in the size", 1), ("before the CR", digits),
+            ("between CR and LF", digits + 1), ("before the data", digits + 2),
+            ("in the data", digits + 12), ("before the CRLF after data", len(c1) - 2),
+            ("between that CR and LF", len(c1) - 1)]] + [
+            ("before the last chunk", body, sse(*self.events)),
+            ("in the last chunk's size line", body + b"0", sse(*self.events))]
+        for name, sent, complete in rows:
+            with self.subTest(name):
+                status, raw = self.stream_of(framed_reply(sent))
+                self.assertEqual(status, 200)
+                self.assertBrokeOff(raw, complete, "IncompleteRead")
+        with self.subTest("in the first chunk"):
+            status, reply = self.stream_of(framed_reply(c0[:5]))
+            self.assertEnvelope(status, reply, 502)
+        with self.subTest("after the last chunk's size line"):
+            self.assertEqual(self.stream_of(framed_reply(body + b"0\r\n")),
+                             (200, sse(*self.events)))
+
+
 ################ Model listings
 
 class ModelListingTest(unittest.TestCase):
