@@ -147,6 +147,7 @@ WARM_UP_TIMEOUT = 3600.0                    # s a warm-up waits for its one toke
 STATUSLINE_TIMEOUT = 1.0                    # s --statusline waits for the router's /status, in all
 STATUS_TIMEOUT = 5.0                        # s --stop and claude-local wait for /status
 STOP_TIMEOUT = 10.0                         # s --stop waits for the router to let go of its port
+STOPPED, NOTHING_TO_STOP, LEFT_RUNNING = 0, 1, 2    # --stop's exit statuses
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and at least for a body: 408
 BODY_TIME_PER_MB = 4.0                      # s more a request body may take per MiB (256 KiB/s)
@@ -6301,58 +6302,112 @@ def statusline(environ):
     return status_line(document)
 
 
-def is_router_process(pid):
-    """True when process pid runs claude_router.py, as far as this system lets us see.
+def command_words(pid):
+    """Process pid's command line as words; [] when this system does not let us see it.
 
-    A router in a container reports its own pid namespace's number, which here may be
-    anyone's process: only one whose command line names the router is signalled."""
+    From /proc, the words exactly; from ps (macOS, BSD), split at spaces, so a word
+    that held spaces comes in pieces."""
     if os.path.isdir("/proc/self"):
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as f:
-                words = f.read().decode("utf-8", "replace").split("\0")
+                return f.read().decode("utf-8", "replace").split("\0")
         except OSError:
-            return False
-    else:       # macOS, BSD: ask ps; -ww, since BSD ps cuts the column to a terminal's width
-        try:    # and the router's re-start as a module puts its path after ~330 characters
-            words = subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(pid)], text=True,
-                                   capture_output=True, timeout=STATUS_TIMEOUT).stdout.split()
-        except (OSError, subprocess.SubprocessError):
-            return False
-    return any(os.path.basename(word) == "claude_router.py" or (before, word) == (
+            return []
+    try:    # -ww: BSD ps cuts the column to a terminal's width, and the router's re-start
+            # as a module puts its path after ~330 characters
+        return subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(pid)], text=True,
+                              capture_output=True, timeout=STATUS_TIMEOUT).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def is_router_process(pid):
+    """True when process pid runs claude-router, as far as this system lets us see.
+
+    A router in a container reports its own pid namespace's number, which here may be
+    anyone's process: only one whose command line shows the router is signalled. That
+    is a file named claude_router.py, the module (-m claude_router), or the re-start as
+    a module every router started as a script does (run_as_import: python -c, code that
+    names the module 'claude_router', the file), whatever the file's name: a copy at
+    ~/bin/claude-router is found, a program that is merely called so is not."""
+    words = command_words(pid)
+    restarted = words[1:2] == ["-c"] and any("'claude_router'" in w for w in words[2:])
+    return restarted or any(os.path.basename(word) == "claude_router.py" or (before, word) == (
         "-m", "claude_router") for before, word in zip([""] + words, words))
 
 
-def stop_router(port, token):
-    """Stop the router on the loopback port with SIGTERM; return (exit status, what happened)."""
+def process_ended(pid):
+    """True when no process pid is left (one of another user's is still there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def router_gone(port, token, pid, deadline):
+    """True once the router pid has ended or its port no longer answers as it, before deadline.
+
+    A /status that does not come in time says nothing: a router stopped with Ctrl-Z, or
+    too busy, holds its port and answers nothing, and it is not gone."""
+    while time.monotonic() < deadline:
+        if process_ended(pid):
+            return True
+        try:
+            _, document = fetch_status(port, token, min(STATUSLINE_TIMEOUT, max(
+                deadline - time.monotonic(), 0.05)))
+        except socket.timeout:
+            pass
+        except OSError:         # refused, reset or no HTTP: the port has been let go
+            return True
+        else:
+            if dig(document, "pid") != pid:
+                return True     # another server on the port now
+        time.sleep(0.05)
+    return False
+
+
+def stop_router(port, token, wait=STOP_TIMEOUT):
+    """Stop the router on the loopback port with SIGTERM; return (exit status, what happened).
+
+    The status: STOPPED; NOTHING_TO_STOP (nothing answers, or what answers is not
+    claude-router); LEFT_RUNNING (a router, or what may be one, is still there)."""
     try:
         # Not the status line's second: a busy router (or machine) answers later, and taking
         # it for none said "nothing to stop" and left it running.
         status, document = fetch_status(port, token, STATUS_TIMEOUT)
     except OSError:
-        return 1, "no router answers on :%d; nothing to stop" % port
+        return NOTHING_TO_STOP, "no router answers on :%d; nothing to stop" % port
+    return stop_answering(port, token, status, document, wait)
+
+
+def stop_answering(port, token, status, document, wait=STOP_TIMEOUT):
+    """Stop the router whose /status on port answered status and document; as stop_router,
+    waiting wait seconds for it to go."""
     if status == 401:
-        return 1, ("the router on :%d wants its token: set CLAUDE_ROUTER_TOKEN to its --token"
-                   % port)
-    pid = (document or {}).get("pid")
-    if not isinstance(pid, int) or "coder" not in document:
-        return 1, "what answers on :%d is not claude-router (HTTP %d to /status); not stopped" % (
-            port, status)
+        return LEFT_RUNNING, ("the router on :%d wants its token: set CLAUDE_ROUTER_TOKEN to "
+                              "its --token" % port)
+    pid = dig(document, "pid")
+    if type(pid) is not int or pid <= 0 or dig(document, "coder") is None:
+        return NOTHING_TO_STOP, ("what answers on :%d is not claude-router (HTTP %d to "
+                                 "/status); not stopped" % (port, status))
     if pid == os.getpid() or not is_router_process(pid):
-        return 1, ("the router on :%d says it is process %d, which is not a claude_router.py "
-                   "here (another machine, container or user?); not stopped" % (port, pid))
+        return LEFT_RUNNING, ("the router on :%d says it is process %d, which is not a "
+                              "claude-router here (another machine, container or user?); "
+                              "not stopped" % (port, pid))
     try:
         os.kill(pid, signal.SIGTERM)
     except OSError as e:
-        return 1, "cannot stop the router on :%d (pid %d): %s" % (port, pid, e.strerror or e)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            fetch_status(port, token)
-        except OSError:
-            return 0, "stopped the router on :%d (pid %d; upstream %s, coder %s)" % (
-                port, pid, document.get("upstream"), (document.get("coder") or {}).get("model"))
-        time.sleep(0.05)
-    return 1, "sent SIGTERM to the router on :%d (pid %d), but it still answers" % (port, pid)
+        return LEFT_RUNNING, "cannot stop the router on :%d (pid %d): %s" % (
+            port, pid, e.strerror or e)
+    if not router_gone(port, token, pid, time.monotonic() + wait):
+        return LEFT_RUNNING, ("sent SIGTERM to the router on :%d (pid %d), but it is still "
+                              "there" % (port, pid))
+    # Escaped: the document came over the network, and this line goes to a terminal.
+    return STOPPED, escape_log("stopped the router on :%d (pid %d; upstream %s, coder %s)" % (
+        port, pid, dig(document, "upstream"), dig(document, "coder", "model")))
 
 
 ################ Main

@@ -5228,12 +5228,59 @@ class StopTest(RouterTestCase):
         self.addCleanup(proc.kill)
         while "claude-router on" not in proc.stderr.readline():
             self.assertIsNone(proc.poll())
-        # serving (its SIGTERM handler set) once it answers; --stop signals only a file
-        # named claude_router.py
-        self.assertEqual(cr.fetch_status(port, "", TIMEOUT)[0], 200)
-        proc.terminate()
+        # --stop finds it by its re-start as a module: it signalled only a file named
+        # claude_router.py, and said a copy at ~/bin/claude-router was "not a claude_router.py"
+        self.assertEqual(cr.stop_router(port, ""), (cr.STOPPED, "stopped the router on :%d (pid "
+                         "%d; upstream http://127.0.0.1:9, coder %s)" % (port, proc.pid,
+                                                                         cr.CODER_MODEL)))
         self.assertEqual(proc.wait(TIMEOUT), 0)
         self.assertIn("bye", proc.stderr.read())
+
+    def test_a_program_merely_named_claude_router_is_not_signalled(self):
+        # It answers /status as a router would, naming its own pid.
+        program = os.path.join(self.cache_dir, "claude-router")
+        with open(program, "w") as f:
+            f.write("import http.server, json, os\n"
+                    "class H(http.server.BaseHTTPRequestHandler):\n"
+                    "    def do_GET(self):\n"
+                    "        body = json.dumps({'pid': os.getpid(), 'coder': {}}).encode()\n"
+                    "        self.send_response(200)\n"
+                    "        self.send_header('Content-Length', str(len(body)))\n"
+                    "        self.end_headers()\n"
+                    "        self.wfile.write(body)\n"
+                    "    def log_message(self, *args):\n"
+                    "        pass\n"
+                    "server = http.server.HTTPServer(('127.0.0.1', 0), H)\n"
+                    "print(server.server_address[1], flush=True)\n"
+                    "server.serve_forever()\n")
+        proc = subprocess.Popen([sys.executable, program], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(proc.kill)
+        port = int(proc.stdout.readline())
+        self.assertEqual(cr.stop_router(port, ""), (cr.LEFT_RUNNING, (
+            "the router on :%d says it is process %d, which is not a claude-router here "
+            "(another machine, container or user?); not stopped" % (port, proc.pid))))
+        self.assertIsNone(proc.poll())
+
+    def test_a_router_that_stops_answering_after_sigterm_is_not_taken_for_stopped(self):
+        # A /status that timed out after SIGTERM counted as "stopped": a router stopped with
+        # Ctrl-Z (SIGTERM waits for it to go on) holds its port, answers nothing, and runs on.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, self.script(), "--port", str(port), "--upstream",
+                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        while "claude-router on" not in proc.stderr.readline():
+            self.assertIsNone(proc.poll())
+        status, document = cr.fetch_status(port, "", TIMEOUT)
+        os.kill(proc.pid, signal.SIGSTOP)       # (the cleanup's SIGKILL ends it stopped too)
+        self.assertEqual(cr.stop_answering(port, "", status, document, wait=1.5), (
+            cr.LEFT_RUNNING, "sent SIGTERM to the router on :%d (pid %d), but it is still there"
+            % (port, proc.pid)))
+        os.kill(proc.pid, signal.SIGCONT)       # the SIGTERM it was sent ends it now
+        self.assertEqual(proc.wait(TIMEOUT), 0)
 
     def test_stops_the_router_on_the_port_which_exits_0(self):
         with socket.socket() as s:
@@ -5260,18 +5307,20 @@ class StopTest(RouterTestCase):
         upstream = FakeUpstream(self)
         in_process = self.start(upstream)      # its /status names this test's own process
         guarded = self.start(upstream, token="sekret")
-        rows = [(upstream.server.server_address[1], "", "what answers on :%d is not claude-router "
-                                                        "(HTTP 404 to /status); not stopped"),
-                (in_process.server_port, "", "the router on :%d says it is process %d, which is "
-                 "not a claude_router.py here (another machine, container or user?); not stopped"),
-                (guarded.server_port, "", "the router on :%d wants its token: set "
-                                          "CLAUDE_ROUTER_TOKEN to its --token"),
-                (guarded.server_port, "sekret", "the router on :%d says it is process %d, which "
-                 "is not a claude_router.py here (another machine, container or user?); not stopped")]
-        for port, token, said in rows:
+        rows = [(upstream.server.server_address[1], "", cr.NOTHING_TO_STOP,
+                 "what answers on :%d is not claude-router (HTTP 404 to /status); not stopped"),
+                (in_process.server_port, "", cr.LEFT_RUNNING, "the router on :%d says it is "
+                 "process %d, which is not a claude-router here (another machine, container or "
+                 "user?); not stopped"),
+                (guarded.server_port, "", cr.LEFT_RUNNING, "the router on :%d wants its token: "
+                                                           "set CLAUDE_ROUTER_TOKEN to its --token"),
+                (guarded.server_port, "sekret", cr.LEFT_RUNNING, "the router on :%d says it is "
+                 "process %d, which is not a claude-router here (another machine, container or "
+                 "user?); not stopped")]
+        for port, token, code, said in rows:
             with self.subTest(said=said):
                 done = self.stop(port, token)
-                self.assertEqual((done.returncode, done.stdout), (1, ""))
+                self.assertEqual((done.returncode, done.stdout), (code, ""))
                 expected = said % ((port, os.getpid()) if "process" in said else port)
                 self.assertEqual(done.stderr, "claude-router: %s\n" % expected)
         self.assertEqual(self.call("GET", "/status", conn=self.connect(in_process))[0], 200)
@@ -5298,8 +5347,8 @@ class StopTest(RouterTestCase):
         thread.start()
         self.addCleanup(thread.join, TIMEOUT)
         port = listener.getsockname()[1]
-        self.assertEqual(cr.stop_router(port, ""), (1, (
-            "the router on :%d says it is process %d, which is not a claude_router.py here "
+        self.assertEqual(cr.stop_router(port, ""), (cr.LEFT_RUNNING, (
+            "the router on :%d says it is process %d, which is not a claude-router here "
             "(another machine, container or user?); not stopped" % (port, os.getpid()))))
         self.assertGreaterEqual(cr.STATUS_TIMEOUT, 2 * cr.STATUSLINE_TIMEOUT)
 
