@@ -6490,7 +6490,8 @@ def build_parser(environ):
     add("--side-upstream", type=http_url, default=env("SIDE_UPSTREAM", SIDE_UPSTREAM_URL or None),
         help="the side model's server (default: the upstream)")
     add("--stop", action="store_true",
-        help="stop the router running on --port (CLAUDE_ROUTER_PORT) and exit")
+        help="stop the router running on --port (CLAUDE_ROUTER_PORT) and exit: 0 stopped, "
+             "1 nothing to stop, 2 a router left running")
     add("--statusline", action="store_true",
         help="print one line on the router running on CLAUDE_ROUTER_PORT (for Claude Code's "
              "statusLine setting; claude-local offers it) and exit")

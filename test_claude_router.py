@@ -5629,10 +5629,83 @@ class LauncherTest(RouterTestCase):
                       % spare, again.stderr)
         self.assertEqual(([b["model"] for b in mine.posts()], theirs.posts()), (["SIDE"] * 2, []))
         stop = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_PORTS": "10"}, args=("--stop",))
-        self.assertEqual(stop.returncode, 1)    # the one on :port is this test, not a router
-        self.assertIn("not a claude_router.py here", stop.stderr)
-        self.assertEqual(stop.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
+        # The one on :port is this test, not a router process: left running, and said.
+        self.assertEqual(stop.returncode, cr.LEFT_RUNNING)
+        self.assertIn("not a claude-router here", stop.stderr)
+        self.assertEqual(stop.stdout, "claude-local: stopped the router on :%d (pid %d; upstream "
                                       "%s, coder MINE)\n" % (spare, started["pid"], mine.url))
+
+    def test_stop_looks_at_each_port_once_and_its_status_says_what_happened(self):
+        # It exited 1 when no router was on the base port, even after stopping a spare's.
+        for _ in range(20):     # a base port held refused, with the one after it free
+            base = refused_port(self)
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", base + 1))
+                break
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(
+            cr.__file__)), "claude_router.py"), "--port", str(base + 1), "--upstream",
+            "http://127.0.0.1:9", "--cache-dir", self.cache_dir], stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        while "claude-router on" not in proc.stderr.readline():
+            self.assertIsNone(proc.poll())
+        spares = {"CLAUDE_LOCAL_PORTS": "1"}
+        stop = self.run_launcher(base, [], spares, args=("--stop",))
+        self.assertEqual((stop.returncode, stop.stderr), (cr.STOPPED, ""))
+        self.assertEqual(stop.stdout, "claude-local: stopped the router on :%d (pid %d; upstream "
+                         "http://127.0.0.1:9, coder %s)\n" % (base + 1, proc.pid, cr.CODER_MODEL))
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        stop = self.run_launcher(base, [], spares, args=("--stop",))
+        self.assertEqual((stop.returncode, stop.stdout, stop.stderr), (
+            cr.NOTHING_TO_STOP, "", "claude-local: no router answers on :%d-%d; nothing to stop\n"
+            % (base, base + 1)))
+
+    def serve_status(self, document):
+        """A server answering GET /status with document, as another program (or another
+        version) on the port may; its port."""
+        class Handler(NoLog, http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                send_json(self, 200, document)
+        server = FakeServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server.server_address[1]
+
+    def test_a_context_length_that_is_no_number_is_not_passed_to_claude(self):
+        # claude-local read /status with hand-written lookups that took any value: a string
+        # became CLAUDE_CODE_MAX_CONTEXT_TOKENS.
+        upstream = "http://127.0.0.1:9"
+        port = self.serve_status({
+            "pid": 1, "upstream": upstream, "vision_upstream": upstream,
+            "vision_mode": cr.VISION_MODE, "vision": {"model": "VISION"},
+            "coder": {"model": "CODER", "context_length": "99; rm -rf ~"}})
+        done = self.run_launcher(port, ["claude"], {
+            "CLAUDE_ROUTER_UPSTREAM": upstream, "CLAUDE_ROUTER_CODER_MODEL": "CODER",
+            "CLAUDE_ROUTER_VISION_MODEL": "VISION"})
+        self.assertEqual((done.returncode, done.stderr), (0, ""))      # reused
+        self.assertIn("ANTHROPIC_BASE_URL=http://127.0.0.1:%d\n" % port, done.stdout)
+        self.assertNotIn("CLAUDE_CODE_MAX_CONTEXT_TOKENS", done.stdout)
+
+    def test_what_answers_on_the_port_is_shown_escaped(self):
+        # The settings another server's /status named reached the terminal as they came:
+        # an id can carry sequences that clear the screen or write the clipboard.
+        port = self.serve_status({"pid": 1, "upstream": "\x1b]52;c;aGk=\x07http://x",
+                                  "coder": {"model": "\x1b[2J\x9bCODER"}})
+        mine = FakeUpstream(self)
+        done = self.run_launcher(port, ["claude"], {
+            "CLAUDE_ROUTER_UPSTREAM": mine.url, "CLAUDE_ROUTER_CODER_MODEL": "CODER",
+            "CLAUDE_LOCAL_PORTS": "10"})
+        self.assertEqual(done.returncode, 0, done.stderr)
+        spare = int(re.search(r"ANTHROPIC_BASE_URL=http://127.0.0.1:(\d+)", done.stdout)[1])
+        os.kill(self.status_of(spare)["pid"], signal.SIGTERM)
+        self.assertEqual(done.stderr.splitlines()[:4], [
+            "claude-local: the router on :%d runs with other settings than yours:" % port,
+            "  upstream \\x1b]52;c;aGk=\\x07http://x (yours: %s)" % mine.url,
+            "  vision upstream None (yours: %s)" % mine.url,
+            "  coder model \\x1b[2J\\x9bCODER (yours: CODER)"])
+        self.assertFalse(re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", done.stderr), done.stderr)
 
     def test_a_router_with_the_same_settings_is_reused_without_a_word(self):
         for vision_model, env in (("VISION", "VISION"), ("", "none"), ("", "")):
