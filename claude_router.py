@@ -43,7 +43,6 @@ import hashlib
 import hmac
 import http.client
 import http.server
-import io
 import ipaddress
 import itertools
 import json
@@ -326,7 +325,37 @@ URI_CHARS = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})"
 REQUEST_LINE = re.compile(rb"(%s) (/%s*)((?:\?(?:%s|\?)*)?) HTTP/1\.([0-9])\r?\n"
                           % (TOKEN, URI_CHARS, URI_CHARS))
 HEADER_LINE = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*\r?\n" % TOKEN)
+# Header lines, then the blank line that ends a head. Neither pattern matches across a
+# line end, so each match of a line is all of that line.
+HEADER_BLOCK = re.compile(rb"(?:%s)*\r?\n" % HEADER_LINE.pattern)
 UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def split_head(data):
+    """Return (the request line's match, its header lines, the head's length in bytes) when
+    data begins with a whole request head that the careful line-by-line reading would take
+    as it is: every line in the grammar, at most MAX_HEADERS header lines, then the blank
+    line, and all of it no longer than one line may be (MAX_HEAD_LINE). None for anything
+    else, which that reading decides."""
+    match = REQUEST_LINE.match(data)
+    fields = match and HEADER_BLOCK.match(data, match.end())
+    if not fields or fields.end() > MAX_HEAD_LINE:
+        return None
+    lines = data[match.end():fields.end()].split(b"\n")[:-2]     # less the blank line
+    return (match, lines, fields.end()) if len(lines) <= MAX_HEADERS else None
+
+
+def header_message(lines):
+    """Return header lines (each a HEADER_LINE) as the http.client.HTTPMessage that
+    http.client.parse_headers makes of them, without its email parser, a third of the
+    time a head took: a name is what comes before the first colon; its value, what comes
+    after, less leading blanks and the line end (the compat32 policy's header_source_parse)."""
+    message = http.client.HTTPMessage()
+    for line in lines:
+        name, _, value = line.decode("latin-1").partition(":")
+        message.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
+    return message
+
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -4583,11 +4612,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     response to any request is relayed by a Relay.
 
     Protocol: handle() serves the connection; handle_one_request() waits for a request
-    (await_request), reads its head (read_head, read_line) and dispatches it;
-    handle_request() checks access, reads the body (receive_body, read_exactly) and routes it;
-    handle_routed() counts and times /v1/messages. refuse() answers a ProxyError,
-    answer_unexpected() a bug; finish() and linger() close after a refused request.
-    Answers: send_response, send_json, write_client, end_stream and end_response.
+    (await_request), reads its head (read_head; read_lines and read_line when it is not
+    all there yet) and dispatches it; handle_request() checks access, reads the body
+    (receive_body, read_exactly) and routes it; handle_routed() counts and times
+    /v1/messages. refuse() answers a ProxyError, answer_unexpected() a bug; finish()
+    and linger() close after a refused request. Answers: send_response, send_json, write_client, end_stream and end_response.
     Endpoints (routes; do_POST sends /v1/messages to handle_routed) take the body with
     read_body or read_json: probe, status, models, count_tokens, messages (a Turn), and
     forward for any other /v1/ or /api/ path. log_message keeps http.server's access
@@ -4649,9 +4678,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Read the request line and headers; raise ProxyError unless they are plain HTTP/1.x.
 
         Sets command, path (normalised), request_version, headers and close_connection
-        as http.server's parse_request does."""
+        as http.server's parse_request does. A head that is all in the buffer (almost
+        every one: the wait for the request read its first bytes) is taken in one piece
+        (split_head); any other is read a line at a time under its deadline (read_lines),
+        which also finds what is wrong with a head split_head would not take."""
         self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
         self.requestline, self.headers = "", http.client.HTTPMessage()
+        head = split_head(self.rfile.peek())
+        if head:
+            match, lines, length = head
+            self.rfile.read(length)     # buffered: no wait
+            self.requestline = match[0].rstrip(b"\r\n").decode("latin-1")
+        else:
+            match, lines = self.read_lines()
+        method, path, query, minor = match.groups()
+        self.command, self.request_version = method.decode(), "HTTP/1.%s" % minor.decode()
+        self.headers = header_message(lines)
+        connection = connection_tokens(self.headers)
+        self.close_connection = "close" in connection or (
+            minor == b"0" and "keep-alive" not in connection)
+        path = normalize_path(path.decode())
+        if path is None:
+            raise ProxyError(400, "the path has an encoded slash or backslash")
+        self.path = path + query.decode()
+        if len(self.headers.get_all("host") or ()) > 1:
+            raise ProxyError(400, "more than one Host header")
+
+    def read_lines(self):
+        """Read a head a line at a time; return (the request line's match, the header lines).
+        Raise ProxyError for a malformed line (400), a request line or header fields too
+        large (414, 431), or a head not all in by request_timeout (408)."""
         deadline = time.monotonic() + self.server.request_timeout
         line = self.read_line(deadline)
         self.requestline = line.rstrip(b"\r\n").decode("latin-1")
@@ -4666,18 +4722,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise ProxyError(400, "header line %d is malformed (a fold, a control "
                                       "character, or no name)" % (len(lines) + 1))
             lines.append(field)
-        method, path, query, minor = match.groups()
-        self.command, self.request_version = method.decode(), "HTTP/1.%s" % minor.decode()
-        self.headers = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
-        connection = connection_tokens(self.headers)
-        self.close_connection = "close" in connection or (
-            minor == b"0" and "keep-alive" not in connection)
-        path = normalize_path(path.decode())
-        if path is None:
-            raise ProxyError(400, "the path has an encoded slash or backslash")
-        self.path = path + query.decode()
-        if len(self.headers.get_all("host") or ()) > 1:
-            raise ProxyError(400, "more than one Host header")
+        return match, lines
 
     def read_line(self, deadline):
         """One line of the request head (at most MAX_HEAD_LINE + 1 bytes); 408 once the head

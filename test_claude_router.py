@@ -709,6 +709,44 @@ class ReadingRequestsTest(unittest.TestCase):
             with self.subTest(path):
                 self.assertEqual(cr.normalize_path(path), expected)
 
+    def test_a_whole_head_is_split_only_when_every_line_would_be_taken(self):
+        # (bytes at hand, the header lines split_head takes, what it leaves), or None when the
+        # careful line-by-line reading must decide: a head not all there, or one it refuses.
+        ok = b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A:\tv \r\n\r\n"
+        many = b"X: 1\r\n" * cr.MAX_HEADERS
+        fields = [b"Host: x\r", b"X-A:\tv \r"]
+        rows = [(ok, fields, b""), (ok + b"{body", fields, b"{body"),
+                (b"GET / HTTP/1.0\nA: 1\nB: 2\n\nGET", [b"A: 1", b"B: 2"], b"GET"),
+                (b"GET / HTTP/1.1\r\n\r\n\r\n", [], b"\r\n"),
+                (b"GET / HTTP/1.1\r\n" + many + b"\r\n", [b"X: 1\r"] * cr.MAX_HEADERS, b""),
+                (ok[:-2], None, None), (ok[:-1], None, None), (ok[:10], None, None),
+                (b"GET / HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n", None, None),          # an obs-fold
+                (b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n", None, None),             # a bare CR
+                (b"GET / HTTP/1.1\r\nX-A : b\r\n\r\n", None, None),
+                (b"GET  / HTTP/1.1\r\n\r\n", None, None),
+                (b"\r\nGET / HTTP/1.1\r\n\r\n", None, None),
+                (b"GET / HTTP/1.1\r\n" + many + b"X: 1\r\n\r\n", None, None),      # 431
+                (b"GET / HTTP/1.1\r\nX: %s\r\n\r\n" % (b"a" * cr.MAX_HEAD_LINE), None, None)]
+        for data, lines, rest in rows:
+            with self.subTest(data[:40]):
+                head = cr.split_head(data)
+                self.assertEqual(head and (head[1], data[head[2]:]),
+                                 None if lines is None else (lines, rest))
+
+    def test_header_lines_read_as_http_client_reads_them(self):
+        lines = [b"Host: 127.0.0.1\r\n", b"X-Spaces:  \t a b \t \r\n", b"X-Empty:\r\n",
+                 b"x-MiXed: a:b: c\n", b"X-Latin: caf\xe9 \x85 \xff\r\n", b"X-Dup: 1\r\n",
+                 b"x-dup: 2\r\n"]
+        mine = cr.header_message(lines)
+        theirs = http.client.parse_headers(io.BytesIO(b"".join(lines) + b"\r\n"))
+        self.assertEqual(mine.items(), theirs.items())
+        self.assertEqual(mine.items()[1], ("X-Spaces", "a b \t "))
+        for name in ("host", "X-DUP", "x-mixed", "x-empty", "x-none"):
+            with self.subTest(name):
+                self.assertEqual((mine.get(name), mine.get_all(name), name in mine),
+                                 (theirs.get(name), theirs.get_all(name), name in theirs))
+        self.assertEqual(type(mine), type(theirs))
+
     def test_loopback_hosts(self):
         rows = [("127.0.0.1:3000", True), ("localhost", True), ("[::1]:3000", True),
                 ("127.8.9.1", True), ("LOCALHOST:1", True), ("evil.example:3000", False),
@@ -3748,6 +3786,45 @@ class RequestFramingTest(RouterTestCase):
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, _, body = read_response(sock)     # the models, not the smuggled /status
         self.assertIn("data", json.loads(body))
+
+    def test_a_head_in_one_read_and_one_read_a_line_at_a_time_pass_the_same_headers(self):
+        # A head all at hand is taken in one piece, without http.client's email parser; a
+        # longer one (over MAX_HEAD_LINE in all) can never be, and is read a line at a time.
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        fields = (b"Host: 127.0.0.1\r\nX-Spaces: \t a b \t\r\nx-MiXed: a:b\nX-Latin: caf\xe9\r\n"
+                  b"X-Empty:\r\n")
+        long = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000) for i in range(9))
+        for name, pad in (("whole", b""), ("line by line", long)):
+            with self.subTest(name):
+                sock = self.raw_socket()
+                sock.sendall(b"GET /api/tags HTTP/1.1\r\n" + fields + pad + b"\r\n")
+                self.assertEqual(read_response(sock)[0], 404)   # the fake's answer, relayed
+                method, path, headers, _ = upstream.requests[-1]
+                self.assertEqual((method, path), ("GET", "/api/tags"))
+                self.assertEqual({k: headers[k] for k in ("X-Spaces", "x-MiXed", "X-Latin", "X-Empty")},
+                                 {"X-Spaces": "a b \t", "x-MiXed": "a:b", "X-Latin": "caf\xe9",
+                                  "X-Empty": ""})
+                self.assertEqual(len(headers), 6 + len(pad) // 8000)    # and Accept-Encoding
+
+    def test_pipelined_requests_in_one_write_each_get_their_answer(self):
+        # A head taken in one piece leaves the rest where it was: the body, then the next
+        # request; line ends of a bare LF count one byte, not two.
+        self.start(FakeUpstream(self))
+        ok = json.dumps(request(user(text("hi")))).encode()
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\nHost: 127.0.0.1\nContent-Length: %d\n\n%s"
+                     b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (len(ok), ok))
+        # One buffer for the three responses, which a response's read must not close.
+        fp = type("KeptOpen", (io.BufferedReader,), {"close": lambda self: None})(
+            socket.SocketIO(sock, "rb"))
+        shared = type("Shared", (), {"makefile": lambda self, mode: fp})()
+        replies = [read_response(shared) for _ in range(3)]
+        self.assertEqual([status for status, _, _ in replies], [200, 200, 200])
+        self.assertEqual(json.loads(replies[0][2])["content"], [text("ok")])
+        self.assertIn("requests", json.loads(replies[1][2]))
+        self.assertEqual(json.loads(replies[2][2])["service"], "claude-router")
 
     def test_a_refusal_before_the_body_reaches_a_client_still_sending_it(self):
         body = b"x" * (8 << 20)
