@@ -160,6 +160,7 @@ RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MAX_EVENT_BYTES = 1024 * 1024               # one upstream SSE event; past it the stream ends
 ENCODED_PARTS_BYTES = 4 * 1024 * 1024       # prompt parts kept encoded between turns
+REQUEST_PARTS_CHARS = 4 * 1024 * 1024       # request text kept read and checked between turns
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
@@ -575,27 +576,27 @@ def check_typed(obj, where):
     check_fields(obj, TYPED_SHAPES.get(obj["type"], {}), where)
 
 
-def validate_request(body):
+def validate_request(body, checked=frozenset()):
     """Raise ProxyError unless body has the shape of a messages request.
 
     Every field a transform reads is checked here, by the tables above, before any
-    transform runs: a wrong type is one 400 naming the field, never a traceback."""
+    transform runs: a wrong type is one 400 naming the field, never a traceback.
+    A message, system or tools whose id() is in checked passed these checks as part
+    of an earlier request (RequestParts): each is checked alone, so it passes again."""
     check_fields(body, REQUEST_SHAPE, "")
     if not body["messages"]:
         raise ProxyError(400, "messages: must not be empty")
     for i, message in enumerate(body["messages"]):
-        where = "messages.%d" % i
-        check_fields(message, MESSAGE_SHAPE, where)
-        if message["role"] not in ROLES:
-            raise ProxyError(400, "%s.role: must be user, assistant or system" % where)
-        for j, block in enumerate(content_blocks(message.get("content", ""))):
-            validate_block(block, "%s.content.%d" % (where, j))
-    for i, block in enumerate(content_blocks(body.get("system", ""))):
-        check_typed(block, "system.%d" % i)
-        if block["type"] != "text":
-            raise ProxyError(400, "system.%d.type: must be text" % i)
-    for i, tool in enumerate(body.get("tools", [])):
-        check_fields(tool, TOOL_SHAPE, "tools.%d" % i)
+        if id(message) not in checked:
+            validate_message(message, "messages.%d" % i)
+    if id(body.get("system")) not in checked:
+        for i, block in enumerate(content_blocks(body.get("system", ""))):
+            check_typed(block, "system.%d" % i)
+            if block["type"] != "text":
+                raise ProxyError(400, "system.%d.type: must be text" % i)
+    if id(body.get("tools")) not in checked:
+        for i, tool in enumerate(body.get("tools", [])):
+            check_fields(tool, TOOL_SHAPE, "tools.%d" % i)
     if "tool_choice" in body:
         check_typed(body["tool_choice"], "tool_choice")
         if body["tool_choice"]["type"] not in TOOL_CHOICES:
@@ -604,6 +605,15 @@ def validate_request(body):
         raise ProxyError(400, "stop_sequences: must be a list of strings")
     if body.get("max_tokens", 1) <= 0:
         raise ProxyError(400, "max_tokens: must be a positive integer")
+
+
+def validate_message(message, where):
+    """Raise ProxyError unless message, at where, is a message the transforms can handle."""
+    check_fields(message, MESSAGE_SHAPE, where)
+    if message["role"] not in ROLES:
+        raise ProxyError(400, "%s.role: must be user, assistant or system" % where)
+    for j, block in enumerate(content_blocks(message.get("content", ""))):
+        validate_block(block, "%s.content.%d" % (where, j))
 
 
 def validate_block(block, where, nested=False):
@@ -726,6 +736,157 @@ def read_typed(obj, name, kind, default=None):
     value = obj.get(name) if type(obj) is dict else None
     return value if type(value) is kind else default
 
+# Claude Code sends the whole conversation every turn: the system text, the tools and every
+# earlier message again, byte for byte, with one or two new messages at the end. A JSON
+# object or list ends where its own brackets close, so where the text at a value's start
+# begins with the text of a value read there recently, it is that value, whole: parsed,
+# bounded, checked and cleaned already. Only what is new is read.
+
+SKIP_BLANKS = json.decoder.WHITESPACE.match     # the blanks json.loads allows between tokens
+NEXT_VALUE = re.compile(r"[ \t\n\r]*,[ \t\n\r]*").match     # a comma between two values
+READ_FIELDS = ("system", "tools")               # top-level values kept between turns
+PLACE_CANDIDATES = 4                            # parts kept per place: main turns, subagents...
+
+
+class ReadPart:
+    """An object or a list of a request body, as read: its place (("field", name) or
+    ("message", index)), its JSON text (None when too long to keep), the value and how
+    deeply it nests; once its request passed validate_request, its cleaned form."""
+
+    __slots__ = ("place", "span", "value", "depth", "checked", "clean")
+
+    def __init__(self, place, span, value):
+        self.place, self.span, self.value = place, span, value
+        self.depth = json_depth(value)
+        self.checked, self.clean = False, None
+
+
+class RequestParts:
+    """The parts of recent requests (ReadPart), by place: bounded by their text, one lock.
+
+    read() parses a request body as parse_json_body does, taking the system text, the
+    tools and each message from a recent request's parts where the text there is
+    theirs; remember() keeps a request's parts once it passed the checks, so nothing
+    unchecked is ever taken as checked; read_object(), read_messages() and read_value()
+    are read()'s steps. A kept value is shared by every request that sends it again:
+    no transform changes its input (PartsMutationTest)."""
+
+    def __init__(self, max_chars=REQUEST_PARTS_CHARS):
+        self.lock = threading.Lock()    # guards places, size and the counters
+        self.max_chars = max_chars      # bound of the kept parts' text; oldest places go first
+        # place -> [ReadPart], newest first. remember() replaces the dict and its lists whole
+        # and never changes them, so a read takes them without the lock.
+        self.places = {}
+        self.size = 0
+        self.reused = self.parsed = 0   # parts taken from recent requests, and parts read anew
+
+    def read(self, text):
+        """Return (body, parts): text parsed as parse_json_body(text) would, or its ProxyError
+        raised; parts are the body's ReadParts by id() of their values."""
+        decoder = json.JSONDecoder(parse_constant=reject_constant, parse_float=read_float,
+                                   parse_int=read_int)
+        try:
+            found = self.read_object(text, decoder.scan_once, self.places)
+        except (ValueError, StopIteration, ProxyError, RecursionError):
+            found = None
+        # Anything else (not an object, no messages list, a key given twice, an error, deep
+        # nesting) is json.loads's to read, so that each error and its wording stay its own.
+        if found is None or found[1] > MAX_JSON_DEPTH:
+            return parse_json_body(text), {}
+        body, _, parts = found
+        reused = sum(part.checked for part in parts.values())
+        with self.lock:
+            self.reused += reused
+            self.parsed += len(parts) - reused
+        return body, parts
+
+    def read_object(self, text, scan, places):
+        """Return (body, its depth, parts) of text, a JSON object with a messages list; None
+        for any other text."""
+        body, depth, parts = {}, 0, {}
+        idx = SKIP_BLANKS(text, 0).end()
+        if not text.startswith("{", idx):
+            return None
+        idx = SKIP_BLANKS(text, idx + 1).end()
+        while text.startswith('"', idx):
+            key, idx = json.decoder.scanstring(text, idx + 1)
+            idx = SKIP_BLANKS(text, idx).end()
+            if key in body or not text.startswith(":", idx):
+                return None
+            idx = SKIP_BLANKS(text, idx + 1).end()
+            if key == "messages":
+                body[key], idx, deep = self.read_messages(text, idx, scan, places, parts)
+            else:
+                place = ("field", key) if key in READ_FIELDS else None
+                body[key], idx, deep = self.read_value(text, idx, place, scan, places, parts)
+            depth = max(depth, deep)
+            comma = NEXT_VALUE(text, idx)
+            if comma is None:
+                idx = SKIP_BLANKS(text, idx).end()
+                whole = text.startswith("}", idx) and SKIP_BLANKS(text, idx + 1).end() == len(text)
+                return (body, depth + 1, parts) if whole and "messages" in body else None
+            idx = comma.end()
+        return None
+
+    def read_messages(self, text, idx, scan, places, parts):
+        """Return (the list of messages at text[idx], the index past it, its depth)."""
+        if not text.startswith("[", idx):
+            raise ValueError("messages is no list")
+        messages, depth = [], 0
+        idx = SKIP_BLANKS(text, idx + 1).end()
+        if text.startswith("]", idx):
+            return messages, idx + 1, 1
+        while True:
+            message, idx, deep = self.read_value(text, idx, ("message", len(messages)), scan,
+                                                 places, parts)
+            messages.append(message)
+            depth = max(depth, deep)
+            comma = NEXT_VALUE(text, idx)
+            if comma is None:
+                break
+            idx = comma.end()
+        idx = SKIP_BLANKS(text, idx).end()
+        if not text.startswith("]", idx):
+            raise ValueError("expecting , or ]")
+        return messages, idx + 1, depth + 1
+
+    def read_value(self, text, idx, place, scan, places, parts):
+        """Return (the value at text[idx], the index past it, its depth): a recent part of
+        place's whose text is there, else parsed (an object or a list as a new ReadPart)."""
+        for part in places.get(place, ()):
+            if text.startswith(part.span, idx):     # one memcmp; the value ends where it ends
+                parts[id(part.value)] = part
+                return part.value, idx + len(part.span), part.depth
+        value, end = scan(text, idx)
+        if place is None or type(value) not in (dict, list):
+            return value, end, json_depth(value)
+        # An 8 MB screenshot is not kept: it would double its request's memory.
+        part = ReadPart(place, text[idx:end] if end - idx <= self.max_chars // 8 else None, value)
+        parts[id(value)] = part
+        return value, end, part.depth
+
+    def remember(self, parts):
+        """Keep parts (of a request that passed the checks) as their places' newest."""
+        with self.lock:
+            places = dict(self.places)
+            for part in parts.values():
+                if part.checked and part.span is not None:
+                    self.keep(places, part)
+            while self.size > self.max_chars:
+                self.size -= sum(len(part.span) for part in places.pop(next(iter(places))))
+            self.places = places
+
+    def keep(self, places, part):
+        """Make part its place's newest in places, and its place the newest (the lock held)."""
+        kept = places.pop(part.place, ())
+        if not kept or kept[0] is not part:
+            if all(old is not part for old in kept):
+                self.size += len(part.span)
+            kept = [part] + [old for old in kept if old is not part]
+            self.size -= sum(len(old.span) for old in kept[PLACE_CANDIDATES:])
+            kept = kept[:PLACE_CANDIDATES]
+        places[part.place] = kept
+
 
 ################ Request transforms
 
@@ -770,24 +931,27 @@ def content_text(content):
     return "\n\n".join(b["text"] for b in content or [] if b.get("type") == "text")
 
 
-def clean_request(body, fields=REQUEST_FIELDS):
-    """Return body with system messages folded and everything a local server rejects removed."""
+def clean_request(body, fields=REQUEST_FIELDS, parts=None):
+    """Return body with system messages folded and everything a local server rejects removed.
+
+    parts: the body's ReadParts by id() of their values (RequestParts), which keep
+    the cleaned system, tools and messages, so what an earlier request sent too is
+    not cleaned again."""
     body = fold_system_messages(body)
     # The head first, in the order templates render it, so the JSON sent is as
     # prefix-stable as the prompt it becomes.
     clean = {k: body[k] for k in HEAD_FIELDS if k in body and k in fields}
     clean.update((k, v) for k, v in body.items() if k in fields and k not in clean)
     if "system" in clean:
-        system = strip_billing_header(clean["system"])
-        if isinstance(system, list):
-            system = [{"type": "text", "text": b["text"]} for b in system]
+        system = cleaned(clean["system"], clean_system, parts)
         if system:
             clean["system"] = system
         else:
             del clean["system"]
-    clean["messages"] = [m for m in map(clean_message, body["messages"]) if m is not None]
+    clean["messages"] = [m for m in (cleaned(m, clean_message, parts) for m in body["messages"])
+                         if m is not None]
     if "tools" in clean:
-        clean["tools"] = clean_tools(clean["tools"])
+        clean["tools"] = cleaned(clean["tools"], clean_tools, parts)
         if not clean["tools"]:
             del clean["tools"]
     if "tools" not in clean:
@@ -795,11 +959,24 @@ def clean_request(body, fields=REQUEST_FIELDS):
     return clean
 
 
-def checked_request(body, fields=REQUEST_FIELDS):
+def cleaned(value, clean, parts=None):
+    """clean(value), made once per ReadPart: kept with value's part in parts, if it has one."""
+    part = parts.get(id(value)) if parts else None
+    if part is None:
+        return clean(value)
+    if not part.checked:
+        part.clean, part.checked = clean(value), True
+    return part.clean
+
+
+def checked_request(body, fields=REQUEST_FIELDS, parts=None):
     """Return body validated and cleaned; raise ProxyError when it is malformed, or when
-    no message is left to send (each was empty, or only thinking): never messages: []."""
-    validate_request(body)
-    clean = clean_request(body, fields)
+    no message is left to send (each was empty, or only thinking): never messages: [].
+
+    parts: the body's ReadParts by id() of their values (RequestParts.read); those of
+    an earlier request that passed are neither checked nor cleaned again."""
+    validate_request(body, {key for key, part in (parts or {}).items() if part.checked})
+    clean = clean_request(body, fields, parts)
     if not clean["messages"]:
         raise ProxyError(400, "messages: none is left to send once empty messages and "
                               "thinking blocks are dropped")
@@ -855,6 +1032,14 @@ def strip_billing_header(system):
     if isinstance(system, str):
         return "" if system.startswith(BILLING_PREFIX) else system
     return [b for b in system if not b.get("text", "").startswith(BILLING_PREFIX)]
+
+
+def clean_system(system):
+    """Return the system text without the billing block, its blocks with only their text."""
+    system = strip_billing_header(system)
+    if isinstance(system, list):
+        system = [{"type": "text", "text": b["text"]} for b in system]
+    return system
 
 
 def clean_block(block):
@@ -4618,7 +4803,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     /v1/messages. refuse() answers a ProxyError, answer_unexpected() a bug; finish()
     and linger() close after a refused request. Answers: send_response, send_json, write_client, end_stream and end_response.
     Endpoints (routes; do_POST sends /v1/messages to handle_routed) take the body with
-    read_body or read_json: probe, status, models, count_tokens, messages (a Turn), and
+    read_body or read_request: probe, status, models, count_tokens, messages (a Turn), and
     forward for any other /v1/ or /api/ path. log_message keeps http.server's access
     lines for the verbose log."""
 
@@ -4893,19 +5078,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body, self.body = self.body, b""
         return body
 
-    def read_json(self):
-        """Return (the parsed request body, its size in bytes).
+    def read_request(self, fields=REQUEST_FIELDS):
+        """Return the request body parsed, validated and cleaned (checked_request), reading
+        and checking only what recent requests did not send too (RequestParts).
 
         json.loads(bytes) would decode a copy while the bytes live on; decoding first
         and dropping the bytes keeps two copies of an 8 MB body in memory, not three."""
         raw = self.read_body()
-        size = len(raw)
         try:
             text = raw.decode("utf-8")
         except ValueError:
             raise ProxyError(400, "request body is not valid JSON (or not UTF-8)") from None
         del raw
-        return parse_json_body(text), size
+        body, parts = self.server.request_parts.read(text)
+        del text
+        clean = checked_request(body, fields, parts)
+        self.server.request_parts.remember(parts)
+        return clean
 
     def send_response(self, code, message=None):
         """Start the response (http.server's), noting that its status is now out, and which."""
@@ -4991,8 +5180,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def count_tokens(self):
         """POST /v1/messages/count_tokens: the upstream's count, else a local estimate."""
         server = self.server
-        body, _ = self.read_json()
-        clean = checked_request(body, COUNT_TOKENS_FIELDS)
+        clean = self.read_request(COUNT_TOKENS_FIELDS)
         clean["messages"], _ = server.documents.read(clean["messages"], server.coder_context(),
                                                      quiet=True)
         keys = image_keys(clean["messages"])
@@ -5301,9 +5489,7 @@ class Turn:
         """Clean the request, read its documents and settle what is known of its images; then
         the vision model answers a turn with new images and the coder every other, or the
         coder when the vision model fails."""
-        body, _ = self.handler.read_json()
-        self.clean = checked_request(body)
-        del body
+        self.clean = self.handler.read_request()
         self.clean["messages"], self.pages = self.server.documents.read(
             self.clean["messages"], self.server.coder_context())
         self.keys = image_keys(self.clean["messages"])
@@ -5949,6 +6135,7 @@ class Server(BoundedServer):
         self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
         self.prompts = PromptMemory()
         self.encoded_parts = EncodedParts()     # prompt parts encoded by recent turns
+        self.request_parts = RequestParts()     # request parts read and checked by recent turns
         self.warmer = Warmer(cache_dir, warm)   # off unless asked: main() asks, tests may
         self.coder_seen = None                  # (loaded, server start mark) at the last look
         self.documents = DocumentReader(cache_dir)
