@@ -935,9 +935,9 @@ def clean_request(body, fields=REQUEST_FIELDS, parts=None):
     """Return body with system messages folded and everything a local server rejects removed.
 
     parts: the body's ReadParts by id() of their values (RequestParts), which keep
-    the cleaned system, tools and messages, so what an earlier request sent too is
-    not cleaned again."""
-    body = fold_system_messages(body)
+    the cleaned system, tools and messages (a system message: as system_reminder's),
+    so what an earlier request sent too is not cleaned again."""
+    body = fold_system_messages(body, parts)
     # The head first, in the order templates render it, so the JSON sent is as
     # prefix-stable as the prompt it becomes.
     clean = {k: body[k] for k in HEAD_FIELDS if k in body and k in fields}
@@ -996,7 +996,7 @@ def system_reminder(message):
         text_block("<system-reminder>\n%s\n</system-reminder>" % "\n\n".join(texts))]}
 
 
-def fold_system_messages(body):
+def fold_system_messages(body, parts=None):
     """Return body with role "system" messages turned into user text, so messages hold none.
 
     LM Studio before 0.4.15, llmster, Ollama and older vLLM reject them in messages.
@@ -1004,18 +1004,19 @@ def fold_system_messages(body):
     compaction, its date line) open the first user message; every later one stays in
     place (Claude Code adds them mid-session: mode changes, token countdowns) and the
     alternation repair merges it with its neighbours. Moving them into the top-level
-    system would change the head of the prompt each time one appears."""
+    system would change the head of the prompt each time one appears. parts: as
+    clean_request's."""
     messages = body["messages"]
     if not any(m["role"] == "system" for m in messages):
         return body
     first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"),
                        len(messages))
-    early = [r for r in (system_reminder(m) for m in messages[:first_reply]
+    early = [r for r in (cleaned(m, system_reminder, parts) for m in messages[:first_reply]
                          if m["role"] == "system") if r]
     out = []
     for i, message in enumerate(messages):
         if message["role"] == "system":
-            message = system_reminder(message) if i > first_reply else None
+            message = cleaned(message, system_reminder, parts) if i > first_reply else None
         elif message["role"] == "user" and early:
             out += early
             early = []

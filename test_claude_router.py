@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pty
+import random
 import re
 import select
 import shutil
@@ -1104,6 +1105,229 @@ class AccessTest(RouterTestCase):
             with self.subTest(headers=headers):
                 status, _, reply = self.post(request(user(text("hi"))), headers=headers)
                 self.assertEqual(status, expected, reply)
+
+
+def cc_request(turns=4, prompt="fix the bug"):
+    """A request shaped like Claude Code's: system blocks with the billing line, custom and
+    server tools, its environment as a system message, tool calls, thinking, tool results."""
+    tools = [{"name": "Tool%d" % i, "description": "does thing %d" % i, "input_schema": {
+        "type": "object", "properties": {"path": {"type": "string"}, "n": {"type": "integer"}},
+        "required": ["path"], "additionalProperties": False}} for i in range(4)]
+    messages = [user(reminder("attribution"), text("start")), system_message("cwd: /p\ndate")]
+    for i in range(turns):
+        messages += [assistant({"type": "thinking", "thinking": "hmm %d" % i, "signature": "s"},
+                               text("step %d" % i), tool_use("t%d" % i, "Tool%d" % (i % 4))),
+                     user({**tool_result("t%d" % i, text("result %d \u00e9\u4e2d" % i)),
+                           "cache_control": {"type": "ephemeral"}})]
+    messages += [assistant(text("done?")), user(text(prompt))]
+    system = [text("x-anthropic-billing-header: cc_version=2.1"), text("You are Claude Code."),
+              {**text("Be brief. " * 50), "cache_control": {"type": "ephemeral"}}]
+    return request(*messages, system=system, stream=True, temperature=1, top_p=0.5,
+                   tools=tools + [{"type": "web_search_20250305", "name": "web_search"}],
+                   metadata={"user_id": "u"}, thinking={"type": "enabled", "budget_tokens": 9})
+
+
+def read_outcome(read, text):
+    """What a request's text becomes read by read (parse_json_body, or a RequestParts' read):
+    (its body, its checked_request) as JSON, or its ProxyError; and the parts to remember."""
+    try:
+        body, parts = read(text)
+    except cr.ProxyError as e:
+        return ("refused", e.status, str(e)), {}
+    try:
+        clean = cr.checked_request(body, cr.REQUEST_FIELDS, parts)
+    except cr.ProxyError as e:
+        return ("read", json.dumps(body), "refused", e.status, str(e)), {}
+    return ("read", json.dumps(body), json.dumps(clean)), parts
+
+
+def nested(depth):
+    """A JSON text of objects nested depth deep."""
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def edited(rng, body):
+    """The JSON text of body with one random edit: valid or not, nearly the same or not."""
+    def at(pattern):
+        spots = [m.start() for m in re.finditer(pattern, whole)] or [1]
+        return rng.choice(spots)
+    messages = body["messages"]
+    whole = json.dumps(body)
+    i = rng.randrange(len(messages))
+    pos = at(r'[a-z ]')
+    kind = rng.randrange(14)
+    if kind == 0:       # the newest message's text changes
+        return json.dumps({**body, "messages": messages[:-1] + [user(text(str(rng.random())))]})
+    if kind == 1:       # one character somewhere (mostly inside a string) changes
+        return whole[:pos] + rng.choice('x"\\{},: \x01\u00e9\ud800]1') + whole[pos + 1:]
+    if kind == 2:       # a key given twice, at the top or inside
+        spot = rng.choice([0] + [m.start() for m in re.finditer(r"\{", whole)][:40])
+        return whole[:spot + 1] + rng.choice(['"messages": [], ', '"role": "user", ',
+                                              '"model": 1, ']) + whole[spot + 1:]
+    if kind == 3:       # blanks, allowed or not, between tokens
+        spot = at(r"[,:\[{]") + 1
+        return whole[:spot] + rng.choice([" ", "\n\t", "\r\n  ", "\x0b", "\u00a0"]) + whole[spot:]
+    if kind == 4:
+        return json.dumps({**body, "messages": messages[:i] + messages[i + 1:]})
+    if kind == 5:
+        new = rng.choice([user(text("new")), assistant(text("a")), system_message("s")])
+        return json.dumps({**body, "messages": messages[:i] + [new] + messages[i:]})
+    if kind == 6:       # no object, or not the whole text
+        return rng.choice(["[%s]" % whole, json.dumps(messages[i]), "null", '"x"', whole + " x",
+                           whole + "}", " \n" + whole + "\t", "\ufeff" + whole, ""])
+    if kind == 7:
+        return whole[:rng.randrange(len(whole))]
+    if kind == 8:       # numbers beyond what a model server reads
+        number = rng.choice(["1e400", "-1e999", "123456789012345678901234", "1.5", "NaN",
+                             "Infinity", "-0", "9223372036854775808", "9223372036854775807"])
+        return whole.replace('"max_tokens": 32000', '"max_tokens": ' + number) if rng.random() < .5 \
+            else whole.replace('"n": {', '"n": %s, "m": {' % number, 1)
+    if kind == 9:       # nesting near the bound, in a new message or an old one
+        deep = nested(rng.choice([96, 97, 98, 99, 100, 150, 3000]))
+        return whole.replace('"input": {"file_path": "/x.png"}', '"input": %s' % deep,
+                             rng.choice([1, 2]))
+    if kind == 10:      # a message the checks refuse
+        bad = rng.choice([{"role": "bot", "content": "x"}, {"content": "x"}, user({"text": "t"}),
+                          user(image("not base64")), user(tool_result("t", tool_result("u"))), 7])
+        return json.dumps({**body, "messages": messages[:i] + [bad] + messages[i + 1:]})
+    if kind == 11:      # every part as JavaScript writes it: no blanks
+        return json.dumps(body, separators=(",", ":"))
+    if kind == 12:      # the top-level fields in another order, some of another type
+        fields = list(body.items())
+        rng.shuffle(fields)
+        return json.dumps(dict(fields, **rng.choice([{}, {"tools": {}}, {"system": 5},
+                                                     {"messages": {}}, {"messages": []}])))
+    return whole.replace("cwd: /p", "cwd: /q")     # the system message changes
+
+
+class RequestPartsTest(unittest.TestCase):
+    """RequestParts reads what recent requests sent again as it read it then: the same body,
+    checked and cleaned, or the same refusal; only what is new is parsed."""
+
+    def test_random_edits_read_as_json_loads_reads_them(self):
+        memo, rng = cr.RequestParts(), random.Random(14)
+        bodies = [cc_request(), cc_request(turns=6), cc_request(turns=2, prompt="other")]
+        for body in bodies:     # warm: every part of these has been read and checked
+            outcome, parts = read_outcome(memo.read, json.dumps(body))
+            memo.remember(parts)
+        for n in range(400):
+            body = rng.choice(bodies)
+            text_ = edited(rng, body)
+            if n % 3 == 0:      # an edit of an edit
+                text_ = edited(rng, json.loads(text_)) if is_plain_request(text_) else text_
+            with self.subTest(n=n, text=text_[:80]):
+                warm, parts = read_outcome(memo.read, text_)
+                self.assertEqual(warm, read_outcome(lambda t: (cr.parse_json_body(t), None),
+                                                    text_)[0])
+                memo.remember(parts)
+        self.assertGreater(memo.reused, 1000)
+        self.assertGreater(memo.parsed, 100)
+        self.assertEqual(kept_mismatches(memo), [])
+
+    def test_an_unchanged_history_is_reused_and_a_changed_message_read_anew(self):
+        memo = cr.RequestParts()
+        first = cc_request(turns=3)
+        body, parts = memo.read(json.dumps(first))
+        cr.checked_request(body, cr.REQUEST_FIELDS, parts)
+        memo.remember(parts)
+        self.assertEqual((memo.reused, memo.parsed), (0, 2 + len(first["messages"])))
+        second = {**first, "messages": first["messages"] + [assistant(text("ok")),
+                                                            user(text("next"))]}
+        again, _ = memo.read(json.dumps(second))
+        self.assertEqual((memo.reused, memo.parsed), (2 + len(first["messages"]),
+                                                      2 + len(first["messages"]) + 2))
+        self.assertIs(again["system"], body["system"])
+        self.assertIs(again["tools"], body["tools"])
+        self.assertTrue(all(a is b for a, b in zip(again["messages"], body["messages"])))
+        changed = copy.deepcopy(second)
+        changed["messages"][3]["content"][0]["text"] = "step 0, changed"
+        third, parts = memo.read(json.dumps(changed))
+        self.assertIsNot(third["messages"][3], body["messages"][3])
+        self.assertEqual(third["messages"][3], changed["messages"][3])
+        self.assertEqual([i for i, (a, b) in enumerate(zip(third["messages"], body["messages"]))
+                          if a is not b], [3])
+        # Not checked yet: a refused request leaves nothing behind to be taken as checked.
+        self.assertFalse(parts[id(third["messages"][3])].checked)
+        self.assertTrue(parts[id(third["messages"][4])].checked)
+
+    def test_a_refused_request_leaves_nothing_taken_as_checked(self):
+        memo = cr.RequestParts()
+        bad = cc_request()
+        bad["messages"][3]["content"].append(image("not base64!"))
+        for _ in range(2):
+            with self.assertRaisesRegex(cr.ProxyError, "^messages.3.content.1.source: "):
+                body, parts = memo.read(json.dumps(bad))
+                memo.remember(parts)    # as a careless caller would: nothing is checked
+                cr.checked_request(body, cr.REQUEST_FIELDS, parts)
+        self.assertEqual(memo.places, {})
+
+    def test_bounded_by_its_text_and_a_long_value_is_not_kept(self):
+        memo = cr.RequestParts(max_chars=3000)
+        for i in range(20):
+            body, parts = memo.read(json.dumps(request(user(text("%d" % i + "x" * 100)),
+                                                       assistant(text("y" * 900)))))
+            cr.checked_request(body, cr.REQUEST_FIELDS, parts)
+            memo.remember(parts)
+            self.assertLessEqual(memo.size, 3000)
+            self.assertEqual(memo.size, sum(len(p.span) for kept in memo.places.values()
+                                            for p in kept))
+        self.assertEqual(list(memo.places), [("message", 0)])   # 900 chars > 3000 / 8
+        self.assertEqual(len(memo.places[("message", 0)]), cr.PLACE_CANDIDATES)
+
+
+def is_plain_request(text_):
+    """True when text_ is JSON whose object a further edit can take."""
+    try:
+        body = json.loads(text_)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(body, dict) and isinstance(body.get("messages"), list) and \
+        body["messages"] and "max_tokens" in body
+
+
+def kept_mismatches(memo):
+    """The places of memo's parts that are not what their text reads as now: a transform
+    changed a shared value, or its cleaned form, in place."""
+    cleaners = {("field", "system"): cr.clean_system, ("field", "tools"): cr.clean_tools}
+    wrong = []
+    for place, kept in memo.places.items():
+        for part in kept:
+            value = json.loads(part.span)
+            clean = cleaners.get(place) or (cr.system_reminder if value["role"] == "system"
+                                            else cr.clean_message)
+            if json.dumps(part.value) != json.dumps(value) or \
+                    json.dumps(part.clean) != json.dumps(clean(value)):
+                wrong.append(place)
+    return wrong
+
+
+class PartsMutationTest(RouterTestCase):
+    """Kept parts are shared by every later request that sends them: whatever a turn does
+    with its request (documents, images described or sent, folding, merging, encoding,
+    warm-up), they stay as read."""
+
+    router_settings = {"warm": True}
+
+    def test_two_turns_leave_kept_parts_as_read_and_send_what_a_new_router_sends(self):
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        first = cc_request(turns=2)
+        first["messages"] += [assistant(text("x")), assistant(text("more")), user(text("q")),
+                              assistant(text("a"), tool_use("d1"), text("b"), tool_use("d2")),
+                              user(tool_result("d1", image(PNG_A)), tool_result("d2", text("r")),
+                                   text_document("notes"), image(PNG_B), text("look"))]
+        second = {**first, "messages": first["messages"] + [
+            assistant(text("seen")), system_message("## Exited Auto Mode"),
+            user(text("and now"), {"type": "tool_reference", "tool_name": "Grep"})]}
+        for body in (first, second):
+            self.assertEqual(self.post(body)[0], 200)
+            self.assertEqual(self.call("POST", "/v1/messages/count_tokens", body)[0], 200)
+        self.assertGreater(self.router.request_parts.reused, len(first["messages"]))
+        self.assertEqual(kept_mismatches(self.router.request_parts), [])
+        turns = [raw for path, raw in upstream.raw if "count_tokens" not in path]
+        self.router.request_parts = cr.RequestParts()      # a router that read nothing before
+        self.assertEqual(self.post(second)[0], 200)
+        self.assertEqual(upstream.raw[-1][1], turns[-1])
 
 
 ################ Request transforms
