@@ -6602,23 +6602,29 @@ def router_gone(port, token, pid, deadline):
     return False
 
 
-def stop_router(port, token, wait=STOP_TIMEOUT):
+def stop_router(port, token, wait=STOP_TIMEOUT, look=STATUS_TIMEOUT):
     """Stop the router on the loopback port with SIGTERM; return (exit status, what happened).
 
-    The status: STOPPED; NOTHING_TO_STOP (nothing answers, or what answers is not
+    The status: STOPPED; NOTHING_TO_STOP (nothing listens, or what answers is not
     claude-router); LEFT_RUNNING (a router, or what may be one, is still there)."""
     try:
         # Not the status line's second: a busy router (or machine) answers later, and taking
         # it for none said "nothing to stop" and left it running.
-        status, document = fetch_status(port, token, STATUS_TIMEOUT)
+        status, document = fetch_status(port, token, look)
+    except socket.timeout:
+        status, document = None, None       # the port is held, and silent
     except OSError:
         return NOTHING_TO_STOP, "no router answers on :%d; nothing to stop" % port
     return stop_answering(port, token, status, document, wait)
 
 
 def stop_answering(port, token, status, document, wait=STOP_TIMEOUT):
-    """Stop the router whose /status on port answered status and document; as stop_router,
-    waiting wait seconds for it to go."""
+    """Stop the router whose /status on port answered status and document (status None:
+    what holds the port gave no answer in time); as stop_router, waiting wait seconds for
+    it to go."""
+    if status is None:
+        return LEFT_RUNNING, ("what holds :%d gave no answer to /status in time (a router "
+                              "stopped with Ctrl-Z, or too busy?); not stopped" % port)
     if status == 401:
         return LEFT_RUNNING, ("the router on :%d wants its token: set CLAUDE_ROUTER_TOKEN to "
                               "its --token" % port)

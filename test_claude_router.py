@@ -5627,6 +5627,19 @@ class StopTest(RouterTestCase):
         self.assertEqual(self.call("GET", "/status", conn=self.connect(in_process))[0], 200)
 
 
+    def test_a_port_held_by_what_never_answers_is_not_nothing_to_stop(self):
+        # A router stopped with Ctrl-Z before --stop looks: its /status timed out, and --stop
+        # said "no router answers; nothing to stop" of a port still held.
+        listener = socket.create_server(("127.0.0.1", 0))      # listens, never answers
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        self.assertEqual(cr.stop_router(port, "", look=0.2), (cr.LEFT_RUNNING, (
+            "what holds :%d gave no answer to /status in time (a router stopped with Ctrl-Z, "
+            "or too busy?); not stopped" % port)))
+        listener.close()
+        self.assertEqual(cr.stop_router(port, "", look=0.2), (
+            cr.NOTHING_TO_STOP, "no router answers on :%d; nothing to stop" % port))
+
     def test_a_router_that_answers_later_than_the_status_lines_second_is_still_found(self):
         # Under load a router's /status came after the status line's second: --stop said
         # "nothing to stop" and left it running, and claude-local started a second router.
