@@ -4837,6 +4837,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.response_started = False   # our status line is fixed once this is set
         self.stream_frame = None        # while an SSE body is going out: how to frame its bytes
         self.body = b""
+        self.body_size = 0              # bytes of the request's body, once read
         if not self.await_request():
             self.close_connection = True
             return
@@ -4946,6 +4947,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.headers.get("expect", "").lower() == "100-continue":
             self.write_client(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.body = self.read_exactly(length) if length else b""
+        self.body_size = length
         self.unread_input = False
         self.connection.settimeout(self.timeout)    # writing the answer may take long
 
@@ -5063,13 +5065,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rewarm = None      # a Turn sets the conversation whose coder prompt to send again
         started = server.request_started(self.connection)
         self.record = started[1]    # the Turn names its route and model in it
-        big = len(self.body) > TRIM_AFTER_BYTES
         try:
             self.handle_request("POST")
         finally:
             seconds = server.request_ended(started, self.sent_status, self.outcome == CLIENT_LEFT)
             log(outcome_line(self.sent_status, seconds, self.outcome))
-            if big:
+            if self.body_size > TRIM_AFTER_BYTES:
                 release_freed_memory()
         if self.rewarm is not None:
             server.warm("after a vision turn", server.warmer.prompt_of(self.rewarm))
