@@ -6769,8 +6769,11 @@ def run_as_import():
     # after running the script's code. Imported, it is freed once the module is compiled.
     # The loader is named: from the path alone, importlib finds none for a file whose
     # name lacks .py (~/bin/claude-router). Read from stdin, there is no file to load.
+    # The interpreter's options go too: -I, -X dev or -W error asked for this process.
+    # -c puts "" (the working directory) first on sys.path where a script puts its own
+    # directory; under -I or -P (3.11) neither is put there.
     boot = ("import os, sys, importlib.util as iu, importlib.machinery as im; "
-            "sys.argv.pop(0); sys.path[0] = os.path.dirname(sys.argv[0]); "  # as for the script
+            "sys.argv.pop(0); sys.path[0] = sys.path[0] or os.path.dirname(sys.argv[0]); "
             "spec = iu.spec_from_file_location('claude_router', sys.argv[0], "
             "loader=im.SourceFileLoader('claude_router', sys.argv[0])); "
             "sys.modules['claude_router'] = m = iu.module_from_spec(spec); "
@@ -6780,10 +6783,18 @@ def run_as_import():
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execv(sys.executable, [sys.executable, "-c", boot, os.path.abspath(__file__)]
-                 + sys.argv[1:])
+        os.execv(sys.executable, [sys.executable, *interpreter_options(), "-c", boot,
+                                  os.path.abspath(__file__)] + sys.argv[1:])
     except OSError:
         pass
+
+
+def interpreter_options():
+    """The options this process's interpreter was started with (-X, -W, -I, -O...), as
+    arguments for starting another the same way."""
+    if hasattr(sys, "orig_argv"):      # Python 3.10 on: the command line as it was
+        return sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    return subprocess._args_from_interpreter_flags()   # sys.flags, -X and -W, as CPython's tests do
 
 
 TRIM_AFTER_BYTES = 1024 * 1024     # a request body this big has its memory handed back after

@@ -5583,6 +5583,27 @@ class StopTest(RouterTestCase):
         os.kill(proc.pid, signal.SIGCONT)       # the SIGTERM it was sent ends it now
         self.assertEqual(proc.wait(TIMEOUT), 0)
 
+    def test_the_start_as_a_module_keeps_the_interpreters_options(self):
+        # Started again as a module, the router lost -X, -W, -I and -O: a router run with
+        # -W error or -I ran without them.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        options = ["-I", "-X", "claude_router_test=1", "-W", "error::ResourceWarning"]
+        proc = subprocess.Popen([sys.executable, *options, self.script(), "--port", str(port),
+                                 "--upstream", "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
+                                stderr=subprocess.PIPE, text=True)
+        self.addCleanup(proc.kill)
+        while "claude-router on" not in proc.stderr.readline():
+            self.assertIsNone(proc.poll())
+        self.assertEqual(cr.fetch_status(port, "", TIMEOUT)[0], 200)
+        args = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(proc.pid)],
+                              capture_output=True, text=True, timeout=TIMEOUT).stdout
+        self.assertIn(" ".join([sys.executable, *options, "-c"]), args)
+        self.assertIn("claude_router.py --port %d" % port, args)
+        proc.terminate()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+
     def test_stops_the_router_on_the_port_which_exits_0(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
