@@ -150,7 +150,7 @@ STOPPED, NOTHING_TO_STOP, LEFT_RUNNING = 0, 1, 2    # --stop's exit statuses
 IDLE_TIMEOUT = 900.0                        # s a client keep-alive connection may idle
 REQUEST_TIMEOUT = 30.0                      # s for a whole request head, and at least for a body: 408
 BODY_TIME_PER_MB = 4.0                      # s more a request body may take per MiB (256 KiB/s)
-MAX_CONNECTIONS = 128                       # client connections served at once; past it, a 503
+MAX_CONNECTIONS = 128                       # client connections at once; then idle ones close, or 503
 LINGER_TIMEOUT = 10.0                       # s we drop what a refused client still sends
 MAX_HEAD_LINE = 65536                       # bytes of the request line or a header line
 MAX_HEADERS = 100                           # header lines per request
@@ -4854,12 +4854,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         handler() if handler else self.handle_request(self.command)
 
     def await_request(self):
-        """Wait up to the idle timeout for a request to begin; False if none does."""
+        """Wait up to the idle timeout for a request to begin; False if none does.
+
+        Meanwhile the connection is idle, and at the connection cap a newcomer may take its
+        slot (BoundedServer.take_slot), which wakes it here to close. A request that began
+        just then gets the 503 a newcomer with no slot gets: serving it would pass the cap,
+        and closing without a word would read as a router that crashed."""
+        self.server.connection_idle(self.connection)
         self.connection.settimeout(self.timeout)
         try:
-            return bool(self.rfile.peek(1))
+            begun = bool(self.rfile.peek(1))
         except OSError:         # the idle timeout, or a reset
-            return False
+            begun = False
+        finally:
+            kept = self.server.connection_busy(self.connection)
+        if begun and not kept:
+            self.unread_input = True    # so finish() lingers: a reset could destroy the answer
+            self.write_client(self.server.no_room_answer())
+        return begun and kept
 
     def read_head(self):
         """Read the request line and headers; raise ProxyError unless they are plain HTTP/1.x.
@@ -5994,50 +6006,120 @@ def shut_down(sock):
 ################ Server
 
 class BoundedServer(http.server.ThreadingHTTPServer):
-    """A ThreadingHTTPServer that serves at most max_connections connections at once and
-    turns the others away with a 503, from the accepting thread.
+    """A ThreadingHTTPServer that serves at most max_connections connections at once. Past
+    that a new connection takes the slot of the one idle longest, which is closed; when
+    every connection is in the middle of a request, it is turned away with a 503 from the
+    accepting thread.
 
-    process_request() takes a slot or calls turn_away(); process_request_thread() frees
-    the slot; service_actions() and drop_turned_away() close the turned-away sockets a
-    second later, server_close() the rest."""
+    process_request() takes a slot (take_slot) or calls turn_away(); process_request_thread()
+    frees it (free_slot). A Handler between requests is idle: connection_idle() while it
+    waits, connection_busy() once a request begins, which says whether a newcomer took its
+    slot meanwhile (it then answers no_room_answer()). service_actions() and
+    drop_turned_away() close the turned-away sockets a second later, server_close() the rest."""
 
     def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
         # Set before binding: when binding fails, __init__ calls server_close, which reads them.
         self.max_connections = max_connections
-        self.connection_slots = threading.BoundedSemaphore(max_connections)
+        self.slots = threading.Condition()      # guards the three below; the tests wait on it
+        self.served = 0                         # connections holding a slot
+        self.idle = {}                          # {socket: None} waiting for a request, longest first
+        self.evicted = set()                    # idle ones whose slot went on, their thread not ended
         self.turned_away = []                   # [(time.monotonic(), socket)] answered 503
-        self.turning_away = False               # the last connection was turned away
+        self.at_limit = False                   # the last connection found no free slot
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
-        """Serve a connection in a thread of its own while fewer than max_connections are
-        served; turn it away past that, without a thread.
+        """Serve a connection in a thread of its own while it has a slot; turn it away, without
+        a thread, when it has none.
 
         A connection holds its thread for its whole life, idle keep-alive too, so without
         a cap idle sockets make threads without bound: 1,200 made 1,201 threads before a
         single request was read."""
-        if not self.connection_slots.acquire(blocking=False):
+        slot = self.take_slot()
+        if slot != "free" and not self.at_limit:    # said once until a slot is free again
+            log("! %d client connections are open, the limit: a new one takes the place of the "
+                "one idle longest, or gets 503 when none is idle" % self.max_connections)
+        self.at_limit = slot != "free"
+        if not slot:
             return self.turn_away(request)
-        self.turning_away = False
         try:
             super().process_request(request, client_address)
         except Exception:       # no thread started to free the slot
-            self.connection_slots.release()
+            self.free_slot(request)
             raise
         # Not BaseException: a KeyboardInterrupt (Ctrl-C, --stop's SIGTERM) comes while
-        # Thread.start() waits for a thread that has started and frees the slot itself; a
-        # second release raised ValueError, which the accept loop logged and went on from:
-        # the router ignored the signal, 1 stop in 15 here.
+        # Thread.start() waits for a thread that has started and frees the slot itself;
+        # freeing it here too counted it twice (with a semaphore, a ValueError that the
+        # accept loop logged and went on from: the router ignored the signal, 1 stop in 15).
+
+    def take_slot(self):
+        """Take a slot for a new connection: "free", "idle" (the longest-idle connection's,
+        which is closed), or "" when every connection is in the middle of a request.
+
+        Idle keep-alive sockets (a few per Claude Code session, a buggy client's, a port
+        scanner's) would otherwise lock new clients out for IDLE_TIMEOUT; nginx reuses idle
+        keep-alive connections under pressure the same way. At most max_connections closed
+        ones may still be ending, so there are never more than twice that many threads."""
+        with self.slots:
+            if self.served < self.max_connections:
+                self.served += 1
+                self.slots.notify_all()
+                return "free"
+            if not self.idle or len(self.evicted) >= self.max_connections:
+                return ""
+            sock = next(iter(self.idle))
+            del self.idle[sock]
+            self.evicted.add(sock)
+            # The reading side only: that wakes the connection's thread, which closes the
+            # connection, or answers a request that began just now. Under the lock, as the
+            # thread closes its socket only after leaving idle: the descriptor is still its own.
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            self.slots.notify_all()
+            return "idle"
+
+    def free_slot(self, request):
+        """Give a connection's slot back, unless take_slot gave it to a newcomer already."""
+        with self.slots:
+            self.idle.pop(request, None)
+            if request in self.evicted:
+                self.evicted.discard(request)
+            else:
+                self.served -= 1
+            self.slots.notify_all()
+
+    def connection_idle(self, request):
+        """Note that a connection waits for its next request: a newcomer may take its slot."""
+        with self.slots:
+            self.idle[request] = None
+            self.slots.notify_all()
+
+    def connection_busy(self, request):
+        """Note that a connection's wait has ended; False if its slot went to a newcomer."""
+        with self.slots:
+            self.idle.pop(request, None)
+            self.slots.notify_all()
+            return request not in self.evicted
 
     def process_request_thread(self, request, client_address):
         """Serve one connection (ThreadingMixIn's), then free its slot."""
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connection_slots.release()
+            self.free_slot(request)
+
+    def no_room_answer(self):
+        """The whole 503 response for a connection that has no slot, as bytes."""
+        message = "the router serves %d connections at once and has no room for more; " \
+                  "try again shortly" % self.max_connections
+        body = json.dumps(anthropic_error(503, message)).encode()
+        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
     def turn_away(self, request):
-        """Answer a connection past the cap with a 503 at once, from the accepting thread.
+        """Answer a connection that has no slot with a 503 at once, from the accepting thread.
 
         A 503, not a bare close and not a 529: Claude Code retries a 503 for about three
         minutes, interactively too, which outlasts a burst, then shows our words; a 529
@@ -6046,17 +6128,9 @@ class BoundedServer(http.server.ThreadingHTTPServer):
         second later (service_actions): closed at once, with the request unread, it
         would send a reset, which can destroy the answer before the client reads it
         (RFC 9112 9.6)."""
-        if not self.turning_away:       # said once until a connection is served again
-            log("! %d client connections are open, the limit; more get 503 until some close"
-                % self.max_connections)
-            self.turning_away = True
-        message = "the router serves %d connections at once and has no room for more; " \
-                  "try again shortly" % self.max_connections
-        body = json.dumps(anthropic_error(503, message)).encode()
         request.setblocking(False)
         try:
-            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            request.send(self.no_room_answer())
             request.shutdown(socket.SHUT_WR)
         except OSError:
             pass
