@@ -39,6 +39,7 @@ import contextlib
 import copy
 import ctypes
 import fcntl
+import functools
 import hashlib
 import hmac
 import http.client
@@ -751,14 +752,15 @@ PLACE_CANDIDATES = 4                            # parts kept per place: main tur
 class ReadPart:
     """An object or a list of a request body, as read: its place (("field", name) or
     ("message", index)), its JSON text (None when too long to keep), the value and how
-    deeply it nests; once its request passed validate_request, its cleaned form."""
+    deeply it nests; once its request passed validate_request, its cleaned form, and
+    once a turn sent that on as it is, its encoding (part_encoding)."""
 
-    __slots__ = ("place", "span", "value", "depth", "checked", "clean")
+    __slots__ = ("place", "span", "value", "depth", "checked", "clean", "encoded")
 
     def __init__(self, place, span, value):
         self.place, self.span, self.value = place, span, value
         self.depth = json_depth(value)
-        self.checked, self.clean = False, None
+        self.checked, self.clean, self.encoded = False, None, None
 
 
 class RequestParts:
@@ -1090,7 +1092,9 @@ def normalize_assistant_messages(messages):
         texts = [b["text"] for b in content if b.get("type") == "text" and b["text"]]
         rest = [b for b in content if b.get("type") != "text"]
         folded = [text_block("\n\n".join(texts))] if texts else []
-        out.append({**message, "content": folded + rest})
+        # One that is folded already stays the same object, so its encoding is found by it
+        # (part_encoding). == is exact here: text blocks hold strings, the rest are content's.
+        out.append(message if folded + rest == content else {**message, "content": folded + rest})
     return out
 
 
@@ -3420,11 +3424,15 @@ class EncodedRequest:
     and a clamped max_tokens is spliced in. Joined, the pieces are json.dumps(body),
     except that base64 image data goes in as it is (encode_message). With memo (an
     EncodedParts), the system text, the tools and each message without images that a
-    recent request sent too are neither encoded nor hashed again."""
+    recent request sent too are neither encoded nor hashed again; with parts ({id() of a
+    cleaned value: its ReadPart}, Handler.read_request), those sent on as read are not
+    even looked up there (part_encoding)."""
 
-    def __init__(self, body, keys, memo=None):
+    def __init__(self, body, keys, memo=None, parts=None):
         marker = "@claude-router-image-%s-" % os.urandom(8).hex()
         encode = memo.encode if memo else encode_part
+        if parts:
+            encode = functools.partial(part_encoding, parts, encode)
         self.fields, self.digests = {}, {}
         for name, value in body.items():
             if name in ("system", "tools"):
@@ -3505,6 +3513,19 @@ def encode_part(value):
     """Return (value as JSON bytes, a 16-byte digest of them)."""
     data = json.dumps(value).encode()
     return data, hashlib.blake2b(data, digest_size=16).digest()
+
+
+def part_encoding(parts, encode, value):
+    """Return encode(value), kept with its ReadPart in parts when value is one's cleaned form.
+
+    A cleaned form is shared by every request that sends its part again and is never
+    changed, so neither is its encoding: no marshal key needs making to find it."""
+    part = parts.get(id(value))
+    if part is None or part.clean is not value:
+        return encode(value)
+    if part.encoded is None:
+        part.encoded = encode(value)
+    return part.encoded
 
 
 def encode_message(message, keys, marker, encode=encode_part):
@@ -5093,8 +5114,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def read_request(self, fields=REQUEST_FIELDS):
-        """Return the request body parsed, validated and cleaned (checked_request), reading
-        and checking only what recent requests did not send too (RequestParts).
+        """Return (the request body parsed, validated and cleaned (checked_request), {id() of
+        each cleaned part: its ReadPart}), reading and checking only what recent requests
+        did not send too (RequestParts).
 
         json.loads(bytes) would decode a copy while the bytes live on; decoding first
         and dropping the bytes keeps two copies of an 8 MB body in memory, not three."""
@@ -5108,7 +5130,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         del text
         clean = checked_request(body, fields, parts)
         self.server.request_parts.remember(parts)
-        return clean
+        return clean, {id(part.clean): part for part in parts.values()
+                       if part.checked and part.clean}
 
     def send_response(self, code, message=None):
         """Start the response (http.server's), noting that its status is now out, and which."""
@@ -5194,7 +5217,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def count_tokens(self):
         """POST /v1/messages/count_tokens: the upstream's count, else a local estimate."""
         server = self.server
-        clean = self.read_request(COUNT_TOKENS_FIELDS)
+        clean, _ = self.read_request(COUNT_TOKENS_FIELDS)
         clean["messages"], _ = server.documents.read(clean["messages"], server.coder_context(),
                                                      quiet=True)
         keys = image_keys(clean["messages"])
@@ -5503,7 +5526,7 @@ class Turn:
         """Clean the request, read its documents and settle what is known of its images; then
         the vision model answers a turn with new images and the coder every other, or the
         coder when the vision model fails."""
-        self.clean = self.handler.read_request()
+        self.clean, self.parts = self.handler.read_request()
         self.clean["messages"], self.pages = self.server.documents.read(
             self.clean["messages"], self.server.coder_context())
         self.keys = image_keys(self.clean["messages"])
@@ -5578,7 +5601,7 @@ class Turn:
                          "side": server.side_upstream_url}.get(self.route, server.upstream_url)
         self.context_length = server.model_info(self.model, self.upstream).get("context_length")
         outgoing = {**self.clean, "model": self.model, "messages": messages}
-        encoded = EncodedRequest(outgoing, self.keys, server.encoded_parts)
+        encoded = EncodedRequest(outgoing, self.keys, server.encoded_parts, self.parts)
         self.estimate = encoded.tokens()
         encoded.clamp(self.context_length)
         log("→ %s [%s]%s" % (self.route, self.model, self.note_prompt(encoded, outgoing)))

@@ -1273,6 +1273,33 @@ class RequestPartsTest(unittest.TestCase):
                 cr.checked_request(body, cr.REQUEST_FIELDS, parts)
         self.assertEqual(memo.places, {})
 
+    def test_a_part_sent_on_as_read_is_encoded_once(self):
+        memo, encoded_parts, sent = cr.RequestParts(), cr.EncodedParts(), []
+        first = cc_request(turns=3)
+        for body in (first, {**first, "messages": first["messages"] + [
+                assistant(text("ok"), tool_use("t9")), user(tool_result("t9", text("r")))]}):
+            read, parts = memo.read(json.dumps(body))
+            clean = cr.checked_request(read, cr.REQUEST_FIELDS, parts)
+            memo.remember(parts)
+            known = {id(p.clean): p for p in parts.values() if p.checked and p.clean}
+            _, _, messages, _ = cr.route_request(clean, {}, {}, "V", "C", [])
+            outgoing = {**clean, "messages": messages}
+            encoded = cr.EncodedRequest(outgoing, {}, encoded_parts, known)
+            plain = cr.EncodedRequest(outgoing, {})
+            self.assertEqual((encoded.data(), encoded.prompt_parts()),
+                             (plain.data(), plain.prompt_parts()))
+            sent.append((messages, encoded))
+        (old, before), (new, after) = sent
+        # Folded already, an assistant message goes on as the same object, as every message
+        # does but the first, which the environment message is merged into each turn: each
+        # is found by its part, not looked up, and so are the system text and the tools.
+        self.assertTrue(all(a is b for a, b in zip(old[1:], new[1:])))
+        self.assertIs(after.fields["tools"], before.fields["tools"])
+        self.assertTrue(all(a[0][0] is b[0][0] for a, b in zip(before.messages[1:],
+                                                                after.messages[1:])))
+        self.assertEqual({p.place for kept in memo.places.values() for p in kept
+                          if p.encoded is None}, {("message", 0), ("message", 1)})
+
     def test_bounded_by_its_text_and_a_long_value_is_not_kept(self):
         memo = cr.RequestParts(max_chars=3000)
         for i in range(20):
