@@ -6662,7 +6662,8 @@ def is_router_process(pid):
     names the module 'claude_router', the file), whatever the file's name: a copy at
     ~/bin/claude-router is found, a program that is merely called so is not."""
     words = command_words(pid)
-    restarted = words[1:2] == ["-c"] and any("'claude_router'" in w for w in words[2:])
+    code = words[words.index("-c") + 1:] if "-c" in words[1:] else []
+    restarted = any("'claude_router'" in word for word in code)
     return restarted or any(os.path.basename(word) == "claude_router.py" or (before, word) == (
         "-m", "claude_router") for before, word in zip([""] + words, words))
 

@@ -5658,17 +5658,18 @@ class StopTest(RouterTestCase):
         self.check_copy_serves("my-router.py")
 
     def test_a_copy_named_without_py_serves(self):
-        # ~/bin/claude-router: a name with no .py found no loader and exited at start.
-        self.check_copy_serves("claude-router")
+        # ~/bin/claude-router: a name with no .py found no loader and exited at start; and
+        # the interpreter's options, which the re-start keeps, come before its -c.
+        self.check_copy_serves("claude-router", ["-X", "utf8", "-W", "ignore"])
 
-    def check_copy_serves(self, name):
-        """Run a copy of the router named name; check it serves and ends 0 on SIGTERM."""
+    def check_copy_serves(self, name, options=()):
+        """Run a copy of the router named name; check it serves and --stop ends it with 0."""
         copy = os.path.join(self.cache_dir, name)
         shutil.copy(self.script(), copy)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, copy, "--port", str(port), "--upstream",
+        proc = subprocess.Popen([sys.executable, *options, copy, "--port", str(port), "--upstream",
                                  "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
                                 stderr=subprocess.PIPE, text=True)
         self.addCleanup(proc.kill)
