@@ -2854,6 +2854,35 @@ class EventStreamTest(unittest.TestCase):
                 self.assertEqual(capture.text(), "Hello world")
                 self.assertEqual(capture.usage, {"input_tokens": 5, "output_tokens": 3})
 
+    def test_marked_events_are_the_events_holding_a_mark(self):
+        marks = (b"message_", b"error")
+        streams = [*self.STREAMS, ("none", sse(*text_events("x")[1:5])),
+                   ("all", sse(*text_events("x"))), ("first and last", b"data: message_\n\n"
+                    b"data: 1\n\n\n\ndata: error\r\n\r\ndata: message_error\n\n"),
+                   ("in text", sse(("content_block_delta", {"text": "an error message_"})))]
+        for name, data in streams:
+            with self.subTest(name):
+                self.assertEqual(cr.marked_events(data, marks), [
+                    e for e in cr.sse_events(data) if any(m in e for m in marks)])
+
+    def test_the_capture_without_text_reads_usage_and_the_end(self):
+        events = text_events("Hello")
+        rows = [("whole", [sse(*events)], True, None),
+                ("in pieces", [sse(e) for e in events], True, None),
+                ("cut", [sse(*events[:4])], False, None),
+                ("failed", [sse(*events[:3], ("error", {"type": "error", "error": {
+                    "message": "overloaded"}}), events[-1])], True, "overloaded")]
+        for name, blocks, complete, failed in rows:
+            with self.subTest(name):
+                capture = cr.ReplyCapture(keep_text=False)
+                for block in blocks:
+                    capture.feed(block)
+                self.assertEqual((capture.complete, capture.failed, capture.parts),
+                                 (complete, failed, []))
+                self.assertEqual(capture.usage["input_tokens"], 5)
+                self.assertEqual(capture.stop_reason, "end_turn" if failed is None and complete
+                                 else None)
+
     def test_reply_capture_stores_nothing_for_cut_or_failed_streams(self):
         events = text_events("Hello")
         cut, failed = cr.ReplyCapture(), cr.ReplyCapture()
