@@ -445,6 +445,27 @@ def body_length(headers, method, limit):
     return int(digits)
 
 
+def read_exactly(rfile, sock, length, seconds):
+    """Return the next length bytes of rfile, sock's reader, as a bytearray (fewer if the
+    client closes first); raise socket.timeout once they have taken seconds to arrive.
+
+    A socket timeout bounds each wait for bytes only, so a body sent a byte every few
+    seconds held its thread and its connection's slot for as long as the client liked."""
+    deadline = time.monotonic() + seconds
+    data, got = bytearray(length), 0
+    with memoryview(data) as view:
+        while got < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
+            read = rfile.readinto1(view[got:])      # what one read brings
+            if not read:
+                return data[:got]
+            got += read
+    return data
+
+
 def reject_constant(name):
     """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
     raise ValueError(name)
@@ -4998,39 +5019,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length and self.request_version == "HTTP/1.1" and \
                 self.headers.get("expect", "").lower() == "100-continue":
             self.write_client(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.body = self.read_exactly(length) if length else b""
-        self.body_size = length
+        seconds = self.server.request_timeout + length / (1 << 20) * self.server.body_time_per_mb
+        try:
+            body = read_exactly(self.rfile, self.connection, length, seconds) if length else b""
+        except TIMEOUT_ERRORS:
+            self.unread_input = False   # a stalled client sends nothing more to wait for
+            self.close_connection = True
+            raise ProxyError(408, "the request body did not arrive in %.0f s" % seconds) from None
+        if len(body) < length:
+            raise ProxyError(400, "request body ended after %d of %d bytes" % (len(body), length))
         self.unread_input = False
         self.connection.settimeout(self.timeout)    # writing the answer may take long
-
-    def read_exactly(self, length):
-        """Return the body's length bytes (a bytearray); 408 once they have taken longer than
-        request_timeout and body_time_per_mb seconds per MiB, however slowly they trickle in.
-
-        A socket timeout bounds each wait for bytes only, so a body sent a byte every few
-        seconds held its thread and its connection's slot for as long as the client liked."""
-        server = self.server
-        deadline = time.monotonic() + server.request_timeout + \
-            length / (1 << 20) * server.body_time_per_mb
-        body, got = bytearray(length), 0
-        with memoryview(body) as view:
-            try:
-                while got < length:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise socket.timeout("timed out")
-                    self.connection.settimeout(left)
-                    read = self.rfile.readinto1(view[got:])     # what one read brings
-                    if not read:
-                        raise ProxyError(400, "request body ended after %d of %d bytes"
-                                         % (got, length))
-                    got += read
-            except TIMEOUT_ERRORS:
-                self.unread_input = False   # a stalled client sends nothing more to wait for
-                self.close_connection = True
-                raise ProxyError(408, "the request body did not arrive in time (%d of %d bytes)"
-                                 % (got, length)) from None
-        return body
+        self.body = body
+        self.body_size = length
 
     def refuse(self, error):
         """Answer a ProxyError with Anthropic's envelope; close if the request was not all read."""
