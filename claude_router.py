@@ -4863,7 +4863,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     all there yet) and dispatches it; handle_request() checks access, reads the body
     (receive_body, read_exactly) and routes it; handle_routed() counts and times
     /v1/messages. refuse() answers a ProxyError, answer_unexpected() a bug; finish()
-    and linger() close after a refused request. Answers: send_response, send_json, write_client, end_stream and end_response.
+    and linger() close after a refused request. Answers: send_head (date_time_string),
+    send_json, write_client, end_stream and end_response.
     Endpoints (routes; do_POST sends /v1/messages to handle_routed) take the body with
     read_body or read_request: probe, status, models, count_tokens, messages (a Turn), and
     forward for any other /v1/ or /api/ path. log_message keeps http.server's access
@@ -4874,6 +4875,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT              # idle keep-alive connections end, after the client's
     server_version = "claude-router/" + VERSION
     unread_input = False                # the client may still be sending its request's bytes
+    join_limit = 65536                  # bytes of body sent in the head's write; more, a write apart
+    date = (0, "")                      # (a second, its Date value), shared by all handlers
 
     def handle(self):
         """Serve the connection's requests, then refresh the model list if one claimed that.
@@ -4896,6 +4899,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         anything else is a bug: a 500 (or an error event inside a stream), the
         connection closed, and Server.handle_error logs its traceback once."""
         self.response_started = False   # our status line is fixed once this is set
+        self.unsent_head = b""          # a response head held back to go with the first write
         self.stream_frame = None        # while an SSE body is going out: how to frame its bytes
         self.body = b""
         self.body_size = 0              # bytes of the request's body, once read
@@ -5153,28 +5157,57 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return clean, {id(part.clean): part for part in parts.values()
                        if part.checked and part.clean}
 
-    def send_response(self, code, message=None):
-        """Start the response (http.server's), noting that its status is now out, and which."""
+    def send_head(self, status, headers, data=b"", hold=False):
+        """Start the response: the status line, Server and Date as http.server's send_response
+        writes them, headers [(name, value)], Connection: close when the connection ends
+        after it, then data (the body) in the same write. With hold, the head goes out with
+        the next write_client instead (a stream's first events, which are at hand).
+
+        One write where send_response, send_header and end_headers, then the body, make
+        two: a send and a packet fewer per response. A body over join_limit goes in a
+        write of its own: copying it costs more than that saves."""
         self.response_started = True
-        self.sent_status = code
-        super().send_response(code, message)
+        self.sent_status = status
+        self.log_request(status)
+        lines = ["%s %d %s\r\n" % (self.protocol_version, status,
+                                    self.responses.get(status, ("",))[0]),
+                 "Server: %s\r\n" % self.version_string(),
+                 "Date: %s\r\n" % self.date_time_string()]
+        lines += ["%s: %s\r\n" % (name, value) for name, value in headers]
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        head = ("".join(lines) + "\r\n").encode("latin-1")   # strict, as send_header's
+        if hold:
+            self.unsent_head = head
+        elif len(data) > self.join_limit:
+            self.write_client(head) and self.write_client(data)
+        else:
+            self.write_client(head + data)
 
     def send_json(self, status, obj, headers=()):
         """Send obj as a JSON response with Content-Length, and headers [(name, value)]."""
         data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.write_client(data)
+        self.send_head(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(data))), *headers],
+                       data if self.command != "HEAD" else b"")
+
+    def date_time_string(self, timestamp=None):
+        """The Date header's value (http.server's) for now, or for timestamp: for now, made
+        once a second, as formatting it took a third of the rest of a response's head."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        second, text = Handler.date
+        if second != now:
+            text = super().date_time_string(now)
+            Handler.date = (now, text)      # one assignment: no thread sees half of it
+        return text
 
     def write_client(self, data):
-        """Write to the client; return False, marking the connection closed, if it is gone."""
+        """Write to the client, after the response's head if send_head held it back; return
+        False, marking the connection closed, if the client is gone."""
+        if self.unsent_head:
+            data, self.unsent_head = self.unsent_head + data, b""
         try:
             self.wfile.write(data)
             return True
@@ -5360,20 +5393,15 @@ class Relay:
         except (OSError, http.client.HTTPException):
             return b""
 
-    def send_headers(self, framing=None):
-        """Send the upstream's status and headers, with our own framing header.
+    def send_headers(self, framing=None, data=b"", hold=False):
+        """Send the upstream's status and headers, with our own framing header, then data
+        (see Handler.send_head, also for hold).
 
         Hop-by-hop headers stay behind (RFC 9110 7.6.1), and so do the upstream's
         Content-Length and Transfer-Encoding: http.client has undone its framing."""
-        handler = self.handler
-        handler.send_response(self.resp.status)
-        for name, value in filter_headers(self.resp.headers, DROP_RESPONSE_HEADERS):
-            handler.send_header(name, value)
-        if framing:
-            handler.send_header(*framing)
-        if handler.close_connection:
-            handler.send_header("Connection", "close")
-        handler.end_headers()
+        headers = filter_headers(self.resp.headers, DROP_RESPONSE_HEADERS)
+        self.handler.send_head(self.resp.status, headers + [framing] if framing else headers,
+                               data, hold)
 
     def send(self, learn=None, head=b"", keep_text=False):
         """Relay the upstream's response: an event stream as it arrives, anything else whole;
@@ -5406,8 +5434,7 @@ class Relay:
                 pass
         if learn and reply.complete:
             learn(reply)
-        self.send_headers(("Content-Length", str(len(data))))
-        self.handler.write_client(data)
+        self.send_headers(("Content-Length", str(len(data))), data)
         return reply
 
     def send_stream(self, learn=None, head=b"", keep_text=False):
@@ -5416,7 +5443,8 @@ class Relay:
         chunked = handler.request_version == "HTTP/1.1"
         if not chunked:
             handler.close_connection = True     # HTTP/1.0: the end of the body is the close
-        self.send_headers(("Transfer-Encoding", "chunked") if chunked else None)
+        # The head waits for the events at hand (pump's first write), to go in one write.
+        self.send_headers(("Transfer-Encoding", "chunked") if chunked else None, hold=bool(head))
         handler.stream_frame = encode_chunk if chunked else bytes
         capture = ReplyCapture(keep_text=keep_text)
         broken, gone = self.pump(head, capture)

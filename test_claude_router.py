@@ -10,6 +10,7 @@ router that buffers fails by timing out instead of passing by luck.
 import base64
 import contextlib
 import copy
+import email.utils
 import gc
 import hashlib
 import http.client
@@ -4058,6 +4059,37 @@ class HandlerTest(RouterTestCase):
                 status, _, reply = self.call("GET", path)
                 self.assertEnvelope(status, reply, 404, "not_found_error")
                 self.assertEqual(len(upstream.requests), count)
+
+
+    def test_an_answer_is_one_head_as_http_servers_then_its_body(self):
+        # The head is written by send_head, no longer by http.server's send_response,
+        # send_header and end_headers: same lines, same order, then the body.
+        self.start(FakeUpstream(self))
+        with socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT) as sock:
+            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        body = json.dumps({"ok": True, "service": "claude-router", "version": cr.VERSION})
+        *heads, rest = data.decode("latin-1").split("\r\n\r\n")
+        self.assertEqual((len(heads), rest), (2, body))     # HEAD's answer has none
+        for head, expected in zip(heads, ([], ["Connection: close"])):
+            lines = head.split("\r\n")
+            self.assertEqual(lines[:2], ["HTTP/1.1 200 OK", "Server: claude-router/%s Python/%s"
+                                         % (cr.VERSION, sys.version.split()[0])])
+            date = email.utils.parsedate_to_datetime(lines[2][len("Date: "):])
+            self.assertLess(abs(date.timestamp() - time.time()), 5)
+            self.assertEqual(lines[3:], ["Content-Type: application/json",
+                                         "Content-Length: %d" % len(body)] + expected)
+
+    def test_a_body_too_big_to_join_its_head_arrives_whole(self):
+        big = message_json("x" * (cr.Handler.join_limit * 2))
+        upstream = FakeUpstream(self, [json_reply(big)])
+        self.start(upstream)
+        status, headers, reply = self.post(request(user(text("hi"))))
+        self.assertEqual((status, reply), (200, big))
+        self.assertEqual(headers["content-length"], str(len(json.dumps(big))))
 
 
 class RequestFramingTest(RouterTestCase):
