@@ -6706,9 +6706,9 @@ def is_router_process(pid):
     A router in a container reports its own pid namespace's number, which here may be
     anyone's process: only one whose command line shows the router is signalled. That
     is a file named claude_router.py, the module (-m claude_router), or the re-start as
-    a module every router started as a script does (run_as_import: python -c, code that
-    names the module 'claude_router', the file), whatever the file's name: a copy at
-    ~/bin/claude-router is found, a program that is merely called so is not."""
+    a module every router started as a script does (run_as_import: python, its options,
+    -c, code that names the module 'claude_router', the file), whatever the file's
+    name: a copy at ~/bin/claude-router is found, a program merely called so is not."""
     words = command_words(pid)
     code = words[words.index("-c") + 1:] if "-c" in words[1:] else []
     restarted = any("'claude_router'" in word for word in code)
