@@ -216,6 +216,25 @@ def refused_port(test):
     return sock.getsockname()[1]
 
 
+def router_process(test, port=None, script=None, options=()):
+    """Start the router (script: a copy of it) as a process of its own on port, else a
+    free one, its upstream down; return (the process, its port) once it serves. The test
+    kills it as it ends."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    script = script or os.path.join(os.path.dirname(os.path.abspath(cr.__file__)),
+                                    "claude_router.py")
+    proc = subprocess.Popen([sys.executable, *options, script, "--port", str(port), "--upstream",
+                             "http://127.0.0.1:9", "--cache-dir", test.cache_dir],
+                            stderr=subprocess.PIPE, text=True)
+    test.addCleanup(proc.kill)
+    while "claude-router on" not in proc.stderr.readline():
+        test.assertIsNone(proc.poll())
+    return proc, port
+
+
 class FakeUpstream:
     """A real HTTP server playing the model server: scripted replies, recorded requests.
 
@@ -5727,15 +5746,7 @@ class StopTest(RouterTestCase):
         """Run a copy of the router named name; check it serves and --stop ends it with 0."""
         copy = os.path.join(self.cache_dir, name)
         shutil.copy(self.script(), copy)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, *options, copy, "--port", str(port), "--upstream",
-                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
-        while "claude-router on" not in proc.stderr.readline():
-            self.assertIsNone(proc.poll())
+        proc, port = router_process(self, script=copy, options=options)
         # --stop finds it by its re-start as a module: it signalled only a file named
         # claude_router.py, and said a copy at ~/bin/claude-router was "not a claude_router.py"
         self.assertEqual(cr.stop_router(port, ""), (cr.STOPPED, "stopped the router on :%d (pid "
@@ -5773,15 +5784,7 @@ class StopTest(RouterTestCase):
     def test_a_router_that_stops_answering_after_sigterm_is_not_taken_for_stopped(self):
         # A /status that timed out after SIGTERM counted as "stopped": a router stopped with
         # Ctrl-Z (SIGTERM waits for it to go on) holds its port, answers nothing, and runs on.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, self.script(), "--port", str(port), "--upstream",
-                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
-        while "claude-router on" not in proc.stderr.readline():
-            self.assertIsNone(proc.poll())
+        proc, port = router_process(self)
         status, document = cr.fetch_status(port, "", TIMEOUT)
         os.kill(proc.pid, signal.SIGSTOP)       # (the cleanup's SIGKILL ends it stopped too)
         self.assertEqual(cr.stop_answering(port, "", status, document, wait=1.5), (
@@ -5793,16 +5796,8 @@ class StopTest(RouterTestCase):
     def test_the_start_as_a_module_keeps_the_interpreters_options(self):
         # Started again as a module, the router lost -X, -W, -I and -O: a router run with
         # -W error or -I ran without them.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         options = ["-I", "-X", "claude_router_test=1", "-W", "error::ResourceWarning"]
-        proc = subprocess.Popen([sys.executable, *options, self.script(), "--port", str(port),
-                                 "--upstream", "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
-        while "claude-router on" not in proc.stderr.readline():
-            self.assertIsNone(proc.poll())
+        proc, port = router_process(self, options=options)
         self.assertEqual(cr.fetch_status(port, "", TIMEOUT)[0], 200)
         args = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(proc.pid)],
                               capture_output=True, text=True, timeout=TIMEOUT).stdout
@@ -5812,15 +5807,7 @@ class StopTest(RouterTestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
 
     def test_stops_the_router_on_the_port_which_exits_0(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, self.script(), "--port", str(port), "--upstream",
-                                 "http://127.0.0.1:9", "--cache-dir", self.cache_dir],
-                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
-        while "claude-router on" not in proc.stderr.readline():
-            self.assertIsNone(proc.poll())
+        proc, port = router_process(self)
         done = self.stop(port)
         self.assertEqual((done.returncode, done.stderr), (0, ""))
         self.assertEqual(done.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
@@ -6184,12 +6171,7 @@ class LauncherTest(RouterTestCase):
             with socket.socket() as s, contextlib.suppress(OSError):
                 s.bind(("127.0.0.1", base + 1))
                 break
-        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(
-            cr.__file__)), "claude_router.py"), "--port", str(base + 1), "--upstream",
-            "http://127.0.0.1:9", "--cache-dir", self.cache_dir], stderr=subprocess.PIPE, text=True)
-        self.addCleanup(proc.kill)
-        while "claude-router on" not in proc.stderr.readline():
-            self.assertIsNone(proc.poll())
+        proc, _ = router_process(self, base + 1)
         spares = {"CLAUDE_LOCAL_PORTS": "1"}
         stop = self.run_launcher(base, [], spares, args=("--stop",))
         self.assertEqual((stop.returncode, stop.stderr), (cr.STOPPED, ""))
