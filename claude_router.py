@@ -4043,137 +4043,6 @@ def final_response(conn):
     return resp
 
 
-# A chunk's head: the CRLF that ends the chunk before it, then its size line (RFC 9112 7.1).
-# The size is hex digits only (int() would also take a sign, "0x", "_" and spaces); what
-# follows a ';' is an extension, which a recipient must ignore if it does not know it.
-CHUNK_HEAD = re.compile(rb"\r\n([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?\r\n")
-MAX_CHUNK_HEAD = 4096       # bytes of a chunk's head: size line, extensions and CRLFs
-
-
-class ChunkError(http.client.HTTPException):
-    """An upstream's chunked body broke its framing (RFC 9112 7.1)."""
-
-
-class ChunkedBody:
-    """A chunked response body, decoded from whole reads of the connection.
-
-    http.client's read1 returns at most one chunk a call, through four Python calls,
-    and whether more is at hand cost a peek and two settimeout calls; model servers
-    send each SSE event as a chunk of its own, so all of that was paid per event. One
-    read() here takes what the connection holds and decodes every chunk in it; the
-    bytes left are a chunk still arriving, so after a read that did not fill its
-    buffer nothing more is at hand until the socket has some, which poll sees.
-    The last chunk ends the body: its trailers (RFC 9112 7.1.2), which a recipient may
-    discard, are never read or waited for, since the connection is closed after it."""
-
-    def __init__(self, fp, sock):
-        self.fp = fp            # http.client's buffered reader of the connection
-        self.sock = sock
-        self.held = b"\r\n"     # bytes not yet decoded: as if a chunk had just ended, so
-                                # each size line comes after a CRLF (see CHUNK_HEAD)
-        self.left = 0           # bytes of the current chunk's data still to come
-        self.ended = False      # the last chunk has come
-        self.broken = None      # what is wrong with the framing, once it is
-        self.unsure = True      # the reader may hold bytes: before the first read, or
-                                # after a read that filled the whole size asked
-
-    def read(self, size):
-        """Return the data that one read of the connection brings: b"" if it held framing
-        only, or at the end (then ended is set).
-
-        Raise IncompleteRead if the connection ends before the last chunk, ChunkError
-        once the framing is broken (the data before the break is returned first)."""
-        if self.broken:
-            raise ChunkError(self.broken)
-        if self.ended:
-            return b""
-        data = self.fp.read1(size)     # what the reader holds, or one read of the socket
-        if not data:
-            raise http.client.IncompleteRead(b"")
-        # A read1 that returns less than asked left nothing in the reader.
-        self.unsure = len(data) == size
-        return self.decode(self.held + data if self.held else data)
-
-    def decode(self, data):
-        """Return the chunk data in data, all bytes not yet decoded; hold a chunk head cut off."""
-        parts, at, end, left = [], 0, len(data), self.left
-        self.held = b""
-        while at < end:
-            if not left:
-                head = CHUNK_HEAD.match(data, at)
-                if head is None or head.end() - at > MAX_CHUNK_HEAD:
-                    self.held = data[at:]
-                    self.broken = chunk_head_problem(self.held)
-                    break
-                at, left = head.end(), int(head[1], 16)
-                if not left:
-                    self.ended = True
-                    break
-            stop = at + left
-            parts.append(data[at:stop])
-            at, left = (stop, 0) if stop <= end else (end, stop - end)
-        self.left = left
-        return b"".join(parts)
-
-    def at_hand(self):
-        """True when a read now will not wait for the upstream."""
-        return self.ended or bool(self.broken) or (
-            self.unsure and has_buffered_bytes(self.fp, self.sock))
-
-
-def chunk_head_problem(rest):
-    """What is wrong with rest, the start of a chunk head that CHUNK_HEAD did not match (or
-    too long), or None when it may be one cut off by a read."""
-    if not b"\r\n".startswith(rest[:2]):
-        return "no CRLF after a chunk's data"
-    line_end = rest.find(b"\n", 2)
-    if (len(rest) if line_end < 0 else line_end + 1) > MAX_CHUNK_HEAD:
-        return "a chunk size line of over %d bytes" % MAX_CHUNK_HEAD
-    return "a chunk size that is not hex digits" if line_end >= 0 else None
-
-
-class PlainBody:
-    """A body framed by its Content-Length or by the connection's close, read with http.client
-    (read/ended/at_hand as ChunkedBody's)."""
-
-    def __init__(self, resp):
-        self.resp = resp
-        self.ended = False
-        self.drained = False    # the last look found no byte at hand
-
-    def read(self, size):
-        """Return what one read of the body brings; b"" at its end (then ended is set)."""
-        data = self.resp.read1(size)
-        self.ended, self.drained = not data, False
-        return data
-
-    def at_hand(self):
-        """True when a read now will not wait for the upstream."""
-        resp = self.resp
-        if resp.fp is None or resp.length == 0:
-            return True         # its body is all read: the next read returns b"" at once
-        if not self.drained:    # drained, bytes can only come to the socket, which poll sees
-            self.drained = not has_buffered_bytes(resp.fp, resp.upstream_sock)
-        return not self.drained
-
-
-def upstream_body(resp):
-    """The reader of resp's body: ChunkedBody or PlainBody."""
-    return ChunkedBody(resp.fp, resp.upstream_sock) if resp.chunked else PlainBody(resp)
-
-
-def has_buffered_bytes(fp, sock):
-    """True when the buffered reader fp of sock has bytes at hand, so reading it will not wait."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
-    try:
-        return bool(fp.peek(1))
-    except OSError:
-        return True         # let the read itself report what is wrong
-    finally:
-        sock.settimeout(timeout)
-
-
 def has_hung_up(client):
     """True when the client's side of the connection is closed (it is readable: so we peek)."""
     try:
@@ -4396,6 +4265,142 @@ def opening_error(head):
     if name != "error" and not (isinstance(event, dict) and event.get("type") == "error"):
         return None
     return json.dumps(event) if event else first.decode("utf-8", "replace")
+
+
+################ Upstream bodies
+
+# An upstream response's body as the relay reads it: a chunked one decoded many chunks a
+# read, any other as http.client reads it, and whether bytes are at hand before a read.
+
+# A chunk's head: the CRLF that ends the chunk before it, then its size line (RFC 9112 7.1).
+# The size is hex digits only (int() would also take a sign, "0x", "_" and spaces); what
+# follows a ';' is an extension, which a recipient must ignore if it does not know it.
+CHUNK_HEAD = re.compile(rb"\r\n([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?\r\n")
+MAX_CHUNK_HEAD = 4096       # bytes of a chunk's head: size line, extensions and CRLFs
+
+
+class ChunkError(http.client.HTTPException):
+    """An upstream's chunked body broke its framing (RFC 9112 7.1)."""
+
+
+class ChunkedBody:
+    """A chunked response body, decoded from whole reads of the connection.
+
+    http.client's read1 returns at most one chunk a call, through four Python calls,
+    and whether more is at hand cost a peek and two settimeout calls; model servers
+    send each SSE event as a chunk of its own, so all of that was paid per event. One
+    read() here takes what the connection holds and decodes every chunk in it; the
+    bytes left are a chunk still arriving, so after a read that did not fill its
+    buffer nothing more is at hand until the socket has some, which poll sees.
+    The last chunk ends the body: its trailers (RFC 9112 7.1.2), which a recipient may
+    discard, are never read or waited for, since the connection is closed after it."""
+
+    def __init__(self, fp, sock):
+        self.fp = fp            # http.client's buffered reader of the connection
+        self.sock = sock
+        self.held = b"\r\n"     # bytes not yet decoded: as if a chunk had just ended, so
+                                # each size line comes after a CRLF (see CHUNK_HEAD)
+        self.left = 0           # bytes of the current chunk's data still to come
+        self.ended = False      # the last chunk has come
+        self.broken = None      # what is wrong with the framing, once it is
+        self.unsure = True      # the reader may hold bytes: before the first read, or
+                                # after a read that filled the whole size asked
+
+    def read(self, size):
+        """Return the data that one read of the connection brings: b"" if it held framing
+        only, or at the end (then ended is set).
+
+        Raise IncompleteRead if the connection ends before the last chunk, ChunkError
+        once the framing is broken (the data before the break is returned first)."""
+        if self.broken:
+            raise ChunkError(self.broken)
+        if self.ended:
+            return b""
+        data = self.fp.read1(size)     # what the reader holds, or one read of the socket
+        if not data:
+            raise http.client.IncompleteRead(b"")
+        # A read1 that returns less than asked left nothing in the reader.
+        self.unsure = len(data) == size
+        return self.decode(self.held + data if self.held else data)
+
+    def decode(self, data):
+        """Return the chunk data in data, all bytes not yet decoded; hold a chunk head cut off."""
+        parts, at, end, left = [], 0, len(data), self.left
+        self.held = b""
+        while at < end:
+            if not left:
+                head = CHUNK_HEAD.match(data, at)
+                if head is None or head.end() - at > MAX_CHUNK_HEAD:
+                    self.held = data[at:]
+                    self.broken = chunk_head_problem(self.held)
+                    break
+                at, left = head.end(), int(head[1], 16)
+                if not left:
+                    self.ended = True
+                    break
+            stop = at + left
+            parts.append(data[at:stop])
+            at, left = (stop, 0) if stop <= end else (end, stop - end)
+        self.left = left
+        return b"".join(parts)
+
+    def at_hand(self):
+        """True when a read now will not wait for the upstream."""
+        return self.ended or bool(self.broken) or (
+            self.unsure and has_buffered_bytes(self.fp, self.sock))
+
+
+def chunk_head_problem(rest):
+    """What is wrong with rest, the start of a chunk head that CHUNK_HEAD did not match (or
+    too long), or None when it may be one cut off by a read."""
+    if not b"\r\n".startswith(rest[:2]):
+        return "no CRLF after a chunk's data"
+    line_end = rest.find(b"\n", 2)
+    if (len(rest) if line_end < 0 else line_end + 1) > MAX_CHUNK_HEAD:
+        return "a chunk size line of over %d bytes" % MAX_CHUNK_HEAD
+    return "a chunk size that is not hex digits" if line_end >= 0 else None
+
+
+class PlainBody:
+    """A body framed by its Content-Length or by the connection's close, read with http.client
+    (read/ended/at_hand as ChunkedBody's)."""
+
+    def __init__(self, resp):
+        self.resp = resp
+        self.ended = False
+        self.drained = False    # the last look found no byte at hand
+
+    def read(self, size):
+        """Return what one read of the body brings; b"" at its end (then ended is set)."""
+        data = self.resp.read1(size)
+        self.ended, self.drained = not data, False
+        return data
+
+    def at_hand(self):
+        """True when a read now will not wait for the upstream."""
+        resp = self.resp
+        if resp.fp is None or resp.length == 0:
+            return True         # its body is all read: the next read returns b"" at once
+        if not self.drained:    # drained, bytes can only come to the socket, which poll sees
+            self.drained = not has_buffered_bytes(resp.fp, resp.upstream_sock)
+        return not self.drained
+
+
+def upstream_body(resp):
+    """The reader of resp's body: ChunkedBody or PlainBody."""
+    return ChunkedBody(resp.fp, resp.upstream_sock) if resp.chunked else PlainBody(resp)
+
+
+def has_buffered_bytes(fp, sock):
+    """True when the buffered reader fp of sock has bytes at hand, so reading it will not wait."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)      # a non-blocking peek: b"" now means nothing has arrived yet
+    try:
+        return bool(fp.peek(1))
+    except OSError:
+        return True         # let the read itself report what is wrong
+    finally:
+        sock.settimeout(timeout)
 
 
 ################ Model listings

@@ -3323,6 +3323,8 @@ class UpstreamTrustTest(RouterTestCase):
         self.assertIn("skipped 2 unreadable line(s)", self.log.getvalue())
 
 
+################ Upstream bodies
+
 def chunk(data, size_line=None):
     """One chunk of data, its size line as given (without CRLF) or as it should be."""
     return (b"%X" % len(data) if size_line is None else size_line) + b"\r\n" + data + b"\r\n"
