@@ -5362,8 +5362,8 @@ class ConnectionSlotTest(RouterTestCase):
         self.assertEqual((self.get(first), self.get(second)), (200, 200))
 
     def test_a_request_begun_as_its_slot_goes_gets_503_not_a_silent_close(self):
-        # The connection's thread has the request's bytes, or will, but it cannot note that
-        # a request began while the test holds the slots' lock: a newcomer takes its slot.
+        # The connection's thread reads the request's bytes, but it cannot note that a
+        # request began while the test holds the slots' lock: a newcomer takes its slot.
         router = self.start(FakeUpstream(self), max_connections=1)
         sock = self.raw_socket()
         self.assertEqual(self.get(sock), 200)
@@ -5373,7 +5373,15 @@ class ConnectionSlotTest(RouterTestCase):
             self.addCleanup(newcomer.close)
             theirs, address = listener.accept()
         with router.slots:
+            [ours] = router.idle
+            unread = select.poll()
+            unread.register(ours, select.POLLIN)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            started = time.monotonic()
+            # Until the thread has read them (Linux keeps bytes unread when the reading side
+            # is shut, BSD drops them): on every system it then has the request, and no slot.
+            while unread.poll(0) and time.monotonic() - started < TIMEOUT:
+                pass
             router.process_request(theirs, address)     # as serve_forever passes it on
         status, headers, body = read_response(sock)
         self.assertEnvelope(status, json.loads(body), 503, "api_error")
