@@ -161,7 +161,7 @@ RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MAX_EVENT_BYTES = 1024 * 1024               # one upstream SSE event; past it the stream ends
 ENCODED_PARTS_BYTES = 4 * 1024 * 1024       # prompt parts kept encoded between turns
-REQUEST_PARTS_CHARS = 4 * 1024 * 1024       # request text kept read and checked between turns
+REQUEST_PARTS_CHARS = 2 * 1024 * 1024       # request text kept read (~3x that in memory)
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
@@ -3537,15 +3537,17 @@ def encode_part(value):
 
 
 def part_encoding(parts, encode, value):
-    """Return encode(value), kept with its ReadPart in parts when value is one's cleaned form.
+    """Return encode(value); encode_part(value), kept with its ReadPart in parts, when value
+    is one's cleaned form.
 
     A cleaned form is shared by every request that sends its part again and is never
-    changed, so neither is its encoding: no marshal key needs making to find it."""
+    changed, so neither is its encoding: no marshal key needs making to find it, nor
+    keeping in EncodedParts."""
     part = parts.get(id(value))
     if part is None or part.clean is not value:
         return encode(value)
     if part.encoded is None:
-        part.encoded = encode(value)
+        part.encoded = encode_part(value)
     return part.encoded
 
 
