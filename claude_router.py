@@ -6149,8 +6149,10 @@ class BoundedServer(http.server.ThreadingHTTPServer):
             del self.idle[sock]
             self.evicted.add(sock)
             # The reading side only: that wakes the connection's thread, which closes the
-            # connection, or answers a request that began just now. Under the lock, as the
-            # thread closes its socket only after leaving idle: the descriptor is still its own.
+            # connection, or answers a request that began just now (BSD drops bytes not yet
+            # read: that client sees a close, as when any server closes an idle connection).
+            # Under the lock, as the thread closes its socket only after leaving idle: the
+            # descriptor is still its own, not a newer connection's.
             try:
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
