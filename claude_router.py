@@ -3882,6 +3882,8 @@ class ReplyCapture:
         """Take the next whole events of the stream, as an EventSplitter returns them."""
         # Without the text, only the message's start, delta and stop, and errors, matter:
         # splitting and parsing every content event cost most of the relay's CPU.
+        if not self.keep_text and b"message_" not in data and b"error" not in data:
+            return      # content events only, as most reads of a paced stream are
         events = sse_events(data) if self.keep_text else marked_events(data, (b"message_",
                                                                              b"error"))
         for raw in events:
