@@ -217,22 +217,48 @@ def refused_port(test):
 
 
 def router_process(test, port=None, script=None, options=()):
-    """Start the router (script: a copy of it) as a process of its own on port, else a
-    free one, its upstream down; return (the process, its port) once it serves. The test
-    kills it as it ends."""
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    """Start the router (script: a copy of it) as a process of its own on port, else on one
+    it picks, its upstream down; return (the process, its port) once it serves. The test
+    kills it as it ends.
+
+    Not a port found free and let go for it: on a busy machine another program took such
+    a port before the router could, and the router exited at start."""
     script = script or os.path.join(os.path.dirname(os.path.abspath(cr.__file__)),
                                     "claude_router.py")
-    proc = subprocess.Popen([sys.executable, *options, script, "--port", str(port), "--upstream",
-                             "http://127.0.0.1:9", "--cache-dir", test.cache_dir],
+    proc = subprocess.Popen([sys.executable, *options, script, "--port", str(port or 0),
+                             "--upstream", "http://127.0.0.1:9", "--cache-dir", test.cache_dir],
                             stderr=subprocess.PIPE, text=True)
+    test.addCleanup(proc.stderr.close)
+    test.addCleanup(proc.wait, TIMEOUT)
     test.addCleanup(proc.kill)
-    while "claude-router on" not in proc.stderr.readline():
-        test.assertIsNone(proc.poll())
-    return proc, port
+    watchdog = threading.Timer(TIMEOUT, proc.kill)      # a pipe read has no timeout
+    watchdog.start()
+    said = ""
+    for line in proc.stderr:        # until the banner, or the router's end
+        said += line
+        if "claude-router on" in line:
+            break
+    watchdog.cancel()
+    banner = re.search(r"claude-router on :(\d+)", said)
+    test.assertTrue(banner, "the router did not start: %r" % said)
+    return proc, int(banner[1])
+
+
+def unused_port():
+    """A loopback port nothing listens on now, for a program a test starts to take.
+
+    Drawn below the ports the kernel hands out for port 0 and for outgoing connections
+    (Linux from 32768, macOS and Windows from 49152). A port 0 found and let go is the next
+    one the kernel may hand out: on a busy machine another suite's server took it before
+    the router the test started could, and that router exited at start."""
+    for port in random.sample(range(20000, 32768), 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise OSError("no unused port in 20000-32767")
 
 
 class FakeUpstream:
@@ -5812,7 +5838,7 @@ class StopTest(RouterTestCase):
         args = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(proc.pid)],
                               capture_output=True, text=True, timeout=TIMEOUT).stdout
         self.assertIn(" ".join([sys.executable, *options, "-c"]), args)
-        self.assertIn("claude_router.py --port %d" % port, args)
+        self.assertIn("claude_router.py --port 0 --upstream", args)     # as it was given
         proc.terminate()
         self.assertEqual(proc.wait(TIMEOUT), 0)
 
@@ -6051,9 +6077,7 @@ class LauncherTest(RouterTestCase):
 
     def test_a_router_it_starts_tells_its_problems_and_log_before_claude_starts(self):
         dead = refused_port(self)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = unused_port()
         done = self.run_launcher(port, ["claude"],
                                  {"CLAUDE_ROUTER_UPSTREAM": "http://127.0.0.1:%d" % dead})
         status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
@@ -6078,9 +6102,7 @@ class LauncherTest(RouterTestCase):
 
     def test_starts_a_router_when_none_answers(self):
         upstream = FakeUpstream(self)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = unused_port()
         done = self.run_launcher(port, ["claude"], {"CLAUDE_ROUTER_UPSTREAM": upstream.url})
         status = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             "http://127.0.0.1:%d/status" % port, timeout=TIMEOUT).read())
@@ -6092,9 +6114,7 @@ class LauncherTest(RouterTestCase):
             self.assertIn("claude-router on :%d" % port, f.read())
 
     def test_an_interactive_user_reads_the_problems_before_claude_clears_the_screen_once(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = unused_port()
         bin_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, bin_dir, True)
         with open(os.path.join(bin_dir, "claude"), "w") as f:
@@ -6304,9 +6324,7 @@ class LauncherTest(RouterTestCase):
                     "globals().update({k: v for k, v in vars(real).items() if k[:2] != '__'})\n"
                     "if __name__ == '__main__':\n"
                     "    time.sleep(%d)\n" % (os.path.abspath(cr.__file__), TIMEOUT * 3))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = unused_port()
         started = time.monotonic()
         done = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_WAIT": "2"}, launcher=launcher)
         waited = time.monotonic() - started
