@@ -6308,15 +6308,20 @@ class LauncherTest(RouterTestCase):
 
     def test_a_router_that_never_answers_is_waited_for_claude_local_wait_seconds(self):
         # Each look at the port starts Python, here slowly as on a loaded machine: counted in
-        # tries, 10 s of them took 25 s.
+        # tries, 10 s of them took 25 s. Counted here are the looks, not the seconds, which
+        # a loaded machine stretches.
         here = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, here, True)
         launcher = os.path.join(here, "claude-local")
         shutil.copy(os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude-local"),
                     launcher)
         with open(os.path.join(here, "claude_router.py"), "w") as f:
-            # The router's code for claude-local's questions; run, a router that never answers.
-            f.write("import importlib.util, sys, time\n"
+            # The router's code for claude-local's questions, each noted and slow; run, a
+            # router that never answers.
+            f.write("import importlib.util, os, sys, time\n"
+                    "if __name__ != '__main__':\n"
+                    "    with open(os.path.join(os.path.dirname(__file__), 'asked'), 'a') as f:\n"
+                    "        f.write(sys.argv[2] + '\\n')\n"
                     "time.sleep(0.5)\n"
                     "spec = importlib.util.spec_from_file_location('real_router', %r)\n"
                     "real = importlib.util.module_from_spec(spec)\n"
@@ -6326,12 +6331,16 @@ class LauncherTest(RouterTestCase):
                     "    time.sleep(%d)\n" % (os.path.abspath(cr.__file__), TIMEOUT * 3))
         port = unused_port()
         started = time.monotonic()
-        done = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_WAIT": "2"}, launcher=launcher)
+        done = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_WAIT": "1"}, launcher=launcher)
         waited = time.monotonic() - started
         self.assertEqual(done.returncode, 1)
         self.assertIn("the router did not start", done.stderr)
-        self.assertGreater(waited, 1)
-        self.assertLess(waited, 6)
+        with open(os.path.join(here, "asked")) as f:
+            asked = f.read().split()
+        # Within the second, 2 looks of 0.5 s at most, then the last one; counted in tries, 10.
+        self.assertEqual((asked[0], set(asked[1:])), ("plan", {"status"}))
+        self.assertLessEqual(len(asked), 4, asked)
+        self.assertLess(waited, TIMEOUT * 2)
 
     def test_says_so_when_claude_is_missing(self):
         done = self.run_launcher(9, [])
