@@ -455,6 +455,18 @@ def begin_body(sock, body, sent):
     sock.sendall(body[:sent])
 
 
+def recv_until(sock, marker):
+    """The bytes sock gives until they hold marker; raise EOFError if the peer closes first
+    (a loop on recv alone would spin on its b"" until the suite is killed)."""
+    got = b""
+    while marker not in got:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("closed before %r came; got %r" % (marker, got[-300:]))
+        got += data
+    return got
+
+
 class RouterTestCase(unittest.TestCase):
     """Starts the router on loopback against a FakeUpstream; checks no handler crashed."""
 
@@ -3153,9 +3165,8 @@ class UpstreamFaultTest(RouterTestCase):
                 self.start(upstream)
                 sock = self.post_raw(request(user(text("go")), stream=stream))
                 self.assertTrue(arrived.wait(TIMEOUT))
-                got = b""
-                while phase.startswith("after a") and b"text_delta" not in got:
-                    got += sock.recv(65536)     # the client has it: it was relayed
+                if phase.startswith("after a"):
+                    recv_until(sock, b"text_delta")     # the client has it: it was relayed
                 sock.close()
                 self.assertTrue(closed.wait(TIMEOUT), "the upstream request stayed open")
                 said = [l for l in self.log.lines() if l.startswith("client went away")][-1]
@@ -3268,9 +3279,7 @@ class UpstreamTrustTest(RouterTestCase):
             with self.subTest(name):
                 self.start(FakeUpstream(self, [raw_reply(b"\r\n".join([head] + bad), body)]))
                 sock = self.post_raw(request(user(text("hi"))))
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += sock.recv(65536)
+                data = recv_until(sock, b"\r\n\r\n")
                 head_out = data.split(b"\r\n\r\n")[0]
                 self.assertIn(b"HTTP/1.1 %d" % status, head_out)
                 self.assertFalse(has_controls(head_out), head_out)
@@ -4229,9 +4238,7 @@ class RequestFramingTest(RouterTestCase):
         sock = self.raw_socket()
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nx-api-key: s3cret\r\nContent-Length: %d"
                      b"\r\nExpect: 100-continue\r\n\r\n" % len(ok))
-        continued = b""
-        while not continued.endswith(b"\r\n\r\n"):      # before any byte of the body
-            continued += sock.recv(1)
+        continued = recv_until(sock, b"\r\n\r\n")      # before any byte of the body
         self.assertEqual(continued, b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(ok)
         self.assertEqual(read_response(sock)[0], 200)
@@ -4610,9 +4617,7 @@ class RelayFaultTest(RouterTestCase):
                                              until_closed=upstream))
         self.start(upstream)
         sock = self.post_raw(request(user(text("go")), stream=True))
-        got = b""
-        while b"message_start" not in got:
-            got += sock.recv(65536)
+        recv_until(sock, b"message_start")
         sock.close()
         gate.set()
         self.assertTrue(upstream.closed.wait(TIMEOUT))
