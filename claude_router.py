@@ -758,6 +758,9 @@ def read_typed(obj, name, kind, default=None):
     value = obj.get(name) if type(obj) is dict else None
     return value if type(value) is kind else default
 
+
+################ Reading requests: what is new
+
 # Claude Code sends the whole conversation every turn: the system text, the tools and every
 # earlier message again, byte for byte, with one or two new messages at the end. A JSON
 # object or list ends where its own brackets close, so where the text at a value's start

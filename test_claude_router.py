@@ -1177,6 +1177,8 @@ class AccessTest(RouterTestCase):
                 self.assertEqual(status, expected, reply)
 
 
+################ Reading requests: what is new
+
 def cc_request(turns=4, prompt="fix the bug"):
     """A request shaped like Claude Code's: system blocks with the billing line, custom and
     server tools, its environment as a system message, tool calls, thinking, tool results."""
