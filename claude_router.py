@@ -4873,7 +4873,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     Protocol: handle() serves the connection; handle_one_request() waits for a request
     (await_request), reads its head (read_head; read_lines and read_line when it is not
     all there yet) and dispatches it; handle_request() checks access, reads the body
-    (receive_body, read_exactly) and routes it; handle_routed() counts and times
+    (receive_body, against a deadline) and routes it; handle_routed() counts and times
     /v1/messages. refuse() answers a ProxyError, answer_unexpected() a bug; finish()
     and linger() close after a refused request. Answers: send_head (date_time_string),
     send_json, write_client, end_stream and end_response.
