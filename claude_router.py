@@ -3953,6 +3953,8 @@ DROP_REQUEST_HEADERS = HOP_BY_HOP | HINT_HEADERS | {
     "anthropic-beta", "origin", "cookie"}
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
 
+JOIN_BYTES = 65536          # a body up to this goes in one send with its head; more, apart
+
 
 def connection_tokens(headers):
     """The lower-case tokens of every Connection header (RFC 9110 7.6.1: close, keep-alive,
@@ -3998,56 +4000,117 @@ def upstream_failure(error, url, connecting=False):
 
 def open_upstream(url, method, path, body=None, headers=(), read_timeout=READ_TIMEOUT,
                   connect_timeout=CONNECT_TIMEOUT, client=None, key="", on_connect=None):
-    """Send one request to the server at url; return (conn, resp) once its headers are in.
+    """Send one request to the server at url; return its http.client.HTTPResponse once its
+    headers are in (close it with close_upstream).
 
     The only place that opens upstream connections and knows their timeouts. One
     connection per request: nothing pooled can go stale and fail the next
-    getresponse() with RemoteDisconnected. The connect timeout is short; the read
+    response with RemoteDisconnected. The connect timeout is short; the read
     timeout bounds each wait for bytes, not the whole answer, so a long generation
     streams on while a dead server is noticed.
     With client (its socket), raise ClientGone if it hangs up before the headers.
     key, if set, goes as a Bearer token (LM Studio's "Require Authentication",
     llama-server's and vLLM's --api-key); the client's own credentials never do.
     on_connect, if given, gets the connected socket, for another thread to shut down."""
+    headers = list(dict(headers).items())
     if key:
-        headers = [*dict(headers).items(), ("Authorization", "Bearer " + key)]
+        headers.append(("Authorization", "Bearer " + key))
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=connect_timeout)
     try:
-        conn.connect()
+        sock = socket.create_connection((parts.hostname, parts.port or 80), connect_timeout)
     except OSError as e:
-        conn.close()
         raise upstream_failure(e, url, connecting=True) from None
     try:
-        conn.sock.settimeout(read_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as http.client does
+        sock.settimeout(read_timeout)
         if on_connect:
-            on_connect(conn.sock)
-        conn.request(method, parts.path.rstrip("/") + path, body=body, headers=dict(headers))
+            on_connect(sock)
+        send_request(sock, request_head(method, parts.path.rstrip("/") + path,
+                                        host_header(parts), headers, body), body)
         if client is not None:
-            await_upstream(conn.sock, client, read_timeout)
-        return conn, final_response(conn)
+            await_upstream(sock, client, read_timeout)
+        return final_response(sock, method)
     except (OSError, http.client.HTTPException) as e:
-        conn.close()
+        sock.close()
         raise upstream_failure(e, url) from None
     except ClientGone:      # said first, so the log never lags the close
         log("client went away while the model was silent; closed the upstream request")
-        conn.close()
+        sock.close()
         raise
 
 
-def final_response(conn):
-    """The response to conn's request, past any interim (1xx) ones; its upstream_sock is the
-    socket it comes on, since http.client drops conn.sock when the response will close
-    the connection (Connection: close, HTTP/1.0), and the body is still to be waited for."""
-    sock = conn.sock
-    resp = conn.getresponse()
+def host_header(parts):
+    """The Host header's value for a request to the URL split into parts (urlsplit's), as
+    http.client writes it: an IPv6 address in brackets, the port unless it is 80."""
+    host = parts.hostname if parts.hostname.isascii() else \
+        parts.hostname.encode("idna").decode("ascii")
+    host = "[%s]" % host if ":" in host else host
+    return host if (parts.port or 80) == 80 else "%s:%d" % (host, parts.port)
+
+
+def request_head(method, target, host, headers, body):
+    """Return the bytes of a request's head: the request line, then Host, Accept-Encoding:
+    identity and a Content-Length (unless headers [(name, value)] have one) as
+    http.client's request() writes them, then headers. Raise ValueError for a header
+    line read_head would refuse, http.client.InvalidURL for such a request line.
+
+    Here, and not in http.client, so that the head goes out in one piece with a small
+    body (send_request), and that each line is checked once: http.client's checks of
+    each value (a regular expression per header) repeat what filter_headers already
+    made sure of, and the rest are our own constants and numbers."""
+    lines = ["%s %s HTTP/1.1\r\n" % (method, target), "Host: %s\r\n" % host,
+             "Accept-Encoding: identity\r\n"]
+    if not any(name.lower() == "content-length" for name, _ in headers):
+        if isinstance(body, (bytes, bytearray)):
+            lines.append("Content-Length: %d\r\n" % len(body))
+        elif body is None and method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: 0\r\n")     # a body is expected: an empty one
+        elif body is not None:
+            raise ValueError("a body in pieces needs its Content-Length")
+    lines += ["%s: %s\r\n" % (name, value) for name, value in headers]
+    head = ("".join(lines) + "\r\n").encode("latin-1")     # strict, as http.client's
+    line = REQUEST_LINE.match(head)
+    if not line or line.end() != len(lines[0]):
+        raise http.client.InvalidURL("not a request line: %r" % lines[0][:200])
+    # Each line in the grammar, and as many line ends as lines: no value holds one.
+    block = HEADER_BLOCK.match(head, line.end())
+    if not block or block.end() != len(head) or head.count(b"\n") != len(lines) + 1:
+        raise ValueError("a header that is not one plain field line")
+    return head
+
+
+def send_request(sock, head, body):
+    """Send a request's head and body (bytes or a bytearray, an iterable of bytes, or None):
+    a body of up to JOIN_BYTES in the head's send, as two sends are two packets the server
+    wakes for; a bigger one in sends of its own, since copying it to join costs more."""
+    whole = isinstance(body, (bytes, bytearray))
+    if whole and len(body) <= JOIN_BYTES:
+        sock.sendall(head + body)
+        return
+    sock.sendall(head)
+    for piece in (body,) if whole else body or ():
+        if piece:
+            sock.sendall(piece)
+
+
+def final_response(sock, method):
+    """The response to the request sent on sock, past any interim (1xx) ones; its
+    upstream_sock is sock, which close_upstream closes with it."""
+    resp = http.client.HTTPResponse(sock, method=method)
     resp.upstream_sock = sock
+    resp.begin()
     while 100 <= resp.status < 200:
         # Interim responses (RFC 9110 15.2): http.client skips 100 only, not 102 or 103.
         # begin() reads the next response when the headers are unset.
         resp.headers = None
         resp.begin()
     return resp
+
+
+def close_upstream(resp):
+    """Close an upstream response and its connection; the server sees the close at once."""
+    resp.close()                # its reader holds the socket open: first
+    resp.upstream_sock.close()
 
 
 def has_hung_up(client):
@@ -4126,14 +4189,14 @@ def fetch_json(url, method, path, body=None, read_timeout=READ_TIMEOUT,
     With client (its socket), raise ClientGone if it hangs up before the answer."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if data is not None else {}
-    conn, resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
-                               client, key)
+    resp = open_upstream(url, method, path, data, headers, read_timeout, connect_timeout,
+                         client, key)
     try:
         raw = read_within(resp, MAX_ERROR_BODY_BYTES, read_timeout)
     except (OSError, http.client.HTTPException) as e:
         raise upstream_failure(e, url) from None
     finally:
-        conn.close()
+        close_upstream(resp)
     try:
         reply = json.loads(raw)
     except (ValueError, RecursionError):
@@ -4887,7 +4950,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT              # idle keep-alive connections end, after the client's
     server_version = "claude-router/" + VERSION
     unread_input = False                # the client may still be sending its request's bytes
-    join_limit = 65536                  # bytes of body sent in the head's write; more, a write apart
+    join_limit = JOIN_BYTES             # bytes of body sent in the head's write; more, a write apart
     date = (0, "")                      # (a second, its Date value), shared by all handlers
 
     def handle(self):
@@ -5332,9 +5395,8 @@ class Relay:
     the client meanwhile, and client_left() says in the log what a client that hung up
     had of the answer."""
 
-    def __init__(self, handler, conn, resp, url):
+    def __init__(self, handler, resp, url):
         self.handler = handler
-        self.conn = conn
         self.resp = resp
         self.url = url
         self.body = upstream_body(resp)     # reads its body: a chunked one many chunks a read
@@ -5349,16 +5411,16 @@ class Relay:
         server = handler.server
         if method == "POST":    # a listing or a HEAD takes no slot of a one-slot server
             server.upstream_wanted(url)
-        conn, resp = open_upstream(url, method, path, body, headers, server.read_timeout,
-                                   server.connect_timeout, client=handler.connection,
-                                   key=server.upstream_key)
-        return cls(handler, conn, resp, url)
+        resp = open_upstream(url, method, path, body, headers, server.read_timeout,
+                             server.connect_timeout, client=handler.connection,
+                             key=server.upstream_key)
+        return cls(handler, resp, url)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.conn.close()
+        close_upstream(self.resp)
 
     def wait(self):
         """Return once the response has bytes to read; raise ClientGone if the client hangs up first."""
@@ -6027,12 +6089,12 @@ class Warmer:
             encoded = EncodedRequest(body, image_keys(body["messages"]))
             data = encoded.data()
             headers = {"Content-Type": "application/json", "Content-Length": str(encoded.length)}
-            conn, resp = open_upstream(url, "POST", "/v1/messages", data, headers, read_timeout,
-                                       connect_timeout, key=key, on_connect=self.attach)
+            resp = open_upstream(url, "POST", "/v1/messages", data, headers, read_timeout,
+                                 connect_timeout, key=key, on_connect=self.attach)
             try:
                 raw = resp.read(MAX_ERROR_BODY_BYTES)
             finally:
-                conn.close()
+                close_upstream(resp)
             reply = json.loads(raw) if resp.status == 200 else None
             usage = usage_numbers(reply.get("usage")) if isinstance(reply, dict) else {}
             failure = None if resp.status == 200 else (

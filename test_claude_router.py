@@ -2956,6 +2956,53 @@ class EventStreamTest(unittest.TestCase):
 class UpstreamTest(unittest.TestCase):
     """What a model server's refusals and listings mean."""
 
+    def test_a_request_head_is_what_http_client_writes(self):
+        # open_upstream writes the head itself, to send it in one piece with the body;
+        # http.client, given the same request, writes it byte for byte alike.
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        rows = [("POST", "/v1/messages", [("Content-Type", "application/json"),
+                                          ("Content-Length", "2")], b"{}"),
+                ("POST", "/api/x?y=1", [("x-MiXed", " a\tb "), ("X-Empty", "")], b"abc"),
+                ("POST", "/v1/messages/count_tokens", [], bytearray(b"[1]")),
+                ("POST", "/v1/x", [], None), ("GET", "/v1/models", [], None),
+                ("HEAD", "/api/hello", [("X-Latin", "caf\xe9")], None)]
+        for url in ("http://127.0.0.1:%d" % port, "http://127.0.0.1:%d/base/" % port):
+            parts = urllib.parse.urlsplit(url)
+            for method, path, headers, body in rows:
+                with self.subTest(url=url, path=path):
+                    target = parts.path.rstrip("/") + path
+                    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+                    conn.request(method, target, body, dict(headers))
+                    conn.close()        # all of it is sent: what the server reads ends there
+                    server, _ = listener.accept()
+                    with server:
+                        server.settimeout(TIMEOUT)
+                        received = b""
+                        while data := server.recv(65536):
+                            received += data
+                    head = cr.request_head(method, target, cr.host_header(parts), headers, body)
+                    self.assertEqual(received, head + bytes(body or b""))
+
+    def test_host_headers_and_refused_heads(self):
+        rows = [("http://127.0.0.1:8080", "127.0.0.1:8080"), ("http://LocalHost", "localhost"),
+                ("http://[::1]:1234/x", "[::1]:1234"), ("http://h:80", "h")]
+        for url, host in rows:
+            with self.subTest(url):
+                self.assertEqual(cr.host_header(urllib.parse.urlsplit(url)), host)
+        bad = [("GET", "/a b", [], http.client.InvalidURL),
+               ("GET", "/a HTTP/1.1\r\nX-Injected: 1\r\nX: /b", [], http.client.InvalidURL),
+               ("GET", "/", [("X-A", "1\r\nX-Injected: 1")], ValueError),
+               ("GET", "/", [("X-A", "1\nX-Injected: 1")], ValueError),
+               ("GET", "/", [("X A", "1")], ValueError), ("GET", "/", [("X-A", "\x1b[2J")], ValueError),
+               ("GET", "/", [("X-A", "\u20ac")], ValueError),
+               ("POST", "/", [], iter([b"pieces", b"without a length"]), ValueError)]
+        for method, target, headers, *body, error in bad:
+            with self.subTest(target=target, headers=headers):
+                with self.assertRaises(error):
+                    cr.request_head(method, target, "h", headers, body[0] if body else None)
+
     def test_failure_reasons_are_short_single_lines(self):
         rows = [
             (b'{"error":{"code":500,"message":"image input is not supported - hint: if this '
