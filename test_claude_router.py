@@ -5668,7 +5668,9 @@ class StartupCheckTest(RouterTestCase):
 ################ Status line and stopping
 
 class StatusLineTest(RouterTestCase):
-    """python3 claude_router.py --statusline, run for real as Claude Code runs it."""
+    """python3 claude_router.py --statusline, run for real as Claude Code runs it; where a
+    test asks for several lines and only their words matter, statusline() in this process
+    (each Python start costs a loaded machine about half a second)."""
 
     def statusline(self, port, token=""):
         script = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
@@ -5767,14 +5769,14 @@ class StatusLineTest(RouterTestCase):
         router = self.start(upstream)
         sock = self.post_raw(request(user(text("go")), stream=True))
         self.assertTrue(arrived.wait(TIMEOUT))
-        done = self.statusline(router.server_port)
-        self.assertRegex(done.stdout, r"^router: coder CODER · working \d+ s\n$")
+        environ = {"CLAUDE_ROUTER_PORT": str(router.server_port)}
+        self.assertRegex(cr.statusline(environ), r"^router: coder CODER · working \d+ s$")
         ended = self.log.when("← no answer in")
         sock.close()                # Esc
-        self.assertNotIn("working", self.statusline(router.server_port).stdout)
+        self.assertNotIn("working", cr.statusline(environ))
         self.assertTrue(ended.wait(TIMEOUT))
-        self.assertRegex(self.statusline(router.server_port).stdout,
-                         r"^router: coder CODER · last: coder interrupted after \d+\.\d s\n$")
+        self.assertRegex(cr.statusline(environ),
+                         r"^router: coder CODER · last: coder interrupted after \d+\.\d s$")
 
     def test_with_no_router_it_says_so_and_exits_0(self):
         port = refused_port(self)
