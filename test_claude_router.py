@@ -767,6 +767,10 @@ class ReadingRequestsTest(unittest.TestCase):
         rows = [(PNG_A, True), ("YWJj", True), ("YWI=", True), ("YQ==", True), ("", True),
                 ("abc", False), ("a===", False), ("YW=j", False), ("YWJj\n", False),
                 ("YW Jj", False), ("\u00e9\u00e9\u00e9\u00e9", False), ("YQ=\u00e9", False)]
+        long = "YWJj" * cr.TEXT_SLICE      # checked a slice at a time: each slice counts
+        rows += [(long, True), (long + "YQ==", True), (long[:-4] + "YQ=j", False),
+                 (long[:cr.TEXT_SLICE - 1] + "=" + long[cr.TEXT_SLICE:], False),
+                 (long[:cr.TEXT_SLICE] + "!" + long[cr.TEXT_SLICE + 1:], False)]
         for data, expected in rows:
             with self.subTest(data=data[:10]):
                 self.assertEqual(cr.is_base64(data), expected)
@@ -1053,13 +1057,13 @@ def malformed_requests():
 
 class MalformedInputTest(RouterTestCase):
 
-    def assertRefused(self, rows):
+    def assertRefused(self, rows, split_body_bytes=cr.SPLIT_BODY_BYTES):
         """Send each (name, request, status) row on a connection of its own (request: raw HTTP
         bytes, or a body to POST to /v1/messages): each gets its status in Anthropic's envelope,
         a connection left open still serves a valid request, the router answers the next
         client and logs no error, and nothing refused reaches the model server."""
         upstream = FakeUpstream(self)
-        self.start(upstream)
+        self.start(upstream).split_body_bytes = split_body_bytes
         followed = 0
         valid = json.dumps(request(user(text("still there?")))).encode()
         for name, data, expected in rows:
@@ -1092,6 +1096,11 @@ class MalformedInputTest(RouterTestCase):
         rows = malformed_requests()
         self.assertGreaterEqual(len(rows), 100)
         self.assertRefused(rows)
+
+    def test_every_malformed_request_read_as_a_big_body_gets_the_same_envelope(self):
+        # A body over split_body_bytes is read as a SplitBody; here every body is.
+        self.assertRefused([row for row in malformed_requests()
+                            if not row[1].endswith(b"\r\n\r\n")], split_body_bytes=0)
 
     def test_image_data_is_checked_in_every_turn_before_it_is_spliced(self):
         # Base64 data beginning with http: skipped the check and was spliced unescaped,
@@ -1429,6 +1438,107 @@ class PartsMutationTest(RouterTestCase):
         self.assertEqual(upstream.raw[-1][1], turns[-1])
 
 
+
+################ Big request bodies
+
+RUN = base64.b64encode(bytes(range(256)) * 16).decode()     # 5,464 characters: cut out
+
+
+def split_outcome(text_, size, read=None):
+    """(The outcome of text_, bytes, read as a SplitBody fed size bytes at a time; whether
+    whole() gave text_ back)."""
+    body = cr.SplitBody()
+    for i in range(0, len(text_), size):
+        body.feed(text_[i:i + size])
+    whole = body.whole() == text_
+    read = read or (lambda t: (cr.parse_json_body(t), {}))
+    try:
+        outcome = read_outcome(lambda t: body.parse(read), None)[0]
+    except UnicodeDecodeError:
+        outcome = "not UTF-8"
+    return outcome, whole
+
+
+def whole_outcome(text_):
+    """The outcome of text_, bytes, read whole."""
+    try:
+        decoded = text_.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    return read_outcome(lambda t: (cr.parse_json_body(decoded), {}), None)[0]
+
+
+class SplitBodyTest(RouterTestCase):
+    """A big body read with its long base64 strings apart reads as the whole text does."""
+
+    def test_texts_read_as_the_whole_text_reads_them_cut_anywhere(self):
+        b = RUN.encode()
+        texts = [
+            json.dumps(request(user(image(RUN), text("x")))).encode(),     # cut out, put back
+            json.dumps(request(user(image(RUN), image(RUN[:4096]), image(RUN[:4095])))).encode(),
+            b'{"%s": 1, "messages": []}' % b,                          # a key: read whole
+            b'{"messages": [], "a": "x\\"%s"}' % b,                    # after an escaped quote
+            b'{"messages": [], "a": "%s", "a": 2}' % b,                # dropped by a second key
+            b'{"messages": [], "a": "%s\u0041"}' % b,                 # an escape: not cut
+            b'{"messages": [], "a": "%s\x01"}' % b,                   # a control character
+            b'{"messages": [], "a": "%s\xc3\xa9"}' % b,              # then non-ASCII
+            b'{"messages": [], "a": "%s"%s"}' % (b, b),               # no comma: not JSON
+            b'"%s"' % b, b'["%s", "%s"]' % (b, b[:-4]), b'{"a": "%s' % b, b'{"a": "%s"' % b,
+            b'{"messages": [], "a": "%s", "b": "\xff"}' % b,         # not UTF-8 elsewhere
+            b'{"messages": [{"role": "user", "content": "%s"}], "max_tokens": 5}' % b,
+        ]
+        for text_ in texts:
+            expected = whole_outcome(text_)
+            for size in (1, 7, 4096, 4097, 65536, len(text_)):
+                with self.subTest(text=text_[:40], tail=text_[-20:], size=size):
+                    self.assertEqual(split_outcome(text_, size), (expected, True))
+        # The long string is cut out however the bytes come, and put back in its place.
+        for size in (1, 4097, len(texts[0])):
+            split = cr.SplitBody()
+            for i in range(0, len(texts[0]), size):
+                split.feed(texts[0][i:i + size])
+            body, _ = split.parse(lambda t: (cr.parse_json_body(t), {}))
+            self.assertEqual(len(split.strings), 1)
+            self.assertIs(body["messages"][0]["content"][0]["source"]["data"], split.strings[0])
+
+    def test_random_places_read_as_the_whole_text_reads_them(self):
+        rng = random.Random(5)
+        bodies = [cc_request(), request(user(image(RUN), text("look"))), [1, "x"]]
+        for n in range(200):
+            whole = json.dumps(rng.choice(bodies)).encode()
+            for _ in range(rng.randrange(1, 3)):
+                at = rng.randrange(len(whole) + 1)
+                whole = whole[:at] + rng.choice((b'"%s"' % RUN.encode(), RUN.encode(),
+                                                 b'"%s' % RUN.encode())) + whole[at:]
+            size = rng.choice((7, 100, 4096, 5000, 65536))
+            with self.subTest(n=n):
+                self.assertEqual(split_outcome(whole, size, cr.RequestParts().read),
+                                 (whole_outcome(whole), True))
+
+    def test_a_big_turn_sends_what_a_small_one_would_and_keeps_no_image(self):
+        upstream = FakeUpstream(self)
+        big = base64.b64encode(bytes(range(256)) * 3000).decode()      # 1 MB of base64
+        body = request(user(text("look"), image(big)), assistant(tool_use("t1")),
+                       user(tool_result("t1", image(big[:-8])), text("and this")))
+        routers = []
+        for split_body_bytes in (cr.SPLIT_BODY_BYTES, len(json.dumps(body))):
+            self.cache_dir = tempfile.mkdtemp()     # a router that has not seen the images
+            self.addCleanup(shutil.rmtree, self.cache_dir, True)
+            routers.append(self.start(upstream))
+            self.router.split_body_bytes = split_body_bytes
+            self.assertEqual(self.post(body)[0], 200)
+        self.assertEqual(upstream.raw[0][1], upstream.raw[1][1])
+        self.assertIn(big[:-8].encode(), upstream.raw[0][1])
+        kept = routers[0].request_parts.places.values()
+        self.assertTrue(kept)
+        self.assertFalse(any(big[:100] in json.dumps(part.value) for parts in kept
+                             for part in parts))
+        self.router = routers[0]
+        status, _, _ = self.call("POST", "/v1/other", body)     # passed on as it came
+        self.assertEqual(status, 200)
+        self.assertEqual(upstream.raw[-1], ("/v1/other", json.dumps(body).encode()))
+
+
 ################ Request transforms
 
 class CleanRequestTest(unittest.TestCase):
@@ -1542,6 +1652,8 @@ class ImageTransformTest(unittest.TestCase):
         url_image = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
         keys = cr.image_keys([user(image(PNG_A), tool_result("t", url_image))])
         self.assertEqual(keys, {PNG_A: key(PNG_A), "https://x/y.png": key("https://x/y.png")})
+        long = "YWJj" * cr.TEXT_SLICE + "\u00e9"       # hashed a slice at a time
+        self.assertEqual(cr.image_keys([user(image(long))]), {long: key(long)})
 
     def test_new_images_are_those_of_the_users_turn_without_description(self):
         rows = [
