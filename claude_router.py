@@ -347,21 +347,39 @@ def split_head(data):
     return (match, lines, fields.end()) if len(lines) <= MAX_HEADERS else None
 
 
-def header_message(lines):
-    """Return header lines (each a HEADER_LINE) as the http.client.HTTPMessage that
+class HeaderFields(http.client.HTTPMessage):
+    """A request's header lines (each a HEADER_LINE) as the http.client.HTTPMessage that
     http.client.parse_headers makes of them, without its email parser, a third of the
     time a head took: a name is what comes before the first colon; its value, what comes
-    after, less leading blanks and the line end (the compat32 policy's header_source_parse)."""
-    message = http.client.HTTPMessage()
-    for line in lines:
-        name, _, value = line.decode("latin-1").partition(":")
-        message.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
-    return message
+    after, less leading blanks and the line end (the compat32 policy's header_source_parse).
+
+    Read-only: get, get_all and in look names up in an index made here, where email's
+    Message lowers every name it holds on each lookup, and a turn makes a dozen."""
+
+    def __init__(self, lines=()):
+        super().__init__()
+        self.by_name = {}       # lower-case name: [its values, in order]
+        for line in lines:
+            name, _, value = line.decode("latin-1").partition(":")
+            value = value.lstrip(" \t").rstrip("\r\n")
+            self.set_raw(name, value)
+            self.by_name.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, failobj=None):
+        values = self.by_name.get(name.lower())
+        return values[0] if values else failobj
+
+    def get_all(self, name, failobj=None):
+        return list(self.by_name.get(name.lower(), ())) or failobj
+
+    def __contains__(self, name):
+        return name.lower() in self.by_name
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
+@functools.lru_cache(maxsize=64)    # clients send the same Host each time; ipaddress is slow
 def is_loopback_host(host):
     """True when host (a Host header value or address) names this machine's loopback."""
     host = host.strip().lower()
@@ -5182,7 +5200,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (split_head); any other is read a line at a time under its deadline (read_lines),
         which also finds what is wrong with a head split_head would not take."""
         self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
-        self.requestline, self.headers = "", http.client.HTTPMessage()
+        self.requestline, self.headers = "", HeaderFields()
         head = split_head(self.rfile.peek())
         if head:
             match, lines, length = head
@@ -5192,7 +5210,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             match, lines = self.read_lines()
         method, path, query, minor = match.groups()
         self.command, self.request_version = method.decode(), "HTTP/1.%s" % minor.decode()
-        self.headers = header_message(lines)
+        self.headers = HeaderFields(lines)
         connection = connection_tokens(self.headers)
         self.close_connection = "close" in connection or (
             minor == b"0" and "keep-alive" not in connection)
