@@ -204,15 +204,16 @@ class FakeServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
 
-def refused_port(test):
-    """A loopback port where connections are refused for the whole test.
+def refused_port(test, port=0):
+    """A loopback port (port, else one the kernel picks) where connections are refused for
+    the whole test.
 
     Bound and not listening: a port merely found free and let go can be taken meanwhile by
     any server on the machine (another suite's fake upstream answered a test's "down"
     vision server)."""
     sock = socket.socket()
     test.addCleanup(sock.close)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     return sock.getsockname()[1]
 
 
@@ -244,21 +245,23 @@ def router_process(test, port=None, script=None, options=()):
     return proc, int(banner[1])
 
 
-def unused_port():
-    """A loopback port nothing listens on now, for a program a test starts to take.
+def unused_port(count=1):
+    """The first of count loopback ports in a row that nothing listens on now, for programs
+    a test starts to take.
 
     Drawn below the ports the kernel hands out for port 0 and for outgoing connections
     (Linux from 32768, macOS and Windows from 49152). A port 0 found and let go is the next
     one the kernel may hand out: on a busy machine another suite's server took it before
     the router the test started could, and that router exited at start."""
-    for port in random.sample(range(20000, 32768), 50):
-        with socket.socket() as sock:
+    for port in random.sample(range(20000, 32768 - count), 50):
+        with contextlib.ExitStack() as held:
             try:
-                sock.bind(("127.0.0.1", port))
+                for each in range(port, port + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", each))
             except OSError:
                 continue
         return port
-    raise OSError("no unused port in 20000-32767")
+    raise OSError("no %d unused ports in a row in 20000-32767" % count)
 
 
 class FakeUpstream:
@@ -6013,7 +6016,8 @@ class StopTest(RouterTestCase):
         self.assertEqual(proc.wait(TIMEOUT), 0)
 
     def test_stops_the_router_on_the_port_which_exits_0(self):
-        proc, port = router_process(self)
+        # Not port 0: the port let go is asked again, and no other server may take it meanwhile.
+        proc, port = router_process(self, unused_port())
         done = self.stop(port)
         self.assertEqual((done.returncode, done.stderr), (0, ""))
         self.assertEqual(done.stdout, "claude-router: stopped the router on :%d (pid %d; upstream "
@@ -6366,11 +6370,9 @@ class LauncherTest(RouterTestCase):
 
     def test_stop_looks_at_each_port_once_and_its_status_says_what_happened(self):
         # It exited 1 when no router was on the base port, even after stopping a spare's.
-        for _ in range(20):     # a base port held refused, with the one after it free
-            base = refused_port(self)
-            with socket.socket() as s, contextlib.suppress(OSError):
-                s.bind(("127.0.0.1", base + 1))
-                break
+        # A base port held refused, with the one after it free; both below the kernel's own
+        # picks, so nothing takes the free one before the router does.
+        base = refused_port(self, unused_port(2))
         proc, _ = router_process(self, base + 1)
         spares = {"CLAUDE_LOCAL_PORTS": "1"}
         stop = self.run_launcher(base, [], spares, args=("--stop",))
