@@ -4142,10 +4142,12 @@ def connection_tokens(headers):
 
 def filter_headers(headers, drop):
     """Return [(name, value)] without the drop set, headers named in Connection, and any
-    header that is not a plain field line (see is_plain_field)."""
+    header that is not a plain field line (see is_plain_field): an upstream's are looked
+    at one by one, a request's HeaderFields are plain all (read_head took no other line)."""
     named = connection_tokens(headers)
-    return [(k, v) for k, v in headers.items()
-            if k.lower() not in drop and k.lower() not in named and is_plain_field(k, v)]
+    plain = isinstance(headers, HeaderFields)
+    return [(k, v) for k, v in headers.items() if (low := k.lower()) not in drop
+            and low not in named and (plain or is_plain_field(k, v))]
 
 
 def is_plain_field(name, value):
