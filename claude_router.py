@@ -5139,9 +5139,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         The claiming request's response said Connection: close, so the client sends its
         next request on a new connection instead of waiting behind the refresh."""
         self.refresh_due = False
+        self.trim_due = False           # a body over TRIM_AFTER_BYTES came: trim at the end
         try:
             super().handle()
         finally:
+            if self.trim_due:
+                release_freed_memory()
             if self.refresh_due:
                 self.server.refresh_models()
 
@@ -5157,7 +5160,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.unsent_head = b""          # a response head held back to go with the first write
         self.stream_frame = None        # while an SSE body is going out: how to frame its bytes
         self.body = b""
-        self.body_size = 0              # bytes of the request's body, once read
         if not self.await_request():
             self.close_connection = True
             return
@@ -5279,6 +5281,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.headers.get("expect", "").lower() == "100-continue":
             self.write_client(b"HTTP/1.1 100 Continue\r\n\r\n")
         seconds = self.server.request_timeout + length / (1 << 20) * self.server.body_time_per_mb
+        self.trim_due = self.trim_due or length > TRIM_AFTER_BYTES
         try:
             read = read_split if length > self.server.split_body_bytes else read_exactly
             body = read(self.rfile, self.connection, length, seconds) if length else b""
@@ -5291,7 +5294,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.unread_input = False
         self.connection.settimeout(self.timeout)    # writing the answer may take long
         self.body = body
-        self.body_size = length
 
     def refuse(self, error):
         """Answer a ProxyError with Anthropic's envelope; close if the request was not all read."""
@@ -5383,8 +5385,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             seconds = server.request_ended(started, self.sent_status, self.outcome == CLIENT_LEFT)
             log(outcome_line(self.sent_status, seconds, self.outcome))
-            if self.body_size > TRIM_AFTER_BYTES:
-                release_freed_memory()
         if self.rewarm is not None:
             server.warm("after a vision turn", server.warmer.prompt_of(self.rewarm))
 
@@ -7204,22 +7204,36 @@ def interpreter_options():
     return subprocess._args_from_interpreter_flags()   # sys.flags, -X and -W, as CPython's tests do
 
 
-TRIM_AFTER_BYTES = 1024 * 1024     # a request body this big has its memory handed back after
+TRIM_AFTER_BYTES = 1024 * 1024     # a connection with a body this big hands memory back at its end
+
+
+KEEP_FREED_BYTES = 32 * 1024 * 1024     # free memory a thread's heap keeps for its next request
+TRIM_FREE_BYTES = 256 * 1024            # freed to have a thread's heap trimmed (see below)
 
 
 def release_freed_memory(start=False):
-    """Hand the C heap's free pages back to the system; at start, also have every block of
-    4 MiB or more mapped on its own (glibc only; elsewhere do nothing)."""
+    """Hand the C heap's free pages back to the system, the calling thread's heap too; at
+    start, set when glibc's malloc hands memory back itself (glibc only; else do nothing)."""
     # Compiling this file at start frees about 10 MiB that glibc's malloc keeps for
-    # reuse, and so does a screenshot body: the next one would come on top of it. glibc
-    # maps a big block on its own, returned when freed, but after the first is freed it
-    # raises that bar past it (its dynamic mmap threshold): a fixed one (M_MMAP_THRESHOLD,
-    # -3 in malloc.h) keeps an 8 MB body's copies out of the heap.
+    # reuse. glibc maps a big block on its own, returned when freed, but after the first
+    # is freed it raises that bar past it (its dynamic mmap threshold): a fixed one
+    # (M_MMAP_THRESHOLD, -3 in malloc.h) keeps blocks of 4 MiB or more out of the heap.
+    # The fixed bar also fixes glibc's trim threshold (M_TRIM_THRESHOLD, -1) at 128 KiB:
+    # each thread's heap handed back a screenshot body's memory as it was freed, and
+    # the next body on the connection took it back a page fault at a time (3,000
+    # faults and 4-6 ms of CPU per 8 MB body, more than b490f54 spent in all). So a heap
+    # keeps up to KEEP_FREED_BYTES until its connection ends, and then this trims it.
+    # malloc_trim leaves the top of a thread's heap alone: a free of 64 KiB or more
+    # there trims it, under a lowered threshold.
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
         if start:
             libc.mallopt(-3, 4 * 1024 * 1024)
+        else:
+            libc.mallopt(-1, 128 * 1024)
+            bytearray(TRIM_FREE_BYTES)      # made and freed in this thread's heap
+        libc.mallopt(-1, KEEP_FREED_BYTES)
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
