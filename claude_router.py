@@ -5106,6 +5106,170 @@ class Vision:
                     if k in self.failures and now - self.failures[k][0] < self.retry_after}
 
 
+################ Connections
+
+# How many client connections are served at once, and what happens to the one past that:
+# a thread per connection is http.server's way, so the cap is the bound on threads.
+
+class BoundedServer(http.server.ThreadingHTTPServer):
+    """A ThreadingHTTPServer that serves at most max_connections connections at once. Past
+    that a new connection takes the slot of the one idle longest, which is closed; when
+    every connection is in the middle of a request, it is turned away with a 503 from the
+    accepting thread.
+
+    process_request() takes a slot (take_slot) or calls turn_away(); process_request_thread()
+    frees it (free_slot). A Handler between requests is idle: connection_idle() while it
+    waits, connection_busy() once a request begins, which says whether a newcomer took its
+    slot meanwhile (it then answers no_room_answer()). service_actions() and
+    drop_turned_away() close the turned-away sockets a second later, server_close() the rest."""
+
+    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
+        # Set before binding: when binding fails, __init__ calls server_close, which reads them.
+        self.max_connections = max_connections
+        self.slots = threading.Condition()      # guards the three below; the tests wait on it
+        self.served = 0                         # connections holding a slot
+        self.idle = {}                          # {socket: None} waiting for a request, longest first
+        self.evicted = set()                    # idle ones whose slot went on, their thread not ended
+        self.turned_away = []                   # [(time.monotonic(), socket)] answered 503
+        self.at_limit = False                   # the last connection found no free slot
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        """Serve a connection in a thread of its own while it has a slot; turn it away, without
+        a thread, when it has none.
+
+        A connection holds its thread for its whole life, idle keep-alive too, so without
+        a cap idle sockets make threads without bound: 1,200 made 1,201 threads before a
+        single request was read."""
+        slot = self.take_slot()
+        if slot != "free" and not self.at_limit:    # said once until a slot is free again
+            log("! %d client connections are open, the limit: a new one takes the place of the "
+                "one idle longest, or gets 503 when none is idle" % self.max_connections)
+        self.at_limit = slot != "free"
+        if not slot:
+            return self.turn_away(request)
+        try:
+            super().process_request(request, client_address)
+        except Exception:       # no thread started to free the slot
+            self.free_slot(request)
+            raise
+        # Not BaseException: a KeyboardInterrupt (Ctrl-C, --stop's SIGTERM) comes while
+        # Thread.start() waits for a thread that has started and frees the slot itself;
+        # freeing it here too counted it twice (with a semaphore, a ValueError that the
+        # accept loop logged and went on from: the router ignored the signal, 1 stop in 15).
+
+    def take_slot(self):
+        """Take a slot for a new connection: "free", "idle" (the longest-idle connection's,
+        which is closed), or "" when every connection is in the middle of a request.
+
+        Idle keep-alive sockets (a few per Claude Code session, a buggy client's, a port
+        scanner's) would otherwise lock new clients out for IDLE_TIMEOUT; nginx reuses idle
+        keep-alive connections under pressure the same way. At most max_connections closed
+        ones may still be ending, so there are never more than twice that many threads."""
+        with self.slots:
+            if self.served < self.max_connections:
+                self.served += 1
+                self.slots.notify_all()
+                return "free"
+            if not self.idle or len(self.evicted) >= self.max_connections:
+                return ""
+            sock = next(iter(self.idle))
+            del self.idle[sock]
+            self.evicted.add(sock)
+            # The reading side only: that wakes the connection's thread, which closes the
+            # connection, or answers a request that began just now (BSD drops bytes not yet
+            # read: that client sees a close, as when any server closes an idle connection).
+            # Under the lock, as the thread closes its socket only after leaving idle: the
+            # descriptor is still its own, not a newer connection's.
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            self.slots.notify_all()
+            return "idle"
+
+    def free_slot(self, request):
+        """Give a connection's slot back, unless take_slot gave it to a newcomer already."""
+        with self.slots:
+            self.idle.pop(request, None)
+            if request in self.evicted:
+                self.evicted.discard(request)
+            else:
+                self.served -= 1
+            self.slots.notify_all()
+
+    def connection_idle(self, request):
+        """Note that a connection waits for its next request: a newcomer may take its slot."""
+        with self.slots:
+            self.idle[request] = None
+            self.slots.notify_all()
+
+    def connection_busy(self, request):
+        """Note that a connection's wait has ended; False if its slot went to a newcomer."""
+        with self.slots:
+            self.idle.pop(request, None)
+            self.slots.notify_all()
+            return request not in self.evicted
+
+    def process_request_thread(self, request, client_address):
+        """Serve one connection (ThreadingMixIn's), then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.free_slot(request)
+
+    def no_room_answer(self):
+        """The whole 503 response for a connection that has no slot, as bytes."""
+        message = "the router serves %d connections at once and has no room for more; " \
+                  "try again shortly" % self.max_connections
+        body = json.dumps(anthropic_error(503, message)).encode()
+        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+    def turn_away(self, request):
+        """Answer a connection that has no slot with a 503 at once, from the accepting thread.
+
+        A 503, not a bare close and not a 529: Claude Code retries a 503 for about three
+        minutes, interactively too, which outlasts a burst, then shows our words; a 529
+        (or an overloaded_error) it gives up on within seconds when interactive, and a
+        close reads as a router that crashed. The socket is half-closed now and closed a
+        second later (service_actions): closed at once, with the request unread, it
+        would send a reset, which can destroy the answer before the client reads it
+        (RFC 9112 9.6)."""
+        request.setblocking(False)
+        try:
+            request.send(self.no_room_answer())
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.turned_away.append((time.monotonic(), request))
+        while len(self.turned_away) > self.max_connections:
+            self.drop_turned_away()
+
+    def service_actions(self):
+        """Between accepts (serve_forever's): close the turned-away connections a second on."""
+        super().service_actions()
+        while self.turned_away and time.monotonic() - self.turned_away[0][0] > 1.0:
+            self.drop_turned_away()
+
+    def drop_turned_away(self):
+        """Close the oldest turned-away connection, dropping first what it sent (a few reads)."""
+        sock = self.turned_away.pop(0)[1]
+        try:
+            for _ in range(16):
+                if not sock.recv(RELAY_BUFFER):
+                    break
+        except OSError:     # nothing more has arrived (it does not block), or it is gone
+            pass
+        sock.close()
+
+    def server_close(self):
+        """Close the listening socket and every turned-away connection."""
+        super().server_close()
+        while self.turned_away:
+            self.drop_turned_away()
+
+
 ################ Handler
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -6334,165 +6498,6 @@ def shut_down(sock):
 
 ################ Server
 
-class BoundedServer(http.server.ThreadingHTTPServer):
-    """A ThreadingHTTPServer that serves at most max_connections connections at once. Past
-    that a new connection takes the slot of the one idle longest, which is closed; when
-    every connection is in the middle of a request, it is turned away with a 503 from the
-    accepting thread.
-
-    process_request() takes a slot (take_slot) or calls turn_away(); process_request_thread()
-    frees it (free_slot). A Handler between requests is idle: connection_idle() while it
-    waits, connection_busy() once a request begins, which says whether a newcomer took its
-    slot meanwhile (it then answers no_room_answer()). service_actions() and
-    drop_turned_away() close the turned-away sockets a second later, server_close() the rest."""
-
-    def __init__(self, address, handler, max_connections=MAX_CONNECTIONS):
-        # Set before binding: when binding fails, __init__ calls server_close, which reads them.
-        self.max_connections = max_connections
-        self.slots = threading.Condition()      # guards the three below; the tests wait on it
-        self.served = 0                         # connections holding a slot
-        self.idle = {}                          # {socket: None} waiting for a request, longest first
-        self.evicted = set()                    # idle ones whose slot went on, their thread not ended
-        self.turned_away = []                   # [(time.monotonic(), socket)] answered 503
-        self.at_limit = False                   # the last connection found no free slot
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        """Serve a connection in a thread of its own while it has a slot; turn it away, without
-        a thread, when it has none.
-
-        A connection holds its thread for its whole life, idle keep-alive too, so without
-        a cap idle sockets make threads without bound: 1,200 made 1,201 threads before a
-        single request was read."""
-        slot = self.take_slot()
-        if slot != "free" and not self.at_limit:    # said once until a slot is free again
-            log("! %d client connections are open, the limit: a new one takes the place of the "
-                "one idle longest, or gets 503 when none is idle" % self.max_connections)
-        self.at_limit = slot != "free"
-        if not slot:
-            return self.turn_away(request)
-        try:
-            super().process_request(request, client_address)
-        except Exception:       # no thread started to free the slot
-            self.free_slot(request)
-            raise
-        # Not BaseException: a KeyboardInterrupt (Ctrl-C, --stop's SIGTERM) comes while
-        # Thread.start() waits for a thread that has started and frees the slot itself;
-        # freeing it here too counted it twice (with a semaphore, a ValueError that the
-        # accept loop logged and went on from: the router ignored the signal, 1 stop in 15).
-
-    def take_slot(self):
-        """Take a slot for a new connection: "free", "idle" (the longest-idle connection's,
-        which is closed), or "" when every connection is in the middle of a request.
-
-        Idle keep-alive sockets (a few per Claude Code session, a buggy client's, a port
-        scanner's) would otherwise lock new clients out for IDLE_TIMEOUT; nginx reuses idle
-        keep-alive connections under pressure the same way. At most max_connections closed
-        ones may still be ending, so there are never more than twice that many threads."""
-        with self.slots:
-            if self.served < self.max_connections:
-                self.served += 1
-                self.slots.notify_all()
-                return "free"
-            if not self.idle or len(self.evicted) >= self.max_connections:
-                return ""
-            sock = next(iter(self.idle))
-            del self.idle[sock]
-            self.evicted.add(sock)
-            # The reading side only: that wakes the connection's thread, which closes the
-            # connection, or answers a request that began just now (BSD drops bytes not yet
-            # read: that client sees a close, as when any server closes an idle connection).
-            # Under the lock, as the thread closes its socket only after leaving idle: the
-            # descriptor is still its own, not a newer connection's.
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-            self.slots.notify_all()
-            return "idle"
-
-    def free_slot(self, request):
-        """Give a connection's slot back, unless take_slot gave it to a newcomer already."""
-        with self.slots:
-            self.idle.pop(request, None)
-            if request in self.evicted:
-                self.evicted.discard(request)
-            else:
-                self.served -= 1
-            self.slots.notify_all()
-
-    def connection_idle(self, request):
-        """Note that a connection waits for its next request: a newcomer may take its slot."""
-        with self.slots:
-            self.idle[request] = None
-            self.slots.notify_all()
-
-    def connection_busy(self, request):
-        """Note that a connection's wait has ended; False if its slot went to a newcomer."""
-        with self.slots:
-            self.idle.pop(request, None)
-            self.slots.notify_all()
-            return request not in self.evicted
-
-    def process_request_thread(self, request, client_address):
-        """Serve one connection (ThreadingMixIn's), then free its slot."""
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.free_slot(request)
-
-    def no_room_answer(self):
-        """The whole 503 response for a connection that has no slot, as bytes."""
-        message = "the router serves %d connections at once and has no room for more; " \
-                  "try again shortly" % self.max_connections
-        body = json.dumps(anthropic_error(503, message)).encode()
-        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-
-    def turn_away(self, request):
-        """Answer a connection that has no slot with a 503 at once, from the accepting thread.
-
-        A 503, not a bare close and not a 529: Claude Code retries a 503 for about three
-        minutes, interactively too, which outlasts a burst, then shows our words; a 529
-        (or an overloaded_error) it gives up on within seconds when interactive, and a
-        close reads as a router that crashed. The socket is half-closed now and closed a
-        second later (service_actions): closed at once, with the request unread, it
-        would send a reset, which can destroy the answer before the client reads it
-        (RFC 9112 9.6)."""
-        request.setblocking(False)
-        try:
-            request.send(self.no_room_answer())
-            request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.turned_away.append((time.monotonic(), request))
-        while len(self.turned_away) > self.max_connections:
-            self.drop_turned_away()
-
-    def service_actions(self):
-        """Between accepts (serve_forever's): close the turned-away connections a second on."""
-        super().service_actions()
-        while self.turned_away and time.monotonic() - self.turned_away[0][0] > 1.0:
-            self.drop_turned_away()
-
-    def drop_turned_away(self):
-        """Close the oldest turned-away connection, dropping first what it sent (a few reads)."""
-        sock = self.turned_away.pop(0)[1]
-        try:
-            for _ in range(16):
-                if not sock.recv(RELAY_BUFFER):
-                    break
-        except OSError:     # nothing more has arrived (it does not block), or it is gone
-            pass
-        sock.close()
-
-    def server_close(self):
-        """Close the listening socket and every turned-away connection."""
-        super().server_close()
-        while self.turned_away:
-            self.drop_turned_away()
-
-
 class Server(BoundedServer):
     """The router: its settings, counters and /status, and what it knows of the upstreams'
     models; the vision bookkeeping (vision) and the prompt statistics (prompts).
@@ -6589,8 +6594,6 @@ class Server(BoundedServer):
         trace = "".join(traceback.format_tb(error.__traceback__))
         log("! unexpected %s, on a request from %s; Traceback (most recent call last):\n%s"
             % (record, client_address[0], trace.rstrip()))
-
-    # Connections.
 
     # Counters.
 

@@ -4179,6 +4179,147 @@ class TextOnlyTest(RouterTestCase):
         self.assertNotIn("!", cr.status_line(document))
 
 
+################ Connections
+
+class ConnectionSlotTest(RouterTestCase):
+    """The connection cap: an idle connection makes room for a new one; a busy one keeps its
+    slot; past the cap with none idle, a newcomer gets a 503."""
+
+    def raw_socket(self):
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
+    def get(self, sock):
+        """GET / on sock; return the status."""
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return read_response(sock)[0]
+
+    def wait_slots(self, idle, served=None):
+        """Wait until idle connections wait for a request and no closed one is still ending."""
+        router = self.router
+        with router.slots:
+            self.assertTrue(router.slots.wait_for(lambda: len(router.idle) == idle and (
+                served in (None, router.served)) and not router.evicted, TIMEOUT),
+                (len(router.idle), router.served, len(router.evicted)))
+
+    def test_a_newcomer_takes_an_idle_connections_slot_and_busy_ones_keep_theirs(self):
+        # Idle keep-alive connections held their slots for IDLE_TIMEOUT (15 minutes): as
+        # many as the cap locked every new client out (issue 14, section 4).
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        events = text_events("streamed")
+        self.start(FakeUpstream(self, [stream_reply(events, gate=gate)]), max_connections=3)
+        streaming = self.connect()
+        streaming.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)))
+        resp = streaming.getresponse()
+        got = b""
+        while len(got) < len(sse(events[0])):   # the rest waits for the model
+            got += resp.read1(65536)
+        ok = json.dumps(request(user(text("hi")))).encode()
+        reading = self.raw_socket()
+        begin_body(reading, ok, 10)
+        idle = self.raw_socket()
+        self.assertEqual(self.get(idle), 200)
+        self.wait_slots(idle=1, served=3)
+        newcomer = self.raw_socket()
+        self.assertEqual(self.get(newcomer), 200)
+        self.assertTrue(sees_close(idle))
+        reading.sendall(ok[10:])
+        self.assertEqual(read_response(reading)[0], 200)
+        gate.set()
+        self.assertEqual(got + resp.read(), sse(*events))
+        self.assertEqual(self.log.getvalue().count("connections are open, the limit"), 1)
+
+    def test_the_connection_idle_longest_makes_room_first(self):
+        self.start(FakeUpstream(self), max_connections=2)
+        older = self.raw_socket()
+        self.assertEqual(self.get(older), 200)
+        self.wait_slots(idle=1)
+        silent = self.raw_socket()      # connected, and sent nothing (a port scanner's)
+        self.wait_slots(idle=2)
+        first = self.raw_socket()
+        self.assertEqual(self.get(first), 200)
+        self.assertTrue(sees_close(older))
+        self.wait_slots(idle=2)
+        second = self.raw_socket()
+        self.assertEqual(self.get(second), 200)
+        self.assertTrue(sees_close(silent))
+        self.assertEqual((self.get(first), self.get(second)), (200, 200))
+
+    def test_a_request_begun_as_its_slot_goes_gets_503_not_a_silent_close(self):
+        # The connection's thread reads the request's bytes, but it cannot note that a
+        # request began while the test holds the slots' lock: a newcomer takes its slot.
+        router = self.start(FakeUpstream(self), max_connections=1)
+        sock = self.raw_socket()
+        self.assertEqual(self.get(sock), 200)
+        self.wait_slots(idle=1)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            newcomer = socket.create_connection(listener.getsockname(), TIMEOUT)
+            self.addCleanup(newcomer.close)
+            theirs, address = listener.accept()
+        with router.slots:
+            [ours] = router.idle
+            unread = select.poll()
+            unread.register(ours, select.POLLIN)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            started = time.monotonic()
+            # Until the thread has read them (Linux keeps bytes unread when the reading side
+            # is shut, BSD drops them): on every system it then has the request, and no slot.
+            while unread.poll(0) and time.monotonic() - started < TIMEOUT:
+                pass
+            router.process_request(theirs, address)     # as serve_forever passes it on
+        status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 503, "api_error")
+        self.assertEqual(headers["connection"], "close")
+        self.assertTrue(sees_close(sock))
+        self.assertEqual(self.get(newcomer), 200)
+
+    def test_slots_add_up_after_many_newcomers_took_idle_ones_places(self):
+        router = self.start(FakeUpstream(self), max_connections=2)
+        threads = threading.active_count()
+        socks = []
+        for i in range(12):
+            socks.append(self.raw_socket())
+            self.assertEqual(self.get(socks[-1]), 200)
+            self.wait_slots(idle=min(i + 1, 2), served=min(i + 1, 2))
+        for sock in socks[:-2]:
+            self.assertTrue(sees_close(sock))
+        # Two served; ten threads ended (one may be on its last line still).
+        self.assertLessEqual(threading.active_count(), threads + 3)
+        for sock in socks[-2:]:
+            self.assertEqual(self.get(sock), 200)
+            sock.close()
+        self.wait_slots(idle=0, served=0)
+
+    def test_connections_past_the_cap_get_503_at_once_and_no_thread(self):
+        # Every connection got a thread, idle ones too: 1,200 idle sockets made 1,201
+        # threads before a request was read (issue 14, section 4).
+        self.start(FakeUpstream(self), max_connections=2)
+        ok = json.dumps(request(user(text("hi")))).encode()
+        held = [self.raw_socket() for _ in range(2)]
+        for sock in held:
+            begin_body(sock, ok, 10)    # both hold a slot, in the middle of a request
+        threads = threading.active_count()
+        for _ in range(20):
+            sock = self.raw_socket()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, headers, body = read_response(sock)
+            self.assertEnvelope(status, json.loads(body), 503, "api_error")
+            self.assertEqual((headers["connection"], headers.get("x-should-retry")), ("close", None))
+        self.assertLessEqual(threading.active_count(), threads + 1)
+        self.assertEqual(self.log.getvalue().count("connections are open, the limit"), 1)
+        held[0].close()     # its slot is free once its thread sees the close
+        started, status = time.monotonic(), 503
+        while status == 503 and time.monotonic() - started < TIMEOUT:
+            sock = self.raw_socket()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status = read_response(sock)[0]
+        self.assertEqual(status, 200)
+        held[1].sendall(ok[10:])
+        self.assertEqual(read_response(held[1])[0], 200)
+
+
 ################ Handler
 
 class HandlerTest(RouterTestCase):
@@ -4487,34 +4628,6 @@ class RequestFramingTest(RouterTestCase):
         self.assertEnvelope(status, json.loads(body), 408)
         self.assertLess(time.monotonic() - started, 3.0)
         self.assertEqual(headers["connection"], "close")
-
-    def test_connections_past_the_cap_get_503_at_once_and_no_thread(self):
-        # Every connection got a thread, idle ones too: 1,200 idle sockets made 1,201
-        # threads before a request was read (issue 14, section 4).
-        self.start(FakeUpstream(self), max_connections=2)
-        ok = json.dumps(request(user(text("hi")))).encode()
-        held = [self.raw_socket() for _ in range(2)]
-        for sock in held:
-            begin_body(sock, ok, 10)    # both hold a slot, in the middle of a request
-        threads = threading.active_count()
-        for _ in range(20):
-            sock = self.raw_socket()
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            status, headers, body = read_response(sock)
-            self.assertEnvelope(status, json.loads(body), 503, "api_error")
-            self.assertEqual((headers["connection"], headers.get("x-should-retry")), ("close", None))
-        self.assertLessEqual(threading.active_count(), threads + 1)
-        self.assertEqual(self.log.getvalue().count("connections are open, the limit"), 1)
-        held[0].close()     # its slot is free once its thread sees the close
-        started, status = time.monotonic(), 503
-        while status == 503 and time.monotonic() - started < TIMEOUT:
-            sock = self.raw_socket()
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            status = read_response(sock)[0]
-        self.assertEqual(status, 200)
-        held[1].sendall(ok[10:])
-        self.assertEqual(read_response(held[1])[0], 200)
-
 
 class BrokenHandler(cr.Handler):
     """The router's Handler with two more routes, each failing the way a bug would."""
@@ -5491,118 +5604,6 @@ class WarmUpTest(RouterTestCase):
 
 
 ################ Server
-
-class ConnectionSlotTest(RouterTestCase):
-    """The connection cap: an idle connection makes room for a new one; a busy one keeps its
-    slot (connections past the cap with none idle: RequestFramingTest)."""
-
-    def raw_socket(self):
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        self.addCleanup(sock.close)
-        return sock
-
-    def get(self, sock):
-        """GET / on sock; return the status."""
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        return read_response(sock)[0]
-
-    def wait_slots(self, idle, served=None):
-        """Wait until idle connections wait for a request and no closed one is still ending."""
-        router = self.router
-        with router.slots:
-            self.assertTrue(router.slots.wait_for(lambda: len(router.idle) == idle and (
-                served in (None, router.served)) and not router.evicted, TIMEOUT),
-                (len(router.idle), router.served, len(router.evicted)))
-
-    def test_a_newcomer_takes_an_idle_connections_slot_and_busy_ones_keep_theirs(self):
-        # Idle keep-alive connections held their slots for IDLE_TIMEOUT (15 minutes): as
-        # many as the cap locked every new client out (issue 14, section 4).
-        gate = threading.Event()
-        self.addCleanup(gate.set)
-        events = text_events("streamed")
-        self.start(FakeUpstream(self, [stream_reply(events, gate=gate)]), max_connections=3)
-        streaming = self.connect()
-        streaming.request("POST", "/v1/messages", json.dumps(request(user(text("hi")), stream=True)))
-        resp = streaming.getresponse()
-        got = b""
-        while len(got) < len(sse(events[0])):   # the rest waits for the model
-            got += resp.read1(65536)
-        ok = json.dumps(request(user(text("hi")))).encode()
-        reading = self.raw_socket()
-        begin_body(reading, ok, 10)
-        idle = self.raw_socket()
-        self.assertEqual(self.get(idle), 200)
-        self.wait_slots(idle=1, served=3)
-        newcomer = self.raw_socket()
-        self.assertEqual(self.get(newcomer), 200)
-        self.assertTrue(sees_close(idle))
-        reading.sendall(ok[10:])
-        self.assertEqual(read_response(reading)[0], 200)
-        gate.set()
-        self.assertEqual(got + resp.read(), sse(*events))
-        self.assertEqual(self.log.getvalue().count("connections are open, the limit"), 1)
-
-    def test_the_connection_idle_longest_makes_room_first(self):
-        self.start(FakeUpstream(self), max_connections=2)
-        older = self.raw_socket()
-        self.assertEqual(self.get(older), 200)
-        self.wait_slots(idle=1)
-        silent = self.raw_socket()      # connected, and sent nothing (a port scanner's)
-        self.wait_slots(idle=2)
-        first = self.raw_socket()
-        self.assertEqual(self.get(first), 200)
-        self.assertTrue(sees_close(older))
-        self.wait_slots(idle=2)
-        second = self.raw_socket()
-        self.assertEqual(self.get(second), 200)
-        self.assertTrue(sees_close(silent))
-        self.assertEqual((self.get(first), self.get(second)), (200, 200))
-
-    def test_a_request_begun_as_its_slot_goes_gets_503_not_a_silent_close(self):
-        # The connection's thread reads the request's bytes, but it cannot note that a
-        # request began while the test holds the slots' lock: a newcomer takes its slot.
-        router = self.start(FakeUpstream(self), max_connections=1)
-        sock = self.raw_socket()
-        self.assertEqual(self.get(sock), 200)
-        self.wait_slots(idle=1)
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            newcomer = socket.create_connection(listener.getsockname(), TIMEOUT)
-            self.addCleanup(newcomer.close)
-            theirs, address = listener.accept()
-        with router.slots:
-            [ours] = router.idle
-            unread = select.poll()
-            unread.register(ours, select.POLLIN)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            started = time.monotonic()
-            # Until the thread has read them (Linux keeps bytes unread when the reading side
-            # is shut, BSD drops them): on every system it then has the request, and no slot.
-            while unread.poll(0) and time.monotonic() - started < TIMEOUT:
-                pass
-            router.process_request(theirs, address)     # as serve_forever passes it on
-        status, headers, body = read_response(sock)
-        self.assertEnvelope(status, json.loads(body), 503, "api_error")
-        self.assertEqual(headers["connection"], "close")
-        self.assertTrue(sees_close(sock))
-        self.assertEqual(self.get(newcomer), 200)
-
-    def test_slots_add_up_after_many_newcomers_took_idle_ones_places(self):
-        router = self.start(FakeUpstream(self), max_connections=2)
-        threads = threading.active_count()
-        socks = []
-        for i in range(12):
-            socks.append(self.raw_socket())
-            self.assertEqual(self.get(socks[-1]), 200)
-            self.wait_slots(idle=min(i + 1, 2), served=min(i + 1, 2))
-        for sock in socks[:-2]:
-            self.assertTrue(sees_close(sock))
-        # Two served; ten threads ended (one may be on its last line still).
-        self.assertLessEqual(threading.active_count(), threads + 3)
-        for sock in socks[-2:]:
-            self.assertEqual(self.get(sock), 200)
-            sock.close()
-        self.wait_slots(idle=0, served=0)
-
 
 class ActivityTest(RouterTestCase):
     """What the log and /status say about the requests the router has answered."""
