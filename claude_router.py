@@ -7212,6 +7212,7 @@ TRIM_AFTER_BYTES = 1024 * 1024     # a connection with a body this big hands mem
 
 KEEP_FREED_BYTES = 32 * 1024 * 1024     # free memory a thread's heap keeps for its next request
 TRIM_FREE_BYTES = 256 * 1024            # freed to have a thread's heap trimmed (see below)
+TRIM_LOCK = threading.Lock()            # one trim at a time: each lowers a global threshold
 
 
 def release_freed_memory(start=False):
@@ -7230,15 +7231,17 @@ def release_freed_memory(start=False):
     # there trims it, under a lowered threshold.
     try:
         libc = ctypes.CDLL("libc.so.6")
-        if start:
-            libc.mallopt(-3, 4 * 1024 * 1024)
-        else:
-            libc.mallopt(-1, 128 * 1024)
-            bytearray(TRIM_FREE_BYTES)      # made and freed in this thread's heap
-        libc.mallopt(-1, KEEP_FREED_BYTES)
-        libc.malloc_trim(0)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
-        pass
+        return
+    with TRIM_LOCK:
+        if start:
+            mallopt(-3, 4 * 1024 * 1024)
+        else:
+            mallopt(-1, 128 * 1024)
+            bytearray(TRIM_FREE_BYTES)      # made and freed in this thread's heap
+        mallopt(-1, KEEP_FREED_BYTES)
+        malloc_trim(0)
 
 
 def interrupt(signum, frame):
