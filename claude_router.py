@@ -314,9 +314,9 @@ def short_count(n):
 
 ################ Reading requests
 
-# The HTTP head of a request, checked before any body is read (RFC 9112); then its body:
-# everything the later transforms index into is checked here first, so a malformed
-# request becomes one 400 naming the bad field instead of a traceback.
+# The HTTP head of a request, checked before any body is read (RFC 9112): its grammar,
+# who may ask (access), its path; then how long its body is and reading that many bytes.
+# What the body says is checked next (Reading requests: validation).
 
 # The HTTP/1.1 request head we accept (RFC 9112 3, 5; RFC 3986 3.3, 3.4): a token method,
 # an origin-form target of URI characters, a 1.x version; header lines of a token name, a
@@ -345,6 +345,62 @@ def split_head(data):
         return None
     lines = data[match.end():fields.end()].split(b"\n")[:-2]     # less the blank line
     return (match, lines, fields.end()) if len(lines) <= MAX_HEADERS else None
+
+
+class HeadLines:
+    """A request head read a line at a time under one deadline: the careful reading, for a
+    head split_head does not take whole (not all in yet, or one to refuse, saying why).
+
+    read() returns the head; read_line() reads one line of it. requestline is the request
+    line as read, for the log, once read() has it."""
+
+    def __init__(self, rfile, sock, seconds):
+        self.rfile, self.sock = rfile, sock     # the client's buffered reader and its socket
+        self.deadline = time.monotonic() + seconds
+        self.requestline = ""
+
+    def read(self):
+        """Return (the request line's match, the header lines). Raise ProxyError for a
+        malformed line (400), a request line or header fields too large (414, 431), or a
+        head not all in by the deadline (408)."""
+        line = self.read_line()
+        self.requestline = line.rstrip(b"\r\n").decode("latin-1")
+        match = REQUEST_LINE.fullmatch(line)
+        if not match:
+            raise ProxyError(414 if len(line) > MAX_HEAD_LINE else 400, "malformed request line")
+        lines = []
+        while (field := self.read_line()) not in (b"\r\n", b"\n"):
+            if len(field) > MAX_HEAD_LINE or len(lines) == MAX_HEADERS:
+                raise ProxyError(431, "request header fields too large")
+            if not HEADER_LINE.fullmatch(field):
+                raise ProxyError(400, "header line %d is malformed (a fold, a control "
+                                      "character, or no name)" % (len(lines) + 1))
+            lines.append(field)
+        return match, lines
+
+    def read_line(self):
+        """One line of the request head (at most MAX_HEAD_LINE + 1 bytes); 408 once the head
+        has taken until the deadline (time.monotonic()), however slowly its bytes trickle in.
+
+        A socket timeout bounds each wait for bytes, so readline() under one would let a
+        head sent a byte at a time hold its thread forever: each read gets what is left."""
+        line = bytearray()
+        try:
+            while not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("timed out")
+                self.sock.settimeout(left)
+                data = self.rfile.peek(1)      # what is buffered, else one read of the socket
+                if not data:
+                    break
+                room = MAX_HEAD_LINE + 1 - len(line)
+                line += self.rfile.read(min(data.find(b"\n", 0, room) + 1 or len(data), room))
+        except TIMEOUT_ERRORS:
+            raise ProxyError(408, "the request's head did not arrive in time") from None
+        if not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
+            raise ProxyError(400, "the request ended inside its head")
+        return bytes(line)
 
 
 class HeaderFields(http.client.HTTPMessage):
@@ -493,6 +549,36 @@ def read_until(sock, length, seconds, read):
     return got
 
 
+# Claude Code's gateway hint headers (sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1, which
+# claude-local sets): what kind of request this is. They are for the router only and never
+# go upstream (a server could take them for part of the request, and they change per turn).
+CLASS_HEADER = "x-claude-code-request-class"        # main, subagent, compaction, auxiliary...
+COMPACTION_HEADER = "x-claude-code-compaction"      # manual, auto or reactive: a summary request
+COMPACTED_HEADER = "x-claude-code-context-compacted"    # the first main turn after a compaction
+HINT_HEADERS = frozenset({
+    CLASS_HEADER, COMPACTION_HEADER, COMPACTED_HEADER, "x-claude-1p-request-class",
+    "x-claude-code-prompt-id", "x-claude-code-prev-tool-durations"})
+
+
+def request_class(headers):
+    """The request's class as Claude Code's hint header names it, lower case; "" without one."""
+    return headers.get(CLASS_HEADER, "").strip().lower()[:40]
+
+
+def is_side_request(headers, body):
+    """True for a side request (a session title, a check): auxiliary by its hint header, or,
+    without one, a request that offers no tools (every main, subagent and compaction
+    turn of Claude Code does)."""
+    klass = request_class(headers)
+    return klass == "auxiliary" if klass else "tools" not in body
+
+
+################ Reading requests: validation
+
+# A request's body as JSON, read under limits (no NaN, no number beyond range, bounded
+# nesting), then every field the later transforms index into, checked by tables: a
+# malformed request becomes one 400 naming the bad field instead of a traceback.
+
 def reject_constant(name):
     """json.loads hook: NaN and Infinity are not JSON, and no upstream would take them."""
     raise ValueError(name)
@@ -541,29 +627,6 @@ def parse_json_body(text):
                          % MAX_JSON_DEPTH)
     return body
 
-
-# Claude Code's gateway hint headers (sent with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1, which
-# claude-local sets): what kind of request this is. They are for the router only and never
-# go upstream (a server could take them for part of the request, and they change per turn).
-CLASS_HEADER = "x-claude-code-request-class"        # main, subagent, compaction, auxiliary...
-COMPACTION_HEADER = "x-claude-code-compaction"      # manual, auto or reactive: a summary request
-COMPACTED_HEADER = "x-claude-code-context-compacted"    # the first main turn after a compaction
-HINT_HEADERS = frozenset({
-    CLASS_HEADER, COMPACTION_HEADER, COMPACTED_HEADER, "x-claude-1p-request-class",
-    "x-claude-code-prompt-id", "x-claude-code-prev-tool-durations"})
-
-
-def request_class(headers):
-    """The request's class as Claude Code's hint header names it, lower case; "" without one."""
-    return headers.get(CLASS_HEADER, "").strip().lower()[:40]
-
-
-def is_side_request(headers, body):
-    """True for a side request (a session title, a check): auxiliary by its hint header, or,
-    without one, a request that offers no tools (every main, subagent and compaction
-    turn of Claude Code does)."""
-    klass = request_class(headers)
-    return klass == "auxiliary" if klass else "tools" not in body
 
 ROLES = frozenset({"user", "assistant", "system"})
 TOOL_CHOICES = frozenset({"auto", "any", "tool", "none"})
@@ -5278,8 +5341,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     response to any request is relayed by a Relay.
 
     Protocol: handle() serves the connection; handle_one_request() waits for a request
-    (await_request), reads its head (read_head; read_lines and read_line when it is not
-    all there yet) and dispatches it; handle_request() checks access, reads the body
+    (await_request), reads its head (read_head) and dispatches it; handle_request() checks access, reads the body
     (receive_body, against a deadline) and routes it; handle_routed() counts and times
     /v1/messages. refuse() answers a ProxyError, answer_unexpected() a bug; finish()
     and linger() close after a refused request. Answers: send_head (date_time_string),
@@ -5365,7 +5427,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Sets command, path (normalised), request_version, headers and close_connection
         as http.server's parse_request does. A head that is all in the buffer (almost
         every one: the wait for the request read its first bytes) is taken in one piece
-        (split_head); any other is read a line at a time under its deadline (read_lines),
+        (split_head); any other is read a line at a time under its deadline (HeadLines),
         which also finds what is wrong with a head split_head would not take."""
         self.command, self.request_version, self.close_connection = "", "HTTP/1.0", True
         self.requestline, self.headers = "", HeaderFields()
@@ -5375,7 +5437,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.rfile.read(length)     # buffered: no wait
             self.requestline = match[0].rstrip(b"\r\n").decode("latin-1")
         else:
-            match, lines = self.read_lines()
+            reader = HeadLines(self.rfile, self.connection, self.server.request_timeout)
+            try:
+                match, lines = reader.read()
+            except ProxyError as e:
+                self.unread_input = e.status != 408     # a stalled client sends no more
+                raise
+            finally:
+                self.requestline = reader.requestline
         method, path, query, minor = match.groups()
         self.command, self.request_version = method.decode(), "HTTP/1.%s" % minor.decode()
         self.headers = HeaderFields(lines)
@@ -5388,51 +5457,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.path = path + query.decode()
         if len(self.headers.get_all("host") or ()) > 1:
             raise ProxyError(400, "more than one Host header")
-
-    def read_lines(self):
-        """Read a head a line at a time; return (the request line's match, the header lines).
-        Raise ProxyError for a malformed line (400), a request line or header fields too
-        large (414, 431), or a head not all in by request_timeout (408)."""
-        deadline = time.monotonic() + self.server.request_timeout
-        line = self.read_line(deadline)
-        self.requestline = line.rstrip(b"\r\n").decode("latin-1")
-        match = REQUEST_LINE.fullmatch(line)
-        if not match:
-            raise ProxyError(414 if len(line) > MAX_HEAD_LINE else 400, "malformed request line")
-        lines = []
-        while (field := self.read_line(deadline)) not in (b"\r\n", b"\n"):
-            if len(field) > MAX_HEAD_LINE or len(lines) == MAX_HEADERS:
-                raise ProxyError(431, "request header fields too large")
-            if not HEADER_LINE.fullmatch(field):
-                raise ProxyError(400, "header line %d is malformed (a fold, a control "
-                                      "character, or no name)" % (len(lines) + 1))
-            lines.append(field)
-        return match, lines
-
-    def read_line(self, deadline):
-        """One line of the request head (at most MAX_HEAD_LINE + 1 bytes); 408 once the head
-        has taken until deadline (time.monotonic()), however slowly its bytes trickle in.
-
-        A socket timeout bounds each wait for bytes, so readline() under one would let a
-        head sent a byte at a time hold its thread forever: each read gets what is left."""
-        line = bytearray()
-        try:
-            while not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout("timed out")
-                self.connection.settimeout(left)
-                data = self.rfile.peek(1)      # what is buffered, else one read of the socket
-                if not data:
-                    break
-                room = MAX_HEAD_LINE + 1 - len(line)
-                line += self.rfile.read(min(data.find(b"\n", 0, room) + 1 or len(data), room))
-        except TIMEOUT_ERRORS:
-            self.unread_input = False   # a stalled client sends nothing more to wait for
-            raise ProxyError(408, "the request's head did not arrive in time") from None
-        if not line.endswith(b"\n") and len(line) <= MAX_HEAD_LINE:
-            raise ProxyError(400, "the request ended inside its head")
-        return bytes(line)
 
     def receive_body(self):
         """Read the request's body, for any method, once the checks that may refuse it passed.

@@ -525,11 +525,16 @@ class RouterTestCase(unittest.TestCase):
     def post(self, body, **kwargs):
         return self.call("POST", "/v1/messages?beta=true", body, **kwargs)
 
+    def raw_socket(self):
+        """A socket connected to the router, closed when the test ends."""
+        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
     def post_raw(self, body):
         """Send body to /v1/messages on a raw socket, for a test that hangs up; return it."""
         data = json.dumps(body).encode()
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        self.addCleanup(sock.close)
+        sock = self.raw_socket()
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(data), data))
         return sock
@@ -764,19 +769,7 @@ class LoggingTest(RouterTestCase):
 ################ Reading requests
 
 class ReadingRequestsTest(unittest.TestCase):
-    """The pure checks of a request's head and body."""
-
-    def test_base64_check(self):
-        rows = [(PNG_A, True), ("YWJj", True), ("YWI=", True), ("YQ==", True), ("", True),
-                ("abc", False), ("a===", False), ("YW=j", False), ("YWJj\n", False),
-                ("YW Jj", False), ("\u00e9\u00e9\u00e9\u00e9", False), ("YQ=\u00e9", False)]
-        long = "YWJj" * cr.TEXT_SLICE      # checked a slice at a time: each slice counts
-        rows += [(long, True), (long + "YQ==", True), (long[:-4] + "YQ=j", False),
-                 (long[:cr.TEXT_SLICE - 1] + "=" + long[cr.TEXT_SLICE:], False),
-                 (long[:cr.TEXT_SLICE] + "!" + long[cr.TEXT_SLICE + 1:], False)]
-        for data, expected in rows:
-            with self.subTest(data=data[:10]):
-                self.assertEqual(cr.is_base64(data), expected)
+    """The pure checks of a request's head, path and access."""
 
     def test_paths_are_normalised_as_rfc_3986_says(self):
         rows = [("/", "/"), ("/v1/messages", "/v1/messages"), ("/v1/../status", "/status"),
@@ -1189,6 +1182,65 @@ class AccessTest(RouterTestCase):
             with self.subTest(headers=headers):
                 status, _, reply = self.post(request(user(text("hi"))), headers=headers)
                 self.assertEqual(status, expected, reply)
+
+
+class HeadReadingTest(RouterTestCase):
+    """A head read over the wire, taken whole (split_head) or a line at a time (HeadLines)."""
+
+    def test_a_head_in_one_read_and_one_read_a_line_at_a_time_pass_the_same_headers(self):
+        # A head all at hand is taken in one piece, without http.client's email parser; a
+        # longer one (over MAX_HEAD_LINE in all) can never be, and is read a line at a time.
+        upstream = FakeUpstream(self)
+        self.start(upstream)
+        fields = (b"Host: 127.0.0.1\r\nX-Spaces: \t a b \t\r\nx-MiXed: a:b\nX-Latin: caf\xe9\r\n"
+                  b"X-Empty:\r\n")
+        long = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000) for i in range(9))
+        for name, pad in (("whole", b""), ("line by line", long)):
+            with self.subTest(name):
+                sock = self.raw_socket()
+                sock.sendall(b"GET /api/tags HTTP/1.1\r\n" + fields + pad + b"\r\n")
+                self.assertEqual(read_response(sock)[0], 404)   # the fake's answer, relayed
+                method, path, headers, _ = upstream.requests[-1]
+                self.assertEqual((method, path), ("GET", "/api/tags"))
+                self.assertEqual({k: headers[k] for k in ("X-Spaces", "x-MiXed", "X-Latin", "X-Empty")},
+                                 {"X-Spaces": "a b \t", "x-MiXed": "a:b", "X-Latin": "caf\xe9",
+                                  "X-Empty": ""})
+                self.assertEqual(len(headers), 6 + len(pad) // 8000)    # and Accept-Encoding
+
+    def test_a_head_trickled_a_byte_at_a_time_gets_408_by_its_deadline(self):
+        # Each byte came before the stall timeout, so such a head held its thread for as long
+        # as the client liked (issue 14, section 4).
+        self.start(FakeUpstream(self))
+        self.router.request_timeout = 0.5
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        # select is the pace: a byte every 0.05 s until the router answers (or TIMEOUT).
+        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() - started < TIMEOUT:
+            sock.sendall(b"a")
+        status, headers, body = read_response(sock)
+        self.assertEnvelope(status, json.loads(body), 408)
+        self.assertLess(time.monotonic() - started, 3.0)       # the trickle ran on for 5 s
+        self.assertEqual(headers["connection"], "close")
+
+
+################ Reading requests: validation
+
+class ValidationTest(unittest.TestCase):
+    """The pure checks of a request's fields (malformed bodies over the wire:
+    MalformedInputTest)."""
+
+    def test_base64_check(self):
+        rows = [(PNG_A, True), ("YWJj", True), ("YWI=", True), ("YQ==", True), ("", True),
+                ("abc", False), ("a===", False), ("YW=j", False), ("YWJj\n", False),
+                ("YW Jj", False), ("\u00e9\u00e9\u00e9\u00e9", False), ("YQ=\u00e9", False)]
+        long = "YWJj" * cr.TEXT_SLICE      # checked a slice at a time: each slice counts
+        rows += [(long, True), (long + "YQ==", True), (long[:-4] + "YQ=j", False),
+                 (long[:cr.TEXT_SLICE - 1] + "=" + long[cr.TEXT_SLICE:], False),
+                 (long[:cr.TEXT_SLICE] + "!" + long[cr.TEXT_SLICE + 1:], False)]
+        for data, expected in rows:
+            with self.subTest(data=data[:10]):
+                self.assertEqual(cr.is_base64(data), expected)
 
 
 ################ Reading requests: what is new
@@ -4185,11 +4237,6 @@ class ConnectionSlotTest(RouterTestCase):
     """The connection cap: an idle connection makes room for a new one; a busy one keeps its
     slot; past the cap with none idle, a newcomer gets a 503."""
 
-    def raw_socket(self):
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        self.addCleanup(sock.close)
-        return sock
-
     def get(self, sock):
         """GET / on sock; return the status."""
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -4458,11 +4505,6 @@ class HandlerTest(RouterTestCase):
 class RequestFramingTest(RouterTestCase):
     """Issue 11, section 1: every body is consumed or the connection closes; refusals arrive."""
 
-    def raw_socket(self):
-        sock = socket.create_connection(("127.0.0.1", self.router.server_port), TIMEOUT)
-        self.addCleanup(sock.close)
-        return sock
-
     def test_a_get_whose_body_is_a_request_gets_one_response(self):
         self.start(FakeUpstream(self))
         smuggled = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -4473,26 +4515,6 @@ class RequestFramingTest(RouterTestCase):
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, _, body = read_response(sock)     # the models, not the smuggled /status
         self.assertIn("data", json.loads(body))
-
-    def test_a_head_in_one_read_and_one_read_a_line_at_a_time_pass_the_same_headers(self):
-        # A head all at hand is taken in one piece, without http.client's email parser; a
-        # longer one (over MAX_HEAD_LINE in all) can never be, and is read a line at a time.
-        upstream = FakeUpstream(self)
-        self.start(upstream)
-        fields = (b"Host: 127.0.0.1\r\nX-Spaces: \t a b \t\r\nx-MiXed: a:b\nX-Latin: caf\xe9\r\n"
-                  b"X-Empty:\r\n")
-        long = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 8000) for i in range(9))
-        for name, pad in (("whole", b""), ("line by line", long)):
-            with self.subTest(name):
-                sock = self.raw_socket()
-                sock.sendall(b"GET /api/tags HTTP/1.1\r\n" + fields + pad + b"\r\n")
-                self.assertEqual(read_response(sock)[0], 404)   # the fake's answer, relayed
-                method, path, headers, _ = upstream.requests[-1]
-                self.assertEqual((method, path), ("GET", "/api/tags"))
-                self.assertEqual({k: headers[k] for k in ("X-Spaces", "x-MiXed", "X-Latin", "X-Empty")},
-                                 {"X-Spaces": "a b \t", "x-MiXed": "a:b", "X-Latin": "caf\xe9",
-                                  "X-Empty": ""})
-                self.assertEqual(len(headers), 6 + len(pad) // 8000)    # and Accept-Encoding
 
     def test_pipelined_requests_in_one_write_each_get_their_answer(self):
         # A head taken in one piece leaves the rest where it was: the body, then the next
@@ -4587,22 +4609,6 @@ class RequestFramingTest(RouterTestCase):
                 self.assertIsNone(resp.getheader("transfer-encoding"))
                 status, _, body = read_response(shared)     # the next starts right there
                 self.assertEqual((status, json.loads(body)["service"]), (200, "claude-router"))
-
-    def test_a_head_trickled_a_byte_at_a_time_gets_408_by_its_deadline(self):
-        # Each byte came before the stall timeout, so such a head held its thread for as long
-        # as the client liked (issue 14, section 4).
-        self.start(FakeUpstream(self))
-        self.router.request_timeout = 0.5
-        sock = self.raw_socket()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nX-Slow: ")
-        started = time.monotonic()
-        # select is the pace: a byte every 0.05 s until the router answers (or TIMEOUT).
-        while not select.select([sock], [], [], 0.05)[0] and time.monotonic() - started < TIMEOUT:
-            sock.sendall(b"a")
-        status, headers, body = read_response(sock)
-        self.assertEnvelope(status, json.loads(body), 408)
-        self.assertLess(time.monotonic() - started, 3.0)       # the trickle ran on for 5 s
-        self.assertEqual(headers["connection"], "close")
 
     def test_a_body_has_time_by_its_size_and_one_trickled_gets_408_by_its_deadline(self):
         # The body had a timeout per read only: sent a byte every few seconds, up to 64 MB,
