@@ -5894,15 +5894,17 @@ class Relay:
         handler.stream_frame = encode_chunk if chunked else bytes
         capture = ReplyCapture(keep_text=keep_text)
         broken, gone = self.pump(head, capture)
-        if broken:
-            self.stream_failed(*broken)
         if not capture.complete and not capture.failed and not gone and keep_text:
             # Its answer is not whole (cut, stalled, or ended before message_stop): a
             # failure of the model, which Claude Code's retry must not meet again.
             capture.failed = "its answer %s" % (broken[0] if broken else "ended early")
         if learn and capture.complete and not capture.failed:
-            learn(capture)      # before the response ends: the next turn finds it
-        if not broken and not gone:
+            # Before the response ends, a broken one too (a stream cut after message_stop
+            # is a whole answer): the next turn finds it.
+            learn(capture)
+        if broken:
+            self.stream_failed(*broken)
+        elif not gone:
             handler.end_stream()
         return capture
 
