@@ -5335,21 +5335,18 @@ class BoundedServer(http.server.ThreadingHTTPServer):
 
 ################ Handler
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One client connection: the HTTP protocol, reading each request, dispatch, and the
-    endpoints the router answers itself. A /v1/messages turn is a Turn; the upstream's
-    response to any request is relayed by a Relay.
+class ProtocolHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection's HTTP/1.1, stricter than http.server's: waiting for each
+    request, reading it, refusing what is malformed with Anthropic's envelope, and writing
+    the answers. Its subclass Handler answers each request (handle_request), as
+    http.server's SimpleHTTPRequestHandler answers what BaseHTTPRequestHandler reads.
 
-    Protocol: handle() serves the connection; handle_one_request() waits for a request
-    (await_request), reads its head (read_head) and dispatches it; handle_request() checks access, reads the body
-    (receive_body, against a deadline) and routes it; handle_routed() counts and times
-    /v1/messages. refuse() answers a ProxyError, answer_unexpected() a bug; finish()
-    and linger() close after a refused request. Answers: send_head (date_time_string),
-    send_json, write_client, end_stream and end_response.
-    Endpoints (routes; do_POST sends /v1/messages to handle_routed) take the body with
-    read_body or read_request: probe, status, models, count_tokens, messages (a Turn), and
-    forward for any other /v1/ or /api/ path. log_message keeps http.server's access
-    lines for the verbose log."""
+    handle() serves the connection; handle_one_request() waits for a request
+    (await_request), reads its head (read_head) and hands it to a do_ method, else to
+    handle_request(method); receive_body() reads its body, against a deadline. refuse() answers a ProxyError, answer_unexpected() a
+    bug; finish() and linger() close after a refused request. Answers: send_head
+    (date_time_string), send_json, write_client, end_stream and end_response.
+    log_message keeps http.server's access lines for the verbose log."""
 
     protocol_version = "HTTP/1.1"       # keep-alive; so every response must be framed
     disable_nagle_algorithm = True      # each event goes out at once, no 40 ms Nagle delay
@@ -5514,6 +5511,109 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def answer_unexpected(self):
+        """Answer a request whose handling raised something unexpected, then close.
+
+        After a bug we no longer know what the connection holds, so it closes."""
+        self.close_connection = True
+        message = "the router failed on this request (a bug); its log has the details"
+        if self.stream_frame:
+            self.end_stream(sse_error_event(message))
+        elif not self.response_started:
+            self.send_json(500, anthropic_error(500, message), retry_headers(500))
+
+    def send_head(self, status, headers, data=b"", hold=False):
+        """Start the response: the status line, Server and Date as http.server's send_response
+        writes them, headers [(name, value)], Connection: close when the connection ends
+        after it, then data (the body) in the same write. With hold, the head goes out with
+        the next write_client instead (a stream's first events, which are at hand).
+
+        One write where send_response, send_header and end_headers, then the body, make
+        two: a send and a packet fewer per response. A body over join_limit goes in a
+        write of its own: copying it costs more than that saves."""
+        self.response_started = True
+        self.sent_status = status
+        self.log_request(status)
+        lines = ["%s %d %s\r\n" % (self.protocol_version, status,
+                                    self.responses.get(status, ("",))[0]),
+                 "Server: %s\r\n" % self.version_string(),
+                 "Date: %s\r\n" % self.date_time_string()]
+        lines += ["%s: %s\r\n" % (name, value) for name, value in headers]
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        head = ("".join(lines) + "\r\n").encode("latin-1")   # strict, as send_header's
+        if hold:
+            self.unsent_head = head
+        elif len(data) > self.join_limit:
+            self.write_client(head) and self.write_client(data)
+        else:
+            self.write_client(head + data)
+
+    def send_json(self, status, obj, headers=()):
+        """Send obj as a JSON response with Content-Length, and headers [(name, value)]."""
+        data = json.dumps(obj).encode()
+        self.send_head(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(data))), *headers],
+                       data if self.command != "HEAD" else b"")
+
+    def date_time_string(self, timestamp=None):
+        """The Date header's value (http.server's) for now, or for timestamp: for now, made
+        once a second, as formatting it took a third of the rest of a response's head."""
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        second, text = ProtocolHandler.date
+        if second != now:
+            text = super().date_time_string(now)
+            ProtocolHandler.date = (now, text)      # one assignment: no thread sees half of it
+        return text
+
+    def write_client(self, data):
+        """Write to the client, after the response's head if send_head held it back; return
+        False, marking the connection closed, if the client is gone."""
+        if self.unsent_head:
+            data, self.unsent_head = self.unsent_head + data, b""
+        try:
+            self.wfile.write(data)
+            return True
+        except (ConnectionError, *TIMEOUT_ERRORS):
+            self.close_connection = True
+            return False
+
+    def end_stream(self, event=b""):
+        """End the SSE body, after event if given, in one write."""
+        data = self.stream_frame(event) if event else b""
+        if self.stream_frame is encode_chunk:
+            data += b"0\r\n\r\n"
+        self.stream_frame = None
+        if data:
+            self.write_client(data)
+
+    def end_response(self):
+        """Let the client go before slow work: its response is complete; close the
+        connection, so that its next request does not wait behind this thread."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):
+        """Access and protocol lines, only when verbose; client strings escaped."""
+        if self.server.verbose:
+            log(escape_log("%s %s" % (self.address_string(), format % args)))
+
+
+class Handler(ProtocolHandler):
+    """What the router answers each request with: dispatch, and the endpoints it answers
+    itself. A /v1/messages turn is a Turn; the upstream's response to any request is
+    relayed by a Relay.
+
+    handle_request() checks access, reads the body (receive_body) and routes it;
+    handle_routed() counts and times /v1/messages, which do_POST sends it. Endpoints
+    (routes) take the body with read_body or read_request: probe, status, models,
+    count_tokens, messages (a Turn), and forward for any other /v1/ or /api/ path."""
+
     def do_POST(self):
         if urllib.parse.urlsplit(self.path).path == "/v1/messages":
             return self.handle_routed()
@@ -5546,17 +5646,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception:
             self.answer_unexpected()
             raise
-
-    def answer_unexpected(self):
-        """Answer a request whose handling raised something unexpected, then close.
-
-        After a bug we no longer know what the connection holds, so it closes."""
-        self.close_connection = True
-        message = "the router failed on this request (a bug); its log has the details"
-        if self.stream_frame:
-            self.end_stream(sse_error_event(message))
-        elif not self.response_started:
-            self.send_json(500, anthropic_error(500, message), retry_headers(500))
 
     def handle_routed(self):
         """POST /v1/messages, counted and timed: a line with its status and seconds follows it."""
@@ -5603,82 +5692,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.request_parts.remember(parts)
         return clean, {id(part.clean): part for part in parts.values()
                        if part.checked and part.clean}
-
-    def send_head(self, status, headers, data=b"", hold=False):
-        """Start the response: the status line, Server and Date as http.server's send_response
-        writes them, headers [(name, value)], Connection: close when the connection ends
-        after it, then data (the body) in the same write. With hold, the head goes out with
-        the next write_client instead (a stream's first events, which are at hand).
-
-        One write where send_response, send_header and end_headers, then the body, make
-        two: a send and a packet fewer per response. A body over join_limit goes in a
-        write of its own: copying it costs more than that saves."""
-        self.response_started = True
-        self.sent_status = status
-        self.log_request(status)
-        lines = ["%s %d %s\r\n" % (self.protocol_version, status,
-                                    self.responses.get(status, ("",))[0]),
-                 "Server: %s\r\n" % self.version_string(),
-                 "Date: %s\r\n" % self.date_time_string()]
-        lines += ["%s: %s\r\n" % (name, value) for name, value in headers]
-        if self.close_connection:
-            lines.append("Connection: close\r\n")
-        head = ("".join(lines) + "\r\n").encode("latin-1")   # strict, as send_header's
-        if hold:
-            self.unsent_head = head
-        elif len(data) > self.join_limit:
-            self.write_client(head) and self.write_client(data)
-        else:
-            self.write_client(head + data)
-
-    def send_json(self, status, obj, headers=()):
-        """Send obj as a JSON response with Content-Length, and headers [(name, value)]."""
-        data = json.dumps(obj).encode()
-        self.send_head(status, [("Content-Type", "application/json"),
-                                ("Content-Length", str(len(data))), *headers],
-                       data if self.command != "HEAD" else b"")
-
-    def date_time_string(self, timestamp=None):
-        """The Date header's value (http.server's) for now, or for timestamp: for now, made
-        once a second, as formatting it took a third of the rest of a response's head."""
-        if timestamp is not None:
-            return super().date_time_string(timestamp)
-        now = int(time.time())
-        second, text = Handler.date
-        if second != now:
-            text = super().date_time_string(now)
-            Handler.date = (now, text)      # one assignment: no thread sees half of it
-        return text
-
-    def write_client(self, data):
-        """Write to the client, after the response's head if send_head held it back; return
-        False, marking the connection closed, if the client is gone."""
-        if self.unsent_head:
-            data, self.unsent_head = self.unsent_head + data, b""
-        try:
-            self.wfile.write(data)
-            return True
-        except (ConnectionError, *TIMEOUT_ERRORS):
-            self.close_connection = True
-            return False
-
-    def end_stream(self, event=b""):
-        """End the SSE body, after event if given, in one write."""
-        data = self.stream_frame(event) if event else b""
-        if self.stream_frame is encode_chunk:
-            data += b"0\r\n\r\n"
-        self.stream_frame = None
-        if data:
-            self.write_client(data)
-
-    def end_response(self):
-        """Let the client go before slow work: its response is complete; close the
-        connection, so that its next request does not wait behind this thread."""
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     # Endpoints the router answers itself.
 
@@ -5745,11 +5758,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("GET", "/status"): status, ("GET", "/v1/models"): models,
         ("POST", "/v1/messages"): messages, ("POST", "/v1/messages/count_tokens"): count_tokens,
     }
-
-    def log_message(self, format, *args):
-        """Access and protocol lines, only when verbose; client strings escaped."""
-        if self.server.verbose:
-            log(escape_log("%s %s" % (self.address_string(), format % args)))
 
 
 ################ Relay
@@ -5841,7 +5849,7 @@ class Relay:
 
     def send_headers(self, framing=None, data=b"", hold=False):
         """Send the upstream's status and headers, with our own framing header, then data
-        (see Handler.send_head, also for hold).
+        (see ProtocolHandler.send_head, also for hold).
 
         Hop-by-hop headers stay behind (RFC 9110 7.6.1), and so do the upstream's
         Content-Length and Transfer-Encoding: http.client has undone its framing."""
