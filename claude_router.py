@@ -5343,10 +5343,11 @@ class ProtocolHandler(http.server.BaseHTTPRequestHandler):
 
     handle() serves the connection; handle_one_request() waits for a request
     (await_request), reads its head (read_head) and hands it to a do_ method, else to
-    handle_request(method); receive_body() reads its body, against a deadline. refuse() answers a ProxyError, answer_unexpected() a
-    bug; finish() and linger() close after a refused request. Answers: send_head
-    (date_time_string), send_json, write_client, end_stream and end_response.
-    log_message keeps http.server's access lines for the verbose log."""
+    handle_request(method); receive_body() reads its body, against a deadline. refuse()
+    answers a ProxyError, answer_unexpected() a bug; finish() and linger() close after a
+    refused request. Answers: send_head (date_time_string), send_json, write_client,
+    end_stream and end_response. log_message keeps http.server's access lines for the
+    verbose log."""
 
     protocol_version = "HTTP/1.1"       # keep-alive; so every response must be framed
     disable_nagle_algorithm = True      # each event goes out at once, no 40 ms Nagle delay
