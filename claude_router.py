@@ -161,7 +161,7 @@ RELAY_BUFFER = 65536                        # bytes per upstream read
 STREAM_HEAD_BYTES = 65536                   # most bytes read to find a stream's first event
 MAX_EVENT_BYTES = 1024 * 1024               # one upstream SSE event; past it the stream ends
 ENCODED_PARTS_BYTES = 4 * 1024 * 1024       # prompt parts kept encoded between turns
-REQUEST_PARTS_CHARS = 2 * 1024 * 1024       # request text kept read (~3x that in memory)
+REQUEST_PARTS_CHARS = 2 * 1024 * 1024       # request text kept read, and VALUE_CHARS a value
 MEMORY_MAX_ENTRIES = 256                    # conversations, and images, remembered between turns
 ERRORS_KEPT = 20                            # unexpected handler exceptions remembered, as text
 REUSE_NOTE_BELOW = 0.9                      # name the first changed part when less is sent again
@@ -878,24 +878,43 @@ SKIP_BLANKS = json.decoder.WHITESPACE.match     # the blanks json.loads allows b
 NEXT_VALUE = re.compile(r"[ \t\n\r]*,[ \t\n\r]*").match     # a comma between two values
 READ_FIELDS = ("system", "tools")               # top-level values kept between turns
 PLACE_CANDIDATES = 4                            # parts kept per place: main turns, subagents...
+# What each value of a kept part counts for, in characters, beside its text: as read and
+# cleaned it is an object or two, ~450 bytes for a 13-character {"type":"x"}, where Claude
+# Code's text takes ~8 bytes a character. Kept by their text alone, 2 MiB of tiny values
+# held ~70 MiB.
+VALUE_CHARS = 24
+
+
+def json_shape(value):
+    """Return (json_depth(value), how many values parsed JSON value holds, itself included):
+    one walk, for a part read anew (json_depth, for the depth alone, takes a quarter less)."""
+    deepest, count, level = 0, 1, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        deepest += 1
+        count += sum(map(len, level))
+        level = [v for item in level for v in (item.values() if type(item) is dict else item)
+                 if type(v) is dict or type(v) is list]
+    return deepest, count
 
 
 class ReadPart:
     """An object or a list of a request body, as read: its place (("field", name) or
     ("message", index)), its JSON text (None when too long to keep), the value and how
-    deeply it nests; once its request passed validate_request, its cleaned form, and
-    once a turn sent that on as it is, its encoding (part_encoding)."""
+    deeply it nests, what keeping it costs (its text and VALUE_CHARS per value); once its
+    request passed validate_request, its cleaned form, and once a turn sent that on as it
+    is, its encoding (part_encoding)."""
 
-    __slots__ = ("place", "span", "value", "depth", "checked", "clean", "encoded")
+    __slots__ = ("place", "span", "value", "depth", "cost", "checked", "clean", "encoded")
 
     def __init__(self, place, span, value):
         self.place, self.span, self.value = place, span, value
-        self.depth = json_depth(value)
+        self.depth, values = json_shape(value)
+        self.cost = len(span or "") + VALUE_CHARS * values
         self.checked, self.clean, self.encoded = False, None, None
 
 
 class RequestParts:
-    """The parts of recent requests (ReadPart), by place: bounded by their text, one lock.
+    """The parts of recent requests (ReadPart), by place: bounded by their cost, one lock.
 
     read() parses a request body as parse_json_body does, taking the system text, the
     tools and each message from a recent request's parts where the text there is
@@ -906,7 +925,7 @@ class RequestParts:
 
     def __init__(self, max_chars=REQUEST_PARTS_CHARS):
         self.lock = threading.Lock()    # guards places, size and the counters
-        self.max_chars = max_chars      # bound of the kept parts' text; oldest places go first
+        self.max_chars = max_chars      # bound of the kept parts' cost; oldest places go first
         # place -> [ReadPart], newest first. remember() replaces the dict and its lists whole
         # and never changes them, so a read takes them without the lock.
         self.places = {}
@@ -1003,10 +1022,10 @@ class RequestParts:
         with self.lock:
             places = dict(self.places)
             for part in parts.values():
-                if part.checked and part.span is not None:
+                if part.checked and part.span is not None and part.cost <= self.max_chars // 8:
                     self.keep(places, part)
             while self.size > self.max_chars:
-                self.size -= sum(len(part.span) for part in places.pop(next(iter(places))))
+                self.size -= sum(part.cost for part in places.pop(next(iter(places))))
             self.places = places
 
     def keep(self, places, part):
@@ -1014,9 +1033,9 @@ class RequestParts:
         kept = places.pop(part.place, ())
         if not kept or kept[0] is not part:
             if all(old is not part for old in kept):
-                self.size += len(part.span)
+                self.size += part.cost
             kept = [part] + [old for old in kept if old is not part]
-            self.size -= sum(len(old.span) for old in kept[PLACE_CANDIDATES:])
+            self.size -= sum(old.cost for old in kept[PLACE_CANDIDATES:])
             kept = kept[:PLACE_CANDIDATES]
         places[part.place] = kept
 

@@ -1434,10 +1434,28 @@ class RequestPartsTest(unittest.TestCase):
             cr.checked_request(body, cr.REQUEST_FIELDS, parts)
             memo.remember(parts)
             self.assertLessEqual(memo.size, 3000)
-            self.assertEqual(memo.size, sum(len(p.span) for kept in memo.places.values()
+            self.assertEqual(memo.size, sum(p.cost for kept in memo.places.values()
                                             for p in kept))
         self.assertEqual(list(memo.places), [("message", 0)])   # 900 chars > 3000 / 8
         self.assertEqual(len(memo.places[("message", 0)]), cr.PLACE_CANDIDATES)
+
+    def test_bounded_by_its_values_too(self):
+        # A block of 13 characters ({"type":"x"}) is a dict and a str as read and another
+        # dict cleaned, ~450 bytes: kept by their text alone, 400,000 characters of such
+        # blocks held ~15 MB, where Claude Code's text takes ~8 bytes a character.
+        memo = cr.RequestParts(max_chars=400_000)
+        tiny = user(*[{"type": "x"}] * 3000)    # 39,000 characters: under max_chars / 8
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(12):     # at a new place each time, so that each is kept
+            body, parts = memo.read(json.dumps(request(*[user(text("p"))] * i, tiny)))
+            cr.checked_request(body, cr.REQUEST_FIELDS, parts)
+            memo.remember(parts)
+        del body, parts
+        gc.collect()
+        self.assertLessEqual(memo.size, memo.max_chars)
+        self.assertLess(tracemalloc.get_traced_memory()[0] - before, 12 * memo.max_chars)
 
 
 def is_plain_request(text_):
