@@ -5290,12 +5290,20 @@ class PrefixReplayTest(RouterTestCase):
             else:
                 history = history + step
             sent.append((history, "def" if len(sent) > 8 else "abc"))
+        coder = []
         for i, (history, suffix) in enumerate(sent):
-            status, _, reply_body = self.post(request(*history, system=system(suffix), tools=tools,
-                                                      thinking={"type": "adaptive"},
-                                                      stream=i % 2 == 1))
+            body = request(*cache_newest(history), system=system(suffix), tools=tools,
+                           thinking={"type": "adaptive"}, stream=i % 2 == 1)
+            status, _, reply_body = self.post(body)
             self.assertIn(status, (200, 500), reply_body)
-        coder = [raw for path, raw in upstream.raw if json.loads(raw)["model"] == "CODER"]
+            if json.loads(upstream.raw[-1][1])["model"] == "CODER":
+                coder.append(upstream.raw[-1][1])
+                # What the router took as read from earlier turns (RequestParts) changes no
+                # byte: a router that read none of them sends the same.
+                warm, self.router.request_parts = self.router.request_parts, cr.RequestParts()
+                self.assertEqual(self.post(body)[0], 200)
+                self.assertEqual(upstream.raw[-1][1], coder[-1])
+                self.router.request_parts = warm
         self.assertEqual(len(coder), 11)     # the failed vision turn falls back to the coder
         for previous, current in zip(coder, coder[1:]):
             # Templates render system, tools, then messages: the body keeps that order,
@@ -5312,6 +5320,17 @@ class PrefixReplayTest(RouterTestCase):
             self.assertEqual(current[:cut], previous[:cut])
         self.assertNotIn(b'"system"', b"".join(json.dumps(m["role"]).encode() for c in coder
                                              for m in json.loads(c)["messages"]))
+
+
+def cache_newest(history):
+    """history as Claude Code sends it each turn: cache_control on the newest message's last
+    block, on no other message's."""
+    out = [dict(m, content=[{k: v for k, v in b.items() if k != "cache_control"}
+                            for b in m["content"]]) if isinstance(m["content"], list) else m
+           for m in history]
+    if isinstance(out[-1]["content"], list):
+        out[-1]["content"][-1] = {**out[-1]["content"][-1], "cache_control": {"type": "ephemeral"}}
+    return out
 
 
 TOOLS = [{"name": "Read", "description": "read a file", "input_schema": {"type": "object"}}]
