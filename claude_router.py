@@ -1049,6 +1049,7 @@ class RequestParts:
 
 SPLIT_BODY_BYTES = 1024 * 1024      # a request body bigger is read as a SplitBody
 SPLIT_READ_BYTES = 256 * 1024       # bytes per read of one
+SPLIT_FEED_BYTES = 64 * 1024        # smaller reads are gathered to this before they are fed
 BASE64_RUN = 4096                   # a string of this many base64 characters or more is cut out
 BASE64_CHARS = BASE64_ALPHABET + b"="
 BASE64_STRING_START = re.compile(rb'"[A-Za-z0-9+/=]{%d}' % BASE64_RUN)
@@ -1057,9 +1058,25 @@ BASE64_STRING_START = re.compile(rb'"[A-Za-z0-9+/=]{%d}' % BASE64_RUN)
 def read_split(rfile, sock, length, seconds):
     """Return the next length bytes of rfile, sock's reader, as a SplitBody, as read_exactly
     reads them (fewer if the client closes first)."""
-    body = SplitBody()
-    read_until(sock, length, seconds,
-               lambda got: body.feed(rfile.read1(min(length - got, SPLIT_READ_BYTES))))
+    body, held = SplitBody(), bytearray()
+
+    def read(got):
+        """Read once; feed body what came, gathered to SPLIT_FEED_BYTES or more."""
+        data = rfile.read1(min(length - got, SPLIT_READ_BYTES))
+        size = len(data)
+        # A client that sends a few bytes at a time makes reads of a few bytes: fed
+        # each, the body held an object per read (14 times a 4 MB text body's size in
+        # 3-byte reads) and searched its tail again on every one.
+        last = not size or got + size == length
+        if held or (size < SPLIT_FEED_BYTES and not last):
+            held.extend(data)
+            if len(held) < SPLIT_FEED_BYTES and not last:
+                return size
+            data = bytes(held)
+            held.clear()
+        body.feed(data)
+        return size
+    read_until(sock, length, seconds, read)
     return body
 
 

@@ -1590,6 +1590,35 @@ class SplitBodyTest(RouterTestCase):
                 self.assertEqual(split_outcome(whole, size, cr.RequestParts().read),
                                  (whole_outcome(whole), True))
 
+    def test_a_body_sent_a_few_bytes_at_a_time_is_held_once(self):
+        # Each read was fed as it came: a body read 16 bytes at a time held an object per
+        # read: 3.6 times its size in text, 9 in a long string (3 bytes: 14 and 42).
+        class Trickle(io.RawIOBase):
+            """A client's bytes, 16 at a time (a client that sends them so)."""
+            def __init__(self, data):
+                self.data = memoryview(data)
+
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                size = min(16, len(buffer), len(self.data))
+                buffer[:size], self.data = self.data[:size], self.data[size:]
+                return size
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        for data in ('"%s"' % ("word " * 30000), json.dumps([RUN * 27, "word " * 1000])):
+            data = data.encode()
+            tracemalloc.start()
+            try:
+                body = cr.read_split(io.BufferedReader(Trickle(data)), sock, len(data), TIMEOUT)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            self.assertEqual(body.whole(), data)
+            self.assertLess(peak, 3 * len(data))
+
     def test_a_big_turn_sends_what_a_small_one_would_and_keeps_no_image(self):
         upstream = FakeUpstream(self)
         big = base64.b64encode(bytes(range(256)) * 3000).decode()      # 1 MB of base64
