@@ -1439,6 +1439,17 @@ class RequestPartsTest(unittest.TestCase):
         self.assertEqual(list(memo.places), [("message", 0)])   # 900 chars > 3000 / 8
         self.assertEqual(len(memo.places[("message", 0)]), cr.PLACE_CANDIDATES)
 
+    def test_a_request_of_very_many_messages_is_read_by_json_loads(self):
+        # Read one by one, 300,000 tiny messages (9 MB) took 2.2 s of CPU and 250 MB, where
+        # json.loads takes 0.3 s and 110 MB.
+        memo = cr.RequestParts()
+        memo.max_messages = 50
+        for count in (50, 51):
+            text_ = json.dumps(request(*[user(text("m"))] * count))
+            body, parts = memo.read(text_)
+            self.assertEqual(body, json.loads(text_))
+            self.assertEqual(len(parts), 50 if count == 50 else 0)
+
     def test_bounded_by_its_values_too(self):
         # A block of 13 characters ({"type":"x"}) is a dict and a str as read and another
         # dict cleaned, ~450 bytes: kept by their text alone, 400,000 characters of such
