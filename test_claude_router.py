@@ -6403,7 +6403,10 @@ class LauncherTest(RouterTestCase):
             self.assertEqual(proc.communicate(timeout=TIMEOUT)[0], "claude started\n")
             stop = subprocess.run(["bash", launcher, "--stop"], env=env, capture_output=True,
                                   text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
-            self.assertEqual(stop.returncode, 0, stop.stderr)
+            # Once in about 60 loaded runs the router was "still there" 10 s after SIGTERM;
+            # its log says whether it got as far as "bye".
+            with open(os.path.join(self.cache_dir, "router.log")) as f:
+                self.assertEqual(stop.returncode, 0, stop.stderr + "router.log:\n" + f.read())
         self.assertNotIn(b"Press Enter", shown)     # a problem it was paused for once
 
     def status_of(self, port):
