@@ -5410,7 +5410,7 @@ class ProtocolHandler(http.server.BaseHTTPRequestHandler):
         The claiming request's response said Connection: close, so the client sends its
         next request on a new connection instead of waiting behind the refresh."""
         self.refresh_due = False
-        self.trim_due = False           # a body over TRIM_AFTER_BYTES came: trim at the end
+        self.trim_due = False           # a body over TRIM_AFTER_BYTES came: trim at the end or idle
         try:
             super().handle()
         finally:
@@ -5454,6 +5454,9 @@ class ProtocolHandler(http.server.BaseHTTPRequestHandler):
         just then gets the 503 a newcomer with no slot gets: serving it would pass the cap,
         and closing without a word would read as a router that crashed."""
         self.server.connection_idle(self.connection)
+        if self.trim_due and not self.client_sends_within(self.server.trim_idle_seconds):
+            release_freed_memory()
+            self.trim_due = False
         self.connection.settimeout(self.timeout)
         try:
             begun = bool(self.rfile.peek(1))
@@ -5465,6 +5468,21 @@ class ProtocolHandler(http.server.BaseHTTPRequestHandler):
             self.unread_input = True    # so finish() lingers: a reset could destroy the answer
             self.write_client(self.server.no_room_answer())
         return begun and kept
+
+    def client_sends_within(self, seconds):
+        """True once the client sends a byte, closes or fails within seconds; else False.
+
+        A peek at the socket itself: a timed-out read of rfile would leave it unreadable.
+        Bytes the client sent with the last body and rfile holds are not seen here: they
+        wait seconds more (no client we know of sends a request before the last answer)."""
+        self.connection.settimeout(seconds)
+        try:
+            self.connection.recv(1, socket.MSG_PEEK)
+        except TIMEOUT_ERRORS:
+            return False
+        except OSError:         # a reset: the wait for the request meets it too
+            pass
+        return True
 
     def read_head(self):
         """Read the request line and headers; raise ProxyError unless they are plain HTTP/1.x.
@@ -6625,6 +6643,7 @@ class Server(BoundedServer):
         self.connect_timeout = connect_timeout
         self.max_body_bytes = max_body_bytes
         self.split_body_bytes = SPLIT_BODY_BYTES     # a body bigger is read as a SplitBody
+        self.trim_idle_seconds = TRIM_IDLE_SECONDS   # a connection idle this long is trimmed
         self.models_ttl = models_ttl
         self.upstream_key = upstream_key        # sent to the model server(s); never shown
         self.vision = Vision(self, cache_dir)   # descriptions, claims and failures of images
@@ -7290,6 +7309,12 @@ def interpreter_options():
 
 
 TRIM_AFTER_BYTES = 1024 * 1024     # a connection with a body this big hands memory back at its end
+# ... or once it has idled this long. Kept per connection, a screenshot's memory stayed
+# while the connection idled: Claude Code keeps its connection between turns (through a
+# 12 s tool run here), so 16 idle connections that each sent an 8 MB body held 146 MiB
+# (one per glibc arena: at most 8 per core). A request sent at once still finds the
+# memory; Claude Code's next turn comes after the model's answer and its tools.
+TRIM_IDLE_SECONDS = 1.0
 
 
 KEEP_FREED_BYTES = 32 * 1024 * 1024     # free memory a thread's heap keeps for its next request
@@ -7308,7 +7333,7 @@ def release_freed_memory(start=False):
     # each thread's heap handed back a screenshot body's memory as it was freed, and
     # the next body on the connection took it back a page fault at a time (3,000
     # faults and 4-6 ms of CPU per 8 MB body, more than b490f54 spent in all). So a heap
-    # keeps up to KEEP_FREED_BYTES until its connection ends, and then this trims it.
+    # keeps up to KEEP_FREED_BYTES until its connection ends or idles, then this trims it.
     # malloc_trim leaves the top of a thread's heap alone: a free of 64 KiB or more
     # there trims it, under a lowered threshold.
     try:
