@@ -1458,10 +1458,10 @@ class RequestPartsTest(unittest.TestCase):
 
     def test_bounded_by_its_values_too(self):
         # A block of 13 characters ({"type":"x"}) is a dict and a str as read and another
-        # dict cleaned, ~450 bytes: kept by their text alone, 400,000 characters of such
-        # blocks held ~15 MB, where Claude Code's text takes ~8 bytes a character.
-        memo = cr.RequestParts(max_chars=400_000)
-        tiny = user(*[{"type": "x"}] * 3000)    # 39,000 characters: under max_chars / 8
+        # dict cleaned, ~450 bytes: kept by their text alone, such blocks held 24 bytes per
+        # character of the bound, where Claude Code's text takes ~8 bytes a character.
+        memo = cr.RequestParts(max_chars=60_000)
+        tiny = user(*[{"type": "x"}] * 450)     # 6,750 characters: under max_chars / 8
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
         before = tracemalloc.get_traced_memory()[0]
