@@ -1578,6 +1578,11 @@ class SplitBodyTest(RouterTestCase):
             b'"%s"' % b, b'["%s", "%s"]' % (b, b[:-4]), b'{"a": "%s' % b, b'{"a": "%s"' % b,
             b'{"messages": [], "a": "%s", "b": "\xff"}' % b,         # not UTF-8 elsewhere
             b'{"messages": [{"role": "user", "content": "%s"}], "max_tokens": 5}' % b,
+            b'\xef\xbb\xbf{"messages": [], "a": "%s"}' % b,           # a BOM: refused whole too
+            ('{"messages": [], "a": "%s"}' % RUN).encode("utf-16"),     # json.loads(bytes) reads it
+            b'{"messages": [], "\xe2\x82\xac": "%s", "\xf0\x9f\x98\x80": 1}' % b,   # cut mid-character
+            b'{"messages": [], "a": "%s", "a": "%s"}' % (b, b),          # one string twice
+            b'{"messages": [], "a": "\\\\\\"%s"}' % b,                  # a run of backslashes
         ]
         for text_ in texts:
             expected = whole_outcome(text_)
