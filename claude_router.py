@@ -433,11 +433,20 @@ class HeaderFields(http.client.HTTPMessage):
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+MAX_HOST_CHARS = 300    # a name of 253 (RFC 1035 2.3.4), an address, brackets, a port, blanks
+
+
+def is_loopback_host(host):
+    """True when host (a Host header value or address) names this machine's loopback.
+
+    A longer value than MAX_HOST_CHARS names nothing, and is not kept: the answers kept
+    are of header values, up to 64 KiB each, and 64 of them held 4 MiB."""
+    return len(host) <= MAX_HOST_CHARS and is_loopback_name(host)
 
 
 @functools.lru_cache(maxsize=64)    # clients send the same Host each time; ipaddress is slow
-def is_loopback_host(host):
-    """True when host (a Host header value or address) names this machine's loopback."""
+def is_loopback_name(host):
+    """is_loopback_host(host), for a host of at most MAX_HOST_CHARS characters."""
     host = host.strip().lower()
     if host.startswith("["):
         host = host[1:host.find("]")] if "]" in host else host[1:]

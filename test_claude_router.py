@@ -834,6 +834,16 @@ class ReadingRequestsTest(unittest.TestCase):
             with self.subTest(host):
                 self.assertEqual(cr.is_loopback_host(host), expected)
 
+    def test_a_host_too_long_to_be_a_name_is_none_and_not_kept(self):
+        # The last answers are kept: 64 Host values of up to 64 KiB (a header line) held 4 MiB.
+        self.assertFalse(cr.is_loopback_host("localhost" + " " * 400))
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(64):
+            self.assertFalse(cr.is_loopback_host("localhost%s%d" % (" " * 60000, i)))
+        self.assertLess(tracemalloc.get_traced_memory()[0] - before, 1_000_000)
+
 
 def malformed_requests():
     """Return [(name, raw HTTP request bytes, status)]: hundreds of requests the router must
