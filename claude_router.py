@@ -6947,6 +6947,12 @@ def dig(obj, *names):
     return obj
 
 
+def dig_as(kind, obj, *names):
+    """dig(obj, *names) when that is a kind (dict or list), else an empty kind."""
+    value = dig(obj, *names)
+    return value if isinstance(value, kind) else kind()
+
+
 def is_seconds(value):
     """True for a number of seconds a turn can have taken: not a bool, NaN, infinite or absurd."""
     return type(value) in (int, float) and 0 <= value < 1e9
@@ -6982,9 +6988,9 @@ def status_line(status):
 
     Reads what it can and skips the rest: a router of another version may lack a field."""
     coder = dig(status, "coder", "served_by") or dig(status, "coder", "model") or "?"
-    last = dig(status, "last_request") or {}
+    last = dig_as(dict, status, "last_request")
     parts = ["router: coder %s" % coder, activity_note(status, last)]
-    turn = dig(status, "prompt_cache", last.get("model"), "last_turn") or {}
+    turn = dig_as(dict, status, "prompt_cache", last.get("model"), "last_turn")
     read, new = turn.get("cache_read_input_tokens"), turn.get("input_tokens")
     if isinstance(read, int) and isinstance(new, int):      # Anthropic's: new excludes read
         parts.append("prompt: %s cached, %s new" % (short_count(read), short_count(new)))
@@ -6992,7 +6998,7 @@ def status_line(status):
         parts.append("prompt: %s tokens" % short_count(new))
     # Claude Code clears the screen as it starts, so what the startup check found is
     # shown here too: its first problem, without the fix (the log and /status have it).
-    problems = [p for p in dig(status, "startup", "problems") or [] if isinstance(p, str)]
+    problems = [p for p in dig_as(list, status, "startup", "problems") if isinstance(p, str)]
     if problems:
         more = " (+%d more)" % (len(problems) - 1) if len(problems) > 1 else ""
         parts.append("! %s%s" % (re.split(r"; |\. ", problems[0])[0], more))

@@ -5976,7 +5976,14 @@ class StatusLineTest(RouterTestCase):
                                          "prompt_cache": {"v": {}}},
                  "router: coder c · last: vision ['v']"),
                 ("a list as the route", {"last_request": {"route": ["coder"]}}, "router: coder c"),
-                ("seconds past any turn", {"turns": [{"seconds": 1e300}]}, "router: coder c")]
+                ("seconds past any turn", {"turns": [{"seconds": 1e300}]}, "router: coder c"),
+                ("a list as the last request", {"last_request": [1]}, "router: coder c"),
+                ("a string as the last request", {"last_request": "coder"}, "router: coder c"),
+                ("a list as the last turn's figures", {
+                    "last_request": {"route": "coder", "model": "c"},
+                    "prompt_cache": {"c": {"last_turn": [1]}}}, "router: coder c · last: coder"),
+                ("a number as the problems", {"startup": {"problems": 5}}, "router: coder c"),
+                ("a string as the problems", {"startup": {"problems": "abc"}}, "router: coder c")]
         for name, status, line in rows:
             with self.subTest(name):
                 self.assertEqual(cr.status_line({**base, **status}), line)
