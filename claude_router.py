@@ -4245,9 +4245,10 @@ def sse_error_event(message, kind="api_error"):
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+# Expect too: the router answers a 100-continue itself and sends the whole body at once.
 DROP_REQUEST_HEADERS = HOP_BY_HOP | HINT_HEADERS | {
     "host", "content-length", "accept-encoding", "x-api-key", "authorization",
-    "anthropic-beta", "origin", "cookie"}
+    "anthropic-beta", "origin", "cookie", "expect"}
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "server", "date"}
 
 JOIN_BYTES = 65536          # a body up to this goes in one send with its head; more, apart

@@ -5190,6 +5190,24 @@ class RoutingTest(RouterTestCase):
         self.assertEqual(lower["anthropic-version"], "2023-06-01")
         self.assertIn("→ coder [CODER]", self.log.getvalue())
 
+    def test_an_expect_the_router_answered_does_not_reach_the_upstream(self):
+        # The router sends its 100 Continue and then the whole body: passed on, Expect had
+        # the model server answer with a 100 of its own for a body already on its way.
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            with self.subTest(path):
+                upstream = FakeUpstream(self)
+                self.start(upstream)
+                body = json.dumps(request(user(text("hi")))).encode()
+                sock = self.raw_socket()
+                sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                             b"Expect: 100-continue\r\n\r\n" % (path.encode(), len(body)))
+                self.assertEqual(recv_until(sock, b"\r\n\r\n"), b"HTTP/1.1 100 Continue\r\n\r\n")
+                sock.sendall(body)
+                status, _, _ = read_response(sock)
+                self.assertEqual(status, 200)
+                headers = {k.lower() for k in upstream.requests[-1][2]}
+                self.assertNotIn("expect", headers)
+
     def test_two_assistant_messages_in_a_row_reach_the_upstream_folded(self):
         # They were merged after folding, so Devstral's template met [text, tool_use, text,
         # tool_use] (issue 14, section 2).
