@@ -4404,6 +4404,16 @@ def final_response(sock, method):
         # begin() reads the next response when the headers are unset.
         resp.headers = None
         resp.begin()
+    coding = resp.getheader("transfer-encoding")
+    if coding is not None:
+        # http.client decodes chunked alone, and only as the bare word: any other value
+        # ("gzip, chunked", "chunked " with its trailing blank) it reads to the close, and
+        # the framing reached the client as the body. We ask for no coding (RFC 9112 6.1).
+        if coding.strip(" \t").lower() != "chunked":
+            resp.close()
+            raise http.client.UnknownTransferEncoding(coding[:40])
+        if resp.length != 0:        # 0: a HEAD's, a 204's or a 304's, which has no body
+            resp.chunked, resp.length = True, None
     return resp
 
 

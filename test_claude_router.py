@@ -3728,6 +3728,26 @@ class ChunkedBodyTest(RouterTestCase):
                 else:
                     self.assertBrokeOff(raw, e0, "a chunk size that is not hex digits")
 
+    def test_a_coding_besides_chunked_is_a_broken_response(self):
+        # http.client reads "gzip, chunked" (or "chunked " with a blank) to the close, so
+        # its chunk framing went out as the stream's bytes with a 200.
+        for coding in ("gzip, chunked", "chunked, identity", "gzip", "Chunked ", "CHUNKED"):
+            with self.subTest(coding):
+                def reply(handler):
+                    handler.send_response(200)
+                    handler.send_header("Content-Type", "text/event-stream")
+                    handler.send_header("Transfer-Encoding", coding)
+                    handler.end_headers()
+                    handler.close_connection = True
+                    handler.wfile.write(chunk(sse(*self.events)) + b"0\r\n\r\n")
+                self.start(FakeUpstream(self, [reply]))
+                status, _, reply_body = self.post(request(user(text("hi")), stream=True))
+                if coding.strip().lower() == "chunked":     # chunked, however spelled
+                    self.assertEqual((status, reply_body), (200, sse(*self.events)))
+                    continue
+                self.assertEnvelope(status, reply_body, 502, "api_error")
+                self.assertIn("UnknownTransferEncoding", self.log.getvalue())
+
     def test_chunk_data_without_its_crlf_ends_the_stream(self):
         # http.client tossed the two bytes after a chunk's data, whatever they were.
         e0, e1, e2 = (sse(e) for e in self.events[:3])
