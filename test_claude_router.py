@@ -6660,9 +6660,10 @@ class LauncherTest(RouterTestCase):
                     launcher)
         with open(os.path.join(here, "claude_router.py"), "w") as f:
             # The router's code for claude-local's questions, each noted and slow; run, a
-            # router that never answers.
-            f.write("import importlib.util, os, sys, time\n"
-                    "if __name__ != '__main__':\n"
+            # router that takes connections and never answers one (claude-local looks only
+            # at a port that takes them).
+            f.write("import importlib.util, os, socket, sys, time\n"
+                    "if len(sys.argv) > 2:\n"
                     "    with open(os.path.join(os.path.dirname(__file__), 'asked'), 'a') as f:\n"
                     "        f.write(sys.argv[2] + '\\n')\n"
                     "time.sleep(0.5)\n"
@@ -6670,8 +6671,13 @@ class LauncherTest(RouterTestCase):
                     "real = importlib.util.module_from_spec(spec)\n"
                     "spec.loader.exec_module(real)\n"
                     "globals().update({k: v for k, v in vars(real).items() if k[:2] != '__'})\n"
-                    "if __name__ == '__main__':\n"
-                    "    time.sleep(%d)\n" % (os.path.abspath(cr.__file__), TIMEOUT * 3))
+                    "def main():\n"
+                    "    server = socket.create_server(('127.0.0.1', int(os.environ["
+                    "'CLAUDE_ROUTER_PORT'])))\n"
+                    "    server.settimeout(%d)\n"
+                    "    while True:\n"
+                    "        server.accept()[0].close()\n"
+                    % (os.path.abspath(cr.__file__), TIMEOUT * 3))
         port = unused_port()
         started = time.monotonic()
         done = self.run_launcher(port, ["claude"], {"CLAUDE_LOCAL_WAIT": "1"}, launcher=launcher)
