@@ -6164,7 +6164,7 @@ class StopTest(RouterTestCase):
         proc, port = router_process(self)
         status, document = cr.fetch_status(port, "", TIMEOUT)
         os.kill(proc.pid, signal.SIGSTOP)       # (the cleanup's SIGKILL ends it stopped too)
-        self.assertEqual(cr.stop_answering(port, "", status, document, wait=0.5), (
+        self.assertEqual(cr.stop_answering(port, "", status, document, wait=0.2), (
             cr.LEFT_RUNNING, "sent SIGTERM to the router on :%d (pid %d), but it is still there"
             % (port, proc.pid)))
         os.kill(proc.pid, signal.SIGCONT)       # the SIGTERM it was sent ends it now
