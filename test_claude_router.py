@@ -217,18 +217,22 @@ def refused_port(test, port=0):
     return sock.getsockname()[1]
 
 
-def router_process(test, port=None, script=None, options=()):
+def router_process(test, port=None, script=None, options=(), as_module=False):
     """Start the router (script: a copy of it) as a process of its own on port, else on one
     it picks, its upstream down; return (the process, its port) once it serves. The test
-    kills it as it ends.
+    kills it as it ends. as_module: run as -m claude_router, one Python start where a
+    script is two (its re-start as a module) and a compile of the file, for tests that
+    need a router process, not the start as a script.
 
     Not a port found free and let go for it: on a busy machine another program took such
     a port before the router could, and the router exited at start."""
     script = script or os.path.join(os.path.dirname(os.path.abspath(cr.__file__)),
                                     "claude_router.py")
-    proc = subprocess.Popen([sys.executable, *options, script, "--port", str(port or 0),
+    run = ["-m", "claude_router"] if as_module else [script]
+    proc = subprocess.Popen([sys.executable, *options, *run, "--port", str(port or 0),
                              "--upstream", "http://127.0.0.1:9", "--cache-dir", test.cache_dir],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(script) if as_module else None)
     test.addCleanup(proc.stderr.close)
     test.addCleanup(proc.wait, TIMEOUT)
     test.addCleanup(proc.kill)
@@ -6103,10 +6107,14 @@ class StopTest(RouterTestCase):
     def script(self):
         return os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
 
-    def stop(self, port, token=""):
+    def stop(self, port, token="", as_module=False):
+        """Run the router's --stop for port, as a script; as_module, as -m claude_router (one
+        Python start that reads the compiled module, where a script is compiled each run)."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLAUDE_ROUTER_PORT": str(port),
                "CLAUDE_ROUTER_TOKEN": token, "HOME": self.cache_dir}
-        return subprocess.run([sys.executable, self.script(), "--stop"], env=env,
+        run = ["-m", "claude_router"] if as_module else [self.script()]
+        return subprocess.run([sys.executable, *run, "--stop"], env=env,
+                              cwd=os.path.dirname(self.script()) if as_module else None,
                               capture_output=True, text=True, timeout=cr.STOP_TIMEOUT + TIMEOUT)
 
     def test_a_copy_under_another_name_serves_and_ends_on_sigterm(self):
@@ -6161,7 +6169,7 @@ class StopTest(RouterTestCase):
     def test_a_router_that_stops_answering_after_sigterm_is_not_taken_for_stopped(self):
         # A /status that timed out after SIGTERM counted as "stopped": a router stopped with
         # Ctrl-Z (SIGTERM waits for it to go on) holds its port, answers nothing, and runs on.
-        proc, port = router_process(self)
+        proc, port = router_process(self, as_module=True)
         status, document = cr.fetch_status(port, "", TIMEOUT)
         os.kill(proc.pid, signal.SIGSTOP)       # (the cleanup's SIGKILL ends it stopped too)
         self.assertEqual(cr.stop_answering(port, "", status, document, wait=0.2), (
@@ -6213,7 +6221,7 @@ class StopTest(RouterTestCase):
                  "user?); not stopped")]
         for port, token, code, said in rows:
             with self.subTest(said=said):
-                done = self.stop(port, token)
+                done = self.stop(port, token, as_module=True)
                 self.assertEqual((done.returncode, done.stdout), (code, ""))
                 expected = said % ((port, os.getpid()) if "process" in said else port)
                 self.assertEqual(done.stderr, "claude-router: %s\n" % expected)
@@ -6544,7 +6552,7 @@ class LauncherTest(RouterTestCase):
         # A base port held refused, with the one after it free; both below the kernel's own
         # picks, so nothing takes the free one before the router does.
         base = refused_port(self, unused_port(2))
-        proc, _ = router_process(self, base + 1)
+        proc, _ = router_process(self, base + 1, as_module=True)
         spares = {"CLAUDE_LOCAL_PORTS": "1"}
         stop = self.run_launcher(base, [], spares, args=("--stop",))
         self.assertEqual((stop.returncode, stop.stderr), (cr.STOPPED, ""))
