@@ -5954,11 +5954,15 @@ class StatusLineTest(RouterTestCase):
     test asks for several lines and only their words matter, statusline() in this process
     (each Python start costs a loaded machine about half a second)."""
 
-    def statusline(self, port, token=""):
+    def statusline(self, port, token="", as_module=False):
+        """Run --statusline for port, as a script; as_module, imported (as claude-local has
+        Claude Code run it), one Python start with no compile of the file."""
         script = os.path.join(os.path.dirname(os.path.abspath(cr.__file__)), "claude_router.py")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CLAUDE_ROUTER_PORT": str(port),
                "CLAUDE_ROUTER_TOKEN": token, "CLAUDE_ROUTER_CACHE_DIR": self.cache_dir}
-        return subprocess.run([sys.executable, script, "--statusline"], env=env, input="{}",
+        run = ["-m", "claude_router"] if as_module else [script]
+        return subprocess.run([sys.executable, *run, "--statusline"], env=env, input="{}",
+                              cwd=os.path.dirname(script) if as_module else None,
                               capture_output=True, text=True, timeout=TIMEOUT)
 
     def test_status_line_from_a_status_document(self):
@@ -6036,7 +6040,7 @@ class StatusLineTest(RouterTestCase):
         conn = self.connect()
         self.post(request(user(text("hi"))), headers={"x-api-key": "t0k"}, conn=conn)
         self.call("GET", "/", headers={"x-api-key": "t0k"}, conn=conn)    # the request is counted
-        done = self.statusline(router.server_port, "t0k")
+        done = self.statusline(router.server_port, "t0k", as_module=True)
         self.assertEqual((done.returncode, done.stderr), (0, ""))
         self.assertRegex(done.stdout, r"^router: coder qwen2.5-coder-0.5b · last: coder \d+\.\d s · "
                                       r"prompt: 5 tokens\n$")
